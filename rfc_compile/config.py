@@ -1,0 +1,94 @@
+"""RFCConfig: the user-facing knobs of Relational Feature Caching (see RFC_METHOD.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+Mode = Literal["full", "fora", "taylorseer", "rfe", "rfc"]
+MODES: tuple[str, ...] = ("full", "fora", "taylorseer", "rfe", "rfc")
+#: Modes that decide with a fixed interval N (RFC_METHOD.md "Modes"); "rfc" uses RCS.
+FIXED_INTERVAL_MODES: tuple[str, ...] = ("fora", "taylorseer", "rfe")
+MAX_ORDER = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RFCConfig:
+    """How a model is cached.
+
+    Args:
+        mode: "full" (no caching), "fora" (reuse, order 0), "taylorseer" (Taylor prediction),
+            "rfe" (Taylor direction, relational magnitude) at a fixed interval, or "rfc"
+            (RFE prediction + RCS schedule).
+        order: Taylor ladder order m (ignored by "fora", which is order 0).
+        threshold: RCS threshold tau on the accumulated input-prediction error (mode "rfc").
+        warmup_steps: the first steps always computed in full (RFE needs two for its ratio).
+        max_interval: force a full step when k = n - last_full would exceed it (None: no cap).
+        interval: the fixed schedule's N for fora/taylorseer/rfe: step n is full iff
+            n < warmup_steps or n - last_full >= N.
+        eps: guard for every division by a norm.
+    """
+
+    mode: Mode = "rfc"
+    order: int = 2
+    threshold: float = 0.1
+    warmup_steps: int = 2
+    max_interval: int | None = None
+    interval: int = 4
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, str):
+            raise TypeError(f"RFCConfig.mode must be a str, got {type(self.mode).__name__}")
+        if self.mode not in MODES:
+            raise ValueError(f"RFCConfig.mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("order", "warmup_steps", "interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"RFCConfig.{name} must be an int, got {type(value).__name__}")
+        if not 0 <= self.order <= MAX_ORDER:
+            raise ValueError(f"RFCConfig.order must be in [0, {MAX_ORDER}], got {self.order}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"RFCConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.mode in ("rfe", "rfc") and self.warmup_steps < 2:
+            raise ValueError(
+                f"RFCConfig.warmup_steps must be >= 2 for mode {self.mode!r} "
+                f"(the relational ratio needs two full steps), got {self.warmup_steps}"
+            )
+        if self.interval < 1:
+            raise ValueError(f"RFCConfig.interval must be >= 1, got {self.interval}")
+        if self.max_interval is not None:
+            if isinstance(self.max_interval, bool) or not isinstance(self.max_interval, int):
+                raise TypeError(
+                    f"RFCConfig.max_interval must be an int or None, got {type(self.max_interval).__name__}"
+                )
+            if self.max_interval < 1:
+                raise ValueError(f"RFCConfig.max_interval must be >= 1 or None, got {self.max_interval}")
+        for name in ("threshold", "eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"RFCConfig.{name} must be a float, got {type(value).__name__}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"RFCConfig.{name} must be finite and >= 0, got {value}")
+        if self.eps <= 0:
+            raise ValueError(f"RFCConfig.eps must be > 0, got {self.eps}")
+
+    @property
+    def ladder_order(self) -> int:
+        """Order of the cached ladders actually kept (FORA keeps only D0)."""
+        return 0 if self.mode in ("fora", "full") else self.order
+
+    @property
+    def uses_rcs(self) -> bool:
+        return self.mode == "rfc"
+
+    @property
+    def uses_rfe(self) -> bool:
+        return self.mode in ("rfe", "rfc")
+
+    def replace(self, **changes) -> "RFCConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,55 @@
+"""Per-architecture knowledge, in one table.
+
+A *block pattern* names a transformer-block class and the cached regions inside it, each
+region given as the submodules (relative to the block) whose nodes it covers. Nodes that
+sit between a region's submodules on the data path (e.g. FLUX single blocks' concat of
+MLP and attention features before ``proj_out``) belong to the region too.
+
+Everything that is per-model lives here; the other passes read only this table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionPattern:
+    """One expensive region of a block: its name and the submodules it covers."""
+
+    name: str
+    members: tuple[str, ...]
+    optional: bool = False  # e.g. attn2 exists only in cross-attention blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPattern:
+    """A transformer-block class and its cached regions, in call order."""
+
+    block_class: str
+    regions: tuple[RegionPattern, ...]
+
+
+#: Model inputs that change from one denoising step to the next. A region input that
+#: depends on one of them is a *feature input* (part of X's norm); any other input
+#: (encoder states, rotary embeddings, masks) is a constant side input.
+DEFAULT_VARYING_INPUTS: tuple[str, ...] = ("hidden_states", "timestep", "sample", "x", "t")
+
+BLOCK_PATTERNS: dict[str, BlockPattern] = {
+    p.block_class: p
+    for p in (
+        # DiT, PixArt (diffusers.models.attention.BasicTransformerBlock)
+        BlockPattern(
+            "BasicTransformerBlock",
+            (
+                RegionPattern("attn1", ("attn1",)),
+                RegionPattern("attn2", ("attn2",), optional=True),
+                RegionPattern("ff", ("ff",)),
+            ),
+        ),
+    )
+}
+
+
+def block_pattern_for(class_name: str) -> BlockPattern | None:
+    return BLOCK_PATTERNS.get(class_name)

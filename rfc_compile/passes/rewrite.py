@@ -1,0 +1,382 @@
+"""Rewrite: the captured graph + region plan -> a functional cached step.
+
+``(model kwargs, state) -> (model output, state')`` where the span of graph nodes that holds
+every region sits behind ONE ``torch.cond(pred, recompute, predict, operands)`` per step:
+
+* the prefix (embeddings, block 0's modulation up to the first region's input) runs as is;
+* ``pred`` is a 0-d bool tensor: the RCS test on the first region's input, or the fixed
+  schedule's step test (rfc.py);
+* ``recompute`` runs the span and updates every region's ladder, ratio and last input;
+* ``predict`` runs the span's cheap ops and replaces each region by its prediction;
+* the suffix (final norm, projection, unpatchify) runs as is.
+
+:class:`CachedStep` does this by interpreting the captured graph's nodes; ``rewrite()``
+traces it once more with torch.export, so the result is a flat GraphModule holding a
+single ``torch.ops.higher_order.cond`` (what the backends compile or export).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+from torch.utils import _pytree as pytree
+
+from .. import rfc
+from ..config import RFCConfig
+from ..errors import UnsupportedModelError
+from ..state import StateEntry, StateSpec
+from .capture import CapturedGraph
+from .regions import Region, RegionPlan
+
+logger = logging.getLogger(__name__)
+
+_COUNTERS = ("step", "last_full", "full_steps_seen")
+
+
+def _meta(node: fx.Node) -> Tensor:
+    val = node.meta.get("val")
+    if not isinstance(val, Tensor):
+        raise UnsupportedModelError(f"node {node.name} carries no tensor metadata")
+    return val
+
+
+def _batch_size(plan: RegionPlan) -> int:
+    return int(_meta(plan.watched.feature_inputs[0]).shape[0])
+
+
+def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
+    """The state tensors for this plan and config (see state.py for the naming scheme)."""
+    entries = [StateEntry(name, (), torch.int64) for name in _COUNTERS]
+    if config.mode == "full" or plan is None:
+        return StateSpec(entries)
+    m = config.ladder_order
+    batch = _batch_size(plan)
+    if config.uses_rcs:
+        entries.append(StateEntry("rcs_acc", (batch,), torch.float32))
+        for i, node in enumerate(plan.watched.feature_inputs):
+            val = _meta(node)
+            entries.append(StateEntry(f"rcs_ladder.{i}", (m + 1, *val.shape), val.dtype))
+    for region in plan.regions:
+        for o, node in enumerate(region.outputs):
+            val = _meta(node)
+            entries.append(StateEntry(f"{region.key}.ladder.{o}", (m + 1, *val.shape), val.dtype))
+            if config.uses_rfe:
+                entries.append(StateEntry(f"{region.key}.ratio.{o}", (batch,), torch.float32))
+        if config.uses_rfe:
+            for i, node in enumerate(region.feature_inputs):
+                val = _meta(node)
+                entries.append(StateEntry(f"{region.key}.x_last.{i}", tuple(val.shape), val.dtype))
+    return StateSpec(entries)
+
+
+class RegionPredict(torch.nn.Module):
+    """Predicted outputs of one region on a skipped step (called from the predict branch)."""
+
+    def __init__(self, region: Region, config: RFCConfig):
+        super().__init__()
+        self.n_inputs = len(region.feature_inputs)
+        self.n_outputs = len(region.outputs)
+        self.config = config
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        # args: X (n_inputs), ladders (n_outputs), [ratios (n_outputs), x_last (n_inputs)], k, seen
+        cfg, ni, no = self.config, self.n_inputs, self.n_outputs
+        xs, ladders = args[:ni], args[ni : ni + no]
+        k, seen = args[-2], args[-1]
+        if not cfg.uses_rfe:
+            return tuple(rfc.taylor_predict(ladder, k, seen) for ladder in ladders)
+        ratios = args[ni + no : ni + 2 * no]
+        x_last = args[ni + 2 * no : 2 * ni + 2 * no]
+        x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
+        return tuple(rfc.rfe_predict(ladder, ratio, x_change, k, seen, cfg.eps)
+                     for ladder, ratio in zip(ladders, ratios))
+
+
+class RegionUpdate(torch.nn.Module):
+    """New ladders, ratios and last inputs of one region at a full step."""
+
+    def __init__(self, region: Region, config: RFCConfig):
+        super().__init__()
+        self.n_inputs = len(region.feature_inputs)
+        self.n_outputs = len(region.outputs)
+        self.config = config
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        # args: X (ni), Y (no), ladders (no), [ratios (no), x_last (ni)], gap, seen, seen_after
+        cfg, ni, no = self.config, self.n_inputs, self.n_outputs
+        xs, ys, ladders = args[:ni], args[ni : ni + no], args[ni + no : ni + 2 * no]
+        gap, seen, seen_after = args[-3:]
+        new_ladders = tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
+        if not cfg.uses_rfe:
+            return new_ladders
+        ratios = args[ni + 2 * no : ni + 3 * no]
+        x_last = args[ni + 3 * no : 2 * ni + 3 * no]
+        x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
+        new_ratios = tuple(
+            torch.where(seen > 0, rfc.relational_ratio(y, ladder[0], x_change, cfg.eps), ratio)
+            for y, ladder, ratio in zip(ys, ladders, ratios)
+        )
+        return new_ladders + new_ratios + tuple(x.clone() for x in xs)
+
+
+class WatchUpdate(torch.nn.Module):
+    """RCS: new Taylor ladder of the watched (first region's) input at a full step."""
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        n = (len(args) - 3) // 2
+        xs, ladders = args[:n], args[n : 2 * n]
+        gap, _, seen_after = args[-3:]
+        return tuple(rfc.update_ladder(ladder, x, gap, seen_after) for ladder, x in zip(ladders, xs))
+
+
+def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
+    names = [f"{region.key}.ladder.{o}" for o in range(len(region.outputs))]
+    if config.uses_rfe:
+        names += [f"{region.key}.ratio.{o}" for o in range(len(region.outputs))]
+        names += [f"{region.key}.x_last.{i}" for i in range(len(region.feature_inputs))]
+    return names
+
+
+class _BranchBuilder:
+    """Builds the two cond branches as GraphModules by copying the span's nodes.
+
+    Both take the same flat operands: (span input tensors..., region state..., k, seen,
+    seen_after) and return (span outputs..., region state'...).
+    """
+
+    def __init__(self, gm: fx.GraphModule, span: list[fx.Node], span_inputs: list[fx.Node],
+                 span_outputs: list[fx.Node], plan: RegionPlan, config: RFCConfig, state_names: list[str]):
+        self.gm, self.span, self.span_inputs, self.span_outputs = gm, span, span_inputs, span_outputs
+        self.plan, self.config, self.state_names = plan, config, state_names
+        self.operand_inputs = [n for n in span_inputs if n.op != "get_attr"]
+
+    def _root(self) -> torch.nn.Module:
+        """A module holding the span's weights under their captured names."""
+        root = torch.nn.Module()
+        for node in self.span_inputs:
+            if node.op == "get_attr":
+                *path, leaf = node.target.split(".")
+                owner, src = root, self.gm
+                for part in path:
+                    src = getattr(src, part)
+                    if not hasattr(owner, part):
+                        owner.add_module(part, torch.nn.Module())
+                    owner = getattr(owner, part)
+                value = getattr(src, leaf)
+                if isinstance(value, torch.nn.Parameter):
+                    owner.register_parameter(leaf, value)
+                else:
+                    owner.register_buffer(leaf, value)
+        return root
+
+    def _start(self) -> tuple[fx.Graph, dict[fx.Node, fx.Node], dict[str, fx.Node], tuple[fx.Node, ...]]:
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for node in self.operand_inputs:
+            env[node] = graph.placeholder(f"in_{node.name}")
+            env[node].meta = dict(node.meta)
+        for node in self.span_inputs:
+            if node.op == "get_attr":  # weights stay module attributes (shared, not operands)
+                env[node] = graph.get_attr(node.target)
+        state = {name: graph.placeholder("st_" + name.replace(".", "_")) for name in self.state_names}
+        counters = tuple(graph.placeholder(n) for n in ("since_full", "seen", "seen_after"))
+        return graph, env, state, counters
+
+    def _outputs(self, graph: fx.Graph, env: dict[fx.Node, fx.Node]) -> tuple[fx.Node, ...]:
+        """Span outputs; non-dense views (e.g. chunks of adaLN) leave the cond as copies."""
+        outs = []
+        for node in self.span_outputs:
+            value = env[node]
+            if not _meta(node).is_contiguous():
+                value = graph.call_function(torch.ops.aten.clone.default, (value,),
+                                            {"memory_format": torch.contiguous_format})
+            outs.append(value)
+        return tuple(outs)
+
+    def _call(self, graph: fx.Graph, root: torch.nn.Module, name: str, module: torch.nn.Module,
+              args: list[fx.Node], n_out: int) -> list[fx.Node]:
+        root.add_module(name, module)
+        call = graph.call_module(name, tuple(args))
+        return [graph.call_function(operator.getitem, (call, i)) for i in range(n_out)]
+
+    def recompute(self) -> fx.GraphModule:
+        graph, env, state, (k, seen, seen_after) = self._start()
+        root = self._root()
+        for node in self.span:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+        new_state: dict[str, fx.Node] = {}
+        if self.config.uses_rcs:
+            watched = self.plan.watched.feature_inputs
+            names = [f"rcs_ladder.{i}" for i in range(len(watched))]
+            outs = self._call(graph, root, "watch_update", WatchUpdate(),
+                              [env[n] for n in watched] + [state[n] for n in names] + [k, seen, seen_after],
+                              len(names))
+            new_state.update(zip(names, outs))
+        for j, region in enumerate(self.plan.regions):
+            names = _region_state_names(region, self.config)
+            args = ([env[n] for n in region.feature_inputs] + [env[n] for n in region.outputs]
+                    + [state[n] for n in names] + [k, seen, seen_after])
+            outs = self._call(graph, root, f"update_{j}", RegionUpdate(region, self.config), args, len(names))
+            new_state.update(zip(names, outs))
+        graph.output(self._outputs(graph, env) + tuple(new_state[n] for n in self.state_names))
+        return fx.GraphModule(root, graph, "recompute")
+
+    def predict(self) -> fx.GraphModule:
+        graph, env, state, (k, seen, _) = self._start()
+        root = self._root()
+        first = {r.nodes[0]: (j, r) for j, r in enumerate(self.plan.regions)}
+        in_region = {n for r in self.plan.regions for n in r.nodes}
+        for node in self.span:
+            if node in first:
+                j, region = first[node]
+                names = _region_state_names(region, self.config)
+                args = [env[n] for n in region.feature_inputs] + [state[n] for n in names] + [k, seen]
+                outs = self._call(graph, root, f"predict_{j}", RegionPredict(region, self.config), args,
+                                  len(region.outputs))
+                env.update(zip(region.outputs, outs))
+            elif node not in in_region:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+        kept = tuple(graph.call_function(torch.clone, (state[n],)) for n in self.state_names)
+        graph.output(self._outputs(graph, env) + kept)
+        return fx.GraphModule(root, graph, "predict")
+
+
+class CachedStep(torch.nn.Module):
+    """Runs the captured graph as one cached denoising step (see module docstring)."""
+
+    def __init__(self, captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig):
+        super().__init__()
+        self.gm = captured.graph_module  # shares the model's parameters
+        self.captured = captured
+        self.plan = plan
+        self.config = config
+        self.state_spec = build_state_spec(plan, config)
+        self._nodes = [n for n in self.gm.graph.nodes if n.op != "output"]
+        self._output = next(n for n in self.gm.graph.nodes if n.op == "output")
+        if config.mode == "full" or plan is None:
+            return
+        nodes = self._nodes
+        self._prefix = nodes[: plan.span_start]
+        span = nodes[plan.span_start : plan.span_end + 1]
+        self._suffix = nodes[plan.span_end + 1 :]
+        span_set, before = set(span), set(self._prefix)
+        self._span_inputs: list[fx.Node] = []
+        for node in span:
+            for arg in node.all_input_nodes:
+                if arg in before and arg not in self._span_inputs:
+                    self._span_inputs.append(arg)
+        for node in self._span_inputs:
+            if not isinstance(node.meta.get("val"), Tensor) and node.op != "get_attr":
+                raise UnsupportedModelError(f"value {node.name} enters the cached span but is not a tensor")
+        self._span_outputs = [n for n in span if any(u not in span_set for u in n.users)]
+        for n in self._span_outputs:
+            _meta(n)  # must be a tensor: it leaves the cond
+        self._region_state = [e.name for e in self.state_spec.entries
+                              if e.name not in _COUNTERS and e.name != "rcs_acc"]
+        builder = _BranchBuilder(self.gm, span, self._span_inputs, self._span_outputs, plan, config,
+                                 self._region_state)
+        self.recompute_branch = builder.recompute()
+        self.predict_branch = builder.predict()
+
+    # --- graph interpretation (prefix and suffix run as they are) ---------------------
+
+    def _run(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        if node.op == "get_attr":
+            obj: Any = self.gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise RuntimeError(f"unexpected node op {node.op}")
+
+    def _bind_inputs(self, kwargs: dict[str, Any]) -> dict[fx.Node, Any]:
+        flat = self.captured.flatten_inputs(kwargs)
+        placeholders = [n for n in self._nodes if n.op == "placeholder"]
+        return dict(zip(placeholders, flat))
+
+    def _finish(self, env: dict[fx.Node, Any]) -> Any:
+        flat = fx.node.map_arg(self._output.args[0], lambda n: env[n])
+        return pytree.tree_unflatten(list(flat), self.captured.out_spec)
+
+    # --- the step ----------------------------------------------------------------------
+
+    def forward(self, kwargs: dict[str, Any], state: dict[str, Tensor]) -> tuple[Any, dict[str, Tensor]]:
+        step, last_full, seen = (state[n] for n in _COUNTERS)
+        env = self._bind_inputs(kwargs)
+        if self.config.mode == "full" or self.plan is None:
+            for node in self._nodes:
+                if node.op != "placeholder":
+                    env[node] = self._run(node, env)
+            return self._finish(env), {"step": step + 1, "last_full": step.clone(), "full_steps_seen": seen + 1}
+
+        cfg = self.config
+        for node in self._prefix:
+            if node.op != "placeholder":
+                env[node] = self._run(node, env)
+
+        since_full = step - last_full
+        new_state: dict[str, Tensor] = {}
+        if cfg.uses_rcs:
+            x0 = [env[n] for n in self.plan.watched.feature_inputs]
+            x_hat = [rfc.taylor_predict(state[f"rcs_ladder.{i}"], since_full, seen) for i in range(len(x0))]
+            acc = rfc.rcs_accumulate(state["rcs_acc"], rfc.rcs_error(x0, x_hat, cfg.eps))
+            pred = rfc.forced_full(step, seen, since_full, cfg.warmup_steps, cfg.max_interval)
+            pred = pred | rfc.rcs_wants_full(acc, cfg.threshold)
+            new_state["rcs_acc"] = torch.where(pred, torch.zeros_like(acc), acc)
+        else:
+            pred = rfc.fixed_interval_full(step, seen, since_full, cfg.warmup_steps, cfg.interval)
+            if cfg.max_interval is not None:
+                pred = pred | (since_full > cfg.max_interval)
+
+        operands = (
+            tuple(env[n] for n in self._span_inputs if n.op != "get_attr")
+            + tuple(state[n] for n in self._region_state)
+            + (since_full, seen, seen + 1)
+        )
+        results = torch.cond(pred, self.recompute_branch, self.predict_branch, operands)
+        n_out = len(self._span_outputs)
+        env.update(zip(self._span_outputs, results[:n_out]))
+        new_state.update(zip(self._region_state, results[n_out:]))
+        for node in self._suffix:
+            env[node] = self._run(node, env)
+        new_state["step"] = step + 1
+        new_state["last_full"] = torch.where(pred, step, last_full)
+        new_state["full_steps_seen"] = seen + pred.to(seen.dtype)
+        return self._finish(env), {name: new_state[name] for name in self.state_spec.names()}
+
+
+def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
+            example_kwargs: dict[str, Any]) -> tuple[fx.GraphModule, CachedStep]:
+    """Trace :class:`CachedStep` into one flat GraphModule ``(kwargs, state) -> (out, state')``."""
+    step = CachedStep(captured, plan, config)
+    state = step.state_spec.init(_device_of(example_kwargs))
+    start = time.perf_counter()
+    with torch.no_grad():
+        exported = torch.export.export(step, (), {"kwargs": example_kwargs, "state": state}, strict=False)
+    gm = exported.module()
+    conds = sum(1 for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond)
+    logger.info("rewrote %d regions behind %d cond(s) in %.1fs; state %.1f MB",
+                len(plan.regions) if plan else 0, conds, time.perf_counter() - start,
+                step.state_spec.nbytes() / 2**20)
+    return gm, step
+
+
+def _device_of(kwargs: dict[str, Any]) -> torch.device:
+    for leaf in pytree.tree_leaves(kwargs):
+        if isinstance(leaf, Tensor):
+            return leaf.device
+    return torch.device("cpu")
+
+

@@ -1,0 +1,60 @@
+"""Cache state: the tensors threaded functionally through the cached graph.
+
+Naming scheme (also the ONNX input/output names, prefixed there with ``state.``/``state_out.``):
+
+    step              int64 ()      calls since the last reset (n)
+    last_full         int64 ()      index of the last full step
+    full_steps_seen   int64 ()      number of full steps so far
+    rcs_acc           float32 (B,)  RCS accumulator A (mode "rfc")
+    rcs_ladder.<i>    like X_0[i]   Taylor ladder of the watched input's i-th tensor (mode "rfc")
+    <region>.ladder.<o>  (m+1, *Y_o)  Taylor ladder [D0..Dm] of the region's o-th output
+    <region>.ratio.<o>   float32 (B,) relational ratio s of that output (modes "rfe", "rfc")
+    <region>.x_last.<i>  like X[i]    the region's i-th feature input at the last full step
+
+``<region>`` is the module path with dots replaced by underscores, e.g.
+``transformer_blocks_0_attn1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class StateEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass
+class StateSpec:
+    """The ordered list of state tensors a cached graph reads and writes."""
+
+    entries: list[StateEntry]
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def init(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """A fresh state: every tensor zero (a new generation)."""
+        return {e.name: torch.zeros(e.shape, dtype=e.dtype, device=device) for e in self.entries}
+
+    def check(self, state: dict[str, torch.Tensor]) -> None:
+        """Clear error for a state that does not belong to this graph."""
+        missing = [n for n in self.names() if n not in state]
+        if missing:
+            raise ValueError(f"cache state is missing entries {missing[:5]}")
+        for e in self.entries:
+            t = state[e.name]
+            if tuple(t.shape) != e.shape or t.dtype != e.dtype:
+                raise ValueError(
+                    f"cache state entry {e.name!r} has shape {tuple(t.shape)} dtype {t.dtype}, "
+                    f"expected {e.shape} {e.dtype}"
+                )
+
+    def nbytes(self) -> int:
+        return sum(torch.Size(e.shape).numel() * torch.empty((), dtype=e.dtype).element_size()
+                   for e in self.entries)
