@@ -121,6 +121,12 @@ class CachedModel(torch.nn.Module):
         return program.graph_module if program else None
 
     @property
+    def state_spec(self) -> StateSpec | None:
+        """Names, shapes and dtypes of the state tensors for the latest input signature."""
+        program = self._programs.get(self._key) if self._key is not None else None
+        return program.state_spec if program else None
+
+    @property
     def state(self) -> dict[str, Tensor] | None:
         """The current cache state (read-only view; see state.py for names)."""
         return self._state

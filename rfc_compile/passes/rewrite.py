@@ -45,6 +45,15 @@ def _meta(node: fx.Node) -> Tensor:
     return val
 
 
+def _dense(t: Tensor) -> bool:
+    """Row-major strides exactly (cond rejects views such as adaLN chunks, even of size-1 dims)."""
+    expected, acc = [], 1
+    for size in reversed(t.shape):
+        expected.append(acc)
+        acc *= max(int(size), 1)
+    return tuple(t.stride()) == tuple(reversed(expected))
+
+
 def _batch_size(plan: RegionPlan) -> int:
     return int(_meta(plan.watched.feature_inputs[0]).shape[0])
 
@@ -192,7 +201,7 @@ class _BranchBuilder:
         outs = []
         for node in self.span_outputs:
             value = env[node]
-            if not _meta(node).is_contiguous():
+            if not _dense(_meta(node)):
                 value = graph.call_function(torch.ops.aten.clone.default, (value,),
                                             {"memory_format": torch.contiguous_format})
             outs.append(value)

@@ -1,0 +1,161 @@
+"""[core] optimize() on a diffusers DiT: exact to the method, traced, drop-in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_CLASSES, ddim_generation, make_tiny_dit
+from reference import ReferenceRFC, dit_regions
+
+import rfc_compile
+from rfc_compile import RFCConfig, UnsupportedModelError
+
+STEPS = 30
+THRESHOLD = 0.8  # gives both full and skipped steps on the tiny random DiT (measured: NFC 6-9 of 30)
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["batch1", "cfg2"])
+def test_full_mode_equals_original_every_step(cfg):
+    original = make_tiny_dit()
+    _, expected = ddim_generation(original, steps=20, cfg=cfg)
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="full"))
+    _, got = ddim_generation(cached, steps=20, cfg=cfg)
+    assert cached.stats.full_steps == list(range(20))
+    assert _max_diff(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("config", [
+    RFCConfig(mode="fora", interval=1), RFCConfig(mode="taylorseer", interval=1),
+    RFCConfig(mode="rfe", interval=1), RFCConfig(mode="rfc", threshold=0.0),
+], ids=lambda c: c.mode)
+def test_every_step_schedules_equal_original(config):
+    _, expected = ddim_generation(make_tiny_dit(), steps=20, cfg=True)
+    cached = rfc_compile.optimize(make_tiny_dit(), config)
+    _, got = ddim_generation(cached, steps=20, cfg=True)
+    assert cached.stats.nfc == 20
+    assert _max_diff(got, expected) < 1e-5
+
+
+CASES = [(mode, order, cfg) for mode in ("fora", "taylorseer", "rfe", "rfc") for order in (1, 2)
+         for cfg in (False, True)] + [("full", 2, False), ("full", 2, True)]
+
+
+@pytest.mark.parametrize("mode,order,cfg", CASES,
+                         ids=[f"{m}-o{o}-{'cfg2' if c else 'b1'}" for m, o, c in CASES])
+def test_matches_independent_reference(mode, order, cfg):
+    """Same full steps and same outputs as tests/reference.py, step by step."""
+    kwargs = dict(mode=mode, order=order, threshold=THRESHOLD, warmup_steps=2, interval=3)
+    reference_model = make_tiny_dit()
+    reference = ReferenceRFC(dit_regions(reference_model), **kwargs)
+    _, expected = ddim_generation(reference_model, steps=STEPS, cfg=cfg, on_step=lambda n: reference.begin_step())
+
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(**kwargs))
+    _, got = ddim_generation(cached, steps=STEPS, cfg=cfg)
+
+    assert cached.stats.full_steps == reference.full_steps
+    if mode != "full":
+        assert 2 < cached.stats.nfc < STEPS, "the setting must produce both full and skipped steps"
+    for n, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {n}: {m}")
+
+
+def test_fixed_schedule_matches_method_text():
+    """warmup 2, N = 4 -> full steps 0, 1, 5, 9, ... (RFC_METHOD.md)."""
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="taylorseer", interval=4))
+    ddim_generation(cached, steps=14)
+    assert cached.stats.full_steps == [0, 1, 5, 9, 13]
+
+
+def test_graph_holds_one_cond_and_a_tensor_predicate(tiny_dit):
+    cached = rfc_compile.optimize(tiny_dit, RFCConfig(mode="rfc", threshold=THRESHOLD))
+    ddim_generation(cached, steps=3)
+    gm = cached.graph_module
+    conds = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == 1
+    predicate = conds[0].args[0]
+    assert isinstance(predicate, torch.fx.Node), "the decision must be a graph value, not a Python bool"
+    assert predicate.meta["val"].dtype == torch.bool and predicate.meta["val"].dim() == 0
+    # both branches are graphs: the predict branch never calls the regions' big matmuls
+    true_gm = getattr(gm, conds[0].args[1].target)
+    false_gm = getattr(gm, conds[0].args[2].target)
+    count = lambda g: sum(1 for n in g.graph.nodes if n.target is torch.ops.aten.linear.default)
+    assert count(false_gm) < count(true_gm)
+
+
+def test_two_generations_equal_fresh_models():
+    config = RFCConfig(mode="rfc", threshold=THRESHOLD)
+    reused = rfc_compile.optimize(make_tiny_dit(), config)
+    runs = []
+    for seed in (1, 2):
+        latents, _ = ddim_generation(reused, steps=STEPS, cfg=True, seed=seed)
+        runs.append((latents, reused.stats.full_steps))
+    for seed, (latents, full_steps) in zip((1, 2), runs):
+        fresh = rfc_compile.optimize(make_tiny_dit(), config)
+        expected, _ = ddim_generation(fresh, steps=STEPS, cfg=True, seed=seed)
+        assert full_steps == fresh.stats.full_steps
+        assert torch.equal(latents, expected)
+
+
+def test_explicit_reset_and_example_inputs(tiny_dit):
+    x = torch.randn(2, 4, 8, 8)
+    example = dict(hidden_states=x, timestep=torch.tensor([999, 999]), class_labels=torch.tensor([1, NUM_CLASSES]),
+                   return_dict=False)
+    cached = rfc_compile.optimize(tiny_dit, RFCConfig(mode="fora", interval=3), example_inputs=example,
+                                  auto_reset=False)
+    assert cached.graph_module is not None  # captured eagerly
+    for _ in range(4):
+        cached(**example)
+    assert cached.stats.full_steps == [0, 1]
+    cached.reset()
+    cached(**example)
+    assert cached.stats.steps == 1 and cached.stats.full_steps == [0]
+
+
+def test_drop_in_attributes_and_return_type(tiny_dit):
+    cached = rfc_compile.optimize(tiny_dit, RFCConfig(mode="full"))
+    assert cached.config.num_layers == tiny_dit.config.num_layers
+    assert cached.dtype == tiny_dit.dtype
+    assert cached.state_dict().keys() == tiny_dit.state_dict().keys()
+    out = cached(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.tensor([3]))
+    assert type(out).__name__ == "Transformer2DModelOutput"
+    expected = tiny_dit(torch.randn(1, 4, 8, 8) * 0, torch.tensor([10]), torch.tensor([3]))
+    assert out.sample.shape == expected.sample.shape
+
+
+def test_unsupported_models_raise_naming_what_was_found():
+    with pytest.raises(UnsupportedModelError, match="Linear|no nn.ModuleList"):
+        rfc_compile.optimize(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    class Weird(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+    with pytest.raises(UnsupportedModelError, match="Block x2"):
+        rfc_compile.optimize(Weird())
+
+
+@pytest.mark.parametrize("bad", [
+    dict(mode="nope"), dict(order=-1), dict(order=99), dict(threshold=-0.1), dict(threshold=float("nan")),
+    dict(warmup_steps=0, mode="rfc"), dict(warmup_steps=1, mode="rfe"), dict(interval=0), dict(max_interval=0),
+    dict(eps=0.0),
+])
+def test_config_rejects_invalid_values(bad):
+    field = next(iter(bad))
+    with pytest.raises(ValueError, match=field if field != "mode" else "mode"):
+        RFCConfig(**bad)
+
+
+def test_config_rejects_wrong_types():
+    with pytest.raises(TypeError, match="order"):
+        RFCConfig(order=1.5)
+    with pytest.raises(TypeError, match="mode"):
+        RFCConfig(mode=3)
