@@ -7,9 +7,13 @@ access such as ``.config``/``.dtype`` forwarded, ``state_dict()`` is the origina
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
+import itertools
 import logging
+import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +21,12 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from .backends import BACKENDS, make_runner
 from .config import RFCConfig
 from .passes import capture, check_supported, find_regions, rewrite
 from .state import StateSpec
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("eager", "inductor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,72 @@ def _input_key(call: dict[str, Any]) -> tuple:
     return (str(spec), tuple(key))
 
 
+class CacheSession:
+    """One generation's cache state, held by the caller (one per request in a server).
+
+    ``cached.new_session()`` makes one; ``session(**kwargs)`` runs one denoising step of the
+    optimized model with this session's state. Sessions of one model share its graphs and
+    weights but never their state, so requests at different steps can be interleaved, from
+    different threads too (each session has its own lock; the graphs are pure functions).
+    """
+
+    def __init__(self, owner: "CachedModel", auto_reset: bool = True):
+        self._owner = owner
+        self.auto_reset = auto_reset
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._spec: StateSpec | None = None
+        self._device = torch.device("cpu")
+        self._state: dict[str, Tensor] | None = None
+        self._history: list[Tensor] = []  # last_full after each step (0-d tensors, read lazily)
+        self._last_timestep: float | None = None
+
+    def reset(self) -> None:
+        """Start a new generation: the next call is step 0 with an empty cache."""
+        self._state = self._spec.init(self._device) if self._spec is not None else None
+        self._history = []
+        self._last_timestep = None
+
+    @property
+    def stats(self) -> RFCStats:
+        last_full = [int(t) for t in self._history]
+        return RFCStats(steps=len(last_full), full_steps=[n for n, lf in enumerate(last_full) if lf == n])
+
+    @property
+    def state(self) -> dict[str, Tensor] | None:
+        """The current cache state (see state.py for names)."""
+        return self._state
+
+    def _detect_new_generation(self, call: dict[str, Any]) -> None:
+        """Denoising timesteps only go down; one going back up starts a new generation."""
+        t = call.get("timestep", call.get("t"))
+        if t is None or (isinstance(t, Tensor) and t.numel() == 0):
+            return
+        value = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else float(t)
+        if self._last_timestep is not None and value > self._last_timestep and self._history:
+            self.reset()
+        self._last_timestep = value
+
+    def __call__(self, *args, **kwargs):
+        owner = self._owner
+        call = owner._normalize(args, kwargs)
+        with self._lock:
+            key, program = owner._program_for(call)
+            if key != self._key:
+                if self._key is not None:
+                    logger.info("input signature changed: new generation with a fresh cache")
+                self._key, self._spec = key, program.state_spec
+                self._device = _device_of(call)
+                self.reset()
+            if self.auto_reset:
+                self._detect_new_generation(call)
+            with torch.no_grad():
+                out, new_state = program.run(kwargs=call, state=self._state)
+            self._state = new_state
+            self._history.append(new_state["last_full"])
+        return out
+
+
 class CachedModel(torch.nn.Module):
     """A model whose transformer blocks run through the traced RFC graph."""
 
@@ -74,17 +143,19 @@ class CachedModel(torch.nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_supported(model)
+        _check_weights_materialized(model)
         self.model = model
         self.rfc_config = config if config is not None else RFCConfig()
+        if not isinstance(self.rfc_config, RFCConfig):
+            raise TypeError(f"config must be an RFCConfig, got {type(self.rfc_config).__name__}")
         self.backend = backend
         self.compile_options = dict(compile_options or {})
-        self.auto_reset = auto_reset
         self._signature = inspect.signature(model.forward)
         self._programs: dict[tuple, _Program] = {}
+        self._programs_lock = threading.Lock()
+        self._weights = _weights_fingerprint(model)
         self._key: tuple | None = None
-        self._state: dict[str, Tensor] | None = None
-        self._history: list[Tensor] = []  # last_full after each step (0-d tensors, read lazily)
-        self._last_timestep: float | None = None
+        self._session = CacheSession(self, auto_reset)
 
     # --- drop-in behaviour -------------------------------------------------------------
 
@@ -100,19 +171,42 @@ class CachedModel(torch.nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def __deepcopy__(self, memo):
+        """A copy with its own weights, graphs rebuilt on first use, and an empty cache."""
+        clone = CachedModel(copy.deepcopy(self.model, memo), self.rfc_config, self.backend,
+                            self.compile_options, self._session.auto_reset)
+        memo[id(self)] = clone
+        return clone
+
     # --- generations -------------------------------------------------------------------
+
+    def new_session(self, auto_reset: bool = True) -> CacheSession:
+        """A cache state of its own (one per request/generation when serving)."""
+        return CacheSession(self, auto_reset)
 
     def reset(self) -> None:
         """Start a new generation: the next call is step 0 with an empty cache."""
-        program = self._programs.get(self._key) if self._key is not None else None
-        self._state = program.state_spec.init(self._device) if program else None
-        self._history = []
-        self._last_timestep = None
+        self._session.reset()
 
     @property
     def stats(self) -> RFCStats:
-        last_full = [int(t) for t in self._history]
-        return RFCStats(steps=len(last_full), full_steps=[n for n, lf in enumerate(last_full) if lf == n])
+        return self._session.stats
+
+    @property
+    def auto_reset(self) -> bool:
+        return self._session.auto_reset
+
+    @property
+    def state(self) -> dict[str, Tensor] | None:
+        """The current cache state of the default session (see state.py for names)."""
+        return self._session.state
+
+    @state.setter
+    def state(self, value: dict[str, Tensor]) -> None:
+        if self._session._spec is None:
+            raise RuntimeError("no graph captured yet: call the model (or prepare()) first")
+        self._session._spec.check(value)
+        self._session._state = dict(value)
 
     @property
     def graph_module(self) -> torch.fx.GraphModule | None:
@@ -125,11 +219,6 @@ class CachedModel(torch.nn.Module):
         """Names, shapes and dtypes of the state tensors for the latest input signature."""
         program = self._programs.get(self._key) if self._key is not None else None
         return program.state_spec if program else None
-
-    @property
-    def state(self) -> dict[str, Tensor] | None:
-        """The current cache state (read-only view; see state.py for names)."""
-        return self._state
 
     # --- capture -> find regions -> rewrite -> backend ---------------------------------
 
@@ -147,53 +236,61 @@ class CachedModel(torch.nn.Module):
         return call
 
     def _build(self, call: dict[str, Any]) -> _Program:
-        captured = capture(self.model, call)
-        plan = find_regions(captured.graph_module) if self.rfc_config.mode != "full" else None
-        if plan is None:
-            find_regions(captured.graph_module)  # a full-mode model must still be one we understand
+        model = self.model
+        was_training = model.training
+        if was_training:
+            warnings.warn(f"{type(model).__name__} is in train mode; rfc_compile captures it in eval mode "
+                          "(cached models are for inference)", stacklevel=4)
+            model.eval()
+        try:
+            captured = capture(model, call)
+        finally:
+            model.train(was_training)
+        plan = find_regions(captured.graph_module)  # also for "full": only models we understand
+        if self.rfc_config.mode == "full":
+            plan = None
         gm, step = rewrite(captured, plan, self.rfc_config, call)
         run: Callable[..., Any] = gm
         if self.backend == "inductor":
             run = torch.compile(gm, fullgraph=True, **self.compile_options)
         return _Program(run, step.state_spec, gm, len(plan.regions) if plan else 0)
 
-    def prepare(self, *args, **kwargs) -> None:
-        """Capture and rewrite for these example inputs now instead of on the first call."""
-        self._select(self._normalize(args, kwargs))
-
-    def _select(self, call: dict[str, Any]) -> _Program:
+    def _program_for(self, call: dict[str, Any]) -> tuple[tuple, _Program]:
         key = _input_key(call)
-        if key != self._key:
+        with self._programs_lock:
+            weights = _weights_fingerprint(self.model)
+            if weights != self._weights:
+                logger.warning("the model's parameters were replaced after optimize(); re-capturing")
+                self._programs.clear()
+                self._weights = weights
             if key not in self._programs:
                 self._programs[key] = self._build(call)
-            if self._key is not None:
-                logger.info("input signature changed: new generation with a fresh cache")
             self._key = key
-            self._device = next((t.device for t in pytree.tree_leaves(call) if isinstance(t, Tensor)),
-                                torch.device("cpu"))
-            self.reset()
-        return self._programs[key]
+            return key, self._programs[key]
 
-    def _detect_new_generation(self, call: dict[str, Any]) -> None:
-        """Denoising timesteps only go down; one going back up starts a new generation."""
-        t = call.get("timestep", call.get("t"))
-        if t is None:
-            return
-        value = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else float(t)
-        if self._last_timestep is not None and value > self._last_timestep and self._history:
-            self.reset()
-        self._last_timestep = value
+    def prepare(self, *args, **kwargs) -> None:
+        """Capture and rewrite for these example inputs now instead of on the first call."""
+        self._program_for(self._normalize(args, kwargs))
 
     def forward(self, *args, **kwargs):
-        call = self._normalize(args, kwargs)
-        program = self._select(call)
-        if self.auto_reset:
-            self._detect_new_generation(call)
-        with torch.no_grad():
-            out, new_state = program.run(kwargs=call, state=self._state)
-        self._state = new_state
-        self._history.append(new_state["last_full"])
-        return out
+        return self._session(*args, **kwargs)
+
+
+def _device_of(call: dict[str, Any]) -> torch.device:
+    return next((t.device for t in pytree.tree_leaves(call) if isinstance(t, Tensor)), torch.device("cpu"))
+
+
+def _weights_fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
+    """Identity of every parameter/buffer object: changes when modules or tensors are swapped
+    (PEFT adapters, load_state_dict(assign=True)); in-place updates are seen through sharing."""
+    return tuple(id(t) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _check_weights_materialized(model: torch.nn.Module) -> None:
+    meta = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta]
+    if meta:
+        raise ValueError(f"{type(model).__name__} has weights on the meta device ({meta[:3]}...); "
+                         "load real weights (e.g. to_empty + load_state_dict) before optimize()")
 
 
 def optimize(model: torch.nn.Module, config: RFCConfig | None = None, backend: str = "eager", *,
