@@ -250,9 +250,7 @@ class CachedModel(torch.nn.Module):
         if self.rfc_config.mode == "full":
             plan = None
         gm, step = rewrite(captured, plan, self.rfc_config, call)
-        run: Callable[..., Any] = gm
-        if self.backend == "inductor":
-            run = torch.compile(gm, fullgraph=True, **self.compile_options)
+        run = make_runner(gm, self.backend, self.compile_options)
         return _Program(run, step.state_spec, gm, len(plan.regions) if plan else 0)
 
     def _program_for(self, call: dict[str, Any]) -> tuple[tuple, _Program]:
