@@ -28,6 +28,8 @@ class RFCConfig:
         interval: the fixed schedule's N for fora/taylorseer/rfe: step n is full iff
             n < warmup_steps or n - last_full >= N.
         eps: guard for every division by a norm.
+        guard_nonfinite: check the cache for NaN/Inf before each step and, if any, compute the
+            step in full and restart the ladders (one reduction over the state per step).
     """
 
     mode: Mode = "rfc"
@@ -37,6 +39,7 @@ class RFCConfig:
     max_interval: int | None = None
     interval: int = 4
     eps: float = 1e-6
+    guard_nonfinite: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str):
@@ -71,6 +74,8 @@ class RFCConfig:
                 raise TypeError(f"RFCConfig.{name} must be a float, got {type(value).__name__}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"RFCConfig.{name} must be finite and >= 0, got {value}")
+        if not isinstance(self.guard_nonfinite, bool):
+            raise TypeError(f"RFCConfig.guard_nonfinite must be a bool, got {type(self.guard_nonfinite).__name__}")
         if self.eps <= 0:
             raise ValueError(f"RFCConfig.eps must be > 0, got {self.eps}")
 

@@ -54,6 +54,20 @@ def _dense(t: Tensor) -> bool:
     return tuple(t.stride()) == tuple(reversed(expected))
 
 
+def _aliasing(nodes) -> set[fx.Node]:
+    """Nodes whose value shares storage with an earlier one (e.g. adaLN chunks): torch.compile's
+    cond rejects operands that alias each other, so these enter the cond as copies."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    seen, aliasing = set(), set()
+    for node in nodes:
+        storage = StorageWeakRef(_meta(node).untyped_storage())
+        if storage in seen:
+            aliasing.add(node)
+        seen.add(storage)
+    return aliasing
+
+
 def _batch_size(plan: RegionPlan) -> int:
     return int(_meta(plan.watched.feature_inputs[0]).shape[0])
 
@@ -127,7 +141,7 @@ class RegionUpdate(torch.nn.Module):
         x_last = args[ni + 3 * no : 2 * ni + 3 * no]
         x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
         new_ratios = tuple(
-            torch.where(seen > 0, rfc.relational_ratio(y, ladder[0], x_change, cfg.eps), ratio)
+            torch.where(seen > 0, rfc.relational_ratio(y, ladder[0], x_change, cfg.eps), torch.zeros_like(ratio))
             for y, ladder, ratio in zip(ys, ladders, ratios)
         )
         return new_ladders + new_ratios + tuple(x.clone() for x in xs)
@@ -285,6 +299,7 @@ class CachedStep(torch.nn.Module):
         self._span_outputs = [n for n in span if any(u not in span_set for u in n.users)]
         for n in self._span_outputs:
             _meta(n)  # must be a tensor: it leaves the cond
+        self._copied_inputs = _aliasing(n for n in self._span_inputs if n.op != "get_attr")
         self._region_state = [e.name for e in self.state_spec.entries
                               if e.name not in _COUNTERS and e.name != "rcs_acc"]
         builder = _BranchBuilder(self.gm, span, self._span_inputs, self._span_outputs, plan, config,
@@ -337,6 +352,12 @@ class CachedStep(torch.nn.Module):
 
         since_full = step - last_full
         new_state: dict[str, Tensor] = {}
+        healthy = None
+        if cfg.guard_nonfinite:
+            # A corrupt cache (NaN/Inf, e.g. fp16 overflow) forces a full step that restarts it.
+            cache = [state[n] for n in self._region_state] + ([state["rcs_acc"]] if cfg.uses_rcs else [])
+            healthy = torch.stack([t.sum(dtype=torch.float32) for t in cache]).isfinite().all()
+            seen = torch.where(healthy, seen, torch.zeros_like(seen))
         if cfg.uses_rcs:
             x0 = [env[n] for n in self.plan.watched.feature_inputs]
             x_hat = [rfc.taylor_predict(state[f"rcs_ladder.{i}"], since_full, seen) for i in range(len(x0))]
@@ -349,8 +370,11 @@ class CachedStep(torch.nn.Module):
             if cfg.max_interval is not None:
                 pred = pred | (since_full > cfg.max_interval)
 
+        if healthy is not None:
+            pred = pred | ~healthy
         operands = (
-            tuple(env[n] for n in self._span_inputs if n.op != "get_attr")
+            tuple(env[n].clone() if n in self._copied_inputs else env[n]
+                  for n in self._span_inputs if n.op != "get_attr")
             + tuple(state[n] for n in self._region_state)
             + (since_full, seen, seen + 1)
         )
