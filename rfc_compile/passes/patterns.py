@@ -47,6 +47,71 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
                 RegionPattern("ff", ("ff",)),
             ),
         ),
+        # FLUX double-stream block: joint attention (image + text outputs), then each stream's MLP
+        BlockPattern(
+            "FluxTransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("ff", ("ff",)),
+                RegionPattern("ff_context", ("ff_context",)),
+            ),
+        ),
+        # FLUX single-stream block: MLP and attention in parallel, fused by proj_out, as ONE region
+        # (the concat between them is on the data path); the gate and residual stay outside.
+        BlockPattern(
+            "FluxSingleTransformerBlock",
+            (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
+        ),
+        # SD3 / SD3.5 MMDiT block; the last block (context_pre_only) has no ff_context and its
+        # attention's text output is unused; SD3.5's dual-attention blocks add attn2.
+        BlockPattern(
+            "JointTransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("attn2", ("attn2",), optional=True),
+                RegionPattern("ff", ("ff",)),
+                RegionPattern("ff_context", ("ff_context",), optional=True),
+            ),
+        ),
+        # HunyuanVideo: FLUX-like double- and single-stream blocks
+        BlockPattern(
+            "HunyuanVideoTransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("ff", ("ff",)),
+                RegionPattern("ff_context", ("ff_context",)),
+            ),
+        ),
+        BlockPattern(
+            "HunyuanVideoSingleTransformerBlock",
+            (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
+        ),
+        # Wan 2.1 / 2.2: self-attention, cross-attention to text, FFN
+        BlockPattern(
+            "WanTransformerBlock",
+            (
+                RegionPattern("attn1", ("attn1",)),
+                RegionPattern("attn2", ("attn2",)),
+                RegionPattern("ffn", ("ffn",)),
+            ),
+        ),
+        # CogVideoX: joint attention over text + video tokens, one FF over both
+        BlockPattern(
+            "CogVideoXBlock",
+            (
+                RegionPattern("attn1", ("attn1",)),
+                RegionPattern("ff", ("ff",)),
+            ),
+        ),
+        # LTX-Video: self-attention, cross-attention, FF
+        BlockPattern(
+            "LTXVideoTransformerBlock",
+            (
+                RegionPattern("attn1", ("attn1",)),
+                RegionPattern("attn2", ("attn2",)),
+                RegionPattern("ff", ("ff",)),
+            ),
+        ),
     )
 }
 

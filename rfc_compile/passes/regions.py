@@ -181,14 +181,14 @@ def _build_region(name: str, block: str, region_members: list[fx.Node], nodes: l
     for node in reversed(nodes[first:last + 1]):
         if any(u in upstream for u in node.users):
             upstream.add(node)
-    body = [n for n in nodes[first:last + 1] if n in member_set or (n in downstream and n in upstream)]
-    body_set = set(body)
-
-    inputs: list[fx.Node] = []
-    for node in body:
-        for arg in node.all_input_nodes:
-            if arg not in body_set and arg not in inputs:
-                inputs.append(arg)
+    body_set = {n for n in nodes[first:last + 1] if n in member_set or (n in downstream and n in upstream)}
+    # A value computed after the region starts that only the region uses (e.g. HunyuanVideo's
+    # single block slices the modulated input between proj_mlp and attn) joins the region.
+    inputs = _region_inputs(nodes[first:last + 1], body_set)
+    while pulled := [a for a in inputs if position[a] > first and all(u in body_set for u in a.users)]:
+        body_set.update(pulled)
+        inputs = _region_inputs(nodes[first:last + 1], body_set)
+    body = [n for n in nodes[first:last + 1] if n in body_set]
     late = [a.name for a in inputs if position[a] > first]
     if late:
         raise UnsupportedModelError(
@@ -203,6 +203,16 @@ def _build_region(name: str, block: str, region_members: list[fx.Node], nodes: l
         raise UnsupportedModelError(f"region {name}: no input depends on the denoising state")
     side_inputs = [a for a in inputs if a not in feature_inputs]
     return Region(name, block, body, feature_inputs, side_inputs, outputs)
+
+
+def _region_inputs(candidates: list[fx.Node], body_set: set[fx.Node]) -> list[fx.Node]:
+    inputs: list[fx.Node] = []
+    for node in candidates:
+        if node in body_set:
+            for arg in node.all_input_nodes:
+                if arg not in body_set and arg not in inputs:
+                    inputs.append(arg)
+    return inputs
 
 
 def _check_disjoint_ranges(regions: list[Region], position: dict[fx.Node, int]) -> None:
