@@ -1,0 +1,40 @@
+"""Export a cached model: ONNX (+ onnxruntime runner), Triton model repository, TensorRT engine.
+
+    from rfc_compile.export import to_onnx, OnnxCachedModel
+    to_onnx(model, "dit.onnx", example_inputs, RFCConfig(mode="rfc", threshold=0.8))
+    runner = OnnxCachedModel("dit.onnx")          # drop-in for the torch model
+    out = runner(hidden_states=x, timestep=t, class_labels=y).sample
+    runner.stats.full_steps
+
+TensorRT parts (``build_engine``, ``TrtCachedModel``) import ``tensorrt`` only when used.
+Naming of graph inputs/outputs and the sidecar format: see onnx.py and sidecar.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import ExportError, InputMismatchError, ModelFileError, SidecarMismatchError
+
+_LAZY = {
+    "to_onnx": ".onnx", "OnnxExport": ".onnx",
+    "OnnxCachedModel": ".ort_runner",
+    "Sidecar": ".sidecar",
+    "write_triton_repository": ".triton", "validate_triton_config": ".triton",
+    "build_engine": ".tensorrt", "TrtCachedModel": ".tensorrt", "tensorrt_available": ".tensorrt",
+}
+
+__all__ = ["to_onnx", "OnnxExport", "OnnxCachedModel", "Sidecar", "write_triton_repository",
+           "validate_triton_config", "build_engine", "TrtCachedModel", "tensorrt_available",
+           "ExportError", "ModelFileError", "SidecarMismatchError", "InputMismatchError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,278 @@
+"""ONNX export of the rewritten cached step: ``to_onnx(model, path, example_inputs, config)``.
+
+The exported graph is the step that CachedModel runs, as a pure function::
+
+    inputs : <model tensor kwargs>            e.g. hidden_states, timestep, class_labels
+             state.<name>                     one per cache tensor (rfc_compile/state.py names)
+    outputs: sample (or output.<i>)           the model output (return_dict=False order)
+             state_out.<name>                 the new cache tensors
+
+The cache decision is computed inside the graph and the regions sit behind one ``If`` node
+(``torch.cond``). ``state_out.last_full`` equals the step index (``state.step``) exactly when
+the step ran in full, so a runner reports stats without evaluating the predicate on the host.
+Every state tensor is zero at the start of a generation. A ``<path>.rfc.json`` sidecar
+(sidecar.py) describes inputs, outputs, state, config and model, so a runner needs nothing else.
+
+Shapes are static: the graph is specialised to the example inputs' shapes (batch, resolution,
+text length). The capture (torch.export of the model, then of the cached step) bakes them
+in, as do the state tensors' shapes; export once per serving shape. See ``dynamic_axes`` in
+the sidecar (always ``{}`` in this version).
+
+ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
+* ``squeeze_axes``: ``Squeeze`` nodes whose axes input names a dimension that is not 1 in the
+  inferred shape (PixArt's plain export: onnxruntime refuses to load it, "Squeeze: dimension
+  ... must be 1") are dropped when the axis is provably not squeezable, see :func:`fix_squeeze`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import RFCConfig
+from .errors import ExportError, ModelFileError
+from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
+from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
+
+logger = logging.getLogger(__name__)
+
+#: Above this many bytes of weights the graph is saved with external data (protobuf's 2 GB cap).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+_FAMILIES = {
+    "DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart",
+    "FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+}
+
+
+@dataclasses.dataclass
+class OnnxExport:
+    """What :func:`to_onnx` wrote."""
+
+    onnx_path: Path
+    sidecar_path: Path
+    sidecar: Sidecar
+    triton_model_dir: Path | None = None
+    seconds: float = 0.0
+
+
+def model_family(model: torch.nn.Module) -> str:
+    name = type(model).__name__
+    return _FAMILIES.get(name, name.lower())
+
+
+def _model_config(model: torch.nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    out = {}
+    for key, value in dict(config).items():
+        if value is None or isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+            out[key] = list(value)
+        else:
+            out[key] = repr(value)
+    return out
+
+
+def _value_info(value_infos) -> dict[str, tuple[tuple, str]]:
+    import onnx
+
+    out = {}
+    for vi in value_infos:
+        tt = vi.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "?"
+        out[vi.name] = (dims, "bool" if dtype == "bool" else dtype)
+    return out
+
+
+def count_if_nodes(model_proto) -> int:
+    """``If`` nodes in the main graph (the cached regions' branch)."""
+    return sum(1 for node in model_proto.graph.node if node.op_type == "If")
+
+
+def fix_squeeze(model_proto) -> int:
+    """Drop ``Squeeze`` axes that shape inference proves are not of size 1.
+
+    The dynamo exporter lowers ``aten.squeeze.dim`` to ``Squeeze(x, axes)`` unconditionally,
+    whereas PyTorch's squeeze of a dim whose size is not 1 is a no-op; onnxruntime then fails
+    to load the model ("Squeeze ... Dimension of input ... must be 1"). With static shapes we
+    know every size: axes of size != 1 are removed, and a Squeeze left with no axis becomes
+    an Identity. Returns the number of nodes changed.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    try:
+        inferred = shape_inference.infer_shapes(model_proto, strict_mode=False, data_prop=True)
+    except Exception as exc:  # shape inference is best effort here
+        logger.warning("shape inference failed (%s); Squeeze fix-up skipped", exc)
+        return 0
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = [d.dim_value for d in dims]
+    constants = {init.name: numpy_helper.to_array(init) for init in model_proto.graph.initializer}
+    for node in model_proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+
+    changed = 0
+    new_nodes = []
+    extra_inits = []
+    for node in model_proto.graph.node:
+        if node.op_type == "Squeeze" and len(node.input) > 1 and node.input[1] in constants \
+                and node.input[0] in shapes:
+            shape = shapes[node.input[0]]
+            axes = [int(a) % len(shape) if shape else int(a) for a in np.atleast_1d(constants[node.input[1]])]
+            keep = [a for a in axes if shape and shape[a] == 1]
+            if len(keep) != len(axes):
+                changed += 1
+                if not keep:
+                    new_nodes.append(onnx.helper.make_node("Identity", [node.input[0]], list(node.output),
+                                                           name=node.name + "_identity"))
+                    continue
+                axes_name = f"{node.name}_axes_fixed"
+                extra_inits.append(numpy_helper.from_array(np.array(keep, dtype=np.int64), axes_name))
+                node.input[1] = axes_name
+        new_nodes.append(node)
+    if changed:
+        del model_proto.graph.node[:]
+        model_proto.graph.node.extend(new_nodes)
+        model_proto.graph.initializer.extend(extra_inits)
+    return changed
+
+
+def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dict[str, Any],
+            config: RFCConfig | None = None, *, opset: int | None = None, check: bool = True,
+            triton: bool | str | os.PathLike = False, triton_model_name: str | None = None) -> OnnxExport:
+    """Export ``model`` with RFC traced in as an ONNX graph with explicit state I/O.
+
+    Args:
+        model: a diffusers transformer the passes understand (DiT, PixArt, FLUX, ...).
+        path: the ``.onnx`` file to write; ``<path>.rfc.json`` is written beside it.
+        example_inputs: forward kwargs with the serving shapes (shapes are static).
+        config: the RFC configuration baked into the graph (default ``RFCConfig()``).
+        opset: ONNX opset (default: the exporter's, 18 with torch 2.13).
+        check: load the result in onnxruntime (CPU) and compare its I/O with the sidecar.
+        triton: also write a Triton model repository: True for ``<dir of path>/triton``, or a
+            directory (see triton.py); the model is named ``triton_model_name`` (default: the
+            file's stem).
+    """
+    import onnx
+
+    config = config if config is not None else RFCConfig()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    program = build_functional(model, example_inputs, config)
+    with torch.no_grad():
+        try:
+            onnx_program = torch.onnx.export(
+                program.module, program.example_args, None, dynamo=True, input_names=program.input_names,
+                output_names=program.output_names, opset_version=opset, optimize=True, verbose=False)
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export of the cached {type(model).__name__} failed: "
+                              f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
+    proto = onnx_program.model_proto
+    fixups = list(program.fixups)
+    n_squeeze = fix_squeeze(proto)
+    if n_squeeze:
+        fixups.append(f"squeeze_axes({n_squeeze})")
+    n_if = count_if_nodes(proto)
+    if config.mode != "full" and n_if != 1:
+        raise ExportError(f"expected one If node (the cached regions' branch) in the exported graph, found {n_if}")
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for stale in (path, Path(str(path) + ".data")):
+        if stale.exists():
+            stale.unlink()
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        onnx.save_model(proto, str(path))
+
+    graph_inputs = _value_info(proto.graph.input)
+    graph_outputs = _value_info(proto.graph.output)
+    state_names = program.state_spec.names()
+    unused = [i.name for i in program.inputs if i.name not in graph_inputs]
+    raw = {
+        "format": FORMAT,
+        "version": VERSION,
+        "artifact": path.name,
+        "model": {"class": type(model).__name__, "module": type(model).__module__,
+                  "family": model_family(model), "config": _model_config(model)},
+        "rfc_config": config.to_dict(),
+        "inputs": [i.to_json() for i in program.inputs if i.name in graph_inputs],
+        "unused_inputs": unused,
+        "outputs": [o.to_json() for o in program.outputs],
+        "output_structure": program.output_structure,
+        "constants": program.constants,
+        "state": [
+            {"name": e.name, "input": STATE_IN_PREFIX + e.name, "output": STATE_OUT_PREFIX + e.name,
+             "shape": list(e.shape), "dtype": str(e.dtype).replace("torch.", "")}
+            for e in program.state_spec.entries
+        ],
+        "naming": {"state_input_prefix": STATE_IN_PREFIX, "state_output_prefix": STATE_OUT_PREFIX,
+                   "decision_output": STATE_OUT_PREFIX + DECISION_STATE,
+                   "step_input": STATE_IN_PREFIX + "step"},
+        "regions": program.regions,
+        "cached_regions": program.regions if config.mode != "full" else [],
+        "if_nodes": n_if,
+        "dynamic_axes": {},
+        "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
+        "fixups": fixups,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "rfc_compile": _version()},
+    }
+    if unused:
+        logger.info("inputs %s are not used by the graph and are not ONNX inputs", unused)
+    sidecar = Sidecar.from_json(raw)
+    sidecar.check_io(graph_inputs, graph_outputs, where=str(path))
+    sidecar_file = sidecar.save(path)
+    if check:
+        check_loads(path)
+    result = OnnxExport(path, sidecar_file, sidecar)
+    if triton:
+        from .triton import write_triton_repository
+
+        repo = Path(triton) if not isinstance(triton, bool) else path.parent / "triton"
+        result.triton_model_dir = write_triton_repository(path, repo, triton_model_name or path.stem)
+    result.seconds = time.perf_counter() - start
+    logger.info("exported %s to %s in %.1fs (%d state tensors, %d If node(s))", type(model).__name__, path,
+                result.seconds, len(state_names), n_if)
+    return result
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def check_loads(path: str | os.PathLike) -> None:
+    """Load ``path`` in onnxruntime (CPU) and check it against its sidecar; clear errors otherwise."""
+    from .ort_runner import open_session
+
+    open_session(Path(path), Sidecar.load(path), ["CPUExecutionProvider"])
+
+
+def graph_io_from_session(session) -> tuple[dict[str, tuple[tuple, str]], dict[str, tuple[tuple, str]]]:
+    def io(args):
+        return {a.name: (tuple(d if isinstance(d, int) else "?" for d in (a.shape or [])), ort_type_name(a.type))
+                for a in args}
+
+    return io(session.get_inputs()), io(session.get_outputs())
+
+
+__all__ = ["to_onnx", "OnnxExport", "fix_squeeze", "count_if_nodes", "check_loads", "ModelFileError"]

@@ -1,0 +1,153 @@
+"""OnnxCachedModel: run an exported cached step with onnxruntime, state threaded with IOBinding.
+
+The state lives in two sets of OrtValues on the session's device (ping-pong): step n binds
+set A as ``state.*`` inputs and set B as ``state_out.*`` outputs, step n+1 the other way
+round, so no state tensor is copied between steps and, with the CUDA execution provider, it
+never leaves the GPU (only the 8-byte ``state_out.last_full`` is read back, for ``stats``).
+Model inputs given as CUDA torch tensors are bound in place (and the output is written
+into a CUDA torch tensor); CPU tensors / arrays are bound from host memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ModelFileError
+from .runner import StatefulRunner, torch_dtype
+from .sidecar import Sidecar, numpy_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def open_session(path: Path, sidecar: Sidecar, providers: list | None = None,
+                 session_options=None):
+    """An InferenceSession for ``path``, with clear errors for missing/corrupt files and a
+    sidecar that does not describe the graph."""
+    import onnxruntime as ort
+
+    from .onnx import graph_io_from_session
+
+    if not path.is_file():
+        raise ModelFileError(f"ONNX file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"ONNX file {path} is empty")
+    try:
+        session = ort.InferenceSession(str(path), sess_options=session_options,
+                                       providers=providers or default_providers())
+    except Exception as exc:  # onnxruntime raises its own (pybind) exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"onnxruntime could not load {path}: the file is truncated, corrupted or not an "
+                             f"ONNX model ({type(exc).__name__}: {first[:500]})") from None
+    graph_in, graph_out = graph_io_from_session(session)
+    sidecar.check_io(graph_in, graph_out, where=str(path))
+    return session
+
+
+class OnnxCachedModel(StatefulRunner):
+    """Drop-in runner for an ONNX file written by :func:`rfc_compile.export.to_onnx`.
+
+    Args:
+        path: the ``.onnx`` file (its ``.rfc.json`` sidecar must be beside it).
+        providers: onnxruntime execution providers (default: CUDA when available, then CPU).
+        session_options: an ``onnxruntime.SessionOptions`` (threads, graph optimisation level).
+        auto_reset: a timestep that goes back up starts a new generation.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: list | None = None, session_options=None,
+                 auto_reset: bool = True):
+        self.path = Path(path)
+        sidecar = Sidecar.load(self.path)
+        super().__init__(sidecar, auto_reset)
+        self.session = open_session(self.path, sidecar, providers, session_options)
+        self.providers = self.session.get_providers()
+        self.device_type = "cuda" if self.providers and self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.device_id = 0
+        if self.device_type == "cuda":
+            for provider, options in zip(self.providers, self.session.get_provider_options().values()):
+                if provider == "CUDAExecutionProvider":
+                    self.device_id = int(options.get("device_id", 0))
+        self._buffers: list[dict[str, Any]] = [{}, {}]
+        self._current = 0
+        self._output_desc = sidecar.outputs
+        self.reset()
+
+    def __repr__(self) -> str:
+        return (f"OnnxCachedModel({str(self.path)!r}, model={self.sidecar.model_class}, "
+                f"mode={self.rfc_config.get('mode')!r}, providers={self.providers})")
+
+    # --- state buffers -------------------------------------------------------------------
+
+    def _ortvalue(self, array: np.ndarray):
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device_type, self.device_id)
+
+    def _zero_state(self) -> None:
+        for parity in (0, 1):
+            self._buffers[parity] = {
+                d.name: self._ortvalue(np.zeros(d.shape, dtype=numpy_dtype(d.dtype)))
+                for d in self.sidecar.state
+            }
+        self._current = 0
+
+    def _read_state(self) -> dict[str, np.ndarray]:
+        return {name: value.numpy() for name, value in self._buffers[self._current].items()}
+
+    def _write_state(self, arrays: dict[str, np.ndarray]) -> None:
+        self._buffers[self._current] = {name: self._ortvalue(array) for name, array in arrays.items()}
+
+    # --- one step ------------------------------------------------------------------------
+
+    def _step(self, feeds: dict[str, Any]) -> tuple[list[torch.Tensor], int]:
+        binding = self.session.io_binding()
+        on_gpu = self.device_type == "cuda"
+        cuda_inputs = False
+        for name, value in feeds.items():
+            desc = self._inputs[name]
+            if on_gpu and isinstance(value, torch.Tensor) and value.is_cuda:
+                tensor = value.detach().to(torch_dtype(desc.dtype)).contiguous()
+                feeds[name] = tensor  # keep alive until the run ends
+                binding.bind_input(name, "cuda", tensor.device.index or 0, numpy_dtype(desc.dtype),
+                                   list(desc.shape), tensor.data_ptr())
+                cuda_inputs = True
+            else:
+                binding.bind_cpu_input(name, self._as_numpy(name, value))
+        outputs: list[torch.Tensor] = []
+        for d in self._output_desc:
+            if cuda_inputs:
+                out = torch.empty(d.shape, dtype=torch_dtype(d.dtype), device=f"cuda:{self.device_id}")
+                binding.bind_output(d.name, "cuda", self.device_id, numpy_dtype(d.dtype), list(d.shape),
+                                    out.data_ptr())
+                outputs.append(out)
+            else:
+                binding.bind_output(d.name, "cpu")
+        # model outputs are bound first: get_outputs() lists them in binding order
+        current, nxt = self._buffers[self._current], self._buffers[1 - self._current]
+        for d in self.sidecar.state:
+            binding.bind_ortvalue_input(d.input, current[d.name])
+            binding.bind_ortvalue_output(d.output, nxt[d.name])
+        if cuda_inputs:
+            torch.cuda.current_stream().synchronize()  # inputs written by torch are ready for ORT
+        self.session.run_with_iobinding(binding)
+        if not cuda_inputs:
+            values = binding.get_outputs()
+            outputs = [torch.from_numpy(values[i].numpy()) for i in range(len(self._output_desc))]
+        self._current = 1 - self._current
+        last_full = int(nxt["last_full"].numpy())
+        return outputs, last_full
+
+
+__all__ = ["OnnxCachedModel", "open_session", "default_providers"]

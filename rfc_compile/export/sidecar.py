@@ -1,0 +1,196 @@
+"""The ``<model>.rfc.json`` sidecar: everything a runner needs besides the graph itself.
+
+Written by :func:`rfc_compile.export.to_onnx` next to ``<model>.onnx`` (and copied next to a
+TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
+
+    {
+      "format": "rfc_compile.export", "version": 1,
+      "artifact": "model.onnx",                       # the file it describes (basename)
+      "model": {"class": "DiTTransformer2DModel", "module": "diffusers...", "family": "dit",
+                "config": {...}},                     # the diffusers config (JSON-able values)
+      "rfc_config": {"mode": "rfc", "threshold": 0.8, ...},
+      "inputs":  [{"name": "hidden_states", "shape": [2, 4, 32, 32], "dtype": "float32"}, ...],
+      "outputs": [{"name": "sample", "shape": [...], "dtype": "float32"}],
+      "output_structure": "tuple",                    # return_dict=False output, one tensor per entry
+      "constants": {"return_dict": false, ...},       # non-tensor kwargs baked into the graph
+      "state": [{"name": "last_full", "input": "state.last_full",
+                 "output": "state_out.last_full", "shape": [], "dtype": "int64"}, ...],
+      "naming": {"state_input_prefix": "state.", "state_output_prefix": "state_out.",
+                 "decision_output": "state_out.last_full"},
+      "regions": ["transformer_blocks.0.attn1", ...], "if_nodes": 1,
+      "dynamic_axes": {},                             # static shapes (see onnx.py)
+      "opset": 18, "fixups": [...], "versions": {"torch": ..., "onnx": ..., "rfc_compile": ...}
+    }
+
+State names follow rfc_compile/state.py; every state tensor is zero at the start of a generation.
+After each step the runner reads ``state_out.last_full``: the step was computed in full iff
+it equals the step index (``state.step`` before the call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelFileError, SidecarMismatchError
+
+FORMAT = "rfc_compile.export"
+VERSION = 1
+SUFFIX = ".rfc.json"
+
+_NUMPY_DTYPES = {
+    "float32": np.float32, "float16": np.float16, "float64": np.float64,
+    "int64": np.int64, "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+}
+_ORT_TYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8", "tensor(bool)": "bool", "tensor(bfloat16)": "bfloat16",
+}
+
+
+def sidecar_path(artifact: str | Path) -> Path:
+    return Path(str(artifact) + SUFFIX)
+
+
+def numpy_dtype(name: str) -> type:
+    try:
+        return _NUMPY_DTYPES[name]
+    except KeyError:
+        raise SidecarMismatchError(f"dtype {name!r} is not supported by the runners "
+                                   f"(supported: {sorted(_NUMPY_DTYPES)})") from None
+
+
+def ort_type_name(ort_type: str) -> str:
+    return _ORT_TYPES.get(ort_type, ort_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorDesc:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TensorDesc":
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateDesc:
+    name: str
+    input: str
+    output: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "StateDesc":
+        return cls(str(d["name"]), str(d["input"]), str(d["output"]),
+                   tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+
+@dataclasses.dataclass
+class Sidecar:
+    """Parsed sidecar (see module docstring); ``raw`` keeps the whole JSON."""
+
+    raw: dict[str, Any]
+    inputs: list[TensorDesc]
+    outputs: list[TensorDesc]
+    state: list[StateDesc]
+    constants: dict[str, Any]
+    decision_output: str
+
+    @property
+    def model_class(self) -> str:
+        return str(self.raw.get("model", {}).get("class", "?"))
+
+    @property
+    def rfc_config(self) -> dict[str, Any]:
+        return dict(self.raw.get("rfc_config", {}))
+
+    def state_by_name(self) -> dict[str, StateDesc]:
+        return {s.name: s for s in self.state}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], where: str = "sidecar") -> "Sidecar":
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ModelFileError(f"{where} is not an rfc_compile export sidecar (format != {FORMAT!r})")
+        if int(raw.get("version", -1)) != VERSION:
+            raise ModelFileError(f"{where} has sidecar version {raw.get('version')!r}; this rfc_compile "
+                                 f"reads version {VERSION}: re-export the model")
+        try:
+            naming = raw["naming"]
+            return cls(
+                raw=raw,
+                inputs=[TensorDesc.from_json(d) for d in raw["inputs"]],
+                outputs=[TensorDesc.from_json(d) for d in raw["outputs"]],
+                state=[StateDesc.from_json(d) for d in raw["state"]],
+                constants=dict(raw.get("constants", {})),
+                decision_output=str(naming["decision_output"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None
+
+    @classmethod
+    def load(cls, artifact: str | Path) -> "Sidecar":
+        path = sidecar_path(artifact)
+        if not path.is_file():
+            raise ModelFileError(f"no sidecar {path} next to {artifact}: export with rfc_compile.export.to_onnx, "
+                                 "which writes it (the runner needs its state description)")
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelFileError(f"sidecar {path} is not valid JSON ({exc})") from None
+        return cls.from_json(raw, where=f"sidecar {path}")
+
+    def save(self, artifact: str | Path) -> Path:
+        path = sidecar_path(artifact)
+        path.write_text(json.dumps(self.raw, indent=2, sort_keys=False) + "\n")
+        return path
+
+    # --- checks against a loaded graph -----------------------------------------------------
+
+    def check_io(self, graph_inputs: dict[str, tuple[tuple, str]], graph_outputs: dict[str, tuple[tuple, str]],
+                 where: str) -> None:
+        """Raise SidecarMismatchError unless the graph's I/O is exactly what the sidecar says.
+
+        ``graph_inputs``/``graph_outputs`` map name -> (shape, dtype name); a non-int dim
+        (symbolic) matches anything.
+        """
+        expected_in = {d.name: (d.shape, d.dtype) for d in self.inputs}
+        expected_in.update({s.input: (s.shape, s.dtype) for s in self.state})
+        expected_out = {d.name: (d.shape, d.dtype) for d in self.outputs}
+        expected_out.update({s.output: (s.shape, s.dtype) for s in self.state})
+        problems = _diff("input", expected_in, graph_inputs) + _diff("output", expected_out, graph_outputs)
+        if self.decision_output not in graph_outputs:
+            problems.append(f"decision output {self.decision_output!r} missing from the graph")
+        if problems:
+            shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} problems)" if len(problems) > 6 else "")
+            raise SidecarMismatchError(
+                f"the sidecar does not match {where}: {shown}. The .rfc.json must be the one written "
+                "together with this file by the same export")
+
+
+def _diff(kind: str, expected: dict[str, tuple[tuple, str]], got: dict[str, tuple[tuple, str]]) -> list[str]:
+    problems = []
+    for name in expected:
+        if name not in got:
+            problems.append(f"{kind} {name!r} is in the sidecar but not in the graph")
+    for name in got:
+        if name not in expected:
+            problems.append(f"graph {kind} {name!r} is not in the sidecar")
+    for name, (shape, dtype) in expected.items():
+        if name not in got:
+            continue
+        g_shape, g_dtype = got[name]
+        if g_dtype != dtype:
+            problems.append(f"{kind} {name!r} has dtype {g_dtype} in the graph, {dtype} in the sidecar")
+        elif g_shape is not None and (len(g_shape) != len(shape) or any(
+                isinstance(a, int) and a != b for a, b in zip(g_shape, shape))):
+            problems.append(f"{kind} {name!r} has shape {list(g_shape)} in the graph, {list(shape)} in the sidecar")
+    return problems
