@@ -54,18 +54,19 @@ def _dense(t: Tensor) -> bool:
     return tuple(t.stride()) == tuple(reversed(expected))
 
 
-def _aliasing(nodes) -> set[fx.Node]:
-    """Nodes whose value shares storage with an earlier one (e.g. adaLN chunks): torch.compile's
-    cond rejects operands that alias each other, so these enter the cond as copies."""
+def _copied_operands(nodes: list[fx.Node]) -> set[fx.Node]:
+    """Operands that enter the cond as contiguous copies: views that share storage with an
+    earlier operand (adaLN chunks; torch.compile's cond rejects aliasing operands) and
+    non-row-major ones (inductor may lay them out differently than the branch expects)."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    seen, aliasing = set(), set()
+    seen, copied = set(), set()
     for node in nodes:
         storage = StorageWeakRef(_meta(node).untyped_storage())
-        if storage in seen:
-            aliasing.add(node)
+        if storage in seen or not _dense(_meta(node)):
+            copied.add(node)
         seen.add(storage)
-    return aliasing
+    return copied
 
 
 def _batch_size(plan: RegionPlan) -> int:
@@ -299,7 +300,7 @@ class CachedStep(torch.nn.Module):
         self._span_outputs = [n for n in span if any(u not in span_set for u in n.users)]
         for n in self._span_outputs:
             _meta(n)  # must be a tensor: it leaves the cond
-        self._copied_inputs = _aliasing(n for n in self._span_inputs if n.op != "get_attr")
+        self._copied_inputs = _copied_operands([n for n in self._span_inputs if n.op != "get_attr"])
         self._region_state = [e.name for e in self.state_spec.entries
                               if e.name not in _COUNTERS and e.name != "rcs_acc"]
         builder = _BranchBuilder(self.gm, span, self._span_inputs, self._span_outputs, plan, config,
@@ -373,7 +374,7 @@ class CachedStep(torch.nn.Module):
         if healthy is not None:
             pred = pred | ~healthy
         operands = (
-            tuple(env[n].clone() if n in self._copied_inputs else env[n]
+            tuple(env[n].clone(memory_format=torch.contiguous_format) if n in self._copied_inputs else env[n]
                   for n in self._span_inputs if n.op != "get_attr")
             + tuple(state[n] for n in self._region_state)
             + (since_full, seen, seen + 1)
