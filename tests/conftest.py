@@ -57,3 +57,172 @@ def ddim_generation(transformer, steps: int = 20, batch: int = 1, cfg: bool = Fa
             out = uncond + guidance * (cond - uncond)
         latents = scheduler.step(out, t, latents).prev_sample
     return latents, outputs
+
+
+# --- [models] tiny diffusers families (no downloads) and a flow-matching loop ------------------
+
+import dataclasses  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+
+def randomize(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
+    """Every weight random (diffusers zero-inits gates/projections, which would hide errors)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return model.eval()
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One diffusers transformer family, tiny: how to build it and how a pipeline calls it.
+
+    ``conditions(batch, gen)`` gives the constant per-generation kwargs (text states, ids, masks);
+    ``timestep_scale`` is what a pipeline multiplies sigma by (FLUX passes sigma = t / 1000).
+    """
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    latent_shape: tuple[int, ...]  # per sample
+    conditions: Callable[[int, torch.Generator], dict]
+    threshold: float  # RCS tau giving both full and skipped steps in 10 steps
+    timestep_scale: float = 1000.0
+
+
+def _text(batch, gen, tokens, dim):
+    return torch.randn(batch, tokens, dim, generator=gen)
+
+
+def build_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    return randomize(PixArtTransformer2DModel(
+        num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
+        cross_attention_dim=24, caption_channels=16, sample_size=8, patch_size=2,
+        use_additional_conditions=True, norm_num_groups=1), seed=0)
+
+
+def pixart_conditions(batch, gen):
+    mask = torch.ones(batch, 5)
+    mask[:, -1] = 0  # a padded caption token: exercises the encoder attention mask
+    return dict(encoder_hidden_states=_text(batch, gen, 5, 16), encoder_attention_mask=mask,
+                added_cond_kwargs={"resolution": torch.tensor([[64.0, 64.0]] * batch),
+                                   "aspect_ratio": torch.tensor([[1.0]] * batch)})
+
+
+def build_flux():
+    from diffusers import FluxTransformer2DModel
+
+    return randomize(FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4)), seed=0)
+
+
+def flux_conditions(batch, gen):
+    img_ids = torch.zeros(4, 4, 3)
+    img_ids[..., 1] = torch.arange(4)[:, None]
+    img_ids[..., 2] = torch.arange(4)[None, :]
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), pooled_projections=torch.randn(batch, 16, generator=gen),
+                img_ids=img_ids.reshape(16, 3), txt_ids=torch.zeros(3, 3))
+
+
+def build_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    # block 0 is an SD3.5 dual-attention block (attn2); the last block is context_pre_only
+    return randomize(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), seed=0)
+
+
+def sd3_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), pooled_projections=torch.randn(batch, 16, generator=gen))
+
+
+def build_wan():
+    from diffusers import WanTransformer3DModel
+
+    return randomize(WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32), seed=0)
+
+
+def wan_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16))
+
+
+def build_hunyuan_video():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return randomize(HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=16, rope_axes_dim=(2, 2, 4)), seed=0)
+
+
+def hunyuan_video_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), encoder_attention_mask=torch.ones(batch, 3),
+                pooled_projections=torch.randn(batch, 16, generator=gen), guidance=torch.full((batch,), 6000.0))
+
+
+def build_cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    return randomize(CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=4, sample_height=4, sample_frames=5, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=3), seed=0)
+
+
+def cogvideox_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16))
+
+
+def build_ltx_video():
+    from diffusers import LTXVideoTransformer3DModel
+
+    return randomize(LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, num_layers=2, caption_channels=16), seed=0)
+
+
+def ltx_video_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), encoder_attention_mask=torch.ones(batch, 3),
+                num_frames=2, height=4, width=4)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("flux", build_flux, (16, 4), flux_conditions, threshold=0.5, timestep_scale=1.0),
+    Family("sd3", build_sd3, (4, 8, 8), sd3_conditions, threshold=0.5),
+    Family("pixart", build_pixart, (4, 8, 8), pixart_conditions, threshold=0.5),
+    Family("wan", build_wan, (4, 2, 4, 4), wan_conditions, threshold=0.5),
+    Family("hunyuan_video", build_hunyuan_video, (4, 1, 4, 4), hunyuan_video_conditions, threshold=0.5),
+    Family("cogvideox", build_cogvideox, (2, 4, 4, 4), cogvideox_conditions, threshold=0.5),
+    Family("ltx_video", build_ltx_video, (32, 4), ltx_video_conditions, threshold=0.5),
+)}
+
+
+def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2, seed: int = 0,
+                    on_step=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A hand-written flow-matching Euler loop (x <- x + (sigma' - sigma) v), as FLUX/SD3 pipelines do.
+
+    Each sample of the batch gets its own text condition. Returns the final latents and every
+    step's model output; ``on_step(n)`` runs before each model call.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    cond = family.conditions(batch, gen)
+    latents = torch.randn(batch, *family.latent_shape, generator=gen)
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    outputs = []
+    for n in range(steps):
+        if on_step is not None:
+            on_step(n)
+        t = (sigmas[n] * family.timestep_scale).expand(batch)
+        with torch.no_grad():
+            out = transformer(hidden_states=latents, timestep=t, return_dict=False, **cond)[0]
+        outputs.append(out.clone())
+        latents = latents + (sigmas[n + 1] - sigmas[n]) * out
+    return latents, outputs

@@ -169,3 +169,128 @@ def dit_regions(model) -> list:
             regions.append((f"{i}.attn2", block.attn2, [0]))
         regions.append((f"{i}.ff", block.ff, [0]))
     return regions
+
+
+# --- [models] region lists per diffusers family ------------------------------------------------
+#
+# Each list starts with the region the model calls first (RCS watches it). Joint attention
+# regions take X = (image stream, text stream) and return both streams. Single-stream blocks
+# (FLUX, HunyuanVideo) cache proj_mlp + attn + proj_out as one region: their block forward is
+# re-implemented below in plain PyTorch around a region module, so a predicted step runs the
+# block's norm, gate and residual but not proj_out.
+
+
+class _SingleStreamRegion(torch.nn.Module):
+    """The fused MLP + attention + proj_out region of a single-stream block, as a module to patch."""
+
+    def __init__(self, block, split_text: bool):
+        super().__init__()
+        object.__setattr__(self, "block", block)  # not a submodule: no parameter aliasing
+        self.split_text = split_text
+
+    def forward(self, norm_x, text_len, attention_mask, rotary):
+        b = self.block
+        mlp = b.act_mlp(b.proj_mlp(norm_x))
+        if self.split_text:  # HunyuanVideo: image tokens first, text last; attn returns both
+            img, txt = b.attn(hidden_states=norm_x[:, :-text_len], encoder_hidden_states=norm_x[:, -text_len:],
+                              attention_mask=attention_mask, image_rotary_emb=rotary)
+            attn = torch.cat([img, txt], dim=1)
+        else:  # FLUX: text first, one attention over the joint sequence
+            attn = b.attn(hidden_states=norm_x, image_rotary_emb=rotary)
+        return b.proj_out(torch.cat([attn, mlp], dim=2))
+
+
+def _patch_flux_single(block) -> torch.nn.Module:
+    region = _SingleStreamRegion(block, split_text=False)
+
+    def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        text_len = encoder_hidden_states.shape[1]
+        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        norm_x, gate = block.norm(x, emb=temb)
+        x = x + gate.unsqueeze(1) * region(norm_x, text_len, None, image_rotary_emb)
+        return x[:, :text_len], x[:, text_len:]
+
+    block.forward = forward
+    return region
+
+
+def _patch_hunyuan_single(block) -> torch.nn.Module:
+    region = _SingleStreamRegion(block, split_text=True)
+
+    def forward(hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None,
+                *args, **kwargs):
+        text_len = encoder_hidden_states.shape[1]
+        x = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        norm_x, gate = block.norm(x, emb=temb)
+        x = gate.unsqueeze(1) * region(norm_x, text_len, attention_mask, image_rotary_emb) + x
+        return x[:, :-text_len], x[:, -text_len:]
+
+    block.forward = forward
+    return region
+
+
+_JOINT = ["hidden_states", "encoder_hidden_states"]
+
+
+def flux_regions(model) -> list:
+    """FLUX: double blocks' joint attn (X = both streams), ff, ff_context; single blocks' fused region."""
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"d{i}.attn", block.attn, _JOINT), (f"d{i}.ff", block.ff, [0]),
+                    (f"d{i}.ff_context", block.ff_context, [0])]
+    for i, block in enumerate(model.single_transformer_blocks):
+        regions.append((f"s{i}.mlp_attn", _patch_flux_single(block), [0]))
+    return regions
+
+
+def hunyuan_video_regions(model) -> list:
+    """HunyuanVideo: FLUX-like double and single blocks (the token refiner is not cached)."""
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"d{i}.attn", block.attn, _JOINT), (f"d{i}.ff", block.ff, [0]),
+                    (f"d{i}.ff_context", block.ff_context, [0])]
+    for i, block in enumerate(model.single_transformer_blocks):
+        regions.append((f"s{i}.mlp_attn", _patch_hunyuan_single(block), [0]))
+    return regions
+
+
+def sd3_regions(model) -> list:
+    """SD3/SD3.5: joint attn, attn2 (dual-attention blocks), ff, ff_context (not in the last block)."""
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions.append((f"{i}.attn", block.attn, _JOINT))
+        if block.attn2 is not None:
+            regions.append((f"{i}.attn2", block.attn2, ["hidden_states"]))
+        regions.append((f"{i}.ff", block.ff, [0]))
+        if block.ff_context is not None:
+            regions.append((f"{i}.ff_context", block.ff_context, [0]))
+    return regions
+
+
+def wan_regions(model) -> list:
+    regions = []
+    for i, block in enumerate(model.blocks):
+        regions += [(f"{i}.attn1", block.attn1, [0]), (f"{i}.attn2", block.attn2, [0]), (f"{i}.ffn", block.ffn, [0])]
+    return regions
+
+
+def cogvideox_regions(model) -> list:
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"{i}.attn1", block.attn1, _JOINT), (f"{i}.ff", block.ff, [0])]
+    return regions
+
+
+def ltx_video_regions(model) -> list:
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"{i}.attn1", block.attn1, ["hidden_states"]), (f"{i}.attn2", block.attn2, [0]),
+                    (f"{i}.ff", block.ff, [0])]
+    return regions
+
+
+#: family name (tests/conftest.py FAMILIES) -> region list builder
+FAMILY_REGIONS = {
+    "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
+    "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
+}
