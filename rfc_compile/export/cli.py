@@ -1,0 +1,78 @@
+"""`rfc-compile export`: write an ONNX cached model (+ sidecar, Triton repository, TensorRT engine).
+
+    rfc-compile export tiny-dit -o out/dit.onnx --mode rfc --threshold 0.8
+    rfc-compile export path/to/transformer -o out/pixart.onnx --batch 2 --height 64 --width 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..config import MODES, RFCConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="built-in model ('tiny-dit', 'dit-s': random weights) or a diffusers "
+                                      "model directory (its config.json names the class)")
+    parser.add_argument("-o", "--output", required=True, help="the .onnx file to write (sidecar: <output>.rfc.json)")
+    group = parser.add_argument_group("caching (RFCConfig)")
+    group.add_argument("--mode", choices=MODES, default="rfc")
+    group.add_argument("--threshold", type=float, default=RFCConfig.threshold, help="RCS tau (mode rfc)")
+    group.add_argument("--interval", type=int, default=RFCConfig.interval, help="fixed interval N (fora/taylorseer/rfe)")
+    group.add_argument("--order", type=int, default=RFCConfig.order, help="Taylor order m")
+    group.add_argument("--warmup-steps", type=int, default=RFCConfig.warmup_steps)
+    group.add_argument("--max-interval", type=int, default=None)
+    shapes = parser.add_argument_group("example shapes (baked into the graph)")
+    shapes.add_argument("--batch", type=int, default=2, help="batch of one call (2 = one prompt with CFG)")
+    shapes.add_argument("--height", type=int, default=None, help="latent height (default: config sample_size)")
+    shapes.add_argument("--width", type=int, default=None, help="latent width (default: config sample_size)")
+    shapes.add_argument("--text-len", type=int, default=8, help="text tokens (PixArt/FLUX/SD3)")
+    out = parser.add_argument_group("outputs")
+    out.add_argument("--opset", type=int, default=None)
+    out.add_argument("--no-check", action="store_true", help="skip loading the result in onnxruntime")
+    out.add_argument("--triton", default=None, metavar="DIR",
+                     help="Triton model repository to write (default: <output dir>/triton)")
+    out.add_argument("--no-triton", action="store_true", help="do not write the Triton model repository")
+    out.add_argument("--triton-name", default=None, help="Triton model name (default: output file stem)")
+    out.add_argument("--engine", default=None, help="TensorRT engine path (default: <output>.<precision>.engine)")
+    out.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
+    out.add_argument("--no-engine", action="store_true", help="do not build a TensorRT engine even if possible")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .models import example_inputs, load_model
+    from .onnx import to_onnx
+    from .tensorrt import build_engine, tensorrt_available
+
+    try:
+        config = RFCConfig(mode=args.mode, threshold=args.threshold, interval=args.interval, order=args.order,
+                           warmup_steps=args.warmup_steps, max_interval=args.max_interval)
+        model = load_model(args.model)
+        inputs = example_inputs(model, batch=args.batch, height=args.height, width=args.width,
+                                text_len=args.text_len)
+    except (TypeError, ValueError) as exc:
+        print(f"rfc-compile export: error: {exc}")
+        return 2
+    output = Path(args.output)
+    triton = False if args.no_triton else (args.triton or True)
+    result = to_onnx(model, output, inputs, config, opset=args.opset, check=not args.no_check, triton=triton,
+                     triton_model_name=args.triton_name)
+    sidecar = result.sidecar
+    print(f"wrote {result.onnx_path} ({type(model).__name__}, mode {config.mode}, "
+          f"{len(sidecar.state)} state tensors, {sidecar.raw['if_nodes']} If node(s)) in {result.seconds:.1f}s")
+    print(f"wrote {result.sidecar_path}")
+    if result.triton_model_dir is not None:
+        print(f"wrote Triton model {result.triton_model_dir} (config.pbtxt + 1/model.onnx)")
+    if not args.no_engine:
+        ok, why = tensorrt_available()
+        if ok:
+            engine = Path(args.engine or f"{output}.{args.precision}.engine")
+            build_engine(output, engine, precision=args.precision)
+            print(f"wrote TensorRT engine {engine} ({args.precision})")
+        else:
+            print(f"no TensorRT engine: {why}")
+    return 0

@@ -1,0 +1,225 @@
+"""TensorRT: build an engine from the exported ONNX, and run it with state buffers bound in place.
+
+``tensorrt`` (and a CUDA build of torch for the runner) is imported only when these are used;
+neither installs on CPU-only machines. :func:`tensorrt_available` says why not, for skips.
+
+The ONNX ``If`` node becomes an ``IIfConditional``: only the taken branch runs (TensorRT reads
+the 0-d predicate on the host, one sync per step). The engine has the ONNX graph's I/O names,
+so the sidecar is copied next to it as ``<engine>.rfc.json`` (plus an ``engine`` entry).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ExportError, ModelFileError
+from .runner import StatefulRunner, torch_dtype
+from .sidecar import Sidecar, sidecar_path
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, version) when TensorRT and a CUDA device can be used, else (False, why not)."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        return False, f"TensorRT is not installed (import tensorrt: {exc})"
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return False, "torch is not installed"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (torch.cuda.is_available() is False)"
+    return True, trt.__version__
+
+
+def _make_progress_monitor(trt):
+    """A tqdm bar per build phase via IProgressMonitor (TensorRT >= 10), else None."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+    from tqdm.auto import tqdm
+
+    class TqdmProgressMonitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._bars: dict[str, Any] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            depth = 0
+            parent = parent_phase
+            while parent is not None and parent in self._bars:
+                depth += 1
+                parent = getattr(self._bars[parent], "_rfc_parent", None)
+            bar = tqdm(total=num_steps, desc=phase_name, position=depth, leave=depth == 0)
+            bar._rfc_parent = parent_phase
+            self._bars[phase_name] = bar
+
+        def step_complete(self, phase_name, step):
+            bar = self._bars.get(phase_name)
+            if bar is not None:
+                bar.update(step + 1 - bar.n)
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            bar = self._bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+    return TqdmProgressMonitor()
+
+
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precision: str = "fp16",
+                 shapes: dict[str, tuple] | None = None, workspace_gb: float | None = None,
+                 progress: bool = True, verbose: bool = False) -> Path:
+    """Build a serialized TensorRT engine from an ONNX file written by ``to_onnx``.
+
+    Args:
+        precision: "fp16" (FP16 kernels allowed; I/O and state stay in the ONNX dtypes) or "fp32".
+        shapes: optional optimisation profile ``{input: (min, opt, max)}`` for dynamic inputs
+            (the exported graphs are static, so this is normally None).
+        workspace_gb: cap of the builder's workspace memory pool.
+        progress: tqdm bars per build phase (TensorRT's IProgressMonitor, when available).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    ok, why = tensorrt_available()
+    if not ok:
+        raise RuntimeError(f"cannot build a TensorRT engine: {why}")
+    import tensorrt as trt
+
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    sidecar = Sidecar.load(onnx_path)
+    trt_logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode from TRT 10 on
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ExportError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors[:5]))
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    if workspace_gb is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    if shapes:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        config.add_optimization_profile(profile)
+    if progress:
+        monitor = _make_progress_monitor(trt)
+        if monitor is not None:
+            config.progress_monitor = monitor
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    raw = dict(sidecar.raw)
+    raw["artifact"] = engine_path.name
+    raw["engine"] = {"onnx": onnx_path.name, "precision": precision, "tensorrt": trt.__version__}
+    sidecar_path(engine_path).write_text(json.dumps(raw, indent=2) + "\n")
+    return engine_path
+
+
+class TrtCachedModel(StatefulRunner):
+    """Drop-in runner for a TensorRT engine built by :func:`build_engine` (CUDA torch tensors).
+
+    State tensors are two sets of CUDA buffers (ping-pong) whose addresses are bound to the
+    ``state.*`` inputs and ``state_out.*`` outputs; nothing is copied between steps except the
+    8-byte ``state_out.last_full`` read for ``stats``.
+    """
+
+    def __init__(self, engine_path: str | os.PathLike, device: int | str = 0, auto_reset: bool = True):
+        ok, why = tensorrt_available()
+        if not ok:
+            raise RuntimeError(f"TrtCachedModel needs TensorRT and CUDA: {why}")
+        import tensorrt as trt
+        import torch
+
+        self.path = Path(engine_path)
+        sidecar = Sidecar.load(self.path)
+        super().__init__(sidecar, auto_reset)
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            raise ModelFileError(f"engine file {self.path} is missing or empty")
+        self.device = torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        self._trt_logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._trt_logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise ModelFileError(f"TensorRT could not deserialize {self.path} (corrupted, or built with another "
+                                 "TensorRT version / GPU)")
+        self.context = self.engine.create_execution_context()
+        io_in, io_out = {}, {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            shape = tuple(self.engine.get_tensor_shape(name))
+            dtype = _TRT_DTYPES.get(str(self.engine.get_tensor_dtype(name)).split(".")[-1], "?")
+            target = io_in if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else io_out
+            target[name] = (tuple(d if d >= 0 else "?" for d in shape), dtype)
+        sidecar.check_io(io_in, io_out, where=str(self.path))
+        self._stream = torch.cuda.Stream(device=self.device)
+        self._buffers: list[dict[str, Any]] = [{}, {}]
+        self._current = 0
+        self.reset()
+
+    def _zero_state(self) -> None:
+        import torch
+
+        for parity in (0, 1):
+            self._buffers[parity] = {d.name: torch.zeros(d.shape, dtype=torch_dtype(d.dtype), device=self.device)
+                                     for d in self.sidecar.state}
+        self._current = 0
+
+    def _read_state(self) -> dict[str, np.ndarray]:
+        return {name: t.cpu().numpy() for name, t in self._buffers[self._current].items()}
+
+    def _write_state(self, arrays: dict[str, np.ndarray]) -> None:
+        import torch
+
+        self._buffers[self._current] = {name: torch.from_numpy(a).to(self.device) for name, a in arrays.items()}
+
+    def _step(self, feeds: dict[str, Any]):
+        import torch
+
+        keep = []
+        for name, value in feeds.items():
+            desc = self._inputs[name]
+            tensor = torch.as_tensor(value).to(self.device, torch_dtype(desc.dtype)).contiguous()
+            keep.append(tensor)
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        current, nxt = self._buffers[self._current], self._buffers[1 - self._current]
+        for d in self.sidecar.state:
+            self.context.set_tensor_address(d.input, current[d.name].data_ptr())
+            self.context.set_tensor_address(d.output, nxt[d.name].data_ptr())
+        outputs = []
+        for d in self.sidecar.outputs:
+            out = torch.empty(d.shape, dtype=torch_dtype(d.dtype), device=self.device)
+            self.context.set_tensor_address(d.name, out.data_ptr())
+            outputs.append(out)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        if not self.context.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        self._current = 1 - self._current
+        last_full = int(nxt["last_full"].item())  # syncs: the step is done
+        del keep
+        return outputs, last_full
+
+
+_TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "INT8": "int8",
+               "UINT8": "uint8", "BOOL": "bool", "BF16": "bfloat16"}
+
+__all__ = ["build_engine", "TrtCachedModel", "tensorrt_available", "PRECISIONS"]
