@@ -4,24 +4,251 @@
 ``(kwargs, state) -> (output, state')``, into the callable CachedModel calls each step:
 
 * ``"eager"``: the GraphModule itself;
-* ``"inductor"``: ``torch.compile(gm, fullgraph=True, **options)`` (options such as ``mode``,
-  ``dynamic``, ``options`` are passed through to torch.compile).
+* ``"inductor"``: ``torch.compile(gm, fullgraph=True, **options)`` (``mode``, ``dynamic``,
+  ``options``, ... are passed through to torch.compile).
+
+The plugin form is a dynamo backend, registered as ``"rfc"`` through the
+``torch_dynamo_backends`` entry point (pyproject.toml; torch looks it up the first time a
+backend name is not one of its own), or explicitly with :func:`register`::
+
+    compiled = torch.compile(model, backend="rfc", fullgraph=True,
+                             options={"config": RFCConfig(mode="rfc", threshold=0.1)})
+
+How it works: dynamo hands the backend the FX graph of the user's frame (torch-level ops,
+every parameter a graph input, ``nn_module_stack`` metadata on every node). The backend
+runs the same passes as :func:`rfc_compile.optimize` on *that* graph (find regions ->
+rewrite with one ``torch.cond`` per step -> ``make_runner``) and returns a callable that
+holds the cache state in a :class:`~rfc_compile.runtime.CacheSession`, so the state
+persists across calls, resets when the timestep goes back up (a new generation), and is
+never shared between graphs. Programs are keyed by the concrete input signature: with
+``dynamic=False`` dynamo recompiles once per new resolution/batch size and each graph gets
+its own program and state; with the default ``dynamic=None`` the second shape makes dynamo
+recompile once into a shape-generic graph, and from then on the backend builds (rewrites
+and compiles) one program per new concrete shape without dynamo recompiling. Either way a
+shape never sees another shape's state. A graph without transformer blocks (a piece of a
+frame split by graph breaks) runs uncached, with a warning.
+
+Options (``torch.compile(..., options={...})``):
+    config: the :class:`RFCConfig` (default ``RFCConfig()``).
+    backend: how the rewritten step runs: "inductor" (default) or "eager".
+    compile_options: passed to torch.compile for the rewritten step (``mode`` given to
+        torch.compile itself is forwarded here too).
+    auto_reset: a timestep that goes back up starts a new generation (default True).
+    handle: an :class:`RFCHandle` to read stats from / reset the compiled model's cache.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor, fx
+from torch.utils import _pytree as pytree
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "inductor")
+_OPTION_KEYS = ("config", "backend", "compile_options", "auto_reset", "handle")
 
 
-def make_runner(gm: torch.fx.GraphModule, backend: str, options: dict[str, Any] | None = None) -> Callable[..., Any]:
+def make_runner(gm: fx.GraphModule, backend: str, options: dict[str, Any] | None = None) -> Callable[..., Any]:
     """The callable that runs one cached step for ``backend`` (see module docstring)."""
     if backend == "eager":
         return gm
     if backend == "inductor":
         return torch.compile(gm, fullgraph=True, **dict(options or {}))
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# --- the "rfc" dynamo backend ------------------------------------------------------------
+
+
+class RFCHandle:
+    """Access to what ``torch.compile(..., backend="rfc", options={"handle": h})`` compiled.
+
+    Each dynamo graph (one per input shape with ``dynamic=False``) has its own cache
+    session; ``stats`` are those of the session that ran last.
+    """
+
+    def __init__(self) -> None:
+        self.sessions: list[Any] = []  # runtime.CacheSession, one per compiled graph
+        self._last: Any = None
+
+    @property
+    def stats(self):
+        if self._last is None:
+            raise RuntimeError("the compiled model has not run yet")
+        return self._last.stats
+
+    def reset(self) -> None:
+        """Start a new generation in every session."""
+        for session in self.sessions:
+            session.reset()
+
+
+_PATH_PART = re.compile(r"(?:\.__dict__\['_modules'\]|\._modules)\['([^']*)'\]")
+_ROOT = re.compile(r"^[LG]\['[^']*'\](?:\.|$)")
+
+
+def _module_path(dynamo_path: str) -> str:
+    """``L['self'].__dict__['_modules']['transformer_blocks'].0.attn1`` -> ``transformer_blocks.0.attn1``."""
+    return _ROOT.sub("", _PATH_PART.sub(r".\1", dynamo_path))
+
+
+def _is_frame_input(node: fx.Node) -> bool:
+    """A placeholder for one of the frame's own arguments (not a module's parameter/buffer)."""
+    from torch._dynamo.source import LocalSource
+
+    return isinstance(getattr(node.meta.get("grapharg"), "source", None), LocalSource)
+
+
+class _GraphPrograms:
+    """The owner a CacheSession needs (``_normalize``, ``_program_for``) for one dynamo graph.
+
+    The graph is copied once with every input that is not one of the frame's own arguments
+    (parameters, buffers, globals) turned into a module attribute, as torch.export leaves
+    weights; placeholders keep the argument names, so ``hidden_states``/``timestep`` are
+    found as varying inputs and by auto-reset. Programs are built on the first call with
+    concrete inputs, outside dynamo's compile.
+    """
+
+    def __init__(self, gm: fx.GraphModule, config, backend: str, compile_options: dict[str, Any]):
+        self.config, self.backend, self.compile_options = config, backend, compile_options
+        self.source = gm
+        # dynamo drops the graph args' metadata after the backend returns: read it now
+        self._placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        self._inputs = [i for i, p in enumerate(self._placeholders) if _is_frame_input(p)]
+        self._attrs = [i for i, p in enumerate(self._placeholders) if not _is_frame_input(p)]
+        self.names = [self._placeholders[i].meta["grapharg"].source.local_name for i in self._inputs]
+        self._bound: list[Any] | None = None
+        self._programs: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def has_blocks(self) -> bool:
+        from .passes.patterns import BLOCK_PATTERNS
+
+        for node in self.source.graph.nodes:
+            for _, cls in (node.meta.get("nn_module_stack") or {}).values():
+                if (cls if isinstance(cls, str) else cls.__name__).rsplit(".", 1)[-1] in BLOCK_PATTERNS:
+                    return True
+        return False
+
+    def _bind(self, attrs: list[Any]) -> None:
+        """Copy the graph with these weights as attributes (again if dynamo passes new ones)."""
+        graph, env, root = fx.Graph(), {}, torch.nn.Module()
+        attr_nodes = dict(zip([self._placeholders[i] for i in self._attrs], attrs))
+        input_names = dict(zip([self._placeholders[i] for i in self._inputs], self.names))
+        for node in self.source.graph.nodes:
+            if node.op == "placeholder" and node in attr_nodes:
+                name = f"w{len(root._parameters) + len(root._buffers)}"
+                value = attr_nodes[node]
+                if isinstance(value, torch.nn.Parameter):
+                    root.register_parameter(name, value)
+                else:
+                    root.register_buffer(name, value)
+                env[node] = graph.get_attr(name)
+            elif node.op == "placeholder":
+                env[node] = graph.placeholder(input_names[node])
+            else:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+            meta = dict(node.meta)
+            stack = meta.pop("nn_module_stack", None)
+            if stack and node.op != "placeholder":  # weights carry their module's stack; no region's
+                meta["nn_module_stack"] = {k: (_module_path(p), c) for k, (p, c) in stack.items()}
+            env[node].meta = meta
+        self.gm = fx.GraphModule(root, graph)
+        self._bound = list(attrs)
+        self._programs.clear()
+
+    def _normalize(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        bound = self._bound
+        if bound is None or any(args[i] is not w for i, w in zip(self._attrs, bound)):
+            with self._lock:
+                self._bind([args[i] for i in self._attrs])
+        return {name: args[i] for name, i in zip(self.names, self._inputs)}
+
+    def _program_for(self, call: dict[str, Any]) -> tuple[tuple, Any]:
+        from .runtime import _input_key
+
+        key = _input_key(call)
+        with self._lock:
+            if key not in self._programs:
+                self._programs[key] = self._build(call)
+            return key, self._programs[key]
+
+    def _build(self, call: dict[str, Any]):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        from .passes import CapturedGraph, find_regions, rewrite
+        from .runtime import _Program
+
+        gm = self.gm
+        # concrete metadata for these inputs (the graph may be shape-generic after a recompile)
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*call.values())
+        outputs = next(iter(gm.graph.find_nodes(op="output"))).args[0]
+        captured = CapturedGraph(gm, pytree.tree_structure(((), call)),
+                                 pytree.tree_structure(tuple(range(len(outputs)))), list(call))
+        plan = find_regions(gm)
+        if self.config.mode == "full":
+            plan = None
+        step_gm, step = rewrite(captured, plan, self.config, call)
+        run = make_runner(step_gm, self.backend, self.compile_options)
+        return _Program(run, step.state_spec, step_gm, len(plan.regions) if plan else 0)
+
+
+def rfc_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
+                mode: str | None = None) -> Callable[..., Any]:
+    """The ``rfc`` dynamo backend (see module docstring for the options)."""
+    from .config import RFCConfig
+    from .passes.patterns import BLOCK_PATTERNS
+    from .runtime import CacheSession
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(_OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown rfc backend options {unknown}; known: {list(_OPTION_KEYS)}")
+    config = options.get("config") or RFCConfig()
+    if not isinstance(config, RFCConfig):
+        raise TypeError(f"options['config'] must be an RFCConfig, got {type(config).__name__}")
+    backend = options.get("backend", "inductor")
+    if backend not in BACKENDS:
+        raise ValueError(f"options['backend'] must be one of {BACKENDS}, got {backend!r}")
+    compile_options = dict(options.get("compile_options") or {})
+    if mode is not None:
+        compile_options.setdefault("mode", mode)
+
+    owner = _GraphPrograms(gm, config, backend, compile_options)
+    if not owner.has_blocks():
+        warnings.warn("rfc backend: this graph holds no known transformer block and runs uncached "
+                      f"(known blocks: {sorted(BLOCK_PATTERNS)})", stacklevel=2)
+        if backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(gm, example_inputs)
+        return gm.forward
+
+    session = CacheSession(owner, options.get("auto_reset", True))
+    handle: RFCHandle | None = options.get("handle")
+    if handle is not None:
+        handle.sessions.append(session)
+
+    def run(*args):
+        if handle is not None:
+            handle._last = session
+        return session(*args)
+
+    return run
+
+
+def register() -> None:
+    """Register ``rfc`` with dynamo now (the entry point does it on first use when installed)."""
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "rfc" not in _COMPILER_FNS:
+        register_backend(rfc_backend, name="rfc")
