@@ -1,0 +1,73 @@
+"""[reliability] numerics: low precision, zero motion, non-finite cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_CLASSES, make_tiny_dit
+
+import rfc_compile
+from rfc_compile import RFCConfig
+
+
+def _call(model, x, t):
+    labels = torch.arange(x.shape[0]) % NUM_CLASSES
+    return model(hidden_states=x, timestep=torch.full((x.shape[0],), t), class_labels=labels, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_run_with_float32_norms(dtype):
+    model = make_tiny_dit().to(dtype)
+    cached = rfc_compile.optimize(model, RFCConfig(mode="rfc", threshold=0.8))
+    x = torch.randn(2, 4, 8, 8, dtype=dtype)
+    outs = [_call(cached, x * (1 - 0.05 * n), 900 - 50 * n) for n in range(8)]
+    assert all(torch.isfinite(o).all() and o.dtype == dtype for o in outs)
+    state = cached.state
+    assert state["rcs_acc"].dtype == torch.float32
+    assert all(state[n].dtype == torch.float32 for n in state if ".ratio." in n)
+    full = rfc_compile.optimize(make_tiny_dit().to(dtype), RFCConfig(mode="full"))
+    assert torch.equal(_call(full, x, 500), _call(model, x, 500))
+
+
+def test_repeated_identical_input_stays_finite():
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="rfe", interval=3))
+    x = torch.randn(2, 4, 8, 8)
+    outs = [_call(cached, x, 500) for _ in range(8)]  # ||X_n - X_p|| = 0 everywhere
+    assert cached.stats.nfc < 8
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(torch.isfinite(t).all() for t in cached.state.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("entry", ["ladder", "ratio", "x_last", "rcs_ladder"])
+def test_poisoned_cache_falls_back_to_a_full_step(poison, entry):
+    model = make_tiny_dit()
+    cached = rfc_compile.optimize(model, RFCConfig(mode="rfc", threshold=1e9))  # never full by RCS
+    x = torch.randn(2, 4, 8, 8)
+    for n in range(4):
+        _call(cached, x * (1 - 0.02 * n), 900 - 10 * n)
+    assert cached.stats.full_steps == [0, 1]
+    state = dict(cached.state)
+    name = next(n for n in state if f".{entry}." in n or n.startswith(f"{entry}."))
+    state[name] = state[name].clone().fill_(poison)
+    cached.state = state
+    x_next = x * 0.9
+    out = _call(cached, x_next, 850)
+    assert torch.isfinite(out).all()
+    assert cached.stats.full_steps == [0, 1, 4]
+    torch.testing.assert_close(out, _call(model, x_next, 850), atol=1e-5, rtol=1e-5)
+    later = [_call(cached, x_next * (1 - 0.01 * n), 840 - 10 * n) for n in range(3)]
+    assert all(torch.isfinite(o).all() for o in later)
+    assert all(torch.isfinite(t).all() for t in cached.state.values() if t.is_floating_point())
+
+
+def test_guard_can_be_turned_off():
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="fora", interval=10, guard_nonfinite=False))
+    x = torch.randn(1, 4, 8, 8)
+    for n in range(3):
+        _call(cached, x, 900 - n)
+    state = dict(cached.state)
+    name = next(n for n in state if ".ladder." in n)
+    state[name] = state[name].clone().fill_(float("nan"))
+    cached.state = state
+    assert not torch.isfinite(_call(cached, x, 800)).all()  # documented: no guard, no fallback

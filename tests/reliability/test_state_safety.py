@@ -1,0 +1,202 @@
+"""[reliability] state isolation, serving sessions, changing inputs and weights."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import NUM_CLASSES, ddim_generation, make_tiny_dit
+
+import rfc_compile
+from rfc_compile import RFCConfig
+
+CONFIG = RFCConfig(mode="rfc", threshold=0.8)
+STEPS = 8
+
+
+def _call(model, x, t=500, labels=None):
+    labels = labels if labels is not None else torch.arange(x.shape[0]) % NUM_CLASSES
+    return model(hidden_states=x, timestep=torch.full((x.shape[0],), t), class_labels=labels, return_dict=False)[0]
+
+
+def test_100_sequential_generations_equal_fresh_runs():
+    reused = rfc_compile.optimize(make_tiny_dit(), CONFIG)  # new generations detected from the timestep
+    other = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    for seed in range(100):
+        latents, _ = ddim_generation(reused, steps=5, cfg=True, seed=seed)
+        expected, _ = ddim_generation(other.new_session(), steps=5, cfg=True, seed=seed)
+        assert torch.equal(latents, expected), f"generation {seed} differs from a fresh session"
+        assert reused.stats.steps == 5
+    for seed in (0, 57, 99):  # and from genuinely fresh optimized models
+        expected, _ = ddim_generation(rfc_compile.optimize(make_tiny_dit(), CONFIG), steps=5, cfg=True, seed=seed)
+        latents, _ = ddim_generation(reused, steps=5, cfg=True, seed=seed)
+        assert torch.equal(latents, expected)
+
+
+def test_interleaved_sessions_equal_sequential_runs():
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    expected = {seed: ddim_generation(cached.new_session(), steps=STEPS, cfg=True, seed=seed)[0] for seed in (1, 2)}
+    # two requests at different denoising steps, interleaved on one model
+    sessions = {1: cached.new_session(), 2: cached.new_session()}
+    steppers = {seed: _stepwise(sessions[seed], seed) for seed in (1, 2)}
+    next(steppers[1]), next(steppers[1]), next(steppers[1])  # request 1 is three steps ahead
+    results = {}
+    while len(results) < 2:
+        for seed, stepper in steppers.items():
+            if seed in results:
+                continue
+            try:
+                next(stepper)
+            except StopIteration as done:
+                results[seed] = done.value
+    for seed in (1, 2):
+        assert torch.equal(results[seed], expected[seed])
+        assert sessions[seed].stats.steps == STEPS
+
+
+def _stepwise(transformer, seed):
+    """ddim_generation, one step per next()."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(STEPS)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(1) % NUM_CLASSES
+    for t in scheduler.timesteps:
+        x = torch.cat([latents, latents])
+        y = torch.cat([labels, torch.full_like(labels, NUM_CLASSES)])
+        out = transformer(hidden_states=x, timestep=t.expand(2), class_labels=y, return_dict=False)[0]
+        cond, uncond = out.chunk(2)
+        latents = scheduler.step(uncond + 1.5 * (cond - uncond), t, latents).prev_sample
+        yield
+    return latents
+
+
+def test_two_models_in_two_threads_never_share_state():
+    models = [rfc_compile.optimize(make_tiny_dit(), CONFIG) for _ in range(2)]
+    expected = [ddim_generation(m.new_session(), steps=STEPS, cfg=True, seed=s)[0] for m, s in zip(models, (3, 4))]
+    results: dict[int, torch.Tensor] = {}
+
+    def work(i):
+        for _ in range(3):
+            results[i] = ddim_generation(models[i], steps=STEPS, cfg=True, seed=3 + i)[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        assert torch.equal(results[i], expected[i])
+
+
+def test_deepcopy_has_independent_state_and_weights():
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    ddim_generation(cached, steps=STEPS, cfg=True, seed=5)
+    stats_before = cached.stats
+    twin = copy.deepcopy(cached)
+    assert twin.stats.steps == 0
+    latents, _ = ddim_generation(twin, steps=STEPS, cfg=True, seed=6)
+    assert cached.stats == stats_before
+    expected, _ = ddim_generation(cached, steps=STEPS, cfg=True, seed=6)
+    assert torch.equal(latents, expected)
+    with torch.no_grad():
+        next(twin.model.parameters()).add_(1.0)
+    assert not torch.equal(next(twin.model.parameters()), next(cached.model.parameters()))
+
+
+def test_state_dict_is_the_original_models():
+    model = make_tiny_dit()
+    cached = rfc_compile.optimize(model, CONFIG)
+    ddim_generation(cached, steps=3)
+    original, ours = model.state_dict(), cached.state_dict()
+    assert list(ours) == list(original)
+    assert all(torch.equal(ours[k], original[k]) for k in original)
+    cached.load_state_dict(make_tiny_dit(seed=1).state_dict())
+    assert torch.equal(next(model.parameters()), next(make_tiny_dit(seed=1).parameters()))
+
+
+def test_batch_resolution_dtype_changes_start_a_fresh_cache():
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="fora", interval=10), auto_reset=False)
+    fresh = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="fora", interval=10), auto_reset=False)
+    x2 = torch.randn(2, 4, 8, 8)
+    for _ in range(4):
+        _call(cached, x2)
+    x1 = torch.randn(1, 4, 8, 8)
+    out = _call(cached, x1)  # batch changed mid-generation: new graph, empty cache, step 0
+    assert cached.stats.steps == 1 and cached.stats.full_steps == [0]
+    assert torch.equal(out, _call(fresh, x1))
+    x_big = torch.randn(1, 4, 16, 16)  # resolution change
+    out = _call(cached, x_big)
+    assert cached.stats.full_steps == [0] and out.shape[-1] == 16
+    assert len(cached._programs) == 3  # one graph per input signature, each with its own cache
+
+
+def test_timestep_going_back_up_starts_a_new_generation():
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="fora", interval=10))
+    x = torch.randn(1, 4, 8, 8)
+    for t in (900, 800, 700):
+        _call(cached, x, t)
+    assert cached.stats.steps == 3 and cached.stats.full_steps == [0, 1]
+    _call(cached, x, 999)
+    assert cached.stats.steps == 1 and cached.stats.full_steps == [0]
+    # a step called after a generation "ended" simply continues it (no reset without a signal)
+    for t in (900, 800, 700, 600):
+        _call(cached, x, t)
+    assert cached.stats.steps == 5
+
+
+def test_weights_changed_in_place_are_seen():
+    model = make_tiny_dit()
+    cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
+    x = torch.randn(1, 4, 8, 8)
+    _call(cached, x)
+    with torch.no_grad():  # what fuse_lora does: W += scale * B @ A, in place
+        model.transformer_blocks[0].attn1.to_q.weight.mul_(1.5)
+    expected = _call(model, x)
+    assert torch.allclose(_call(cached, x), expected, atol=1e-6)
+
+
+def test_replaced_modules_are_detected_and_recaptured(caplog):
+    model = make_tiny_dit()
+    cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
+    x = torch.randn(1, 4, 8, 8)
+    _call(cached, x)
+    new_linear = torch.nn.Linear(16, 16)
+    model.transformer_blocks[0].attn1.to_q = new_linear  # e.g. an adapter swapped in
+    with caplog.at_level("WARNING"):
+        got = _call(cached, x)
+    assert "re-capturing" in caplog.text
+    assert torch.allclose(got, _call(model, x), atol=1e-6)
+
+
+def test_train_mode_is_captured_in_eval_mode_with_a_warning():
+    model = make_tiny_dit().train()
+    cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.warns(UserWarning, match="train mode"):
+        out = _call(cached, x)
+    assert model.training  # the user's module is left as it was
+    assert torch.allclose(out, _call(make_tiny_dit().eval(), x), atol=1e-6)
+
+
+def test_meta_device_model_is_rejected():
+    from diffusers import DiTTransformer2DModel
+
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                      num_layers=1, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    with pytest.raises(ValueError, match="meta device"):
+        rfc_compile.optimize(model)
+
+
+def test_sessions_reject_state_of_another_shape():
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    _call(cached, torch.randn(2, 4, 8, 8))
+    bad = {k: v for k, v in cached.state.items()}
+    name = next(n for n in bad if ".ladder." in n)
+    bad[name] = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        cached.state = bad
