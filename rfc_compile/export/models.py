@@ -12,31 +12,35 @@ import torch
 NUM_CLASSES = 10
 
 
-def _randomize(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
-    """Every weight random (diffusers zero-inits gates and output projections)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+def _build_random(factory, seed: int, scale: float):
+    """Build under ``torch.manual_seed(seed)`` and make every weight random (diffusers zero-inits
+    gates and output projections), without touching the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * scale)
     return model.eval()
 
 
 def tiny_dit(seed: int = 0) -> torch.nn.Module:
-    """2 layers, 2 heads x 8, 4x8x8 latent, patch 2, 10 classes (like tests' make_tiny_dit)."""
+    """2 layers, 2 heads x 8, 4x8x8 latent, patch 2, 10 classes: the same weights as the tests'
+    ``make_tiny_dit(seed)``."""
     from diffusers import DiTTransformer2DModel
 
-    return _randomize(DiTTransformer2DModel(
+    return _build_random(lambda: DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=NUM_CLASSES), seed)
+        sample_size=8, patch_size=2, num_embeds_ada_norm=NUM_CLASSES), seed, 0.1)
 
 
 def dit_s(seed: int = 0) -> torch.nn.Module:
     """DiT-S/2-sized: hidden 384 (6 heads x 64), depth 12, 4x32x32 latent, patch 2; random weights."""
     from diffusers import DiTTransformer2DModel
 
-    return _randomize(DiTTransformer2DModel(
+    return _build_random(lambda: DiTTransformer2DModel(
         num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=4, num_layers=12,
-        sample_size=32, patch_size=2, num_embeds_ada_norm=1000), seed, scale=0.02)
+        sample_size=32, patch_size=2, num_embeds_ada_norm=1000), seed, 0.02)
 
 
 BUILTIN = {"tiny-dit": tiny_dit, "dit-s": dit_s}

@@ -103,7 +103,7 @@ class StatefulRunner:
             if array.dtype != np.dtype(numpy_dtype(desc.dtype)):
                 raise InputMismatchError(f"state tensor {name!r} has dtype {array.dtype}, the exported graph "
                                          f"expects {desc.dtype}")
-            arrays[name] = np.ascontiguousarray(array)
+            arrays[name] = np.array(array, order="C", copy=True)  # (ascontiguousarray makes 0-d 1-d)
         self._write_state(arrays)
         step = int(arrays["step"]) if "step" in arrays else 0
         self._history = self._history[:step]
@@ -186,7 +186,7 @@ class StatefulRunner:
         dtype = numpy_dtype(self._inputs[name].dtype)
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
-        return np.ascontiguousarray(value, dtype=dtype)
+        return np.asarray(value, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
 
     def _detect_new_generation(self, call: dict[str, Any]) -> None:
         """Denoising timesteps only go down; one going back up starts a new generation."""

@@ -195,6 +195,9 @@ class TrtCachedModel(StatefulRunner):
         import torch
 
         keep = []
+        # outputs go back to where the inputs came from (drop-in for a CPU pipeline too)
+        first = next(iter(feeds.values()), None)
+        home = first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
         for name, value in feeds.items():
             desc = self._inputs[name]
             tensor = torch.as_tensor(value).to(self.device, torch_dtype(desc.dtype)).contiguous()
@@ -216,6 +219,8 @@ class TrtCachedModel(StatefulRunner):
         self._current = 1 - self._current
         last_full = int(nxt["last_full"].item())  # syncs: the step is done
         del keep
+        if home.type != "cuda":
+            outputs = [o.to(home) for o in outputs]
         return outputs, last_full
 
 

@@ -1,0 +1,341 @@
+"""[export] ONNX export with explicit state, onnxruntime runner, Triton repository, TensorRT (GPU only).
+
+Exports are slow-ish on CPU (torch.export twice + the ONNX exporter, ~10-25 s each), so each
+graph is exported once per session and shared between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import NUM_CLASSES, ddim_generation, make_tiny_dit
+
+import rfc_compile
+from rfc_compile import RFCConfig
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from rfc_compile.export import (  # noqa: E402
+    InputMismatchError,
+    ModelFileError,
+    OnnxCachedModel,
+    SidecarMismatchError,
+    to_onnx,
+)
+
+STEPS = 30
+THRESHOLD = 0.8  # tiny DiT + CFG: both full and skipped steps (see test_core.py)
+ATOL = 1e-4
+RFC = RFCConfig(mode="rfc", threshold=THRESHOLD)
+FIXED = RFCConfig(mode="rfe", interval=3)  # exported through the CLI below
+
+
+def dit_inputs(batch: int = 2) -> dict:
+    """Example inputs with ddim_generation(cfg=True)'s shapes and dtypes."""
+    return dict(hidden_states=torch.randn(batch, 4, 8, 8), timestep=torch.full((batch,), 999, dtype=torch.long),
+                class_labels=torch.tensor([1, NUM_CLASSES])[:batch])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("export")
+
+
+@pytest.fixture(scope="module")
+def rfc_onnx(workdir):
+    return to_onnx(make_tiny_dit(), workdir / "dit_rfc.onnx", dit_inputs(), RFC, triton=True).onnx_path
+
+
+@pytest.fixture(scope="module")
+def full_onnx(workdir):
+    return to_onnx(make_tiny_dit(), workdir / "dit_full.onnx", dit_inputs(), RFCConfig(mode="full")).onnx_path
+
+
+@pytest.fixture(scope="module")
+def fixed_onnx(workdir):
+    """The fixed-interval model, exported with `rfc-compile export tiny-dit` (same weights as make_tiny_dit)."""
+    from rfc_compile.cli import main
+
+    path = workdir / "dit_rfe.onnx"
+    code = main(["export", "tiny-dit", "-o", str(path), "--mode", FIXED.mode, "--interval", str(FIXED.interval),
+                 "--batch", "2", "--no-triton", "--no-engine"])
+    assert code == 0
+    return path
+
+
+def _max_diff(a, b) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def _eager(config: RFCConfig):
+    cached = rfc_compile.optimize(make_tiny_dit(), config)
+    _, outputs = ddim_generation(cached, steps=STEPS, cfg=True)
+    return cached.stats, outputs
+
+
+# --- the graph ----------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:Returning NumPy data types:DeprecationWarning")
+def test_graph_has_one_if_state_io_and_polygraphy_runs_it(rfc_onnx):
+    model = onnx.load(str(rfc_onnx))
+    assert [n.op_type for n in model.graph.node].count("If") == 1
+    sidecar = json.loads((rfc_onnx.parent / (rfc_onnx.name + ".rfc.json")).read_text())
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    assert inputs[:3] == ["hidden_states", "timestep", "class_labels"]
+    assert outputs[0] == "sample"
+    for entry in sidecar["state"]:
+        assert entry["input"] == "state." + entry["name"] and entry["input"] in inputs
+        assert entry["output"] == "state_out." + entry["name"] and entry["output"] in outputs
+    assert sidecar["naming"]["decision_output"] == "state_out.last_full"
+    assert sidecar["model"]["class"] == "DiTTransformer2DModel" and sidecar["model"]["family"] == "dit"
+    assert sidecar["rfc_config"]["threshold"] == THRESHOLD
+    assert {"rcs_acc", "rcs_ladder.0", "transformer_blocks_0_attn1.ladder.0"} <= {e["name"] for e in sidecar["state"]}
+
+    # polygraphy loads, inspects and runs it (one step from a zero state == the runner's first step)
+    from polygraphy.backend.onnx import onnx_from_path
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    assert len(onnx_from_path(str(rfc_onnx)).graph.node) > 0
+    feeds = {k: v.numpy() for k, v in dit_inputs().items()}
+    feeds.update({e["input"]: np.zeros(e["shape"], dtype=e["dtype"]) for e in sidecar["state"]})
+    with OnnxrtRunner(SessionFromOnnx(str(rfc_onnx))) as runner:
+        meta = runner.get_input_metadata()
+        assert "state.last_full" in meta and tuple(meta["hidden_states"].shape) == (2, 4, 8, 8)
+        out = runner.infer(feeds)
+    assert int(out["state_out.last_full"]) == 0 and int(out["state_out.step"]) == 1
+    first = OnnxCachedModel(rfc_onnx)(**{k: torch.from_numpy(v) for k, v in feeds.items()
+                                        if not k.startswith("state.")}, return_dict=False)[0]
+    np.testing.assert_allclose(out["sample"], first.numpy(), atol=1e-6)
+
+
+# --- whole generations: ORT runner == eager cached model ------------------------------------------
+
+@pytest.mark.parametrize("which", ["fixed", "rfc"])
+def test_ort_generation_matches_eager(which, request):
+    config = FIXED if which == "fixed" else RFC
+    path = request.getfixturevalue(f"{which}_onnx")
+    expected_stats, expected = _eager(config)
+    runner = OnnxCachedModel(path, providers=["CPUExecutionProvider"])
+    _, got = ddim_generation(runner, steps=STEPS, cfg=True)
+    assert runner.stats.full_steps == expected_stats.full_steps
+    assert runner.stats.nfc == expected_stats.nfc
+    assert 2 < runner.stats.nfc < STEPS  # both full and skipped steps happened
+    assert _max_diff(got, expected) < ATOL
+
+    # the timestep going back up starts a new generation (same schedule, same outputs)
+    _, again = ddim_generation(runner, steps=STEPS, cfg=True)
+    assert runner.stats.full_steps == expected_stats.full_steps
+    assert _max_diff(again, got) == 0.0
+
+
+def test_full_mode_onnx_equals_original_model(full_onnx):
+    _, expected = ddim_generation(make_tiny_dit(), steps=20, cfg=True)
+    runner = OnnxCachedModel(full_onnx)
+    _, got = ddim_generation(runner, steps=20, cfg=True)
+    assert runner.stats.full_steps == list(range(20))
+    assert _max_diff(got, expected) < ATOL
+    assert onnx.load(str(full_onnx)).graph.node  # no If needed in mode "full"
+
+
+def test_runner_is_drop_in(rfc_onnx):
+    runner = OnnxCachedModel(rfc_onnx)
+    kwargs = dit_inputs()
+    out = runner(**kwargs)  # return_dict defaults to True, like diffusers
+    assert out.sample.shape == (2, 4, 8, 8) and out.sample.dtype == torch.float32
+    positional = runner(kwargs["hidden_states"], timestep=kwargs["timestep"], class_labels=kwargs["class_labels"],
+                        return_dict=False)
+    assert isinstance(positional, tuple) and len(positional) == 1
+    assert runner.stats.steps == 2 and runner.stats.full_steps == [0, 1]
+    runner.reset()
+    assert runner.stats.steps == 0 and int(runner.state["step"]) == 0
+    assert torch.equal(runner(**kwargs, return_dict=False)[0], out.sample)
+
+
+# --- clear errors ---------------------------------------------------------------------------------
+
+def _copy_pair(src, dst_dir, name):
+    dst = dst_dir / name
+    shutil.copy(src, dst)
+    shutil.copy(str(src) + ".rfc.json", str(dst) + ".rfc.json")
+    return dst
+
+
+def test_truncated_or_corrupted_onnx_gives_clear_error(rfc_onnx, tmp_path):
+    truncated = _copy_pair(rfc_onnx, tmp_path, "truncated.onnx")
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated, corrupted"):
+        OnnxCachedModel(truncated)
+    garbage = _copy_pair(rfc_onnx, tmp_path, "garbage.onnx")
+    garbage.write_bytes(b"\x00not an onnx model\xff" * 100)
+    with pytest.raises(ValueError, match="could not load"):
+        OnnxCachedModel(garbage)
+    empty = _copy_pair(rfc_onnx, tmp_path, "empty.onnx")
+    empty.write_bytes(b"")
+    with pytest.raises(ModelFileError, match="empty"):
+        OnnxCachedModel(empty)
+    with pytest.raises(ModelFileError, match="does not exist|no sidecar"):
+        OnnxCachedModel(tmp_path / "missing.onnx")
+
+
+def test_sidecar_that_does_not_match_the_graph_gives_clear_error(rfc_onnx, full_onnx, tmp_path):
+    # the rfc graph with the full-mode graph's sidecar: state entries differ
+    mixed = tmp_path / "mixed.onnx"
+    shutil.copy(rfc_onnx, mixed)
+    shutil.copy(str(full_onnx) + ".rfc.json", str(mixed) + ".rfc.json")
+    with pytest.raises(SidecarMismatchError, match="does not match"):
+        OnnxCachedModel(mixed)
+    # a sidecar whose shape was edited
+    edited = _copy_pair(rfc_onnx, tmp_path, "edited.onnx")
+    raw = json.loads(edited.with_name(edited.name + ".rfc.json").read_text())
+    raw["state"][-1]["shape"] = [7] + raw["state"][-1]["shape"]
+    edited.with_name(edited.name + ".rfc.json").write_text(json.dumps(raw))
+    with pytest.raises(SidecarMismatchError, match=raw["state"][-1]["input"].replace(".", r"\.")):
+        OnnxCachedModel(edited)
+    # no sidecar / not a sidecar
+    lonely = tmp_path / "lonely.onnx"
+    shutil.copy(rfc_onnx, lonely)
+    with pytest.raises(ModelFileError, match="no sidecar"):
+        OnnxCachedModel(lonely)
+    lonely.with_name("lonely.onnx.rfc.json").write_text('{"hello": 1}')
+    with pytest.raises(ModelFileError, match="not an rfc_compile export sidecar"):
+        OnnxCachedModel(lonely)
+
+
+def test_wrong_shape_state_or_input_gives_clear_error(rfc_onnx):
+    runner = OnnxCachedModel(rfc_onnx)
+    state = runner.state
+    name = "transformer_blocks_0_attn1.ladder.0"
+    bad = dict(state, **{name: torch.zeros(3, 1, 16, 16)})
+    with pytest.raises(InputMismatchError, match=rf"{name}.*shape \[3, 1, 16, 16\]"):
+        runner.set_state(bad)
+    with pytest.raises(InputMismatchError, match="dtype"):
+        runner.set_state(dict(state, step=torch.zeros((), dtype=torch.int32)))
+    with pytest.raises(InputMismatchError, match="missing"):
+        runner.set_state({k: v for k, v in state.items() if k != "rcs_acc"})
+    runner.set_state(state)  # a valid state is accepted
+    kwargs = dit_inputs()
+    with pytest.raises(InputMismatchError, match="exported for"):
+        runner(**dict(kwargs, hidden_states=torch.randn(1, 4, 8, 8)))
+    with pytest.raises(InputMismatchError, match="class_labels"):
+        runner(hidden_states=kwargs["hidden_states"], timestep=kwargs["timestep"])
+
+
+# --- Triton ---------------------------------------------------------------------------------------
+
+def test_triton_repository_config_parses_and_sequence_semantics(rfc_onnx):
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
+    from rfc_compile.export import validate_triton_config
+
+    model_dir = rfc_onnx.parent / "triton" / rfc_onnx.stem
+    assert (model_dir / "config.pbtxt").is_file() and (model_dir / "1" / "model.onnx").is_file()
+    config = validate_triton_config(model_dir / "config.pbtxt")
+    sidecar = json.loads((rfc_onnx.parent / (rfc_onnx.name + ".rfc.json")).read_text())
+    seq = config.sequence_batching
+    assert config.max_batch_size == 0 and config.backend == "onnxruntime"
+    assert [(s.input_name, s.output_name) for s in seq.state] == [(e["input"], e["output"]) for e in sidecar["state"]]
+    assert all(s.initial_state[0].zero_data for s in seq.state)
+    assert all(list(s.dims) == (e["shape"] or [1]) for s, e in zip(seq.state, sidecar["state"]))
+    controls = {c.name: c.control[0].kind for c in seq.control_input}
+    assert controls == {"START": config.sequence_batching.Control.CONTROL_SEQUENCE_START,
+                        "READY": config.sequence_batching.Control.CONTROL_SEQUENCE_READY}
+    assert [o.name for o in config.output] == ["sample", "state_out.last_full"]
+
+    # play Triton: thread state_out -> state, garbage state at START must not matter
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    state = {i.name: np.full(i.shape, 7, dtype=np.int64 if "int64" in i.type else np.float32)
+             for i in session.get_inputs() if i.name.startswith("state.")}
+    runner = OnnxCachedModel(rfc_onnx)
+    x = torch.randn(2, 4, 8, 8)
+    names = [o.name for o in session.get_outputs()]
+    for n, t in enumerate([999, 949, 899, 849, 799, 749]):
+        kwargs = dict(hidden_states=x, timestep=torch.full((2,), t), class_labels=torch.tensor([1, NUM_CLASSES]))
+        feeds = {k: v.numpy() for k, v in kwargs.items()}
+        feeds.update(state, START=np.array([int(n == 0)], np.int32), READY=np.array([1], np.int32))
+        result = dict(zip(names, session.run(None, feeds)))
+        state = {"state." + k[len("state_out."):]: v for k, v in result.items() if k.startswith("state_out.")}
+        expected = runner(**kwargs, return_dict=False)[0]
+        np.testing.assert_allclose(result["sample"], expected.numpy(), atol=1e-6)
+        assert result["state_out.last_full"].shape == (1,)
+        x = x - 0.1 * expected
+    assert runner.stats.steps == 6
+    # READY=0 leaves the state untouched
+    feeds.update(state, START=np.array([0], np.int32), READY=np.array([0], np.int32))
+    idle = dict(zip(names, session.run(None, feeds)))
+    assert all(np.array_equal(idle["state_out." + k[len("state."):]], v) for k, v in state.items())
+
+
+# --- other families -------------------------------------------------------------------------------
+
+def test_flux_ort_generation_matches_eager(workdir):
+    from conftest import FAMILIES, flow_generation
+
+    family = FAMILIES["flux"]
+    config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
+    gen = torch.Generator().manual_seed(0)
+    example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.ones(2),
+                   **family.conditions(2, gen))
+    path = to_onnx(family.build(), workdir / "flux_rfc.onnx", example, config).onnx_path
+    eager = rfc_compile.optimize(family.build(), config)
+    _, expected = flow_generation(eager, family, steps=20)
+    runner = OnnxCachedModel(path)
+    _, got = flow_generation(runner, family, steps=20)
+    assert runner.stats.full_steps == eager.stats.full_steps
+    assert 2 < runner.stats.nfc < 20
+    assert _max_diff(got, expected) < ATOL
+
+
+@pytest.mark.slow
+def test_pixart_export_loads_in_onnxruntime(workdir):
+    """PixArt's plain ONNX export does not load in onnxruntime (Squeeze of a non-1 dim); fixed here."""
+    from conftest import FAMILIES, flow_generation
+
+    family = FAMILIES["pixart"]
+    config = RFCConfig(mode="rfc", threshold=family.threshold)
+    gen = torch.Generator().manual_seed(0)
+    example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.full((2,), 999.0),
+                   **family.conditions(2, gen))
+    result = to_onnx(family.build(), workdir / "pixart_rfc.onnx", example, config)
+    assert any(f.startswith("squeeze_axes") for f in result.sidecar.raw["fixups"])
+    eager = rfc_compile.optimize(family.build(), config)
+    _, expected = flow_generation(eager, family, steps=10)
+    runner = OnnxCachedModel(result.onnx_path)
+    _, got = flow_generation(runner, family, steps=10)
+    assert runner.stats.full_steps == eager.stats.full_steps
+    assert _max_diff(got, expected) < ATOL
+
+
+# --- TensorRT (GPU machines with TensorRT only) -----------------------------------------------------
+
+def _require_tensorrt():
+    from rfc_compile.export import tensorrt_available
+
+    ok, why = tensorrt_available()
+    if not ok:
+        pytest.skip(f"TensorRT path not testable here: {why}")
+
+
+def test_tensorrt_import_is_lazy():
+    import rfc_compile.export as export
+
+    assert callable(export.build_engine) and isinstance(export.TrtCachedModel, type)
+    ok, why = export.tensorrt_available()
+    assert ok or why  # a reason is always given
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_eager(rfc_onnx, tmp_path):
+    _require_tensorrt()
+    from rfc_compile.export import TrtCachedModel, build_engine
+
+    engine = build_engine(rfc_onnx, tmp_path / "dit_rfc.engine", precision="fp32", progress=False)
+    runner = TrtCachedModel(engine)
+    expected_stats, expected = _eager(RFC)
+    _, got = ddim_generation(runner, steps=STEPS, cfg=True)
+    assert runner.stats.full_steps == expected_stats.full_steps
+    assert _max_diff(got, expected) < 1e-3
