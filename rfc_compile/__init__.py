@@ -6,7 +6,9 @@
 
 from .config import MODES, RFCConfig
 from .errors import UnsupportedModelError
-from .runtime import CachedModel, RFCStats, optimize
+from .calibrate import calibrate
+from .runtime import CacheSession, CachedModel, RFCStats, optimize
 
-__all__ = ["RFCConfig", "MODES", "optimize", "CachedModel", "RFCStats", "UnsupportedModelError"]
+__all__ = ["RFCConfig", "MODES", "optimize", "calibrate", "CachedModel", "CacheSession", "RFCStats",
+           "UnsupportedModelError"]
 __version__ = "0.1.0"

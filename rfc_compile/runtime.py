@@ -28,6 +28,8 @@ from .state import StateSpec
 
 logger = logging.getLogger(__name__)
 
+_KEEP_FINISHED = 1000  # finished generations whose stats a session keeps
+
 
 @dataclasses.dataclass(frozen=True)
 class RFCStats:
@@ -87,12 +89,21 @@ class CacheSession:
         self._state: dict[str, Tensor] | None = None
         self._history: list[Tensor] = []  # last_full after each step (0-d tensors, read lazily)
         self._last_timestep: float | None = None
+        self.finished: list[RFCStats] = []
 
     def reset(self) -> None:
         """Start a new generation: the next call is step 0 with an empty cache."""
+        if self._history:
+            self.finished.append(self.stats)
+            del self.finished[:-_KEEP_FINISHED]
         self._state = self._spec.init(self._device) if self._spec is not None else None
         self._history = []
         self._last_timestep = None
+
+    @property
+    def generations(self) -> list[RFCStats]:
+        """Stats of the finished generations (the last 1000) and of the current one."""
+        return self.finished + ([self.stats] if self._history else [])
 
     @property
     def stats(self) -> RFCStats:
@@ -191,6 +202,11 @@ class CachedModel(torch.nn.Module):
     @property
     def stats(self) -> RFCStats:
         return self._session.stats
+
+    @property
+    def generations(self) -> list[RFCStats]:
+        """Stats of every generation of the default session (finished ones, then the current)."""
+        return self._session.generations
 
     @property
     def auto_reset(self) -> bool:
