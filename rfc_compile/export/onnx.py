@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,15 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    program = build_functional(model, example_inputs, config)
-    with torch.no_grad():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
+        program = build_functional(model, example_inputs, config)
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." x4
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         try:
             onnx_program = torch.onnx.export(
                 program.module, program.example_args, None, dynamo=True, input_names=program.input_names,
@@ -184,6 +192,8 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         except Exception as exc:
             raise ExportError(f"torch.onnx.export of the cached {type(model).__name__} failed: "
                               f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
+        finally:
+            registration_log.setLevel(level)
     proto = onnx_program.model_proto
     fixups = list(program.fixups)
     n_squeeze = fix_squeeze(proto)
