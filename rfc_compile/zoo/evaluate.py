@@ -96,6 +96,8 @@ def main(argv=None) -> None:
     p.add_argument("--grid", default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--record", action="store_true",
+                   help="write the results into the checkpoint json's \"eval\" entry")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.model == "classifier":
@@ -109,8 +111,18 @@ def main(argv=None) -> None:
         from . import load
 
         args.cfg = [load(args.model, args.checkpoint_dir).guidance_scale]
-    evaluate(args.model, args.checkpoint_dir, args.cfg, n=args.n, grid=args.grid,
-             timing=not args.no_timing)
+    res = evaluate(args.model, args.checkpoint_dir, args.cfg, n=args.n, grid=args.grid,
+                   timing=not args.no_timing)
+    if args.record:
+        import json
+
+        from . import CHECKPOINT_DIR
+
+        path = Path(args.checkpoint_dir or CHECKPOINT_DIR) / f"{args.model}.json"
+        meta = json.loads(path.read_text())
+        meta["eval"] = res
+        path.write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"recorded in {path}")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,17 @@ def train_dit(args) -> None:
     models.set_dit_label_dropout(model, 0.0)  # the loop drops labels itself
     null = cfg["num_embeds_ada_norm"]
     sched = DDPMScheduler(**{k: v for k, v in DIT_SCHEDULER.items() if k != "timestep_spacing"})
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
+
+    def weight_of(t: torch.Tensor) -> torch.Tensor:
+        # Min-SNR-gamma loss weighting (Hang et al. 2023), expressed for the prediction target.
+        if not args.min_snr:
+            return torch.ones(t.shape)
+        s_t = snr[t]
+        clipped = torch.clamp(s_t, max=args.min_snr)
+        v_pred = DIT_SCHEDULER["prediction_type"] == "v_prediction"
+        return clipped / (s_t + 1) if v_pred else clipped / s_t
+
     ema = EMA(model, args.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
     it = batches(len(ytr), args.batch_size, gen)
@@ -211,7 +222,8 @@ def train_dit(args) -> None:
         xt = sched.add_noise(x0, noise, t)
         target = sched.get_velocity(x0, noise, t) if DIT_SCHEDULER["prediction_type"] == "v_prediction" else noise
         pred = model(xt, timestep=t, class_labels=y, return_dict=False)[0]
-        loss = F.mse_loss(pred, target)
+        per = (pred - target).pow(2).mean(dim=(1, 2, 3))
+        loss = (per * weight_of(t)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -230,7 +242,7 @@ def train_dit(args) -> None:
         "guidance_scale": args.guidance,
         "null_class": null,
         "train": {**_meta_common(args, secs), "label_dropout": args.label_dropout,
-                  "final_loss": round(run, 5)},
+                  "min_snr_gamma": args.min_snr, "final_loss": round(run, 5)},
     }
     _finish(args, "dit-digits", ema.shadow.state_dict(), meta)
 
@@ -329,8 +341,9 @@ def _finish(args, name: str, state: dict, meta: dict) -> None:
 DEFAULTS = {
     #                steps  batch  lr     ema     warmup guidance
     "classifier": dict(steps=0, batch_size=64, lr=3e-3, epochs=40),
-    "dit-digits": dict(steps=1500, batch_size=48, lr=1e-3, ema=0.998, warmup=100, guidance=1.5),
-    "flux-digits": dict(steps=2000, batch_size=48, lr=1e-3, ema=0.998, warmup=100, guidance=1.5),
+    "dit-digits": dict(steps=1500, batch_size=48, lr=1e-3, ema=0.998, warmup=100, guidance=1.5,
+                       min_snr=5.0),
+    "flux-digits": dict(steps=2000, batch_size=48, lr=1e-3, ema=0.998, warmup=100, guidance=2.0),
 }
 
 
@@ -349,6 +362,7 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int)
     p.add_argument("--guidance", type=float, help="default CFG scale stored with the checkpoint")
     p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--min-snr", type=float, help="dit: Min-SNR-gamma loss weighting (0: off)")
     p.add_argument("--no-eval", action="store_true")
     args = p.parse_args(argv)
     for k, v in DEFAULTS[args.model].items():
