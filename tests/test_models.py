@@ -1,0 +1,233 @@
+"""[models] Region discovery and drop-in use for the diffusers DiT families.
+
+For every family in conftest.FAMILIES (tiny random models, no downloads):
+* mode "full" equals the original model at every step of a 10-step generation;
+* mode "rfc" (a threshold giving both full and skipped steps) matches the independent
+  plain-PyTorch reference (tests/reference.py) step by step, with the regions we expect;
+* single-stream blocks (FLUX, HunyuanVideo): a skipped step never runs proj_out, the gate does.
+Drop-in pipelines (PixArt-alpha/-sigma, FLUX, SD3, Wan) run with ``pipe.transformer =
+optimize(...)`` and start a new cache per generation on their own (the timestep goes back up).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from conftest import FAMILIES, flow_generation, randomize
+from reference import FAMILY_REGIONS, ReferenceRFC
+
+import rfc_compile
+from rfc_compile import RFCConfig, UnsupportedModelError
+
+STEPS = 10
+
+#: region key -> (feature inputs, outputs) that each family's graph must show. Joint attention
+#: takes and returns both streams; cross-attention's text states are constant side inputs; the
+#: last SD3 block (context_pre_only) drops the attention's text output and has no ff_context.
+_JOINT, _ONE = (2, 2), (1, 1)
+EXPECTED_REGIONS = {
+    "flux": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
+             "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_mlp_attn": _ONE},
+    "sd3": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_attn2": _ONE, "transformer_blocks_0_ff": _ONE,
+            "transformer_blocks_0_ff_context": _ONE, "transformer_blocks_1_attn": (2, 1), "transformer_blocks_1_ff": _ONE},
+    "pixart": {f"transformer_blocks_{i}_{r}": _ONE for i in range(2) for r in ("attn1", "attn2", "ff")},
+    "wan": {f"blocks_{i}_{r}": _ONE for i in range(2) for r in ("attn1", "attn2", "ffn")},
+    "hunyuan_video": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
+                      "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_mlp_attn": _ONE},
+    "cogvideox": {f"transformer_blocks_{i}_{r}": io for i in range(2) for r, io in (("attn1", _JOINT), ("ff", _ONE))},
+    "ltx_video": {f"transformer_blocks_{i}_{r}": _ONE for i in range(2) for r in ("attn1", "attn2", "ff")},
+}
+assert set(EXPECTED_REGIONS) == set(FAMILIES)
+
+
+def regions_of(cached) -> dict[str, tuple[int, int]]:
+    """Region key -> (number of feature inputs, number of outputs), read off the state names."""
+    found: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for name in cached.state_spec.names():
+        parts = name.split(".")
+        if len(parts) == 3 and parts[1] in ("x_last", "ladder"):
+            found[parts[0]][parts[1] == "ladder"] += 1
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_full_mode_equals_original_every_step(family):
+    fam = FAMILIES[family]
+    _, expected = flow_generation(fam.build(), fam, steps=STEPS)
+    cached = rfc_compile.optimize(fam.build(), RFCConfig(mode="full"))
+    _, got = flow_generation(cached, fam, steps=STEPS)
+    assert cached.stats.full_steps == list(range(STEPS))
+    assert max_diff(got, expected) < 1e-5
+
+
+_RFC_RUNS: dict[str, tuple] = {}
+
+
+def rfc_run(family: str):
+    """(cached model, its outputs, reference, reference outputs) for mode "rfc", computed once."""
+    if family not in _RFC_RUNS:
+        fam = FAMILIES[family]
+        kwargs = dict(mode="rfc", order=2, threshold=fam.threshold, warmup_steps=2)
+        reference_model = fam.build()
+        reference = ReferenceRFC(FAMILY_REGIONS[family](reference_model), **kwargs)
+        _, expected = flow_generation(reference_model, fam, steps=STEPS, on_step=lambda n: reference.begin_step())
+        cached = rfc_compile.optimize(fam.build(), RFCConfig(**kwargs))
+        _, got = flow_generation(cached, fam, steps=STEPS)
+        _RFC_RUNS[family] = (cached, got, reference, expected)
+    return _RFC_RUNS[family]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rfc_matches_independent_reference(family):
+    cached, got, reference, expected = rfc_run(family)
+    assert regions_of(cached) == EXPECTED_REGIONS[family]
+    conds = [n for n in cached.graph_module.graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == 1, "all regions of all blocks sit behind one cond per step"
+    assert cached.stats.full_steps == reference.full_steps
+    assert 2 < cached.stats.nfc < STEPS, "the threshold must give both full and skipped steps"
+    for n, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {n}: {m}")
+
+
+def _linear_weights_per_branch(cached, model) -> dict[str, set[str]]:
+    """Parameter names used as linear weights in each branch of the step's cond."""
+    gm = cached.graph_module
+    cond = next(n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond)
+    names = {p.data_ptr(): n for n, p in model.named_parameters()}
+
+    def name_of(outer: torch.fx.Node) -> str:
+        if outer.op != "get_attr":
+            return f"<{outer.op} {outer.name}>"
+        value = gm
+        for part in outer.target.split("."):
+            value = getattr(value, part)
+        return names.get(value.data_ptr(), f"<{outer.target}>")
+
+    result = {}
+    for label, branch_node in (("recompute", cond.args[1]), ("predict", cond.args[2])):
+        branch = getattr(gm, branch_node.target)
+        operand = dict(zip([n for n in branch.graph.nodes if n.op == "placeholder"], cond.args[3]))
+        result[label] = {name_of(operand[n.args[1]]) for n in branch.graph.nodes
+                         if n.target is torch.ops.aten.linear.default and n.args[1] in operand}
+    return result
+
+
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video"])
+def test_single_stream_skipped_step_runs_gate_not_proj_out(family):
+    """A skipped step runs the single block's norm (gate, modulation) but not proj_mlp/attn/proj_out."""
+    cached, *_ = rfc_run(family)
+    assert cached.stats.skipped_steps, "need a skipped step"
+    used = _linear_weights_per_branch(cached, cached.model)
+    single = "single_transformer_blocks.0."
+    assert f"{single}proj_out.weight" in used["recompute"]
+    assert f"{single}proj_out.weight" not in used["predict"]
+    assert not any(n.startswith(single + p) for n in used["predict"] for p in ("proj_mlp", "attn", "proj_out"))
+    assert f"{single}norm.linear.weight" in used["predict"], "the gate still comes from the block's norm"
+    # and no region of any block runs a big matmul on a skipped step
+    assert not any(".attn." in n or ".ff" in n or ".proj_" in n for n in used["predict"]), used["predict"]
+
+
+def test_unsupported_models_raise_naming_block_types():
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    with pytest.raises(UnsupportedModelError, match="DownBlock2D.*UpBlock2D"):
+        rfc_compile.optimize(unet)
+
+    from diffusers import SanaTransformer2DModel
+
+    sana = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                  cross_attention_dim=8, caption_channels=8, sample_size=8)
+    with pytest.raises(UnsupportedModelError, match="SanaTransformerBlock x1"):
+        rfc_compile.optimize(sana)
+
+
+# --- drop-in pipelines ----------------------------------------------------------------------
+
+def _text(batch: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _pixart_transformer(alpha: bool):
+    from diffusers import PixArtTransformer2DModel
+
+    # Real configs: out_channels = 2 x latent channels (learned sigma). PixArtAlphaPipeline passes
+    # resolution/aspect-ratio conditions exactly when sample_size == 128 (the 1024px alpha model).
+    return randomize(PixArtTransformer2DModel(
+        num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+        cross_attention_dim=24, caption_channels=16, sample_size=128 if alpha else 8, patch_size=2,
+        norm_num_groups=1), seed=0)
+
+
+def _pipeline(name: str):
+    """(pipeline with a tiny random transformer and no text encoders/VAE, call kwargs)."""
+    import diffusers as d
+
+    from conftest import build_flux, build_sd3, build_wan
+
+    if name in ("pixart_alpha", "pixart_sigma"):
+        cls = d.PixArtAlphaPipeline if name == "pixart_alpha" else d.PixArtSigmaPipeline
+        pipe = cls(tokenizer=None, text_encoder=None, vae=None, transformer=_pixart_transformer(name == "pixart_alpha"),
+                   scheduler=d.DPMSolverMultistepScheduler())
+        kwargs = dict(prompt_embeds=_text(1, 5, 16, 1), prompt_attention_mask=torch.ones(1, 5),
+                      negative_prompt=None, negative_prompt_embeds=_text(1, 5, 16, 2),
+                      negative_prompt_attention_mask=torch.ones(1, 5), height=64, width=64,
+                      use_resolution_binning=False)
+    elif name == "flux":
+        pipe = d.FluxPipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                              tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=build_flux())
+        kwargs = dict(prompt_embeds=_text(1, 3, 16, 1), pooled_prompt_embeds=_text(1, 1, 16, 3)[:, 0],
+                      height=64, width=64)
+    elif name == "sd3":
+        pipe = d.StableDiffusion3Pipeline(
+            transformer=build_sd3(), scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+            tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        kwargs = dict(prompt_embeds=_text(1, 3, 16, 1), pooled_prompt_embeds=_text(1, 1, 16, 3)[:, 0],
+                      negative_prompt_embeds=_text(1, 3, 16, 2), negative_pooled_prompt_embeds=_text(1, 1, 16, 4)[:, 0],
+                      height=64, width=64)
+    elif name == "wan":
+        pipe = d.WanPipeline(tokenizer=None, text_encoder=None, transformer=build_wan(), vae=None,
+                             scheduler=d.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                 use_flow_sigmas=True, flow_shift=3.0))
+        # guidance_scale 1: WanPipeline runs cond and uncond as two separate transformer calls
+        # per step under cache_context("cond"/"uncond"); see benchmarks/SUPPORT.md.
+        kwargs = dict(prompt_embeds=_text(1, 3, 16, 1), height=32, width=32, num_frames=5, guidance_scale=1.0)
+    else:
+        raise KeyError(name)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, kwargs
+
+
+def _generate(pipe, kwargs, seed: int = 0) -> torch.Tensor:
+    out = pipe(**kwargs, num_inference_steps=STEPS, output_type="latent", generator=torch.Generator().manual_seed(seed))
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "pixart_alpha", "pixart_sigma", "wan"])
+def test_pipeline_drop_in_with_automatic_new_generation(name):
+    pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
+    pipe, kwargs = _pipeline(name)
+    original = _generate(pipe, kwargs)
+    pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode="rfc", threshold=0.3))
+    timesteps = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: timesteps.append(float(kw["timestep"].reshape(-1)[0])), with_kwargs=True)
+    first = _generate(pipe, kwargs)
+    stats = pipe.transformer.stats
+    second = _generate(pipe, kwargs)  # no reset(): the timestep going back up starts a new generation
+    assert pipe.transformer.stats == stats and stats.steps == STEPS
+    assert 2 < stats.nfc < STEPS
+    assert torch.equal(first, second)
+    # cached output stays close to the full-compute one
+    assert (first - original).abs().max() <= 0.05 * original.abs().max()
+    if name == "flux":  # FluxPipeline passes timestep / 1000: floats in (0, 1]
+        assert max(timesteps) <= 1.0
