@@ -2,13 +2,14 @@
 
 DiTTransformer2DModel with hidden 384 (6 heads x 64), depth 12, 4x32x32 latent, patch 2
 (256 tokens), batch 2 (one class + CFG's null class), random weights; 50 DDIM steps.
-The cached graph uses a fixed schedule (default TaylorSeer-style ``rfe`` with warm-up 2 and
-interval 4: full steps 0, 1, 5, ..., 49 -> NFC 14 of 50, the paper's DiT setting), so both
-runs do the same work every repeat. Each configuration is timed over whole generations;
-the table reports the median (and min) of ``--repeats`` runs, full and cached interleaved.
+The cached graphs use fixed schedules (TaylorSeer ``taylorseer`` and ``rfe``, Taylor order 2,
+warm-up 2, interval 4: full steps 0, 1, 5, ..., 49 -> NFC 14 of 50, the paper's DiT setting),
+so every repeat does the same work; one more row turns off the in-graph non-finite guard
+(``guard_nonfinite=False``) to show its cost. Each variant is timed over whole generations;
+the table reports the median (and min) of ``--repeats`` runs, variants interleaved.
 
     python benchmarks/speed_onnx.py                      # writes its section of RESULTS_ONNX.md
-    python benchmarks/speed_onnx.py --threads 1 --repeats 7 --no-write
+    python benchmarks/speed_onnx.py --threads 0 --repeats 7 --no-write   # ORT's default threads
 
 The script rewrites only its own section of benchmarks/RESULTS_ONNX.md (between the
 ``speed_onnx`` markers), so other sections of that file are kept.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -69,16 +71,35 @@ def session_options(threads: int):
     return options
 
 
+def _export(model, example, config: RFCConfig, path: Path):
+    """Export, or reuse ``path`` when its sidecar says it holds this exact config (reruns)."""
+    sidecar = Path(str(path) + ".rfc.json")
+    if path.exists() and sidecar.exists():
+        raw = json.loads(sidecar.read_text())
+        if raw.get("rfc_config") == config.to_dict() and raw.get("model", {}).get("config", {}).get("num_layers") == 12:
+            print(f"reusing {path}", flush=True)
+            return path
+    t0 = time.perf_counter()
+    to_onnx(model, path, example, config, check=False)
+    print(f"exported {path.name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--mode", default="rfe", choices=["fora", "taylorseer", "rfe"])
+    parser.add_argument("--modes", default="taylorseer,rfe", help="fixed-interval modes to time (comma-separated)")
     parser.add_argument("--interval", type=int, default=4)
     parser.add_argument("--warmup-steps", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT default)")
-    parser.add_argument("--workdir", default=None, help="where to write the ONNX files (default: a temp dir)")
-    parser.add_argument("--no-eager", action="store_true", help="skip the torch eager reference rows")
+    parser.add_argument("--order", type=int, default=2)
+    parser.add_argument("--no-guard-row", action="store_true",
+                        help="skip the extra row with guard_nonfinite=False (the cost of the in-graph NaN guard)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ORT intra-op threads (default 1: steadier on a shared machine; 0 = ORT default)")
+    parser.add_argument("--workdir", default=None,
+                        help="where the ONNX files go (default: a temp dir); files with the same config are reused")
+    parser.add_argument("--eager", action="store_true", help="also time torch eager full (slow on CPU)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS_ONNX.md"))
     args = parser.parse_args(argv)
@@ -87,81 +108,84 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rfc_speed_onnx_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     model = dit_s()
     example = dict(hidden_states=torch.randn(2, 4, 32, 32), timestep=torch.full((2,), 999, dtype=torch.long),
                    class_labels=torch.tensor([207, 1000]))
-    cached_config = RFCConfig(mode=args.mode, interval=args.interval, warmup_steps=args.warmup_steps)
-    exports = {}
-    for label, config in (("full", RFCConfig(mode="full")), ("cached", cached_config)):
-        t0 = time.perf_counter()
-        exports[label] = to_onnx(model, workdir / f"dit_s_{label}.onnx", example, config)
-        print(f"exported {label} in {time.perf_counter() - t0:.1f}s -> {exports[label].onnx_path}", flush=True)
+    variants: dict[str, RFCConfig] = {"full": RFCConfig(mode="full")}
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        variants[f"{mode} m={args.order}"] = RFCConfig(mode=mode, interval=args.interval,
+                                                       warmup_steps=args.warmup_steps, order=args.order)
+    if not args.no_guard_row and len(variants) > 1:
+        label, config = list(variants.items())[1]
+        variants[f"{label}, guard_nonfinite off"] = config.replace(guard_nonfinite=False)
+    paths = {}
+    for i, (label, config) in enumerate(variants.items()):
+        slug = "full" if label == "full" else f"{config.mode}_m{config.order}_i{config.interval}_g{int(config.guard_nonfinite)}"
+        paths[label] = _export(model, example, config, workdir / f"dit_s_{slug}.onnx")
 
-    runners = {label: OnnxCachedModel(e.onnx_path, providers=["CPUExecutionProvider"],
+    runners = {label: OnnxCachedModel(path, providers=["CPUExecutionProvider"],
                                       session_options=session_options(args.threads))
-               for label, e in exports.items()}
+               for label, path in paths.items()}
     times: dict[str, list[float]] = {label: [] for label in runners}
     finals: dict[str, torch.Tensor] = {}
     nfc: dict[str, int] = {}
     for label, runner in runners.items():  # warm-up generation (not timed)
         finals[label], _ = generation(runner, args.steps)
         nfc[label] = runner.stats.nfc
+    order = list(runners)
     for r in range(args.repeats):
-        for label in (runners if r % 2 == 0 else reversed(list(runners))):
+        for label in (order if r % 2 == 0 else order[::-1]):
             _, seconds = generation(runners[label], args.steps)
             times[label].append(seconds)
-            print(f"repeat {r}: ort {label:6s} {seconds:.3f}s (NFC {runners[label].stats.nfc})", flush=True)
+            print(f"repeat {r}: {label:40s} {seconds:.3f}s (NFC {runners[label].stats.nfc})", flush=True)
 
     eager_rows = []
-    if not args.no_eager:
-        import rfc_compile
+    if args.eager:
+        generation(model, args.steps)
+        eager_times = [generation(model, args.steps)[1] for _ in range(max(1, args.repeats // 2))]
+        eager_rows.append(("torch eager full (reference)", args.steps, eager_times))
 
-        for label, config in (("full", None), ("cached", cached_config)):
-            runner = model if config is None else rfc_compile.optimize(model, config)
-            generation(runner, args.steps)
-            eager_times = [generation(runner, args.steps)[1] for _ in range(max(1, args.repeats // 2))]
-            eager_nfc = args.steps if config is None else runner.stats.nfc
-            eager_rows.append((f"torch eager {label}", eager_nfc, eager_times))
-            print(f"torch eager {label}: median {statistics.median(eager_times):.3f}s", flush=True)
-
-    full_med = statistics.median(times["full"])
-    cached_med = statistics.median(times["cached"])
-    diff = (finals["cached"] - finals["full"]).abs().max().item()
-    rel = ((finals["cached"] - finals["full"]).norm() / finals["full"].norm()).item()
     import onnxruntime as ort
 
+    full_med = statistics.median(times["full"])
     lines = [
         BEGIN,
         "## onnxruntime: full vs RFC-cached graph (benchmarks/speed_onnx.py)",
         "",
         f"Measured {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} on {platform.machine()} "
         f"({os.cpu_count()} logical CPUs, shared with other jobs), onnxruntime {ort.__version__} "
-        f"CPUExecutionProvider, torch {torch.__version__}; intra-op threads: {args.threads or 'ORT default'}.",
-        f"Model: DiTTransformer2DModel hidden 384 (6x64), depth 12, 4x32x32 latent, patch 2, batch 2 (CFG), "
-        f"random weights; {args.steps} DDIM steps; cached = mode `{args.mode}`, warm-up {args.warmup_steps}, "
-        f"interval {args.interval}. Median (min) of {args.repeats} generations, full/cached interleaved.",
+        f"CPUExecutionProvider, torch {torch.__version__}; ORT intra-op threads: {args.threads or 'default'}.",
+        f"Model: DiTTransformer2DModel hidden 384 (6x64), depth 12, 4x32x32 latent, patch 2 (256 tokens), "
+        f"batch 2 (CFG), random weights; {args.steps} DDIM steps. Cached rows: fixed interval {args.interval}, "
+        f"warm-up {args.warmup_steps}, Taylor order {args.order} (full steps 0, 1, 5, 9, ...). "
+        f"Median (min) over {args.repeats} whole generations, variants interleaved.",
         "",
-        "| run | NFC | s / generation, median (min) | speed-up vs ORT full |",
-        "| --- | ---: | ---: | ---: |",
-        f"| ORT full | {nfc['full']} | {full_med:.3f} ({min(times['full']):.3f}) | 1.00x |",
-        f"| ORT RFC-cached | {nfc['cached']} | {cached_med:.3f} ({min(times['cached']):.3f}) | "
-        f"{full_med / cached_med:.2f}x |",
+        "| run | NFC | s / generation, median (min) | speed-up vs ORT full | ideal | cached vs full output, rel. L2 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    for label in runners:
+        med = statistics.median(times[label])
+        rel = ((finals[label] - finals["full"]).norm() / finals["full"].norm()).item()
+        lines.append(f"| ORT {label} | {nfc[label]} | {med:.3f} ({min(times[label]):.3f}) | {full_med / med:.2f}x | "
+                     f"{args.steps / nfc[label]:.2f}x | {rel:.3g} |")
     for name, n, ts in eager_rows:
         med = statistics.median(ts)
-        lines.append(f"| {name} | {n} | {med:.3f} ({min(ts):.3f}) | {full_med / med:.2f}x |")
-    ideal = args.steps / nfc["cached"]
-    lines += [
+        lines.append(f"| {name} | {n} | {med:.3f} ({min(ts):.3f}) | {full_med / med:.2f}x | | |")
+    notes = []
+    for label in runners:
+        if label == "full":
+            continue
+        med = statistics.median(times[label])
+        skipped = args.steps - nfc[label]
+        # cost of a skipped step relative to a full one, if a full step cost what it does in the full model
+        frac = (med / full_med * args.steps - nfc[label]) / max(1, skipped)
+        notes.append(f"`{label}`: a skipped step costs ~{max(frac, 0) * 100:.0f}% of a full step "
+                     "(cheap ops + prediction + state pass-through + RFC bookkeeping of the full steps, lumped)")
+    lines += [""] + [f"- {n}" for n in notes] + [
         "",
-        f"Ideal speed-up at NFC {nfc['cached']}/{args.steps}: {ideal:.2f}x (skipped steps free). "
-        f"Achieved {full_med / cached_med:.2f}x, i.e. a skipped step costs about "
-        f"{max(0.0, (cached_med / full_med * args.steps - nfc['cached']) / max(1, args.steps - nfc['cached'])) * 100:.0f}% "
-        "of a full step (cheap ops, predictions, state I/O).",
-        f"Cached vs full final latents (random weights, so only a sanity check): max |diff| {diff:.3g}, "
-        f"relative L2 {rel:.3g}.",
-        "",
-        f"Command: `python benchmarks/speed_onnx.py --steps {args.steps} --repeats {args.repeats} --mode {args.mode} "
-        f"--interval {args.interval} --threads {args.threads}`",
+        f"Command: `python benchmarks/speed_onnx.py --steps {args.steps} --repeats {args.repeats} "
+        f"--modes {args.modes} --interval {args.interval} --order {args.order} --threads {args.threads}`",
         END,
     ]
     section = "\n".join(lines)

@@ -339,3 +339,20 @@ def test_tensorrt_engine_matches_eager(rfc_onnx, tmp_path):
     _, got = ddim_generation(runner, steps=STEPS, cfg=True)
     assert runner.stats.full_steps == expected_stats.full_steps
     assert _max_diff(got, expected) < 1e-3
+
+
+def test_cli_model_loading(tmp_path):
+    """`rfc-compile export` takes a built-in name or a diffusers model directory (class from config.json)."""
+    from rfc_compile.export.models import example_inputs, load_model
+
+    original = make_tiny_dit()
+    original.save_pretrained(tmp_path / "tiny")
+    loaded = load_model(str(tmp_path / "tiny"))
+    assert type(loaded).__name__ == "DiTTransformer2DModel"
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), loaded.state_dict().values()))
+    builtin = load_model("tiny-dit")
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), builtin.state_dict().values()))
+    kwargs = example_inputs(builtin, batch=2)
+    assert kwargs["hidden_states"].shape == (2, 4, 8, 8) and kwargs["timestep"].dtype == torch.long
+    with pytest.raises(ValueError, match="neither a built-in model"):
+        load_model(str(tmp_path / "nowhere"))
