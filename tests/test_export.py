@@ -130,7 +130,7 @@ def test_ort_generation_matches_eager(which, request):
     # the timestep going back up starts a new generation (same schedule, same outputs)
     _, again = ddim_generation(runner, steps=STEPS, cfg=True)
     assert runner.stats.full_steps == expected_stats.full_steps
-    assert _max_diff(again, got) == 0.0
+    assert _max_diff(again, got) < 1e-6
 
 
 def test_full_mode_onnx_equals_original_model(full_onnx):

@@ -14,9 +14,13 @@ Every state tensor is zero at the start of a generation. A ``<path>.rfc.json`` s
 (sidecar.py) describes inputs, outputs, state, config and model, so a runner needs nothing else.
 
 Shapes are static: the graph is specialised to the example inputs' shapes (batch, resolution,
-text length). The capture (torch.export of the model, then of the cached step) bakes them
-in, as do the state tensors' shapes; export once per serving shape. See ``dynamic_axes`` in
-the sidecar (always ``{}`` in this version).
+text length); export once per serving shape (the runners raise a clear error for any other
+shape). Why not dynamic: ``passes.capture`` and ``passes.rewrite`` trace with torch.export
+without ``dynamic_shapes``, so sizes are constants in the rewritten graph (views/reshapes),
+and the state tensors' shapes (ladders ``(m+1, B, tokens, D)``, ratios ``(B,)``) are concrete
+in ``StateSpec``; re-exporting that graph with ``dynamic_shapes`` fails. Dynamic batch would
+need symbolic shapes in capture/rewrite and a symbolic StateSpec. The sidecar's
+``dynamic_axes`` is always ``{}`` in this version.
 
 ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
 * ``squeeze_axes``: ``Squeeze`` nodes whose axes input names a dimension that is not 1 in the
