@@ -49,8 +49,11 @@ def open_session(path: Path, sidecar: Sidecar, providers: list | None = None,
                                        providers=providers or default_providers())
     except Exception as exc:  # onnxruntime raises its own (pybind) exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"onnxruntime could not load {path}: the file is truncated, corrupted or not an "
-                             f"ONNX model ({type(exc).__name__}: {first[:500]})") from None
+        if "INVALID_PROTOBUF" in first or "Protobuf parsing failed" in first:
+            why = "the file is truncated, corrupted or not an ONNX model"
+        else:
+            why = "the graph is not valid for this onnxruntime (re-export it, or check the onnxruntime version)"
+        raise ModelFileError(f"onnxruntime could not load {path}: {why} ({type(exc).__name__}: {first[:500]})") from None
     graph_in, graph_out = graph_io_from_session(session)
     sidecar.check_io(graph_in, graph_out, where=str(path))
     return session
