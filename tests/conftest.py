@@ -289,3 +289,49 @@ def pipeline_latents(pipe, kwargs, steps: int = 10, seed: int = 0) -> torch.Tens
     """Run the pipeline to latents (no VAE) and return them."""
     out = pipe(**kwargs, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(seed))
     return out.frames if hasattr(out, "frames") else out.images
+
+
+# --- [models] more families that the same block patterns fit -----------------------------------
+
+def build_chroma():
+    from diffusers import ChromaTransformer2DModel
+
+    return randomize(ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=16, approximator_hidden_dim=16,
+        approximator_layers=1), seed=0)
+
+
+def chroma_conditions(batch, gen):
+    cond = flux_conditions(batch, gen)
+    del cond["pooled_projections"]
+    mask = torch.ones(batch, 3 + 16)
+    mask[:, 2] = 0  # a padded text token
+    return dict(cond, attention_mask=mask)
+
+
+def build_skyreels_v2():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    return randomize(SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32), seed=0)
+
+
+def build_mochi():
+    from diffusers import MochiTransformer3DModel
+
+    return randomize(MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=3), seed=0)
+
+
+def mochi_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), encoder_attention_mask=torch.ones(batch, 3))
+
+
+FAMILIES.update({f.name: f for f in (
+    Family("chroma", build_chroma, (16, 4), chroma_conditions, threshold=0.3, timestep_scale=1.0),
+    Family("skyreels_v2", build_skyreels_v2, (4, 2, 4, 4), wan_conditions, threshold=0.2),
+    Family("mochi", build_mochi, (4, 2, 4, 4), mochi_conditions, threshold=0.1),
+)})

@@ -289,8 +289,53 @@ def ltx_video_regions(model) -> list:
     return regions
 
 
+class _ChromaSingleRegion(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        object.__setattr__(self, "block", block)
+
+    def forward(self, norm_x, attention_mask, rotary):
+        b = self.block
+        mlp = b.act_mlp(b.proj_mlp(norm_x))
+        if attention_mask is not None:
+            attention_mask = attention_mask[:, None, None, :] * attention_mask[:, None, :, None]
+        attn = b.attn(hidden_states=norm_x, image_rotary_emb=rotary, attention_mask=attention_mask)
+        return b.proj_out(torch.cat([attn, mlp], dim=2))
+
+
+def _patch_chroma_single(block) -> torch.nn.Module:
+    region = _ChromaSingleRegion(block)
+
+    def forward(hidden_states, temb, image_rotary_emb=None, attention_mask=None, joint_attention_kwargs=None):
+        norm_x, gate = block.norm(hidden_states, emb=temb)
+        return hidden_states + gate.unsqueeze(1) * region(norm_x, attention_mask, image_rotary_emb)
+
+    block.forward = forward
+    return region
+
+
+def chroma_regions(model) -> list:
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"d{i}.attn", block.attn, _JOINT), (f"d{i}.ff", block.ff, [0]),
+                    (f"d{i}.ff_context", block.ff_context, [0])]
+    for i, block in enumerate(model.single_transformer_blocks):
+        regions.append((f"s{i}.mlp_attn", _patch_chroma_single(block), [0]))
+    return regions
+
+
+def mochi_regions(model) -> list:
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"{i}.attn1", block.attn1, _JOINT), (f"{i}.ff", block.ff, [0])]
+        if block.ff_context is not None:
+            regions.append((f"{i}.ff_context", block.ff_context, [0]))
+    return regions
+
+
 #: family name (tests/conftest.py FAMILIES) -> region list builder
 FAMILY_REGIONS = {
     "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
     "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
+    "chroma": chroma_regions, "skyreels_v2": wan_regions, "mochi": mochi_regions,
 }

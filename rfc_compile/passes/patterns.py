@@ -112,6 +112,37 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
                 RegionPattern("ff", ("ff",)),
             ),
         ),
+        # Chroma: FLUX's double / single blocks with per-block modulation and a text mask
+        BlockPattern(
+            "ChromaTransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("ff", ("ff",)),
+                RegionPattern("ff_context", ("ff_context",)),
+            ),
+        ),
+        BlockPattern(
+            "ChromaSingleTransformerBlock",
+            (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
+        ),
+        # SkyReels-V2: Wan's block
+        BlockPattern(
+            "SkyReelsV2TransformerBlock",
+            (
+                RegionPattern("attn1", ("attn1",)),
+                RegionPattern("attn2", ("attn2",)),
+                RegionPattern("ffn", ("ffn",)),
+            ),
+        ),
+        # Mochi: joint attention, ff, ff_context (not in the last, context_pre_only block)
+        BlockPattern(
+            "MochiTransformerBlock",
+            (
+                RegionPattern("attn1", ("attn1",)),
+                RegionPattern("ff", ("ff",)),
+                RegionPattern("ff_context", ("ff_context",), optional=True),
+            ),
+        ),
     )
 }
 
