@@ -40,6 +40,7 @@ Options (``torch.compile(..., options={...})``):
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import threading
 import warnings
@@ -61,8 +62,113 @@ def make_runner(gm: fx.GraphModule, backend: str, options: dict[str, Any] | None
     if backend == "eager":
         return gm
     if backend == "inductor":
-        return torch.compile(gm, fullgraph=True, **dict(options or {}))
+        options = dict(options or {})
+        if options.pop("split_cond", True):
+            conds = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond]
+            if len(conds) == 1:
+                return SplitCondRunner(gm, options)
+        return torch.compile(gm, fullgraph=True, **options)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _is_clone(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.ops.aten.clone.default, torch.clone)
+
+
+def split_at_cond(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[bool, fx.GraphModule]]:
+    """Split a graph with one ``torch.cond`` into ``pre`` and one ``post`` graph per branch.
+
+    ``pre(*flat inputs) -> (pred, *live)`` runs everything the cond does not depend on;
+    ``post[b](*live) -> flat outputs`` runs branch ``b`` inlined, then the rest. In the
+    predict branch a state tensor returned unchanged was a copy (torch.cond forbids a
+    branch output aliasing an input); inlined, the copy is dropped and the input returned.
+    """
+    nodes = list(gm.graph.nodes)
+    (cond,) = [n for n in nodes if n.target is torch.ops.higher_order.cond]
+    pred, true_ref, false_ref, operands = cond.args[:4]
+    after: set[fx.Node] = {cond}
+    for node in nodes:
+        if any(a in after for a in node.all_input_nodes):
+            after.add(node)
+    output = next(n for n in nodes if n.op == "output")
+    before = [n for n in nodes if n not in after and n.op != "output"
+              and not (n.op == "call_module" and n.target == "_guards_fn")]  # shapes are keyed by the runtime
+    used_after = [n for n in before if n.op != "get_attr" and any(u in after for u in n.users)]
+    live = [n for n in used_after if n is not pred] if pred in before else used_after
+
+    pre = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in before:
+        env[node] = pre.node_copy(node, lambda n: env[n])
+    pre.output((env[pred], *(env[n] for n in live)))
+    pre_gm = fx.GraphModule(gm, pre, "rfc_pre")
+    pre_gm.graph.eliminate_dead_code()
+    pre_gm.recompile()
+
+    posts = {}
+    for taken, ref in ((True, true_ref), (False, false_ref)):
+        branch: fx.GraphModule = getattr(gm, ref.target)
+        graph = fx.Graph()
+        env = {n: graph.placeholder(n.name) for n in live}
+        for node in before:
+            if node.op == "get_attr" and any(u in after for u in node.users) and node is not ref:
+                env[node] = graph.get_attr(node.target)
+        benv: dict[fx.Node, Any] = {}
+        placeholders = [n for n in branch.graph.nodes if n.op == "placeholder"]
+        for ph, operand in zip(placeholders, operands):
+            benv[ph] = env[operand]
+        results = None
+        for node in branch.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                results = [benv[a.args[0]] if _is_clone(a) and a.args[0].op == "placeholder" else benv[a]
+                           for a in node.args[0]]
+                continue
+            if node.op in ("get_attr", "call_module"):
+                raise NotImplementedError(f"cond branch with {node.op} nodes")
+            benv[node] = graph.node_copy(node, lambda n: benv[n])
+        for node in nodes:
+            if node not in after or node is cond:
+                continue
+            if node.op == "output":
+                break
+            if node.target is operator.getitem and node.args[0] is cond:
+                env[node] = results[node.args[1]]
+            else:
+                env[node] = graph.node_copy(node, lambda n: env[n])
+        graph.output(fx.node.map_arg(output.args[0], lambda n: env[n]))
+        post = fx.GraphModule(gm, graph, f"rfc_post_{str(taken).lower()}")
+        post.graph.eliminate_dead_code()
+        post.recompile()
+        posts[taken] = post
+    return pre_gm, posts
+
+
+class SplitCondRunner:
+    """Runs a one-cond cached step as ``pre`` -> host branch -> ``post[pred]``, each piece
+    compiled by ``torch.compile(fullgraph=True)``.
+
+    This is what inductor does with a ``torch.cond`` on the host anyway (one ``pred.item()``
+    per call), without the copies the cond's no-aliasing rule forces on a skipped step:
+    the state it leaves unchanged is passed through as the same tensors.
+    """
+
+    def __init__(self, gm: fx.GraphModule, options: dict[str, Any]):
+        info = gm.graph._codegen.pytree_info
+        self.in_spec, self.out_spec = info.in_spec, info.out_spec
+        pre, posts = split_at_cond(gm)
+        self.pre = torch.compile(pre, fullgraph=True, **options)
+        self.posts = {b: torch.compile(p, fullgraph=True, **options) for b, p in posts.items()}
+        self.graphs = (pre, posts)
+
+    def __call__(self, *args, **kwargs):
+        from torch.fx._pytree import tree_flatten_spec
+
+        flat = tree_flatten_spec((args, kwargs), self.in_spec)
+        pred, *live = self.pre(*flat)
+        out = self.posts[bool(pred)](*live)
+        return pytree.tree_unflatten(list(out), self.out_spec)
 
 
 # --- the "rfc" dynamo backend ------------------------------------------------------------
@@ -100,21 +206,46 @@ def _module_path(dynamo_path: str) -> str:
     return _ROOT.sub("", _PATH_PART.sub(r".\1", dynamo_path))
 
 
-def _is_frame_input(node: fx.Node) -> bool:
-    """A placeholder for one of the frame's own arguments (not a module's parameter/buffer)."""
+def _kind(node: fx.Node) -> str:
+    """"input" (a tensor argument of the frame), "size" (a SymInt of a shape-generic graph)
+    or "weight" (a module's parameter/buffer or a global: becomes an attribute)."""
     from torch._dynamo.source import LocalSource
 
-    return isinstance(getattr(node.meta.get("grapharg"), "source", None), LocalSource)
+    if not isinstance(node.meta.get("example_value"), Tensor):
+        return "size"
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return "input" if isinstance(source, LocalSource) else "weight"
+
+
+def _is_constant(value: Any) -> bool:
+    if isinstance(value, (bool, int, float)):
+        return True
+    return isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float)) for v in value)
+
+
+def _specialize(gm: fx.GraphModule) -> None:
+    """Fold every value that FakeTensorProp found to be a Python scalar (sizes of a
+    shape-generic graph, arithmetic on them) into its users as a constant."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        value = node.meta.get("val")
+        if node.op == "output" or not _is_constant(value):
+            continue
+        for user in list(node.users):
+            user.args = fx.node.map_aggregate(user.args, lambda a: value if a is node else a)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a: value if a is node else a)
+        graph.erase_node(node)
+    gm.recompile()
 
 
 class _GraphPrograms:
     """The owner a CacheSession needs (``_normalize``, ``_program_for``) for one dynamo graph.
 
-    The graph is copied once with every input that is not one of the frame's own arguments
-    (parameters, buffers, globals) turned into a module attribute, as torch.export leaves
-    weights; placeholders keep the argument names, so ``hidden_states``/``timestep`` are
-    found as varying inputs and by auto-reset. Programs are built on the first call with
-    concrete inputs, outside dynamo's compile.
+    The graph is copied once with every weight (parameter, buffer, global tensor) turned
+    into a module attribute, as torch.export leaves weights; placeholders keep the frame's
+    argument names, so ``hidden_states``/``timestep`` are found as varying inputs and by
+    auto-reset. Programs are built per concrete input signature on the first call with it,
+    outside dynamo's compile; a shape-generic graph is specialized to the call's sizes.
     """
 
     def __init__(self, gm: fx.GraphModule, config, backend: str, compile_options: dict[str, Any]):
@@ -122,10 +253,14 @@ class _GraphPrograms:
         self.source = gm
         # dynamo drops the graph args' metadata after the backend returns: read it now
         self._placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        self._inputs = [i for i, p in enumerate(self._placeholders) if _is_frame_input(p)]
-        self._attrs = [i for i, p in enumerate(self._placeholders) if not _is_frame_input(p)]
-        self.names = [self._placeholders[i].meta["grapharg"].source.local_name for i in self._inputs]
+        kinds = [_kind(p) for p in self._placeholders]
+        self._frame = [i for i, k in enumerate(kinds) if k != "weight"]  # inputs and sizes, in order
+        self._inputs = [i for i, k in enumerate(kinds) if k == "input"]
+        self._attrs = [i for i, k in enumerate(kinds) if k == "weight"]
+        self._names = {i: getattr(self._placeholders[i].meta["grapharg"].source, "local_name",
+                                  self._placeholders[i].name) for i in self._frame}
         self._bound: list[Any] | None = None
+        self._frame_args: list[Any] = []
         self._programs: dict[tuple, Any] = {}
         self._lock = threading.Lock()
 
@@ -142,7 +277,7 @@ class _GraphPrograms:
         """Copy the graph with these weights as attributes (again if dynamo passes new ones)."""
         graph, env, root = fx.Graph(), {}, torch.nn.Module()
         attr_nodes = dict(zip([self._placeholders[i] for i in self._attrs], attrs))
-        input_names = dict(zip([self._placeholders[i] for i in self._inputs], self.names))
+        frame_names = {self._placeholders[i]: self._names[i] for i in self._frame}
         for node in self.source.graph.nodes:
             if node.op == "placeholder" and node in attr_nodes:
                 name = f"w{len(root._parameters) + len(root._buffers)}"
@@ -153,7 +288,7 @@ class _GraphPrograms:
                     root.register_buffer(name, value)
                 env[node] = graph.get_attr(name)
             elif node.op == "placeholder":
-                env[node] = graph.placeholder(input_names[node])
+                env[node] = graph.placeholder(frame_names[node])
             else:
                 env[node] = graph.node_copy(node, lambda n: env[n])
             meta = dict(node.meta)
@@ -170,12 +305,13 @@ class _GraphPrograms:
         if bound is None or any(args[i] is not w for i, w in zip(self._attrs, bound)):
             with self._lock:
                 self._bind([args[i] for i in self._attrs])
-        return {name: args[i] for name, i in zip(self.names, self._inputs)}
+        self._frame_args = [args[i] for i in self._frame]  # sizes too, for a build
+        return {self._names[i]: args[i] for i in self._inputs}
 
     def _program_for(self, call: dict[str, Any]) -> tuple[tuple, Any]:
         from .runtime import _input_key
 
-        key = _input_key(call)
+        key = _input_key(call)  # the sizes follow from the tensors' shapes
         with self._lock:
             if key not in self._programs:
                 self._programs[key] = self._build(call)
@@ -188,9 +324,12 @@ class _GraphPrograms:
         from .passes import CapturedGraph, find_regions, rewrite
         from .runtime import _Program
 
-        gm = self.gm
-        # concrete metadata for these inputs (the graph may be shape-generic after a recompile)
-        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*call.values())
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(self.gm.graph, {}))
+        gm = fx.GraphModule(self.gm, graph)
+        # concrete metadata for these inputs, then sizes folded in as constants
+        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*self._frame_args)
+        _specialize(gm)
         outputs = next(iter(gm.graph.find_nodes(op="output"))).args[0]
         captured = CapturedGraph(gm, pytree.tree_structure(((), call)),
                                  pytree.tree_structure(tuple(range(len(outputs)))), list(call))
