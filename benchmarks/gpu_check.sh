@@ -17,6 +17,8 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 OUT=${OUT:-${TMPDIR:-/tmp}/rfc_gpu_check}
 mkdir -p "$OUT"
+POLYGRAPHY=${POLYGRAPHY:-$(dirname "$PY")/polygraphy}
+[ -x "$POLYGRAPHY" ] || POLYGRAPHY=polygraphy
 
 echo "== 0. environment"
 "$PY" - <<'EOF'
@@ -43,10 +45,10 @@ done
 
 echo "== 2. polygraphy: TensorRT vs onnxruntime"
 for mode in full rfc; do
-  "$PY" -m polygraphy run "$OUT/tiny_$mode.onnx" --trt --onnxrt --atol 1e-3 --rtol 1e-3 \
+  "$POLYGRAPHY" run "$OUT/tiny_$mode.onnx" --trt --onnxrt --atol 1e-3 --rtol 1e-3 \
       --val-range "[0,1]" --seed 0
 done
-"$PY" -m polygraphy inspect model "$OUT/tiny_rfc.onnx" --display-as=trt || true
+"$POLYGRAPHY" inspect model "$OUT/tiny_rfc.onnx" --display-as=trt || true
 
 echo "== 3. CUDA/TensorRT tests"
 "$PY" -m pytest -q -m "gpu" tests/test_export.py -rs

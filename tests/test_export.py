@@ -47,7 +47,9 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rfc_onnx(workdir):
-    return to_onnx(make_tiny_dit(), workdir / "dit_rfc.onnx", dit_inputs(), RFC, triton=True).onnx_path
+    # an optimize()d model exports what it wraps, with its config
+    cached = rfc_compile.optimize(make_tiny_dit(), RFC)
+    return to_onnx(cached, workdir / "dit_rfc.onnx", dit_inputs(), triton=True).onnx_path
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,15 @@
     out = runner(hidden_states=x, timestep=t, class_labels=y).sample
     runner.stats.full_steps
 
-TensorRT parts (``build_engine``, ``TrtCachedModel``) import ``tensorrt`` only when used.
-Naming of graph inputs/outputs and the sidecar format: see onnx.py and sidecar.py.
+Graph I/O: the model's tensor kwargs keep their names (nested ones dotted, e.g.
+``added_cond_kwargs.resolution``), outputs are ``sample`` (or ``output.<i>``); each cache tensor
+is an input ``state.<name>`` and an output ``state_out.<name>`` (names from rfc_compile/state.py),
+zero at the start of a generation; ``state_out.last_full == state.step`` iff the step ran in
+full. The ``<file>.rfc.json`` sidecar (sidecar.py) describes all of it. Shapes are static
+(onnx.py says why). Triton model repository with implicit state: triton.py. TensorRT parts
+(``build_engine``, ``TrtCachedModel``) import ``tensorrt`` only when used (tensorrt.py).
+Errors are ValueErrors: ModelFileError (missing/corrupt file or sidecar), SidecarMismatchError,
+InputMismatchError (wrong input/state shape or dtype), ExportError.
 """
 
 from __future__ import annotations

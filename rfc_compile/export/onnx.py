@@ -164,7 +164,8 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     """Export ``model`` with RFC traced in as an ONNX graph with explicit state I/O.
 
     Args:
-        model: a diffusers transformer the passes understand (DiT, PixArt, FLUX, ...).
+        model: a diffusers transformer the passes understand (DiT, PixArt, FLUX, ...), or a
+            CachedModel from ``rfc_compile.optimize`` (its model and, by default, its config).
         path: the ``.onnx`` file to write; ``<path>.rfc.json`` is written beside it.
         example_inputs: forward kwargs with the serving shapes (shapes are static).
         config: the RFC configuration baked into the graph (default ``RFCConfig()``).
@@ -176,6 +177,11 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     """
     import onnx
 
+    from ..runtime import CachedModel
+
+    if isinstance(model, CachedModel):  # rfc_compile.optimize(...) output: export what it wraps
+        config = config if config is not None else model.rfc_config
+        model = model.model
     config = config if config is not None else RFCConfig()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
