@@ -158,6 +158,21 @@ def test_runner_is_drop_in(rfc_onnx):
     assert torch.equal(runner(**kwargs, return_dict=False)[0], out.sample)
 
 
+def test_state_round_trip_resumes_a_generation(rfc_onnx):
+    first, second = OnnxCachedModel(rfc_onnx), OnnxCachedModel(rfc_onnx)
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, NUM_CLASSES])
+    for t in (999, 949, 899, 849, 799):
+        out = first(hidden_states=x, timestep=torch.full((2,), t), class_labels=labels, return_dict=False)[0]
+        x = x - 0.1 * out
+    second.set_state(first.state)  # e.g. a request moved to another worker
+    for t in (749, 699, 649):
+        kwargs = dict(hidden_states=x, timestep=torch.full((2,), t), class_labels=labels, return_dict=False)
+        a, b = first(**kwargs)[0], second(**kwargs)[0]
+        assert torch.equal(a, b)
+        x = x - 0.1 * a
+    assert int(second.state["step"]) == 8 and torch.equal(second.state["last_full"], first.state["last_full"])
+
+
 # --- clear errors ---------------------------------------------------------------------------------
 
 def _copy_pair(src, dst_dir, name):
@@ -358,3 +373,17 @@ def test_cli_model_loading(tmp_path):
     assert kwargs["hidden_states"].shape == (2, 4, 8, 8) and kwargs["timestep"].dtype == torch.long
     with pytest.raises(ValueError, match="neither a built-in model"):
         load_model(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux", "sd3"])
+def test_cli_example_inputs_fit_each_family(family):
+    """The CLI's example inputs (serving shapes) are valid forward kwargs for each exportable family."""
+    from conftest import FAMILIES
+
+    from rfc_compile.export.models import example_inputs
+
+    model = FAMILIES[family].build()
+    kwargs = example_inputs(model, batch=2, height=8, width=8, text_len=3)
+    with torch.no_grad():
+        out = model(**kwargs, return_dict=False)[0]
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
