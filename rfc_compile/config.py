@@ -6,9 +6,9 @@ import dataclasses
 import math
 from typing import Literal
 
-Mode = Literal["full", "fora", "taylorseer", "rfe", "rfc"]
-MODES: tuple[str, ...] = ("full", "fora", "taylorseer", "rfe", "rfc")
-#: Modes that decide with a fixed interval N (RFC_METHOD.md "Modes"); "rfc" uses RCS.
+Mode = Literal["full", "fora", "taylorseer", "rfe", "rcs", "rfc"]
+MODES: tuple[str, ...] = ("full", "fora", "taylorseer", "rfe", "rcs", "rfc")
+#: Modes that decide with a fixed interval N (RFC_METHOD.md "Modes"); "rcs" and "rfc" use RCS.
 FIXED_INTERVAL_MODES: tuple[str, ...] = ("fora", "taylorseer", "rfe")
 MAX_ORDER = 8
 
@@ -19,10 +19,11 @@ class RFCConfig:
 
     Args:
         mode: "full" (no caching), "fora" (reuse, order 0), "taylorseer" (Taylor prediction),
-            "rfe" (Taylor direction, relational magnitude) at a fixed interval, or "rfc"
-            (RFE prediction + RCS schedule).
+            "rfe" (Taylor direction, relational magnitude) at a fixed interval, "rcs" (TaylorSeer
+            prediction + RCS schedule: the paper's "+RCS" ablation row, an extra of this project)
+            or "rfc" (RFE prediction + RCS schedule).
         order: Taylor ladder order m (ignored by "fora", which is order 0).
-        threshold: RCS threshold tau on the accumulated input-prediction error (mode "rfc").
+        threshold: RCS threshold tau on the accumulated input-prediction error (modes "rcs", "rfc").
         warmup_steps: the first steps always computed in full (RFE needs two for its ratio).
         max_interval: force a full step when k = n - last_full would exceed it (None: no cap).
         interval: the fixed schedule's N for fora/taylorseer/rfe: step n is full iff
@@ -86,7 +87,7 @@ class RFCConfig:
 
     @property
     def uses_rcs(self) -> bool:
-        return self.mode == "rfc"
+        return self.mode in ("rcs", "rfc")
 
     @property
     def uses_rfe(self) -> bool:
