@@ -79,6 +79,10 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
   that are mixed with the image stream (FLUX/SD3/Hunyuan/CogVideoX joint attention) do depend on
   the timestep and are feature inputs.
 * **Unsupported models** raise `rfc_compile.UnsupportedModelError` naming the block classes found.
+* **CogVideoX with sinusoidal position embeddings** (`use_rotary_positional_embeddings=False`, the
+  CogVideoX-2b config) captures only at its configured `sample_height/width/frames`: at any other
+  size diffusers rebuilds the table with an in-place `.data` copy that torch.export rejects. The
+  rotary configs (CogVideoX-5b, 1.5) are not affected.
 
 Columns: *regions per block*: name [number of feature inputs X -> number of outputs Y];
 *full vs original*: mode "full" (caching off) against the unmodified model, max abs diff over all
