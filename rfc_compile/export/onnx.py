@@ -18,7 +18,8 @@ text length); export once per serving shape (the runners raise a clear error for
 shape). Why not dynamic: ``passes.capture`` and ``passes.rewrite`` trace with torch.export
 without ``dynamic_shapes``, so sizes are constants in the rewritten graph (views/reshapes),
 and the state tensors' shapes (ladders ``(m+1, B, tokens, D)``, ratios ``(B,)``) are concrete
-in ``StateSpec``; re-exporting that graph with ``dynamic_shapes`` fails. Dynamic batch would
+in ``StateSpec``; re-exporting that graph with ``dynamic_shapes`` (batch Dim on the inputs and on
+the state's batch dims) gives a graph specialised to the example shapes anyway (tried). Dynamic batch would
 need symbolic shapes in capture/rewrite and a symbolic StateSpec. The sidecar's
 ``dynamic_axes`` is always ``{}`` in this version.
 
