@@ -7,6 +7,7 @@ access such as ``.config``/``.dtype`` forwarded, ``state_dict()`` is the origina
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -14,7 +15,7 @@ import itertools
 import logging
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -166,7 +167,9 @@ class CachedModel(torch.nn.Module):
         self._programs_lock = threading.Lock()
         self._weights = _weights_fingerprint(model)
         self._key: tuple | None = None
-        self._session = CacheSession(self, auto_reset)
+        self._default_session = CacheSession(self, auto_reset)
+        self._named_sessions: dict[str, CacheSession] = {}
+        self._session = self._default_session  # the one forward() uses now
 
     # --- drop-in behaviour -------------------------------------------------------------
 
@@ -185,7 +188,7 @@ class CachedModel(torch.nn.Module):
     def __deepcopy__(self, memo):
         """A copy with its own weights, graphs rebuilt on first use, and an empty cache."""
         clone = CachedModel(copy.deepcopy(self.model, memo), self.rfc_config, self.backend,
-                            self.compile_options, self._session.auto_reset)
+                            self.compile_options, self._default_session.auto_reset)
         memo[id(self)] = clone
         return clone
 
@@ -197,7 +200,27 @@ class CachedModel(torch.nn.Module):
 
     def reset(self) -> None:
         """Start a new generation: the next call is step 0 with an empty cache."""
-        self._session.reset()
+        self._default_session.reset()
+        for session in self._named_sessions.values():
+            session.reset()
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str) -> Iterator[CacheSession]:
+        """Calls inside use the cache named ``name`` (diffusers' CacheMixin protocol).
+
+        Pipelines that run the conditional and unconditional branches as separate calls
+        (Wan, FLUX/HunyuanVideo true CFG) wrap each in ``transformer.cache_context("cond")`` /
+        ``("uncond")``; each name gets a cache of its own, so the two never mix.
+        """
+        previous = self._session
+        session = self._named_sessions.get(name)
+        if session is None:
+            session = self._named_sessions[name] = CacheSession(self, self._default_session.auto_reset)
+        self._session = session
+        try:
+            yield session
+        finally:
+            self._session = previous
 
     @property
     def stats(self) -> RFCStats:

@@ -200,3 +200,23 @@ def test_sessions_reject_state_of_another_shape():
     bad[name] = torch.zeros(1, 2, 3)
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         cached.state = bad
+
+
+def test_cache_context_keeps_cond_and_uncond_calls_apart():
+    """Pipelines calling cond and uncond separately (Wan, true-CFG FLUX) use cache_context."""
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    reference = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    cond_session, uncond_session = reference.new_session(), reference.new_session()
+    x = torch.randn(1, 4, 8, 8)
+    for n in range(STEPS):
+        t = 900 - 100 * n
+        xs = x * (1 - 0.05 * n)
+        with cached.cache_context("cond"):
+            got_c = _call(cached, xs, t, torch.tensor([3]))
+        with cached.cache_context("uncond"):
+            got_u = _call(cached, xs, t, torch.tensor([NUM_CLASSES]))
+        assert torch.equal(got_c, _call(cond_session, xs, t, torch.tensor([3])))
+        assert torch.equal(got_u, _call(uncond_session, xs, t, torch.tensor([NUM_CLASSES])))
+    with cached.cache_context("cond") as session:
+        assert session.stats.steps == STEPS and session.stats.full_steps == cond_session.stats.full_steps
+    assert cached.stats.steps == 0  # the default cache was never touched
