@@ -3,8 +3,8 @@
 Usage (from the repository root, with the dev/zoo extras installed)::
 
     python -m rfc_compile.zoo.train classifier    # ~15 s
-    python -m rfc_compile.zoo.train dit-digits     # ~11 min on one CPU thread
-    python -m rfc_compile.zoo.train flux-digits    # ~11 min on one CPU thread
+    python -m rfc_compile.zoo.train dit-digits     # 1500 steps, ~11 min on one CPU thread
+    python -m rfc_compile.zoo.train flux-digits    # 2000 steps, ~10 min on one CPU thread
 
 Each writes ``<name>.safetensors`` + ``<name>.json`` into ``rfc_compile/zoo/checkpoints/``
 (``--out DIR`` to write elsewhere). Train the classifier first: the generators' json records the
@@ -16,16 +16,24 @@ reproduces the checkpoint.
 Recipes (what ships):
 
 * ``classifier``: :class:`~rfc_compile.zoo.models.DigitsCNN`, AdamW 3e-3, 40 epochs of the 1437
-  training digits with random +-1 px shifts and light Gaussian noise.
+  training digits with random +-1 px shifts and light Gaussian noise; 100 % on the 360 held-out.
 * ``dit-digits``: ``DiTTransformer2DModel`` (6 layers, 4 heads x 32, patch 2, 64 tokens) in pixel
   space, DDPM training with the cosine (``squaredcos_cap_v2``) schedule and v-prediction, 10 % label
   dropout to the null label 10 (for CFG), AdamW with warmup + cosine decay, EMA of the weights (the
-  checkpoint holds the EMA weights). Sampled with ``DDIMScheduler`` (trailing spacing, 50 steps).
+  checkpoint holds the EMA weights). Sampled with ``DDIMScheduler`` (trailing spacing, 50 steps,
+  ``clip_sample=False``: diffusers' DDIM clips x0 but keeps the unclipped epsilon, which under CFG
+  >= 2 turned the samples grey and noisy, 67 % -> 100 % at CFG 2). ``--min-snr 5`` (Min-SNR-gamma
+  weighting) was tried and was no better (95 % vs 92 % at CFG 1); it is off by default.
 * ``flux-digits``: ``FluxTransformer2DModel`` (2 double + 2 single blocks, 4 heads x 32) on 2x2-packed
   pixels (8x8 tokens of 4 channels), rectified-flow / flow-matching training (velocity
   ``noise - x0``, logit-normal time sampling), the class given as 4 learned "text" tokens and a
   learned pooled vector (:class:`~rfc_compile.zoo.models.ClassConditioner`, index 10 = null, 10 %
   dropout), EMA. Sampled with ``FlowMatchEulerDiscreteScheduler`` (50 steps).
+
+Reached (64 samples, 50 steps, scored by the classifier; see the package docstring): dit-digits
+92 / 100 / 100 / 100 % at CFG 1 / 1.5 / 2 / 3, flux-digits 100 % at all of them. Default CFG 2.0.
+The dit run took 654 s (1 thread); the flux run 1518 s because it shared the 2 cores with other
+jobs (alone: ~3.3 steps/s, ~10 min).
 """
 
 from __future__ import annotations
@@ -53,7 +61,10 @@ DIT_SCHEDULER = dict(
     beta_schedule="squaredcos_cap_v2",
     prediction_type="v_prediction",
     timestep_spacing="trailing",
-    clip_sample=True,
+    # No x0 clipping: diffusers' DDIM clips x0 but keeps the unclipped epsilon, which under CFG
+    # (guided x0 far outside [-1, 1]) gives grey, noisy samples (measured: 67 % at CFG 2 with
+    # clipping vs 100 % without).
+    clip_sample=False,
 )
 FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
 
@@ -196,8 +207,6 @@ def train_dit(args) -> None:
 
     def weight_of(t: torch.Tensor) -> torch.Tensor:
         # Min-SNR-gamma loss weighting (Hang et al. 2023), expressed for the prediction target.
-        if not args.min_snr:
-            return torch.ones(t.shape)
         s_t = snr[t]
         clipped = torch.clamp(s_t, max=args.min_snr)
         v_pred = DIT_SCHEDULER["prediction_type"] == "v_prediction"
@@ -222,8 +231,10 @@ def train_dit(args) -> None:
         xt = sched.add_noise(x0, noise, t)
         target = sched.get_velocity(x0, noise, t) if DIT_SCHEDULER["prediction_type"] == "v_prediction" else noise
         pred = model(xt, timestep=t, class_labels=y, return_dict=False)[0]
-        per = (pred - target).pow(2).mean(dim=(1, 2, 3))
-        loss = (per * weight_of(t)).mean()
+        if args.min_snr:
+            loss = ((pred - target).pow(2).mean(dim=(1, 2, 3)) * weight_of(t)).mean()
+        else:
+            loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -341,8 +352,8 @@ def _finish(args, name: str, state: dict, meta: dict) -> None:
 DEFAULTS = {
     #                steps  batch  lr     ema     warmup guidance
     "classifier": dict(steps=0, batch_size=64, lr=3e-3, epochs=40),
-    "dit-digits": dict(steps=1500, batch_size=48, lr=1e-3, ema=0.998, warmup=100, guidance=1.5,
-                       min_snr=5.0),
+    "dit-digits": dict(steps=1500, batch_size=48, lr=1e-3, ema=0.998, warmup=100, guidance=2.0,
+                       min_snr=0.0),
     "flux-digits": dict(steps=2000, batch_size=48, lr=1e-3, ema=0.998, warmup=100, guidance=2.0),
 }
 
