@@ -63,13 +63,14 @@ def update_ladder(ladder: Tensor, value: Tensor, gap: Tensor, full_steps_seen_af
 def taylor_term(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor:
     """T_k = sum_{i=1..d} k^i / i! * D_i (zero when d = 0), in float32."""
     order = ladder.shape[0] - 1
+    if order == 0:
+        return torch.zeros(ladder.shape[1:], dtype=torch.float32, device=ladder.device)
     depth = ladder_depth(full_steps_seen, order)
     k_f = k.to(torch.float32)
-    term = torch.zeros(ladder.shape[1:], dtype=torch.float32, device=ladder.device)
-    for i in range(1, order + 1):
-        coeff = torch.where(depth >= i, k_f**i / math.factorial(i), torch.zeros_like(k_f))
-        term = term + coeff * ladder[i].float()
-    return term
+    coeffs = torch.stack([torch.where(depth >= i, k_f**i / math.factorial(i), torch.zeros_like(k_f))
+                          for i in range(1, order + 1)])
+    # one contraction over the ladder rows instead of a copy per row
+    return (coeffs @ ladder[1:].reshape(order, -1).float()).reshape(ladder.shape[1:])
 
 
 def taylor_predict(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor:
