@@ -1,0 +1,169 @@
+"""[compile] inductor backend and the ``rfc`` dynamo backend: same schedule and outputs as eager,
+no graph breaks, no recompiles after the first generation, state kept per input shape."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+import torch._dynamo
+from conftest import ddim_generation, make_tiny_dit
+from torch.fx._pytree import tree_flatten_spec
+
+import rfc_compile
+from rfc_compile import RFCConfig
+from rfc_compile.backends import RFCHandle, SplitCondRunner, make_runner, split_at_cond
+
+STEPS = 20
+CONFIG = RFCConfig(mode="rfc", threshold=0.8)  # tiny random DiT: both full and skipped steps
+
+
+def _close(got: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    for n, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {n}: {m}")
+
+
+@pytest.fixture(scope="module")
+def eager_runs():
+    """Two generations (seeds 0, 1) of the eager cached model: outputs and full steps."""
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    runs = []
+    for seed in (0, 1):
+        _, outs = ddim_generation(cached, steps=STEPS, cfg=True, seed=seed)
+        runs.append((outs, cached.stats.full_steps))
+    assert 2 < len(runs[0][1]) < STEPS, "the setting must give both full and skipped steps"
+    return runs
+
+
+@pytest.fixture(scope="module")
+def inductor_model():
+    return rfc_compile.optimize(make_tiny_dit(), CONFIG, backend="inductor")
+
+
+def test_inductor_matches_eager_and_does_not_recompile(eager_runs, inductor_model):
+    _, outs = ddim_generation(inductor_model, steps=STEPS, cfg=True, seed=0)
+    assert inductor_model.stats.full_steps == eager_runs[0][1]
+    _close(outs, eager_runs[0][0])
+
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _, outs = ddim_generation(inductor_model, steps=STEPS, cfg=True, seed=1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert inductor_model.stats.full_steps == eager_runs[1][1]
+    _close(outs, eager_runs[1][0])
+
+
+def _example(cached):
+    x = torch.randn(2, 4, 8, 8)
+    call = dict(hidden_states=x, timestep=torch.tensor([500, 500]), class_labels=torch.tensor([1, 10]),
+                return_dict=False)
+    cached.prepare(**call)
+    return call, cached.state_spec.init()
+
+
+def test_rewritten_graph_and_split_pieces_have_no_graph_breaks():
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    call, state = _example(cached)
+    gm = cached.graph_module
+    explained = torch._dynamo.explain(gm)(kwargs=call, state=state)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+    pre, posts = split_at_cond(gm)
+    flat = tree_flatten_spec(((), {"kwargs": call, "state": state}), gm.graph._codegen.pytree_info.in_spec)
+    pred, *live = pre(*flat)
+    for piece, args in [(pre, flat), (posts[True], live), (posts[False], live)]:
+        explained = torch._dynamo.explain(piece)(*args)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_split_runner_equals_the_cond_graph_and_passes_state_through():
+    """pre -> host branch -> post is the cond graph; a skipped step copies no state."""
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="taylorseer", interval=3))
+    call, _ = _example(cached)
+    gm = cached.graph_module
+    runner = SplitCondRunner.__new__(SplitCondRunner)  # the split, run uncompiled
+    info = gm.graph._codegen.pytree_info
+    runner.in_spec, runner.out_spec = info.in_spec, info.out_spec
+    runner.pre, runner.posts = split_at_cond(gm)
+    state_a = state_b = cached.state_spec.init()
+    for step in range(5):  # full, full, skip, skip, full
+        out_a, new_a = gm(kwargs=call, state=state_a)
+        out_b, new_b = runner(kwargs=call, state=state_b)
+        torch.testing.assert_close(out_b, out_a, atol=0, rtol=0)
+        assert new_a.keys() == new_b.keys()
+        for name in new_a:
+            torch.testing.assert_close(new_b[name], new_a[name], atol=0, rtol=0)
+        if step in (2, 3):
+            ladders = [n for n in new_b if ".ladder." in n]
+            assert ladders and all(new_b[n] is state_b[n] for n in ladders)
+        state_a, state_b = new_a, new_b
+
+
+def test_compile_options_pass_through(monkeypatch):
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    _example(cached)  # before the patch: export itself calls torch.compile for the cond
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    make_runner(cached.graph_module, "inductor", {"mode": "max-autotune", "dynamic": False})
+    make_runner(cached.graph_module, "inductor", {"split_cond": False, "dynamic": False})
+    assert seen[:3] == [{"fullgraph": True, "mode": "max-autotune", "dynamic": False}] * 3  # pre, 2 posts
+    assert seen[3:] == [{"fullgraph": True, "dynamic": False}]
+    with pytest.raises(ValueError, match="backend"):
+        make_runner(cached.graph_module, "tensorrt")
+
+
+def test_rfc_dynamo_backend_matches_eager_and_keeps_state(eager_runs):
+    handle = RFCHandle()
+    compiled = torch.compile(make_tiny_dit(), backend="rfc", fullgraph=True,
+                             options={"config": CONFIG, "handle": handle})
+    for seed in (0, 1):
+        if seed == 1:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                _, outs = ddim_generation(compiled, steps=STEPS, cfg=True, seed=seed)
+        else:
+            _, outs = ddim_generation(compiled, steps=STEPS, cfg=True, seed=seed)
+        assert handle.stats.full_steps == eager_runs[seed][1]
+        assert handle.stats.nfc < STEPS
+        _close(outs, eager_runs[seed][0])
+    assert len(handle.sessions) == 1  # one dynamo compile for both generations
+
+
+@pytest.fixture(scope="module")
+def eager_by_batch():
+    reference = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    runs = {}
+    for batch in (1, 2):
+        _, outs = ddim_generation(reference, steps=12, batch=batch, cfg=True)
+        runs[batch] = (outs, reference.stats.full_steps)
+    return runs
+
+
+@pytest.mark.parametrize("dynamic", [False, None], ids=["static", "automatic-dynamic"])
+def test_rfc_backend_new_shape_gets_its_own_state(dynamic, eager_by_batch):
+    """A new batch size recompiles (dynamic=False: one dynamo graph per shape; None: one
+    shape-generic graph after the second shape) and never sees another shape's cache."""
+    torch._dynamo.reset()  # dynamo remembers sizes that changed per code object, across compiles
+    handle = RFCHandle()
+    compiled = torch.compile(make_tiny_dit(), backend="rfc", fullgraph=True, dynamic=dynamic,
+                             options={"config": CONFIG, "handle": handle, "backend": "eager"})
+    for batch in (1, 2, 1):
+        _, outs = ddim_generation(compiled, steps=12, batch=batch, cfg=True)
+        expected, full_steps = eager_by_batch[batch]
+        assert handle.stats.full_steps == full_steps
+        _close(outs, expected)
+    assert len(handle.sessions) == 2  # batch 1 again reuses its graph: no third compile
+
+
+def test_rfc_backend_options_are_checked():
+    with pytest.raises(ValueError, match="unknown rfc backend options"):
+        rfc_compile.backends.rfc_backend(None, [], options={"threshold": 0.1})
+    with pytest.raises(TypeError, match="RFCConfig"):
+        rfc_compile.backends.rfc_backend(None, [], options={"config": {"mode": "rfc"}})
+
+
+def test_rfc_backend_is_registered_through_the_entry_point():
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert "rfc" in eps.names
+    assert eps["rfc"].value == "rfc_compile.backends:rfc_backend"
+    assert "rfc" in torch._dynamo.list_backends(exclude_tags=())
