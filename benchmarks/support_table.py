@@ -65,14 +65,13 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
   `optimize` and reset by hand.
 * **A new input shape** (resolution, frames, batch, prompt length) builds a new graph and starts
   a fresh cache; the first call at a shape pays the capture (seconds on these tiny models).
-* **Classifier-free guidance must be one call per step.** SD3, PixArt, LTX-Video and CogVideoX
-  pipelines batch the conditional and unconditional halves into one call: fine, each half gets
-  its own norms and ratios. WanPipeline (guidance_scale > 1), FluxPipeline with `true_cfg_scale > 1`
-  and a negative prompt, and HunyuanVideoPipeline with true CFG call the transformer *twice* per
-  step (inside `transformer.cache_context("cond" / "uncond")`). The optimized transformer does not
-  yet keep one cache per context, so both calls land in one cache and count as two steps: wrong
-  predictions (see "wan (CFG 5)" below). Until it does, use those pipelines without separate
-  CFG calls (Wan: guidance_scale=1; FLUX-dev is guidance-distilled and needs none).
+* **Classifier-free guidance.** SD3, PixArt, LTX-Video and CogVideoX pipelines batch the
+  conditional and unconditional halves into one call: each half gets its own norms and ratios.
+  WanPipeline (guidance_scale > 1), FluxPipeline with `true_cfg_scale > 1` and a negative prompt,
+  and HunyuanVideoPipeline with true CFG call the transformer *twice* per step, inside
+  `transformer.cache_context("cond" / "uncond")`: the optimized transformer keeps one cache per
+  context name, so the two never mix (see the "WanPipeline (CFG 5)" row: its steps count the
+  calls of the "cond" context).
 * **Constant side inputs.** A region input that does not depend on `hidden_states` / `timestep`
   (text encoder states after their projection, rotary embeddings, masks, PixArt's
   `added_cond_kwargs`) is a side input: passed into the region, not part of X's norm. Text states
@@ -258,9 +257,8 @@ def main(argv: list[str] | None = None) -> int:
             row = pipeline_row(name, guidance)
             print(f"{row['pipeline']}: steps {row['steps']} nfc {row['nfc']} reset ok {row['reset_ok']}", flush=True)
             pipelines.append(row)
-        note = ("The \"WanPipeline (CFG 5)\" row is the known gap described above: 20 transformer calls for 10 "
-                "steps, counted as 20 steps of one cache (cond and uncond predictions mixed); the new generation is "
-                "still detected.")
+        note = ("The \"WanPipeline (CFG 5)\" row calls the transformer twice per step, once per cache "
+                "context; each context keeps its own cache.")
 
     text = render(families, pipelines, note, unsupported_rows())
     pathlib.Path(args.out).write_text(text)

@@ -170,6 +170,7 @@ class CachedModel(torch.nn.Module):
         self._default_session = CacheSession(self, auto_reset)
         self._named_sessions: dict[str, CacheSession] = {}
         self._session = self._default_session  # the one forward() uses now
+        self._last_session = self._default_session  # the one stats/state report
 
     # --- drop-in behaviour -------------------------------------------------------------
 
@@ -224,12 +225,13 @@ class CachedModel(torch.nn.Module):
 
     @property
     def stats(self) -> RFCStats:
-        return self._session.stats
+        """Stats of the current generation of the cache used last (see cache_context)."""
+        return self._last_session.stats
 
     @property
     def generations(self) -> list[RFCStats]:
         """Stats of every generation of the default session (finished ones, then the current)."""
-        return self._session.generations
+        return self._last_session.generations
 
     @property
     def auto_reset(self) -> bool:
@@ -310,6 +312,7 @@ class CachedModel(torch.nn.Module):
         self._program_for(self._normalize(args, kwargs))
 
     def forward(self, *args, **kwargs):
+        self._last_session = self._session
         return self._session(*args, **kwargs)
 
 

@@ -219,4 +219,5 @@ def test_cache_context_keeps_cond_and_uncond_calls_apart():
         assert torch.equal(got_u, _call(uncond_session, xs, t, torch.tensor([NUM_CLASSES])))
     with cached.cache_context("cond") as session:
         assert session.stats.steps == STEPS and session.stats.full_steps == cond_session.stats.full_steps
-    assert cached.stats.steps == 0  # the default cache was never touched
+    assert cached.stats == uncond_session.stats  # stats report the cache used last
+    assert cached.state is None  # the default cache was never touched
