@@ -34,8 +34,8 @@ below; the "eval" entry of each checkpoint json holds the same numbers):
     ============  =====================================  =====================  ===============
     model         sample accuracy at CFG 1 / 1.5 / 2 / 3  s / 50-step batch of 10  training
     ============  =====================================  =====================  ===============
-    dit-digits    92 % / 100 % / 100 % / 100 %           ~2.9 (~9 under load)   1500 steps, 654 s
-    flux-digits   100 % / 100 % / 100 % / 100 %          ~2.2 (~4 under load)   2000 steps, ~10 min
+    dit-digits    92 % / 100 % / 100 % / 100 %           2.9 (5-9 under load)   1500 steps, 654 s
+    flux-digits   100 % / 100 % / 100 % / 100 %          2.2 (4-6 under load)   2000 steps, ~10 min
     ============  =====================================  =====================  ===============
 
 Default CFG (``bundle.guidance_scale``) is 2.0 for both. Timings are one CPU thread of a shared
