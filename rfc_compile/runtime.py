@@ -206,12 +206,13 @@ class CachedModel(torch.nn.Module):
             session.reset()
 
     @contextlib.contextmanager
-    def cache_context(self, name: str) -> Iterator[CacheSession]:
+    def cache_context(self, name: str, **_context_kwargs: Any) -> Iterator[CacheSession]:
         """Calls inside use the cache named ``name`` (diffusers' CacheMixin protocol).
 
         Pipelines that run the conditional and unconditional branches as separate calls
         (Wan, FLUX/HunyuanVideo true CFG) wrap each in ``transformer.cache_context("cond")`` /
-        ``("uncond")``; each name gets a cache of its own, so the two never mix.
+        ``("uncond")``; each name gets a cache of its own, so the two never mix. Extra keyword
+        arguments diffusers passes along (e.g. ``step_index``) are not needed: steps are counted.
         """
         previous = self._session
         session = self._named_sessions.get(name)
