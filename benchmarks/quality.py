@@ -80,6 +80,7 @@ log = logging.getLogger("quality")
 
 MODELS = ("dit-digits", "flux-digits")
 TARGETS = (14, 10, 8, 7)
+TOLERANCE = 0.25  # calibration stops when the calibration samples' mean NFC is this close to the target
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 PNG = ROOT / "benchmarks" / "quality_pareto.png"
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
@@ -336,9 +337,10 @@ def fixed_interval_nfc(steps: int, warmup: int, interval: int) -> int:
 
 
 def interval_for(target: int, steps: int, warmup: int = 2) -> int:
-    """The fixed interval N whose NFC is closest to ``target`` (ties: fewer full steps)."""
+    """The fixed interval N whose NFC is closest to ``target`` (ties: fewer full steps, then the
+    largest N: e.g. NFC 8 of 50 is N = 7 or 8; N = 8 puts the last full step at 49, not 43)."""
     return min(range(1, steps + 1), key=lambda n: (abs(fixed_interval_nfc(steps, warmup, n) - target),
-                                                   fixed_interval_nfc(steps, warmup, n)))
+                                                   fixed_interval_nfc(steps, warmup, n), -n))
 
 
 # --- diffusers' and cache-dit's caches --------------------------------------------------------
@@ -548,6 +550,8 @@ class Ctx:
     calib: list[int]
     scorer: Scorer
     rows: list[dict] = field(default_factory=list)
+    notes: dict = field(default_factory=dict)
+    batch_probe_target: int | None = None
 
 
 def _row(ctx: Ctx, method: str, family: str, target, images, nfc: float, knob: str, per_sample: bool,
@@ -592,7 +596,8 @@ def run_rcs(ctx: Ctx, mode: str, order: int, label: str, targets, group="main", 
             start = time.perf_counter()
             if mode == "rfc":
                 low, high = bracket(trials, target, 1e-3, 1.0)
-                result = rfc_calibrate.calibrate_threshold(model, sample_fn, target, base, low=low, high=high)
+                result = rfc_calibrate.calibrate_threshold(model, sample_fn, target, base, low=low, high=high,
+                                                           tolerance=TOLERANCE)
                 tau, calib_nfc = result.config.threshold, result.nfc
                 trials.extend(t for t in result.trials if t not in trials)
             else:
@@ -601,7 +606,7 @@ def run_rcs(ctx: Ctx, mode: str, order: int, label: str, targets, group="main", 
                     sample_fn(cached)
                     return sum(g.nfc for g in cached.generations) / len(cached.generations)
 
-                tau, calib_nfc = bisect_knob(nfc_at, target, 1e-3, 1.0, trials=trials)
+                tau, calib_nfc = bisect_knob(nfc_at, target, 1e-3, 1.0, trials=trials, tolerance=TOLERANCE)
             t_cal = time.perf_counter() - start
             config = base.replace(threshold=tau)
             cached = GRAPHS.get(model, config)
@@ -620,6 +625,28 @@ def run_rcs(ctx: Ctx, mode: str, order: int, label: str, targets, group="main", 
             if validate:
                 validate_graph_edit(ctx, config, cached)
                 validate = False
+            if mode == "rfc" and target == ctx.batch_probe_target:
+                per_batch_decisions(ctx, config, images, nfcs)
+
+
+def per_batch_decisions(ctx: Ctx, config: RFCConfig, per_sample_images: torch.Tensor, per_sample_nfcs):
+    """The same threshold with the calibration samples in ONE batch: RCS then takes one decision
+    per call for all of them (full when any sample's accumulator exceeds tau)."""
+    cached = GRAPHS.get(ctx.bundle.transformer, config)
+    images = sample_batched(ctx.bundle, ctx.calib, ctx.steps, cached)
+    n = len(ctx.calib)
+    full = ctx.scorer.full[:n]
+    result = {
+        "threshold": config.threshold, "samples": n,
+        "per_sample_nfc": sum(per_sample_nfcs[:n]) / n,
+        "per_sample_psnr": float(psnr_each(per_sample_images[:n], full).mean()),
+        "batched_nfc": cached.stats.nfc,
+        "batched_psnr": float(psnr_each(images, full).mean()),
+    }
+    ctx.notes.setdefault("per_batch", []).append({"method": f"RFC o{config.order}", **result})
+    log.info("%s: RFC o%d tau %.4g, %d samples: per-sample NFC %.2f PSNR %.2f | one batch NFC %d PSNR %.2f",
+             ctx.name, config.order, config.threshold, n, result["per_sample_nfc"], result["per_sample_psnr"],
+             result["batched_nfc"], result["batched_psnr"])
 
 
 def validate_graph_edit(ctx: Ctx, config: RFCConfig, edited: CachedModel):
@@ -656,7 +683,7 @@ def run_hooked(ctx: Ctx, kind: str, label: str, targets, make_config: Callable[[
     trials: list[tuple[float, float]] = []
     for target in targets:
         start = time.perf_counter()
-        k, calib_nfc = bisect_knob(nfc_at, target, low, high, trials=trials)
+        k, calib_nfc = bisect_knob(nfc_at, target, low, high, trials=trials, tolerance=TOLERANCE)
         t_cal = time.perf_counter() - start
         net = HookedCache(model, kind, make_config(k), steps, calibrator)
         images = sample_each(bundle, ctx.samples, steps, net)
@@ -723,7 +750,8 @@ def run_model(name: str, args) -> dict:
     t_full = time.perf_counter() - start
     labels = torch.tensor([label_of(i) for i in samples])
     scorer = Scorer(full, labels, classifier, classifier.features(real).numpy())
-    ctx = Ctx(name, bundle, steps, samples, calib, scorer)
+    ctx = Ctx(name, bundle, steps, samples, calib, scorer, notes=notes,
+              batch_probe_target=10 if 10 in targets else targets[0])
     _row(ctx, "full", "full", steps, full, steps, "-", False, t_full)
     floor = sample_each(bundle, calib, steps)
     notes["noise_floor_psnr"] = float(psnr_each(floor, full[: len(calib)]).mean())
@@ -867,6 +895,17 @@ def render(results: list[dict], args, wall: float) -> str:
             for key, v in d.items():
                 lines.append(f"| {model} | {key} | {v['err_fora']:.4f} | {v['err_ts']:.4f} | {v['err_rfe']:.4f} | "
                              f"{v['cos']:.3f} | {v['mag_ts']:.3f} | {v['mag_rfe']:.3f} |")
+        lines.append("")
+    probes = [(res["model"], p) for res in results for p in res["notes"].get("per_batch", [])]
+    if probes:
+        lines += ["Per-sample vs per-batch RCS decisions (same threshold, the calibration samples either one "
+                  "generation each or all in ONE batch, where RCS computes a step in full when any sample's "
+                  "accumulator exceeds tau):", "",
+                  "| model | method | tau | samples | per-sample NFC | per-sample PSNR | one-batch NFC | one-batch PSNR |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for model, p in probes:
+            lines.append(f"| {model} | {p['method']} | {p['threshold']:.4g} | {p['samples']} | {p['per_sample_nfc']:.2f} | "
+                         f"{p['per_sample_psnr']:.2f} | {p['batched_nfc']} | {p['batched_psnr']:.2f} |")
         lines.append("")
     if FINDINGS.strip():
         lines += [FINDINGS.strip(), ""]
