@@ -4,8 +4,12 @@
 ``(kwargs, state) -> (output, state')``, into the callable CachedModel calls each step:
 
 * ``"eager"``: the GraphModule itself;
-* ``"inductor"``: ``torch.compile(gm, fullgraph=True, **options)`` (``mode``, ``dynamic``,
-  ``options``, ... are passed through to torch.compile).
+* ``"inductor"``: :class:`SplitCondRunner`: the graph split at its ``torch.cond`` into
+  ``pre`` (everything the decision needs) and one ``post`` per branch, each compiled with
+  ``torch.compile(fullgraph=True, **options)`` (``mode``, ``dynamic``, ``options``, ... are
+  passed through). That is the host-side branch inductor emits for a cond anyway, minus the
+  copy of the whole cache that the cond's no-aliasing rule costs every skipped step. With
+  ``options["split_cond"] = False`` the one-cond graph is compiled as it is instead.
 
 The plugin form is a dynamo backend, registered as ``"rfc"`` through the
 ``torch_dynamo_backends`` entry point (pyproject.toml; torch looks it up the first time a
@@ -63,10 +67,12 @@ def make_runner(gm: fx.GraphModule, backend: str, options: dict[str, Any] | None
         return gm
     if backend == "inductor":
         options = dict(options or {})
-        if options.pop("split_cond", True):
-            conds = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond]
-            if len(conds) == 1:
+        conds = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond]
+        if options.pop("split_cond", True) and len(conds) == 1:
+            try:
                 return SplitCondRunner(gm, options)
+            except NotImplementedError as err:
+                logger.info("compiling the cond graph unsplit: %s", err)
         return torch.compile(gm, fullgraph=True, **options)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -93,8 +99,7 @@ def split_at_cond(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[bool, fx.Gra
     output = next(n for n in nodes if n.op == "output")
     before = [n for n in nodes if n not in after and n.op != "output"
               and not (n.op == "call_module" and n.target == "_guards_fn")]  # shapes are keyed by the runtime
-    used_after = [n for n in before if n.op != "get_attr" and any(u in after for u in n.users)]
-    live = [n for n in used_after if n is not pred] if pred in before else used_after
+    live = [n for n in before if n.op != "get_attr" and any(u in after for u in n.users)]
 
     pre = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -111,7 +116,7 @@ def split_at_cond(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[bool, fx.Gra
         graph = fx.Graph()
         env = {n: graph.placeholder(n.name) for n in live}
         for node in before:
-            if node.op == "get_attr" and any(u in after for u in node.users) and node is not ref:
+            if node.op == "get_attr" and node not in (true_ref, false_ref) and any(u in after for u in node.users):
                 env[node] = graph.get_attr(node.target)
         benv: dict[fx.Node, Any] = {}
         placeholders = [n for n in branch.graph.nodes if n.op == "placeholder"]
