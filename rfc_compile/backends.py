@@ -10,6 +10,10 @@
   passed through). That is the host-side branch inductor emits for a cond anyway, minus the
   copy of the whole cache that the cond's no-aliasing rule costs every skipped step. With
   ``options["split_cond"] = False`` the one-cond graph is compiled as it is instead.
+  CachedModel builds one program per input signature, so with ``optimize(...,
+  backend="inductor")`` a new resolution or batch size captures, rewrites and compiles once
+  (a fresh cache); a shape seen before reuses its compiled program, with a fresh cache too.
+  After the first generation at a shape nothing recompiles.
 
 The plugin form is a dynamo backend, registered as ``"rfc"`` through the
 ``torch_dynamo_backends`` entry point (pyproject.toml; torch looks it up the first time a
