@@ -29,8 +29,9 @@ class RFCConfig:
         interval: the fixed schedule's N for fora/taylorseer/rfe: step n is full iff
             n < warmup_steps or n - last_full >= N.
         eps: guard for every division by a norm.
-        guard_nonfinite: check the cache for NaN/Inf before each step and, if any, compute the
-            step in full and restart the ladders (one reduction over the state per step).
+        guard_nonfinite: check the cache for NaN/Inf where a full step writes it and, if any,
+            compute the next step in full and restart the ladders (one reduction over the written
+            state per full step; skipped steps only check the RCS accumulator).
     """
 
     mode: Mode = "rfc"

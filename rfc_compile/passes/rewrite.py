@@ -69,6 +69,11 @@ def _copied_operands(nodes: list[fx.Node]) -> set[fx.Node]:
     return copied
 
 
+def _all_finite(tensors: tuple[Tensor, ...]) -> Tensor:
+    """0-d bool: no NaN/Inf in any tensor (one float32 sum each; a NaN or Inf makes it non-finite)."""
+    return torch.stack([t.sum(dtype=torch.float32) for t in tensors]).isfinite().all()
+
+
 def _batch_size(plan: RegionPlan) -> int:
     return int(_meta(plan.watched.feature_inputs[0]).shape[0])
 
@@ -247,7 +252,12 @@ class _BranchBuilder:
                     + [state[n] for n in names] + [k, seen, seen_after])
             outs = self._call(graph, root, f"update_{j}", RegionUpdate(region, self.config), args, len(names))
             new_state.update(zip(names, outs))
-        graph.output(self._outputs(graph, env) + tuple(new_state[n] for n in self.state_names))
+        written = tuple(new_state[n] for n in self.state_names)
+        if self.config.guard_nonfinite:
+            # checked where the cache is written (fused with the update by inductor), so a
+            # skipped step pays nothing for the guard
+            written += (graph.call_function(_all_finite, (written,)),)
+        graph.output(self._outputs(graph, env) + written)
         return fx.GraphModule(root, graph, "recompute")
 
     def predict(self) -> fx.GraphModule:
@@ -266,6 +276,8 @@ class _BranchBuilder:
             elif node not in in_region:
                 env[node] = graph.node_copy(node, lambda n: env[n])
         kept = tuple(graph.call_function(torch.clone, (state[n],)) for n in self.state_names)
+        if self.config.guard_nonfinite:  # an unchanged cache is as healthy as when it was written
+            kept += (graph.call_function(torch.ones_like, (k,), {"dtype": torch.bool}),)
         graph.output(self._outputs(graph, env) + kept)
         return fx.GraphModule(root, graph, "predict")
 
@@ -353,26 +365,20 @@ class CachedStep(torch.nn.Module):
 
         since_full = step - last_full
         new_state: dict[str, Tensor] = {}
-        healthy = None
-        if cfg.guard_nonfinite:
-            # A corrupt cache (NaN/Inf, e.g. fp16 overflow) forces a full step that restarts it.
-            cache = [state[n] for n in self._region_state] + ([state["rcs_acc"]] if cfg.uses_rcs else [])
-            healthy = torch.stack([t.sum(dtype=torch.float32) for t in cache]).isfinite().all()
-            seen = torch.where(healthy, seen, torch.zeros_like(seen))
         if cfg.uses_rcs:
             x0 = [env[n] for n in self.plan.watched.feature_inputs]
             x_hat = [rfc.taylor_predict(state[f"rcs_ladder.{i}"], since_full, seen) for i in range(len(x0))]
             acc = rfc.rcs_accumulate(state["rcs_acc"], rfc.rcs_error(x0, x_hat, cfg.eps))
             pred = rfc.forced_full(step, seen, since_full, cfg.warmup_steps, cfg.max_interval)
             pred = pred | rfc.rcs_wants_full(acc, cfg.threshold)
+            if cfg.guard_nonfinite:  # a NaN input makes acc NaN, and NaN > tau is False: never skip on it
+                pred = pred | ~acc.isfinite().all()
             new_state["rcs_acc"] = torch.where(pred, torch.zeros_like(acc), acc)
         else:
             pred = rfc.fixed_interval_full(step, seen, since_full, cfg.warmup_steps, cfg.interval)
             if cfg.max_interval is not None:
                 pred = pred | (since_full > cfg.max_interval)
 
-        if healthy is not None:
-            pred = pred | ~healthy
         operands = (
             tuple(env[n].clone(memory_format=torch.contiguous_format) if n in self._copied_inputs else env[n]
                   for n in self._span_inputs if n.op != "get_attr")
@@ -380,14 +386,19 @@ class CachedStep(torch.nn.Module):
             + (since_full, seen, seen + 1)
         )
         results = torch.cond(pred, self.recompute_branch, self.predict_branch, operands)
-        n_out = len(self._span_outputs)
+        n_out, n_state = len(self._span_outputs), len(self._region_state)
         env.update(zip(self._span_outputs, results[:n_out]))
-        new_state.update(zip(self._region_state, results[n_out:]))
+        new_state.update(zip(self._region_state, results[n_out : n_out + n_state]))
         for node in self._suffix:
             env[node] = self._run(node, env)
         new_state["step"] = step + 1
         new_state["last_full"] = torch.where(pred, step, last_full)
-        new_state["full_steps_seen"] = seen + pred.to(seen.dtype)
+        seen_after = seen + pred.to(seen.dtype)
+        if cfg.guard_nonfinite:
+            # A full step that wrote NaN/Inf into the cache (e.g. fp16 overflow) sets the count
+            # of full steps seen to 0: the next step is forced full and restarts every ladder.
+            seen_after = torch.where(results[-1], seen_after, torch.zeros_like(seen_after))
+        new_state["full_steps_seen"] = seen_after
         return self._finish(env), {name: new_state[name] for name in self.state_spec.names()}
 
 
