@@ -27,6 +27,11 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
 * ``squeeze_axes``: ``Squeeze`` nodes whose axes input names a dimension that is not 1 in the
   inferred shape (PixArt's plain export: onnxruntime refuses to load it, "Squeeze: dimension
   ... must be 1") are dropped when the axis is provably not squeezable, see :func:`fix_squeeze`.
+* ``empty_on_skip``: state outputs that the ``If``'s predict branch passes through unchanged
+  (``Identity(state.<name>)``: ladders, ratios, last inputs) come back as an empty tensor from a
+  skipped step instead of a copy of the cache; the sidecar's ``kept_on_skip`` lists them and the
+  runner keeps its buffer (skip_state.py). ``to_onnx(..., empty_on_skip=False)`` keeps the copies.
+  Triton and TensorRT get the graph with the copies restored (their state bindings are fixed-size).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ..config import RFCConfig
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
 from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
+from .skip_state import empty_on_skip as rewrite_empty_on_skip
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +167,8 @@ def fix_squeeze(model_proto) -> int:
 
 def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dict[str, Any],
             config: RFCConfig | None = None, *, opset: int | None = None, check: bool = True,
-            triton: bool | str | os.PathLike = False, triton_model_name: str | None = None) -> OnnxExport:
+            triton: bool | str | os.PathLike = False, triton_model_name: str | None = None,
+            empty_on_skip: bool = True) -> OnnxExport:
     """Export ``model`` with RFC traced in as an ONNX graph with explicit state I/O.
 
     Args:
@@ -175,6 +182,8 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         triton: also write a Triton model repository: True for ``<dir of path>/triton``, or a
             directory (see triton.py); the model is named ``triton_model_name`` (default: the
             file's stem).
+        empty_on_skip: state the skipped branch leaves unchanged comes back empty instead of
+            copied (skip_state.py); the ONNX runner keeps its buffer. False: plain copies.
     """
     import onnx
 
@@ -213,6 +222,16 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     n_if = count_if_nodes(proto)
     if config.mode != "full" and n_if != 1:
         raise ExportError(f"expected one If node (the cached regions' branch) in the exported graph, found {n_if}")
+    state_json = [
+        {"name": e.name, "input": STATE_IN_PREFIX + e.name, "output": STATE_OUT_PREFIX + e.name,
+         "shape": list(e.shape), "dtype": str(e.dtype).replace("torch.", "")}
+        for e in program.state_spec.entries
+    ]
+    kept_on_skip: list[str] = []
+    if empty_on_skip and n_if:
+        kept_on_skip = rewrite_empty_on_skip(proto, state_json, DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX)
+        if kept_on_skip:
+            fixups.append(f"empty_on_skip({len(kept_on_skip)})")
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for stale in (path, Path(str(path) + ".data")):
@@ -240,17 +259,14 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "outputs": [o.to_json() for o in program.outputs],
         "output_structure": program.output_structure,
         "constants": program.constants,
-        "state": [
-            {"name": e.name, "input": STATE_IN_PREFIX + e.name, "output": STATE_OUT_PREFIX + e.name,
-             "shape": list(e.shape), "dtype": str(e.dtype).replace("torch.", "")}
-            for e in program.state_spec.entries
-        ],
+        "state": state_json,
         "naming": {"state_input_prefix": STATE_IN_PREFIX, "state_output_prefix": STATE_OUT_PREFIX,
                    "decision_output": STATE_OUT_PREFIX + DECISION_STATE,
                    "step_input": STATE_IN_PREFIX + "step"},
         "regions": program.regions,
         "cached_regions": program.regions if config.mode != "full" else [],
         "if_nodes": n_if,
+        "kept_on_skip": kept_on_skip,
         "dynamic_axes": {},
         "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         "fixups": fixups,

@@ -18,6 +18,7 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
       "naming": {"state_input_prefix": "state.", "state_output_prefix": "state_out.",
                  "decision_output": "state_out.last_full"},
       "regions": ["transformer_blocks.0.attn1", ...], "if_nodes": 1,
+      "kept_on_skip": ["transformer_blocks_0_attn1.ladder.0", ...],   # see below
       "dynamic_axes": {},                             # static shapes (see onnx.py)
       "opset": 18, "fixups": [...], "versions": {"torch": ..., "onnx": ..., "rfc_compile": ...}
     }
@@ -25,6 +26,11 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
 State names follow rfc_compile/state.py; every state tensor is zero at the start of a generation.
 After each step the runner reads ``state_out.last_full``: the step was computed in full iff
 it equals the step index (``state.step`` before the call).
+
+``kept_on_skip`` (optional, default ``[]``) names the state entries whose ``state_out.*`` comes
+back *empty* (zero rows) from a step that left them unchanged (skip_state.py): the runner then
+keeps its previous buffer instead of adopting the output. Exactly those state outputs have an
+unknown first dimension in the graph; :meth:`Sidecar.check_io` holds the two to each other.
 """
 
 from __future__ import annotations
@@ -104,6 +110,7 @@ class Sidecar:
     state: list[StateDesc]
     constants: dict[str, Any]
     decision_output: str
+    kept_on_skip: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def model_class(self) -> str:
@@ -125,16 +132,25 @@ class Sidecar:
                                  f"reads version {VERSION}: re-export the model")
         try:
             naming = raw["naming"]
-            return cls(
+            sidecar = cls(
                 raw=raw,
                 inputs=[TensorDesc.from_json(d) for d in raw["inputs"]],
                 outputs=[TensorDesc.from_json(d) for d in raw["outputs"]],
                 state=[StateDesc.from_json(d) for d in raw["state"]],
                 constants=dict(raw.get("constants", {})),
                 decision_output=str(naming["decision_output"]),
+                kept_on_skip=[str(n) for n in raw.get("kept_on_skip", [])],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None
+        states = sidecar.state_by_name()
+        for name in sidecar.kept_on_skip:
+            entry = states.get(name)
+            if entry is None or not entry.shape or entry.output == sidecar.decision_output:
+                why = ("is not a state entry" if entry is None else "is 0-d" if not entry.shape
+                       else "is the decision output")
+                raise ModelFileError(f"{where} lists {name!r} in kept_on_skip, but it {why}; re-export the model")
+        return sidecar
 
     @classmethod
     def load(cls, artifact: str | Path) -> "Sidecar":
@@ -167,6 +183,7 @@ class Sidecar:
         expected_out = {d.name: (d.shape, d.dtype) for d in self.outputs}
         expected_out.update({s.output: (s.shape, s.dtype) for s in self.state})
         problems = _diff("input", expected_in, graph_inputs) + _diff("output", expected_out, graph_outputs)
+        problems += self._diff_kept_on_skip(graph_outputs)
         if self.decision_output not in graph_outputs:
             problems.append(f"decision output {self.decision_output!r} missing from the graph")
         if problems:
@@ -174,6 +191,27 @@ class Sidecar:
             raise SidecarMismatchError(
                 f"the sidecar does not match {where}: {shown}. The .rfc.json must be the one written "
                 "together with this file by the same export")
+
+    def _diff_kept_on_skip(self, graph_outputs: dict[str, tuple[tuple, str]]) -> list[str]:
+        """A state output may come back empty (unknown first dim in the graph) iff the sidecar's
+        ``kept_on_skip`` lists it: otherwise a runner would adopt an empty tensor as the cache, or
+        keep a stale buffer where the graph returned a new one."""
+        kept = set(self.kept_on_skip)
+        problems = []
+        for s in self.state:
+            if s.output not in graph_outputs or not s.shape:
+                continue
+            shape = graph_outputs[s.output][0]
+            if shape is None or len(shape) != len(s.shape):
+                continue  # reported by _diff
+            rows_unknown = not isinstance(shape[0], int)
+            if s.name in kept and not rows_unknown:
+                problems.append(f"kept_on_skip lists state {s.name!r}, but the graph's {s.output!r} has the static "
+                                f"shape {list(shape)} (it never comes back empty)")
+            elif s.name not in kept and rows_unknown:
+                problems.append(f"the graph's {s.output!r} may come back empty on skipped steps (shape "
+                                f"{list(shape)}), but kept_on_skip does not list state {s.name!r}")
+        return problems
 
 
 def _diff(kind: str, expected: dict[str, tuple[tuple, str]], got: dict[str, tuple[tuple, str]]) -> list[str]:
