@@ -1,9 +1,14 @@
 """OnnxCachedModel: run an exported cached step with onnxruntime, state threaded with IOBinding.
 
-The state lives in two sets of OrtValues on the session's device (ping-pong): step n binds
-set A as ``state.*`` inputs and set B as ``state_out.*`` outputs, step n+1 the other way
-round, so no state tensor is copied between steps and, with the CUDA execution provider, it
-never leaves the GPU (only the 8-byte ``state_out.last_full`` is read back, for ``stats``).
+The state lives in OrtValues on the session's device. Small state (counters, the RCS
+accumulator) uses two sets (ping-pong): step n binds set A as ``state.*`` inputs and set B as
+``state_out.*`` outputs, step n+1 the other way round. The cache tensors listed in the
+sidecar's ``kept_on_skip`` (skip_state.py) are bound as inputs from the one current OrtValue
+and as outputs *without* a buffer (onnxruntime allocates on the session's device): a skipped
+step returns them empty and the runner keeps the current OrtValue (nothing copied), a full
+step returns new ones and the runner adopts them. No state tensor is copied between steps
+and, with the CUDA execution provider, none leaves the GPU (only the 8-byte
+``state_out.last_full`` is read back, for ``stats``).
 Model inputs given as CUDA torch tensors are bound in place (and the output is written
 into a CUDA torch tensor); CPU tensors / arrays are bound from host memory.
 """
@@ -85,6 +90,7 @@ class OnnxCachedModel(StatefulRunner):
         self._buffers: list[dict[str, Any]] = [{}, {}]
         self._current = 0
         self._output_desc = sidecar.outputs
+        self._kept = set(sidecar.kept_on_skip)
         self.reset()
 
     def __repr__(self) -> str:
@@ -102,7 +108,7 @@ class OnnxCachedModel(StatefulRunner):
         for parity in (0, 1):
             self._buffers[parity] = {
                 d.name: self._ortvalue(np.zeros(d.shape, dtype=numpy_dtype(d.dtype)))
-                for d in self.sidecar.state
+                for d in self.sidecar.state if d.name not in self._kept or parity == 0
             }
         self._current = 0
 
@@ -139,15 +145,32 @@ class OnnxCachedModel(StatefulRunner):
                 binding.bind_output(d.name, "cpu")
         # model outputs are bound first: get_outputs() lists them in binding order
         current, nxt = self._buffers[self._current], self._buffers[1 - self._current]
+        kept_at: list[tuple[int, str]] = []  # (position in get_outputs(), state name)
+        position = len(self._output_desc)
         for d in self.sidecar.state:
             binding.bind_ortvalue_input(d.input, current[d.name])
-            binding.bind_ortvalue_output(d.output, nxt[d.name])
+            if d.name in self._kept:  # onnxruntime allocates; empty when the step left it unchanged
+                binding.bind_output(d.output, self.device_type, self.device_id)
+                kept_at.append((position, d.name))
+            else:
+                binding.bind_ortvalue_output(d.output, nxt[d.name])
+            position += 1
         if cuda_inputs:
             torch.cuda.current_stream().synchronize()  # inputs written by torch are ready for ORT
         self.session.run_with_iobinding(binding)
+        values = binding.get_outputs() if (kept_at or not cuda_inputs) else []
         if not cuda_inputs:
-            values = binding.get_outputs()
             outputs = [torch.from_numpy(values[i].numpy()) for i in range(len(self._output_desc))]
+        for i, name in kept_at:
+            value = values[i]
+            shape = value.shape()
+            if 0 in shape:  # the step left it unchanged: keep the buffer, nothing copied
+                nxt[name] = current[name]
+            elif tuple(shape) == self._state_desc[name].shape:
+                nxt[name] = value  # a full step's new tensor, already on the session's device
+            else:
+                raise RuntimeError(f"{self.path}: state output {self._state_desc[name].output!r} came back with "
+                                   f"shape {list(shape)}, expected {list(self._state_desc[name].shape)} or empty")
         self._current = 1 - self._current
         last_full = int(nxt["last_full"].numpy())
         return outputs, last_full
