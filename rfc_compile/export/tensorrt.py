@@ -6,6 +6,10 @@ neither installs on CPU-only machines. :func:`tensorrt_available` says why not, 
 The ONNX ``If`` node becomes an ``IIfConditional``: only the taken branch runs (TensorRT reads
 the 0-d predicate on the host, one sync per step). The engine has the ONNX graph's I/O names,
 so the sidecar is copied next to it as ``<engine>.rfc.json`` (plus an ``engine`` entry).
+The engine is built from the graph with the skipped branch's state copies restored
+(skip_state.restore_skip_copies; its ``kept_on_skip`` is ``[]``): the runner binds fixed-size
+state buffers. Returning those outputs empty would need TensorRT's data-dependent output
+shapes (IOutputAllocator), not done here.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +110,22 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors[:5]))
+    with tempfile.TemporaryDirectory(prefix="rfc_trt_") as tmp:
+        parse_path = onnx_path
+        if sidecar.kept_on_skip:
+            # the runner binds fixed-size state buffers: every state output full-size again
+            import onnx
+
+            from .skip_state import restore_skip_copies
+
+            proto = restore_skip_copies(onnx.load(str(onnx_path)), sidecar.raw["state"], sidecar.kept_on_skip)
+            parse_path = Path(tmp) / onnx_path.name
+            big = proto.ByteSize() > 1_800_000_000
+            onnx.save_model(proto, str(parse_path), save_as_external_data=big, all_tensors_to_one_file=True,
+                            location=onnx_path.name + ".data")
+        if not parser.parse_from_file(str(parse_path)):
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise ExportError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors[:5]))
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
@@ -129,6 +147,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
     engine_path.write_bytes(bytes(serialized))
     raw = dict(sidecar.raw)
     raw["artifact"] = engine_path.name
+    raw["kept_on_skip"] = []  # built from the graph with the skip copies restored
     raw["engine"] = {"onnx": onnx_path.name, "precision": precision, "tensorrt": trt.__version__}
     sidecar_path(engine_path).write_text(json.dumps(raw, indent=2) + "\n")
     return engine_path

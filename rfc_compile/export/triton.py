@@ -26,7 +26,10 @@ batch is the CFG/prompt batch baked at export) READY is always 1.
 Triton state tensors need at least one dimension, so the 0-d counters (``step``,
 ``last_full``, ``full_steps_seen``) are shape ``[1]`` in the Triton model (a Reshape to and
 from ``[]`` is inserted around the graph). The Triton model therefore differs from the plain
-ONNX file: START/READY inputs, the reset/gate nodes and the ``[1]``-shaped counters.
+ONNX file: START/READY inputs, the reset/gate nodes and the ``[1]``-shaped counters, and
+the cache outputs that the plain file returns empty on skipped steps (the sidecar's
+``kept_on_skip``, skip_state.py) are full-size copies again: Triton threads every state output
+back as the next input.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from pathlib import Path
 
 from .errors import ExportError
 from .sidecar import Sidecar
+from .skip_state import restore_skip_copies
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +204,8 @@ def write_triton_repository(onnx_path: str | os.PathLike, repository: str | os.P
         shutil.rmtree(version_dir)
     version_dir.mkdir(parents=True)
     proto = onnx.load(str(onnx_path))  # external data (if any) is loaded too
+    # Triton's implicit state needs every state output full-size on every step
+    proto = restore_skip_copies(proto, sidecar.raw["state"], sidecar.kept_on_skip)
     triton_model = add_sequence_controls(proto, sidecar)
     big = triton_model.ByteSize() > 1_800_000_000 if hasattr(triton_model, "ByteSize") else False
     target = version_dir / "model.onnx"
