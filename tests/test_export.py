@@ -115,6 +115,62 @@ def test_graph_has_one_if_state_io_and_polygraphy_runs_it(rfc_onnx):
     np.testing.assert_allclose(out["sample"], first.numpy(), atol=1e-6)
 
 
+def _else_branch_pass_throughs(model) -> set[str]:
+    """Outer-scope graph inputs that the If's else (predict) branch returns through Identity nodes."""
+    if_node = next(n for n in model.graph.node if n.op_type == "If")
+    branch = next(a.g for a in if_node.attribute if a.name == "else_branch")
+    producers = {o: n for n in branch.node for o in n.output}
+    graph_inputs = {i.name for i in model.graph.input}
+    found = set()
+    for out in branch.output:
+        name = out.name
+        while name in producers and producers[name].op_type == "Identity":
+            name = producers[name].input[0]
+        if name in graph_inputs:
+            found.add(name)
+    identity_of_inputs = {n.input[0] for n in branch.node if n.op_type == "Identity" and n.input[0] in graph_inputs}
+    return found | identity_of_inputs
+
+
+def test_skip_branch_does_not_copy_the_cache(rfc_onnx):
+    """The predict branch returns the unchanged cache as empty tensors (no Identity copy of a state
+    input); the sidecar lists them in kept_on_skip; the runner keeps its buffers on skipped steps."""
+    model = onnx.load(str(rfc_onnx))
+    sidecar = json.loads((rfc_onnx.parent / (rfc_onnx.name + ".rfc.json")).read_text())
+    kept = sidecar["kept_on_skip"]
+    state = {e["name"]: e for e in sidecar["state"]}
+    assert {"rcs_ladder.0", "transformer_blocks_0_attn1.ladder.0", "transformer_blocks_0_attn1.ratio.0",
+            "transformer_blocks_0_attn1.x_last.0"} <= set(kept)
+    assert "last_full" not in kept and all(state[n]["shape"] for n in kept)
+    assert any(f.startswith("empty_on_skip(") for f in sidecar["fixups"])
+    copied = _else_branch_pass_throughs(model)
+    assert not copied & {state[n]["input"] for n in kept}, f"else branch still copies {copied}"
+    outputs = {o.name: o.type.tensor_type.shape.dim for o in model.graph.output}
+    for name, entry in state.items():
+        dims = outputs[entry["output"]]
+        rows_unknown = len(dims) > 0 and not dims[0].HasField("dim_value")
+        assert rows_unknown == (name in kept), name
+        assert [d.dim_value for d in dims[1:]] == entry["shape"][1:]
+    onnx.checker.check_model(model, full_check=True)
+
+    # the runner: a skipped step keeps the very same buffers, a full step adopts new ones
+    runner = OnnxCachedModel(rfc_onnx, providers=["CPUExecutionProvider"])
+    name = "transformer_blocks_0_attn1.ladder.0"
+    x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, NUM_CLASSES])
+    kinds = set()
+    for t in (999, 949, 899, 849, 799, 749, 699, 649):
+        before = runner._buffers[runner._current][name].data_ptr()
+        step = runner.stats.steps
+        out = runner(hidden_states=x, timestep=torch.full((2,), t), class_labels=labels, return_dict=False)[0]
+        after = runner._buffers[runner._current][name].data_ptr()
+        full = runner.stats.full_steps[-1:] == [step]
+        kinds.add(full)
+        assert (after != before) if full else (after == before), (step, full)
+        assert tuple(runner.state[name].shape) == tuple(state[name]["shape"])
+        x = x - 0.1 * out
+    assert kinds == {True, False}
+
+
 # --- whole generations: ORT runner == eager cached model ------------------------------------------
 
 @pytest.mark.parametrize("which", ["fixed", "rfc"])
@@ -222,6 +278,43 @@ def test_sidecar_that_does_not_match_the_graph_gives_clear_error(rfc_onnx, full_
     lonely.with_name("lonely.onnx.rfc.json").write_text('{"hello": 1}')
     with pytest.raises(ModelFileError, match="not an rfc_compile export sidecar"):
         OnnxCachedModel(lonely)
+
+
+def test_kept_on_skip_that_does_not_match_the_graph_gives_clear_error(rfc_onnx, tmp_path):
+    from rfc_compile.export.skip_state import restore_skip_copies
+
+    pair = _copy_pair(rfc_onnx, tmp_path, "kept.onnx")
+    side = pair.with_name(pair.name + ".rfc.json")
+    raw = json.loads(side.read_text())
+    kept = raw["kept_on_skip"]
+
+    def load_with(edit):
+        side.write_text(json.dumps(dict(raw, **edit)))
+        return OnnxCachedModel(pair)
+
+    # a sidecar without the field (an older export's) would adopt empty tensors as the cache
+    with pytest.raises(SidecarMismatchError, match=rf"may come back empty.*kept_on_skip does not list state "
+                                                   rf"'{kept[0]}'"):
+        load_with({"kept_on_skip": []})
+    with pytest.raises(SidecarMismatchError, match="kept_on_skip"):
+        load_with({"kept_on_skip": kept[1:]})
+    # a state output the graph always returns full-size would never be updated
+    with pytest.raises(SidecarMismatchError, match=r"kept_on_skip lists state 'rcs_acc'.*static shape"):
+        load_with({"kept_on_skip": kept + ["rcs_acc"]})
+    with pytest.raises(ModelFileError, match="kept_on_skip.*'nonexistent'.*not a state entry"):
+        load_with({"kept_on_skip": kept + ["nonexistent"]})
+    with pytest.raises(ModelFileError, match="kept_on_skip.*'step'.*0-d"):
+        load_with({"kept_on_skip": kept + ["step"]})
+    load_with({})  # the sidecar as written works
+    # restoring the copies (Triton / TensorRT) checks the field against the graph too
+    model = onnx.load(str(rfc_onnx))
+    with pytest.raises(SidecarMismatchError, match="kept_on_skip does not list"):
+        restore_skip_copies(model, raw["state"], kept[1:])
+    with pytest.raises(SidecarMismatchError, match="no empty-on-skip branch output"):
+        restore_skip_copies(model, raw["state"], kept + ["rcs_acc"])
+    restored = restore_skip_copies(model, raw["state"], kept)
+    assert {e["input"] for e in raw["state"] if e["name"] in kept} <= _else_branch_pass_throughs(restored)
+    assert all(d.HasField("dim_value") for o in restored.graph.output for d in o.type.tensor_type.shape.dim)
 
 
 def test_wrong_shape_state_or_input_gives_clear_error(rfc_onnx):
