@@ -7,6 +7,8 @@ import math
 from typing import Literal
 
 Mode = Literal["full", "fora", "taylorseer", "rfe", "rcs", "rfc"]
+Differences = Literal["latest_gap", "divided"]
+DIFFERENCES: tuple[str, ...] = ("latest_gap", "divided")
 MODES: tuple[str, ...] = ("full", "fora", "taylorseer", "rfe", "rcs", "rfc")
 #: Modes that decide with a fixed interval N (RFC_METHOD.md "Modes"); "rcs" and "rfc" use RCS.
 FIXED_INTERVAL_MODES: tuple[str, ...] = ("fora", "taylorseer", "rfe")
@@ -32,6 +34,18 @@ class RFCConfig:
         guard_nonfinite: check the cache for NaN/Inf where a full step writes it and, if any,
             compute the next step in full and restart the ladders (one reduction over the written
             state per full step; skipped steps only check the RCS accumulator).
+
+    Options beyond the paper (ours; defaults are the paper's method, see benchmarks/RESULTS.md
+    for what each one measured):
+        differences: how ladder differences are divided: "latest_gap" (TaylorSeer: every D_i by
+            the latest gap N) or "divided" (divided differences over the actual positions of the
+            last m + 1 full steps; the same as "latest_gap" when the gaps are equal, so it differs
+            only for m >= 2 with uneven gaps: RCS schedules, and the warm-up's gap of 1).
+        rfe_shrink: scale RFE's magnitude by the cosine between the Taylor term and the change
+            measured at the last full step (the least-squares magnitude when the direction is
+            only partly right).
+        num_steps, final_full_steps: with the generation length known, compute the last
+            ``final_full_steps`` steps in full (where quality is decided).
     """
 
     mode: Mode = "rfc"
@@ -42,6 +56,10 @@ class RFCConfig:
     interval: int = 4
     eps: float = 1e-6
     guard_nonfinite: bool = True
+    differences: Differences = "latest_gap"
+    rfe_shrink: bool = False
+    num_steps: int | None = None
+    final_full_steps: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str):
@@ -78,6 +96,21 @@ class RFCConfig:
                 raise ValueError(f"RFCConfig.{name} must be finite and >= 0, got {value}")
         if not isinstance(self.guard_nonfinite, bool):
             raise TypeError(f"RFCConfig.guard_nonfinite must be a bool, got {type(self.guard_nonfinite).__name__}")
+        if self.differences not in DIFFERENCES:
+            raise ValueError(f"RFCConfig.differences must be one of {DIFFERENCES}, got {self.differences!r}")
+        if not isinstance(self.rfe_shrink, bool):
+            raise TypeError(f"RFCConfig.rfe_shrink must be a bool, got {type(self.rfe_shrink).__name__}")
+        if isinstance(self.final_full_steps, bool) or not isinstance(self.final_full_steps, int):
+            raise TypeError(f"RFCConfig.final_full_steps must be an int, got {type(self.final_full_steps).__name__}")
+        if self.final_full_steps < 0:
+            raise ValueError(f"RFCConfig.final_full_steps must be >= 0, got {self.final_full_steps}")
+        if self.num_steps is not None:
+            if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int):
+                raise TypeError(f"RFCConfig.num_steps must be an int or None, got {type(self.num_steps).__name__}")
+            if self.num_steps < 1:
+                raise ValueError(f"RFCConfig.num_steps must be >= 1 or None, got {self.num_steps}")
+        if self.final_full_steps and self.num_steps is None:
+            raise ValueError("RFCConfig.final_full_steps needs num_steps (the generation length)")
         if self.eps <= 0:
             raise ValueError(f"RFCConfig.eps must be > 0, got {self.eps}")
 
@@ -93,6 +126,11 @@ class RFCConfig:
     @property
     def uses_rfe(self) -> bool:
         return self.mode in ("rfe", "rfc")
+
+    @property
+    def keeps_full_history(self) -> bool:
+        """Divided differences need the positions of the last m full steps (m >= 2)."""
+        return self.differences == "divided" and self.ladder_order >= 2 and self.mode != "full"
 
     def replace(self, **changes) -> "RFCConfig":
         return dataclasses.replace(self, **changes)

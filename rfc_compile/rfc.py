@@ -47,17 +47,38 @@ def ladder_depth(full_steps_seen: Tensor, order: int) -> Tensor:
 def update_ladder(ladder: Tensor, value: Tensor, gap: Tensor, full_steps_seen_after: Tensor) -> Tensor:
     """Ladder update at a full step: D0 <- Y; D_i <- (D_{i-1}(new) - D_{i-1}(old)) / N.
 
-    gap is N = n - p (ignored while no previous full step exists); entries past the new
-    depth min(m, full steps seen - 1) stay zero.
+    gap is N = n - p (ignored while no previous full step exists), or a vector whose entry
+    i - 1 divides D_i (see :func:`difference_divisors`); entries past the new depth
+    min(m, full steps seen - 1) stay zero.
     """
     order = ladder.shape[0] - 1
     depth = ladder_depth(full_steps_seen_after, order)
-    gap_f = torch.clamp(gap, min=1).to(torch.float32)
+    gap_f = torch.clamp(gap.to(torch.float32), min=1.0)
     new = [value.to(ladder.dtype)]
     for i in range(1, order + 1):
-        diff = ((new[i - 1].float() - ladder[i - 1].float()) / gap_f).to(ladder.dtype)
+        divisor = gap_f if gap_f.dim() == 0 else gap_f[i - 1]
+        diff = ((new[i - 1].float() - ladder[i - 1].float()) / divisor).to(ladder.dtype)
         new.append(torch.where(depth >= i, diff, torch.zeros_like(diff)))
     return torch.stack(new)
+
+
+def difference_divisors(step: Tensor, full_history: Tensor) -> Tensor:
+    """Divided differences over the real gaps (ours, RFCConfig.differences="divided").
+
+    full_history holds the previous full steps [p1, ..., pm] (latest first). Dividing D_i's
+    difference by (n - p_i) / i makes D_i = i! f[n, p1, ..., p_i], the divided difference over
+    the actual step positions, so the same Taylor series in k stays exact for polynomials of
+    degree <= m however uneven RCS makes the gaps. With equal gaps N, (n - p_i) / i = N:
+    TaylorSeer's latest-gap convention.
+    """
+    order = full_history.shape[0]
+    i = torch.arange(1, order + 1, device=full_history.device, dtype=torch.float32)
+    return (step - full_history).to(torch.float32) / i
+
+
+def push_full_step(full_history: Tensor, step: Tensor) -> Tensor:
+    """[p1, ..., pm] -> [n, p1, ..., p_{m-1}] after a full step at n."""
+    return torch.cat([step.reshape(1).to(full_history.dtype), full_history[:-1]])
 
 
 def taylor_term(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor:
@@ -94,6 +115,21 @@ def rfe_predict(ladder: Tensor, ratio: Tensor, x_change_norm: Tensor, k: Tensor,
     return (ladder[0].float() + magnitude * direction).to(ladder.dtype)
 
 
+def direction_agreement(term: Tensor, change: Tensor, eps: float) -> Tensor:
+    """cos(T, Y_n - D0) per sample, clamped to [0, 1] (ours, RFCConfig.rfe_shrink).
+
+    Measured at a full step between the Taylor term the old ladder would have predicted and the
+    change that actually happened. When the direction is only partly right, the error
+    ||c * T_hat - d|| over magnitudes c is smallest at c = cos * ||d||, so RFE's magnitude
+    s * ||dX|| (an estimate of ||d||) is scaled by it; a ladder with no direction yet gives 1.
+    """
+    t, d = term.float().reshape(term.shape[0], -1), change.float().reshape(change.shape[0], -1)
+    dot = (t * d).sum(dim=1)
+    norms = torch.linalg.vector_norm(t, dim=1) * torch.linalg.vector_norm(d, dim=1)
+    cos = torch.clamp(dot / torch.clamp(norms, min=eps), min=0.0, max=1.0)
+    return torch.where(norms > eps, cos, torch.ones_like(cos))
+
+
 # --- RCS: relational cache scheduling -------------------------------------------------
 
 def rcs_error(x: Sequence[Tensor], x_hat: Sequence[Tensor], eps: float) -> Tensor:
@@ -121,6 +157,11 @@ def forced_full(step: Tensor, full_steps_seen: Tensor, since_full: Tensor,
     if max_interval is not None:
         forced = forced | (since_full > max_interval)
     return forced
+
+
+def final_full(step: Tensor, num_steps: int, final_full_steps: int) -> Tensor:
+    """The last ``final_full_steps`` of a ``num_steps`` generation run in full (ours)."""
+    return step >= num_steps - final_full_steps
 
 
 def fixed_interval_full(step: Tensor, full_steps_seen: Tensor, since_full: Tensor,

@@ -26,6 +26,7 @@ class _RegionState:
     def __init__(self) -> None:
         self.ladders: list[list[torch.Tensor]] = []  # per output: [D0, D1, ...]
         self.ratios: list[torch.Tensor] = []
+        self.cos: list[torch.Tensor] = []
         self.x_last: list[torch.Tensor] | None = None
 
 
@@ -37,8 +38,12 @@ class ReferenceRFC:
     """
 
     def __init__(self, regions, mode: str, order: int = 2, threshold: float = 0.1, warmup_steps: int = 2,
-                 max_interval: int | None = None, interval: int = 4, eps: float = 1e-6):
+                 max_interval: int | None = None, interval: int = 4, eps: float = 1e-6,
+                 differences: str = "latest_gap", rfe_shrink: bool = False, num_steps: int | None = None,
+                 final_full_steps: int = 0):
         self.mode, self.threshold, self.warmup = mode, threshold, warmup_steps
+        self.divided, self.shrink = differences == "divided", rfe_shrink
+        self.final_from = num_steps - final_full_steps if final_full_steps else None
         self.max_interval, self.interval, self.eps = max_interval, interval, eps
         self.order = 0 if mode in ("fora", "full") else order
         self.regions = regions
@@ -60,8 +65,9 @@ class ReferenceRFC:
     def last_full(self) -> int | None:
         return self.full_steps[-1] if self.full_steps else None
 
-    def _taylor(self, ladder: list[torch.Tensor], k: int) -> torch.Tensor:
-        d = min(self.order, len(self.full_steps) - 1)
+    def _taylor(self, ladder: list[torch.Tensor], k: int, d: int | None = None) -> torch.Tensor:
+        if d is None:
+            d = min(self.order, len(self.full_steps) - 1)
         out = torch.zeros_like(ladder[0], dtype=torch.float32)
         for i in range(1, d + 1):
             out = out + (k**i / math.factorial(i)) * ladder[i].float()
@@ -78,6 +84,8 @@ class ReferenceRFC:
             forced = self.max_interval is not None and k > self.max_interval
             if self.mode != "rfc":
                 forced = forced or k >= self.interval
+        if self.final_from is not None and n >= self.final_from:
+            forced = True
         if self.mode != "rfc":
             return forced
         # RCS: accumulate the relative L1 error of the watched input's Taylor prediction
@@ -97,15 +105,36 @@ class ReferenceRFC:
             self.acc = torch.zeros(batch)
         return full
 
+    def _divisors(self, n: int, previous: list[int]) -> list[float]:
+        """Divisor of D_i: the latest gap, or (n - p_i) / i over the real positions (divided)."""
+        if not previous:
+            return [1.0] * self.order
+        if not self.divided:
+            return [float(n - previous[-1])] * self.order
+        return [(n - previous[-i]) / i if i <= len(previous) else 1.0 for i in range(1, self.order + 1)]
+
     @staticmethod
-    def _new_ladder(old: list[torch.Tensor] | None, value: torch.Tensor, gap: int, depth: int, order: int):
+    def _new_ladder(old: list[torch.Tensor] | None, value: torch.Tensor, divisors: list[float], depth: int,
+                    order: int):
         new = [value.clone()]
         for i in range(1, order + 1):
             if i <= depth:
-                new.append(((new[i - 1].float() - old[i - 1].float()) / gap).to(value.dtype))
+                new.append(((new[i - 1].float() - old[i - 1].float()) / divisors[i - 1]).to(value.dtype))
             else:
                 new.append(torch.zeros_like(value))
         return new
+
+    def _agreement(self, old_ladder: list[torch.Tensor], y: torch.Tensor, seen_before: int) -> torch.Tensor:
+        """Per-sample cos between the old ladder's Taylor term over the gap and the true change."""
+        gap = self.step - self.full_steps[-2]
+        t = self._taylor(old_ladder, gap, d=min(self.order, seen_before - 1))
+        change = y.float() - old_ladder[0].float()
+        out = []
+        for b in range(y.shape[0]):
+            tb, cb = t[b].double().flatten(), change[b].double().flatten()
+            norms = tb.norm() * cb.norm()
+            out.append(1.0 if norms <= self.eps else float(min(max(tb @ cb / norms, 0.0), 1.0)))
+        return torch.tensor(out, dtype=torch.float32)
 
     # --- region wrappers --------------------------------------------------------------
 
@@ -120,11 +149,11 @@ class ReferenceRFC:
             if first:
                 self.is_full = self._decide(xs)
                 if self.is_full:
-                    gap = self.step - self.last_full if self.full_steps else 1
+                    divisors = self._divisors(self.step, self.full_steps)
                     depth = min(self.order, len(self.full_steps))
                     if self.mode == "rfc":
                         old = self.watch_ladder or [None] * len(xs)
-                        self.watch_ladder = [self._new_ladder(o, x, gap, depth, self.order)
+                        self.watch_ladder = [self._new_ladder(o, x, divisors, depth, self.order)
                                              for o, x in zip(old, xs)]
                     self.full_steps.append(self.step)
             st = self.state[name]
@@ -132,7 +161,7 @@ class ReferenceRFC:
                 out = original(*args, **kwargs)
                 ys = list(out) if isinstance(out, tuple) else [out]
                 seen_before = len(self.full_steps) - 1
-                gap = self.step - self.full_steps[-2] if seen_before else 1
+                divisors = self._divisors(self.step, self.full_steps[:-1])
                 depth = min(self.order, seen_before)
                 if self.mode in ("rfe", "rfc") and seen_before:
                     dx = torch.sqrt(sum(_norm(x - xl) ** 2 for x, xl in zip(xs, st.x_last)))
@@ -140,13 +169,18 @@ class ReferenceRFC:
                                  for y, lad in zip(ys, st.ladders)]
                 elif not st.ratios:
                     st.ratios = [torch.zeros(y.shape[0]) for y in ys]
+                if self.shrink:
+                    st.cos = [self._agreement(lad, y, seen_before) if seen_before else torch.ones(y.shape[0])
+                              for y, lad in zip(ys, st.ladders or [None] * len(ys))]
                 old = st.ladders or [None] * len(ys)
-                st.ladders = [self._new_ladder(o, y, gap, depth, self.order) for o, y in zip(old, ys)]
+                st.ladders = [self._new_ladder(o, y, divisors, depth, self.order) for o, y in zip(old, ys)]
                 st.x_last = [x.clone() for x in xs]
                 return out
             k = self.step - self.last_full
             preds = []
-            for lad, s in zip(st.ladders, st.ratios):
+            for o, (lad, s) in enumerate(zip(st.ladders, st.ratios)):
+                if self.shrink:
+                    s = s * st.cos[o]
                 t = self._taylor(lad, k)
                 if self.mode in ("rfe", "rfc"):
                     dx = torch.sqrt(sum(_norm(x - xl) ** 2 for x, xl in zip(xs, st.x_last)))

@@ -63,6 +63,48 @@ def test_matches_independent_reference(mode, order, cfg):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {n}: {m}")
 
 
+OPTIONS = {  # RFCConfig options beyond the paper (config.py), each against the reference
+    "divided": dict(mode="rfc", order=2, differences="divided"),
+    "divided-o3": dict(mode="rfc", order=3, differences="divided"),
+    "shrink": dict(mode="rfc", order=2, rfe_shrink=True),
+    "shrink-rfe": dict(mode="rfe", order=1, rfe_shrink=True),
+    "final-full": dict(mode="rfc", order=2, num_steps=STEPS, final_full_steps=2),
+    "all": dict(mode="rfc", order=2, differences="divided", rfe_shrink=True, num_steps=STEPS, final_full_steps=1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_options_match_independent_reference(name):
+    kwargs = dict(threshold=THRESHOLD, warmup_steps=2, interval=3, **OPTIONS[name])
+    reference_model = make_tiny_dit()
+    reference = ReferenceRFC(dit_regions(reference_model), **kwargs)
+    _, expected = ddim_generation(reference_model, steps=STEPS, cfg=True, on_step=lambda n: reference.begin_step())
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(**kwargs))
+    _, got = ddim_generation(cached, steps=STEPS, cfg=True)
+    assert cached.stats.full_steps == reference.full_steps
+    assert 2 < cached.stats.nfc < STEPS
+    if kwargs.get("final_full_steps"):
+        assert set(range(STEPS - kwargs["final_full_steps"], STEPS)) <= set(cached.stats.full_steps)
+    if kwargs.get("differences") == "divided":  # the option only matters with uneven gaps
+        gaps = {b - a for a, b in zip(cached.stats.full_steps, cached.stats.full_steps[1:])}
+        assert len(gaps) > 1
+    for n, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {n}: {m}")
+
+
+def test_divided_differences_equal_latest_gap_on_a_fixed_schedule():
+    """Equal gaps: (n - p_i) / i = N, so "divided" is TaylorSeer's convention exactly (with warm-up
+    2 the gaps 1, N, N, ... are not equal, and the two differ)."""
+    outs = {}
+    for warmup in (1, 2):
+        for differences in ("latest_gap", "divided"):
+            cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="taylorseer", order=3, interval=3,
+                                                                     warmup_steps=warmup, differences=differences))
+            outs[warmup, differences] = ddim_generation(cached, steps=16)[1]
+    assert _max_diff(outs[1, "latest_gap"], outs[1, "divided"]) < 1e-6
+    assert _max_diff(outs[2, "latest_gap"], outs[2, "divided"]) > 1e-4
+
+
 def test_fixed_schedule_matches_method_text():
     """warmup 2, N = 4 -> full steps 0, 1, 5, 9, ... (RFC_METHOD.md)."""
     cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="taylorseer", interval=4))
