@@ -152,6 +152,15 @@ def test_skip_branch_does_not_copy_the_cache(rfc_onnx):
         assert rows_unknown == (name in kept), name
         assert [d.dim_value for d in dims[1:]] == entry["shape"][1:]
     onnx.checker.check_model(model, full_check=True)
+    # the Taylor term reads each ladder in place (no Slice copy of rows 1..m); RCS's input
+    # prediction X_hat = DX0 + T (main graph) is one contraction, no Gather copy of DX0 either
+    assert any(f.startswith("fold_taylor_ladder(") for f in sidecar["fixups"])
+    if_node = next(n for n in model.graph.node if n.op_type == "If")
+    else_branch = next(a.g for a in if_node.attribute if a.name == "else_branch")
+    ladders = {e["input"] for e in sidecar["state"] if ".ladder." in e["name"] or e["name"].startswith("rcs_ladder")}
+    for node in list(else_branch.node) + list(model.graph.node):
+        assert not (node.op_type == "Slice" and node.input[0] in ladders), node.input[0]
+    assert not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "state.rcs_ladder.0"]
 
     # the runner: a skipped step keeps the very same buffers, a full step adopts new ones
     runner = OnnxCachedModel(rfc_onnx, providers=["CPUExecutionProvider"])
