@@ -10,7 +10,9 @@ Graph I/O: the model's tensor kwargs keep their names (nested ones dotted, e.g.
 ``added_cond_kwargs.resolution``), outputs are ``sample`` (or ``output.<i>``); each cache tensor
 is an input ``state.<name>`` and an output ``state_out.<name>`` (names from rfc_compile/state.py),
 zero at the start of a generation; ``state_out.last_full == state.step`` iff the step ran in
-full. The ``<file>.rfc.json`` sidecar (sidecar.py) describes all of it. Shapes are static
+full. The ``<file>.rfc.json`` sidecar (sidecar.py) describes all of it; the cache tensors it
+lists as ``kept_on_skip`` come back empty from a step that left them unchanged, and a runner
+then keeps its previous buffer (skip_state.py). Shapes are static
 (onnx.py says why). Triton model repository with implicit state: triton.py. TensorRT parts
 (``build_engine``, ``TrtCachedModel``) import ``tensorrt`` only when used (tensorrt.py).
 Errors are ValueErrors: ModelFileError (missing/corrupt file or sidecar), SidecarMismatchError,
