@@ -71,16 +71,31 @@ def session_options(threads: int):
     return options
 
 
+def _code_stamp() -> str:
+    """A hash of the rfc_compile sources: an export made by other code is not reused."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for file in sorted((ROOT / "rfc_compile").rglob("*.py")):
+        digest.update(file.relative_to(ROOT).as_posix().encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
 def _export(model, example, config: RFCConfig, path: Path):
-    """Export, or reuse ``path`` when its sidecar says it holds this exact config (reruns)."""
+    """Export, or reuse ``path`` when its sidecar says it holds this exact config and it was
+    written by the same rfc_compile sources (reruns)."""
     sidecar = Path(str(path) + ".rfc.json")
-    if path.exists() and sidecar.exists():
+    stamp_file = Path(str(path) + ".code")
+    stamp = _code_stamp()
+    if path.exists() and sidecar.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
         raw = json.loads(sidecar.read_text())
         if raw.get("rfc_config") == config.to_dict() and raw.get("model", {}).get("config", {}).get("num_layers") == 12:
             print(f"reusing {path}", flush=True)
             return path
     t0 = time.perf_counter()
     to_onnx(model, path, example, config, check=False)
+    stamp_file.write_text(stamp)
     print(f"exported {path.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     return path
 
@@ -98,7 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="ORT intra-op threads (default 1: steadier on a shared machine; 0 = ORT default)")
     parser.add_argument("--workdir", default=None,
-                        help="where the ONNX files go (default: a temp dir); files with the same config are reused")
+                        help="where the ONNX files go (default: a temp dir); files with the same config, exported by the "
+                             "same rfc_compile sources, are reused")
     parser.add_argument("--eager", action="store_true", help="also time torch eager full (slow on CPU)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS_ONNX.md"))
