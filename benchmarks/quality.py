@@ -581,15 +581,17 @@ def run_fixed(ctx: Ctx, mode: str, order: int, label: str, targets, group="main"
         _row(ctx, label, mode, target, images, nfc, f"interval={n}", False, time.perf_counter() - start, group=group)
 
 
-def run_rcs(ctx: Ctx, mode: str, order: int, label: str, targets, group="main", validate=False):
-    """RFC (or the "rcs" ablation mode) calibrated per target on ctx.calib, evaluated on all."""
+def run_rcs(ctx: Ctx, mode: str, order: int, label: str, targets, group="main", validate=False,
+            options: dict | None = None):
+    """RFC (or the "rcs" ablation mode) calibrated per target on ctx.calib, evaluated on all;
+    ``options``: further RFCConfig fields (the options beyond the paper)."""
     model, bundle, steps = ctx.bundle.transformer, ctx.bundle, ctx.steps
 
     def sample_fn(cached):
         for i in ctx.calib:
             bundle.sample([label_of(i)], num_inference_steps=steps, seed=i, transformer=cached)
 
-    base = RFCConfig(mode=mode, order=order)
+    base = RFCConfig(mode=mode, order=order, **(options or {}))
     trials: list[tuple[float, float]] = []
     with fast_calibration(GRAPHS):
         for target in targets:

@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -74,13 +74,48 @@ def calibrate_threshold(model: torch.nn.Module, sample_fn: Callable[[CachedModel
     return CalibrationResult(base.replace(threshold=tau), nfc, trials)
 
 
+@dataclasses.dataclass(frozen=True)
+class OptionsResult:
+    config: RFCConfig  # the best candidate, threshold calibrated
+    scores: list[tuple[dict, RFCConfig, float, float]]  # (options, calibrated config, NFC, score) per candidate
+
+
+def calibrate_options(model: torch.nn.Module, sample_fn: Callable[[CachedModel], Any], target_nfc: float,
+                      score_fn: Callable[[CachedModel], float], candidates: Sequence[dict],
+                      config: RFCConfig | None = None, **kwargs) -> OptionsResult:
+    """Calibrate the threshold of each candidate set of RFCConfig options to ``target_nfc``, score
+    each with ``score_fn(cached)`` (higher is better, e.g. PSNR to full-compute outputs of a few
+    prompts) and keep the best. benchmarks/RESULTS.md ("Options beyond the paper") shows why:
+    which option wins depends on the model and the budget."""
+    if not candidates:
+        raise ValueError("calibrate_options needs at least one candidate (use {} for the paper's RFC)")
+    base = config or RFCConfig()
+    scores = []
+    for options in candidates:
+        result = calibrate_threshold(model, sample_fn, target_nfc, base.replace(**options), **kwargs)
+        score = float(score_fn(optimize(model, result.config)))
+        logger.info("calibrate: options %s threshold %.5g NFC %.2f score %.4g", options, result.config.threshold,
+                    result.nfc, score)
+        scores.append((dict(options), result.config, result.nfc, score))
+    best = max(scores, key=lambda entry: entry[3])
+    return OptionsResult(best[1], scores)
+
+
 def calibrate(model: torch.nn.Module, sample_fn: Callable[[CachedModel], Any], target_nfc: float,
-              config: RFCConfig | None = None, **kwargs) -> RFCConfig:
+              config: RFCConfig | None = None, *, candidates: Sequence[dict] | None = None,
+              score_fn: Callable[[CachedModel], float] | None = None, **kwargs) -> RFCConfig:
     """The RFCConfig (mode "rfc") whose threshold gives ``target_nfc`` full steps on average.
 
     ``sample_fn(cached)`` runs one or more generations with the cached transformer, e.g.
     ``lambda t: bundle.sample(labels, transformer=t)``; other fields come from ``config``.
+    With ``candidates`` (dicts of RFCConfig options, e.g. ``[{}, {"rfe_shrink": True}]``) and
+    ``score_fn``, each candidate is calibrated and the best-scoring one returned
+    (:func:`calibrate_options`).
     """
+    if candidates is not None:
+        if score_fn is None:
+            raise ValueError("calibrate(candidates=...) needs score_fn to choose between them")
+        return calibrate_options(model, sample_fn, target_nfc, score_fn, candidates, config, **kwargs).config
     result = calibrate_threshold(model, sample_fn, target_nfc, config, **kwargs)
     logger.info("calibrated threshold %.5g: average NFC %.2f (target %.2f, %d trials)",
                 result.config.threshold, result.nfc, target_nfc, len(result.trials))

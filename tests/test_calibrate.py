@@ -6,7 +6,7 @@ import pytest
 from conftest import ddim_generation, make_tiny_dit
 
 import rfc_compile
-from rfc_compile.calibrate import calibrate_threshold, measure_nfc
+from rfc_compile.calibrate import calibrate_options, calibrate_threshold, measure_nfc
 
 
 def _generations(cached):
@@ -26,3 +26,22 @@ def test_calibration_hits_the_target_nfc():
 def test_target_below_warmup_is_rejected():
     with pytest.raises(ValueError, match="warmup"):
         rfc_compile.calibrate(make_tiny_dit(), _generations, 1)
+
+
+def test_calibration_chooses_the_best_scoring_options():
+    model = make_tiny_dit(layers=1)
+    full = ddim_generation(model, steps=16, cfg=True, seed=0)[0]
+
+    def score(cached):  # closeness to full compute of one generation
+        return -float((ddim_generation(cached, steps=16, cfg=True, seed=0)[0] - full).pow(2).mean())
+
+    candidates = [{}, {"num_steps": 16, "final_full_steps": 1}]
+    result = calibrate_options(model, _generations, 6, score, candidates, rfc_compile.RFCConfig(order=1))
+    assert [options for options, *_ in result.scores] == candidates
+    assert all(abs(nfc - 6) <= 1 for _, _, nfc, _ in result.scores)
+    best = max(result.scores, key=lambda entry: entry[3])
+    assert result.config == best[1]
+    # the scores are real: re-scoring the chosen config gives the same number
+    assert score(rfc_compile.optimize(model, result.config)) == best[3]
+    with pytest.raises(ValueError, match="score_fn"):
+        rfc_compile.calibrate(model, _generations, 6, candidates=candidates)
