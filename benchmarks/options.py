@@ -57,6 +57,7 @@ def run_model(name: str, args) -> dict:
     full = q.sample_batched(bundle, samples, args.steps)
     labels = torch.tensor([q.label_of(i) for i in samples])
     scorer = q.Scorer(full, labels, classifier, classifier.features(real).numpy())
+    start = time.perf_counter()
     ctx = q.Ctx(name, bundle, args.steps, samples, calib, scorer, notes={}, batch_probe_target=None)
     for label in args.variants:
         kind, mode, order, options = VARIANTS[label]
@@ -66,14 +67,15 @@ def run_model(name: str, args) -> dict:
             q.run_fixed(ctx, mode, order, label, args.targets)
         else:
             q.run_rcs(ctx, mode, order, label, args.targets, options=options)
-    return {"model": name, "rows": ctx.rows, "setup": {"steps": args.steps, "seeds": len(samples),
+    return {"model": name, "rows": ctx.rows, "seconds": round(time.perf_counter() - start, 1), "setup": {"steps": args.steps, "seeds": len(samples),
                                                        "calib_seeds": len(calib), "targets": args.targets}}
 
 
-def render(results: list[dict], args, wall: float) -> str:
+def render(results: list[dict], args, wall: float | None) -> str:
     lines = [START, "## Options beyond the paper", "",
-             f"Command: `{COMMAND}{' ' + ' '.join(args.argv) if args.argv else ''}` (wrote this section; "
-             f"{wall / 60:.0f} min wall on the 2-core CPU).", "",
+             f"Command: `{COMMAND}{' ' + ' '.join(args.argv) if args.argv else ''}` (wrote this section"
+             + (f"; {wall / 60:.0f} min wall on the 2-core CPU" if wall else "")
+             + "; per-model workers and logs in `out/options/`).", "",
              f"Setup: {results[0]['setup']['steps']} steps, {results[0]['setup']['seeds']} samples per model, "
              f"thresholds calibrated to each target on samples 0..{results[0]['setup']['calib_seeds'] - 1}, "
              "metrics as in the quality section (PSNR-to-full dB / FD-to-full, achieved NFC in parentheses). "
@@ -133,10 +135,11 @@ def parse(argv=None):
     p.add_argument("--jobs", type=int, default=2, help="models run in parallel processes")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--out", default=str(q.ROOT / "out" / "options"))
+    p.add_argument("--render-only", action="store_true", help="re-render from the JSON results in --out")
     p.add_argument("--model-only", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     raw = list(argv if argv is not None else sys.argv[1:])
-    args.argv = [a for a in raw]
+    args.argv = [a for a in raw if a != "--render-only"]
     if "--model-only" in args.argv:
         j = args.argv.index("--model-only")
         del args.argv[j:j + 2]
@@ -159,6 +162,15 @@ def main(argv=None) -> int:
         (out / f"{args.model_only}.json").write_text(json.dumps(run_model(args.model_only, args), indent=1))
         return 0
     start, models, running, procs = time.perf_counter(), args.models.split(","), [], []
+    if args.render_only:
+        results = [json.loads((out / f"{name}.json").read_text()) for name in models]
+        meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+        args.argv = meta.get("argv", args.argv)
+        text = render(results, args, meta.get("wall"))
+        print(text)
+        if not args.no_write:
+            write_section(text, q.RESULTS)
+        return 0
     for name in models:
         while len(running) >= args.jobs:
             running = [p for p in running if p.poll() is None]
@@ -174,7 +186,9 @@ def main(argv=None) -> int:
         log.error("failed: %s (see %s)", failed, out)
         return 1
     results = [json.loads((out / f"{name}.json").read_text()) for name in models]
-    text = render(results, args, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    (out / "run.json").write_text(json.dumps({"argv": args.argv, "wall": wall}))
+    text = render(results, args, wall)
     print(text)
     if not args.no_write:
         write_section(text, q.RESULTS)
