@@ -86,7 +86,10 @@ def render(results: list[dict], args, wall: float | None) -> str:
     for res in results:
         rows = res["rows"]
         targets = res["setup"]["targets"]
-        lines += [f"### {res['model']}", "", "| method | " + " | ".join(f"NFC {t}" for t in targets) + " |",
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        command = (f"{COMMAND} --models {res['model']} --targets {','.join(map(str, targets))} "
+                   f"--seeds {res['setup']['seeds']} --variants \"{','.join(methods)}\"")
+        lines += [f"### {res['model']}", "", f"Rows from `{command}`.", "", "| method | " + " | ".join(f"NFC {t}" for t in targets) + " |",
                   "|---|" + "---|" * len(targets)]
         best = {t: max(r["psnr"] for r in rows if r["target"] == t) for t in targets}
         for method in dict.fromkeys(r["method"] for r in rows):
