@@ -161,17 +161,6 @@ def test_skip_branch_does_not_copy_the_cache(rfc_onnx):
     for node in list(else_branch.node) + list(model.graph.node):
         assert not (node.op_type == "Slice" and node.input[0] in ladders), node.input[0]
     assert not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "state.rcs_ladder.0"]
-    # RFE's prediction reads each region ladder once: ||T_k|| comes from the stored Gram factor
-    # (state.<region>.gram.<o>), and D0 + alpha * T_k is one MatMul over the reshaped ladder
-    assert any(".gram." in n for n in state)
-    readers = {}
-    for node in else_branch.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    consumers = {i: n for n in else_branch.node for i in n.input}
-    for name in ladders - {state["rcs_ladder.0"]["input"]}:
-        assert [n.op_type for n in readers.get(name, [])] == ["Reshape"], name
-        assert consumers[readers[name][0].output[0]].op_type == "MatMul", name
 
     # the runner: a skipped step keeps the very same buffers, a full step adopts new ones
     runner = OnnxCachedModel(rfc_onnx, providers=["CPUExecutionProvider"])

@@ -19,10 +19,6 @@ core). Reshape of the whole ladder is free (onnxruntime aliases it), so the pass
 * when ``T`` and ``D0`` feed nothing but that ``Add``, the Add folded in as row 0's coefficient 1:
   ``Y = Reshape(MatMul(Concat([1], c), Reshape(L, [m+1, -1])))`` (no Gather copy, no Add).
 
-RFE's prediction (rfc.rfe_predict_gram) needs no fold: it is already one MatMul of per-sample
-weights over the whole ladder reshaped to ``((m + 1) B, -1)`` (no Slice, no Gather), with
-``||T_k||`` taken from the stored Gram factor, so this pattern does not match it.
-
 Only this exact pattern is rewritten (constants checked: Slice of rows 1.. of a graph input
 along axis 0, Gather of row 0, target shape = the ladder's row shape); anything else is left as
 it is. The result equals the original up to float rounding of the sum (tests compare the ONNX
