@@ -81,20 +81,15 @@ def push_full_step(full_history: Tensor, step: Tensor) -> Tensor:
     return torch.cat([step.reshape(1).to(full_history.dtype), full_history[:-1]])
 
 
-def taylor_coefficients(k: Tensor, full_steps_seen: Tensor, order: int) -> Tensor:
-    """c_i = k^i / i! for i = 1..d and 0 for d < i <= m: shape (m,), float32."""
-    depth = ladder_depth(full_steps_seen, order)
-    k_f = k.to(torch.float32)
-    return torch.stack([torch.where(depth >= i, k_f**i / math.factorial(i), torch.zeros_like(k_f))
-                        for i in range(1, order + 1)])
-
-
 def taylor_term(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor:
     """T_k = sum_{i=1..d} k^i / i! * D_i (zero when d = 0), in float32."""
     order = ladder.shape[0] - 1
     if order == 0:
         return torch.zeros(ladder.shape[1:], dtype=torch.float32, device=ladder.device)
-    coeffs = taylor_coefficients(k, full_steps_seen, order)
+    depth = ladder_depth(full_steps_seen, order)
+    k_f = k.to(torch.float32)
+    coeffs = torch.stack([torch.where(depth >= i, k_f**i / math.factorial(i), torch.zeros_like(k_f))
+                          for i in range(1, order + 1)])
     # one contraction over the ladder rows instead of a copy per row
     return (coeffs @ ladder[1:].reshape(order, -1).float()).reshape(ladder.shape[1:])
 
@@ -118,74 +113,6 @@ def rfe_predict(ladder: Tensor, ratio: Tensor, x_change_norm: Tensor, k: Tensor,
     direction = term / _per_sample(torch.clamp(sample_norm(term), min=eps), term)
     magnitude = _per_sample(ratio * x_change_norm, term)
     return (ladder[0].float() + magnitude * direction).to(ladder.dtype)
-
-
-#: a Gram pivot below this fraction of <D_i, D_i> is float64 round-off: that row is dependent
-_CHOLESKY_DROP = 1e-13
-
-
-def ladder_gram(ladder: Tensor) -> Tensor:
-    """The Gram matrix of the ladder's differences, stored as its Cholesky factor: shape (B, m, m).
-
-    G[b, i, j] = <D_i[b], D_j[b]> (i, j = 1..m) is accumulated in float64; what is returned (in
-    float32) is the upper-triangular R_b with G_b = R_b^T R_b, so a skipped step gets
-    ||T_k||_b = sqrt(c^T G_b c) = ||R_b c|| without materialising T_k (:func:`rfe_predict_gram`).
-
-    Why R and not G: when c_1 D_1 and c_2 D_2 nearly cancel (||T|| = rho ||c_1 D_1||, rho << 1),
-    c^T G c from a float32 G loses everything below 2^-24 ||c_1 D_1||^2, a relative error
-    ~ 6e-8 / rho^2 in ||T||^2 (at rho = 1e-4, c^T G c rounds to 0 and the prediction blows up by
-    1 / eps). The factor is computed in float64 and ||R c|| has the relative error ~ 6e-8 / rho of
-    T itself (the direct formula's). Rows beyond the ladder's depth are zero and give zero rows;
-    a difference that float64 cannot tell apart from a combination of the earlier ones (pivot
-    below 1e-13 <D_i, D_i>) gets a zero row too (changes ||T|| by at most 3e-7 ||c_i D_i||).
-    """
-    order, batch = ladder.shape[0] - 1, ladder.shape[1]
-    rows = ladder[1:].reshape(order, batch, -1).to(torch.float64)
-    gram = {}
-    for i in range(order):
-        for j in range(i, order):
-            gram[i, j] = (rows[i] * rows[j]).sum(dim=1)
-    chol: dict[tuple[int, int], Tensor] = {}
-    for i in range(order):  # Cholesky, row by row, of a positive semi-definite m x m per sample
-        pivot = gram[i, i] - sum((chol[p, i] ** 2 for p in range(i)), torch.zeros_like(gram[i, i]))
-        keep = pivot > _CHOLESKY_DROP * gram[i, i]
-        diag = torch.sqrt(torch.where(keep, pivot, torch.ones_like(pivot)))
-        chol[i, i] = torch.where(keep, diag, torch.zeros_like(diag))
-        for j in range(i + 1, order):
-            rest = gram[i, j] - sum((chol[p, i] * chol[p, j] for p in range(i)), torch.zeros_like(pivot))
-            chol[i, j] = torch.where(keep, rest / diag, torch.zeros_like(rest))
-    zero = torch.zeros_like(gram[0, 0])
-    factor = torch.stack([torch.stack([chol[i, j] if j >= i else zero for j in range(order)], dim=1)
-                          for i in range(order)], dim=1)
-    return factor.to(torch.float32)
-
-
-def rfe_predict_gram(ladder: Tensor, gram: Tensor | None, ratio: Tensor, x_change_norm: Tensor, k: Tensor,
-                     full_steps_seen: Tensor, eps: float) -> Tensor:
-    """:func:`rfe_predict` reading the ladder once, with ||T_k|| from the stored Gram factor.
-
-    ``gram`` is :func:`ladder_gram` of this ladder (R with G = R^T R). ||T_k||_b = ||R_b c||,
-    alpha_b = s_b ||dX||_b / max(||T_k||_b, eps), and
-    Y_hat[b] = D0[b] + alpha_b sum_i c_i D_i[b] = sum_{i=0..m} w[b, i] D_i[b] with w[b, 0] = 1,
-    w[b, i] = alpha_b c_i. The per-sample contraction is one matrix product over the whole
-    ladder viewed as ((m + 1) B, F) rows (a free reshape): Y = W @ L with the block-diagonal
-    W[b, i B + b'] = w[b, i] [b = b'] of shape (B, (m + 1) B) -- B times the minimal
-    multiply-adds (B is small), but no transpose or row copy of the ladder, and the output is
-    written once.
-    """
-    order, batch = ladder.shape[0] - 1, ladder.shape[1]
-    if order == 0:  # no direction: the prediction is D0
-        return ladder[0].clone()
-    coeffs = taylor_coefficients(k, full_steps_seen, order)
-    projected = (gram.float() * coeffs[None, None, :]).sum(dim=2)  # R_b c: (B, m)
-    term_norm = torch.sqrt((projected * projected).sum(dim=1))
-    alpha = ratio * x_change_norm / torch.clamp(term_norm, min=eps)
-    weights = torch.cat([torch.ones_like(alpha)[:, None], alpha[:, None] * coeffs[None, :]], dim=1)  # (B, m+1)
-    index = torch.arange(batch, device=ladder.device)
-    eye = (index[:, None] == index[None, :]).to(torch.float32)
-    block = (weights[:, :, None] * eye[:, None, :]).reshape(batch, (order + 1) * batch)
-    out = block @ ladder.reshape((order + 1) * batch, -1).float()
-    return out.reshape(ladder.shape[1:]).to(ladder.dtype)
 
 
 def direction_agreement(term: Tensor, change: Tensor, eps: float) -> Tensor:

@@ -11,11 +11,6 @@ Naming scheme (also the ONNX input/output names, prefixed there with ``state.``/
     <region>.ladder.<o>  (m+1, *Y_o)  Taylor ladder [D0..Dm] of the region's o-th output
     <region>.ratio.<o>   float32 (B,) relational ratio s of that output (modes "rfe", "rfc")
     <region>.cos.<o>     float32 (B,) direction agreement c of that output (rfe_shrink=True)
-    <region>.gram.<o>    float32 (B, m, m) Gram matrix G[b, i, j] = <D_i[b], D_j[b]> (i, j = 1..m)
-                      of that output's ladder differences, as its upper Cholesky factor R
-                      (G = R^T R, computed in float64), written with the ladder at a full step;
-                      a skipped step takes ||T_k|| = sqrt(c^T G c) = ||R c|| from it
-                      (modes "rfe", "rfc" with m >= 1; rfc.ladder_gram)
     <region>.x_last.<i>  like X[i]    the region's i-th feature input at the last full step
 
 ``<region>`` is the module path with dots replaced by underscores, e.g.

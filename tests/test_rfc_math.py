@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,68 +91,3 @@ def test_fixed_interval_schedule():
             full.append(n)
             last = n
     assert full == [0, 1, 5, 9]
-
-
-def _rfe_direct64(ladder, ratio, dx, k, seen):
-    """RFE's formula in float64 with T_k materialised (the method's definition)."""
-    order = ladder.shape[0] - 1
-    depth = min(order, seen - 1)
-    lad = ladder.double()
-    term = sum((k**i / math.factorial(i) * lad[i] for i in range(1, depth + 1)), torch.zeros_like(lad[0]))
-    norm = term.reshape(term.shape[0], -1).norm(dim=1).clamp(min=1e-6)
-    scale = (ratio.double() * dx.double() / norm).reshape(-1, *([1] * (term.dim() - 1)))
-    return lad[0] + scale * term
-
-
-@pytest.mark.parametrize("order", [0, 1, 2, 3])
-@pytest.mark.parametrize("seen", [1, 2, 3, 6])  # ladder depth 0, 1, 2, min(m, 5)
-def test_gram_prediction_equals_direct_formula(order, seen):
-    """rfe_predict_gram (||T_k|| from the stored Gram factor, one pass over the ladder) equals
-    the direct formula, at every depth (rows past the depth are zero, as update_ladder leaves them)."""
-    gen = torch.Generator().manual_seed(order * 10 + seen)
-    depth = min(order, seen - 1)
-    ladder = torch.randn(order + 1, 3, 5, 7, generator=gen)
-    ladder[depth + 1 :] = 0
-    ratio, dx = torch.rand(3, generator=gen) + 0.5, torch.rand(3, generator=gen) * 3
-    for k in (1, 2, 3):
-        gram = rfc.ladder_gram(ladder) if order else None
-        if order:
-            assert gram.shape == (3, order, order) and gram.dtype == torch.float32
-        y = rfc.rfe_predict_gram(ladder, gram, ratio, dx, torch.tensor(k), torch.tensor(seen), 1e-6)
-        expected = _rfe_direct64(ladder, ratio, dx, k, seen)
-        assert torch.allclose(y.double(), expected, atol=1e-5, rtol=1e-5), (y.double() - expected).abs().max()
-        direct = rfc.rfe_predict(ladder, ratio, dx, torch.tensor(k), torch.tensor(seen), 1e-6)
-        assert torch.allclose(y, direct, atol=1e-5, rtol=1e-5)
-
-
-def test_gram_factor_reproduces_gram_matrix():
-    ladder = torch.randn(3, 2, 4, 6, dtype=torch.float32)
-    r = rfc.ladder_gram(ladder).double()
-    d = ladder[1:].double().reshape(2, 2, -1)
-    gram = torch.einsum("ibf,jbf->bij", d, d)
-    assert torch.allclose(r.transpose(1, 2) @ r, gram, rtol=1e-6)
-    assert torch.equal(r.tril(-1), torch.zeros_like(r))  # upper triangular
-    ladder[2] = 2.0 * ladder[1]  # dependent difference: a zero row, no NaN
-    r = rfc.ladder_gram(ladder)
-    assert torch.isfinite(r).all() and torch.allclose(r[:, 1, 1], torch.zeros(2), atol=1e-3)
-
-
-@pytest.mark.parametrize("rho, bound", [(1e-1, 2e-5), (1e-2, 2e-5), (1e-3, 1e-4), (1e-4, 1e-3)])
-def test_gram_prediction_under_cancellation(rho, bound):
-    """c1 D1 and c2 D2 cancel to ||T_k|| ~ 1.5 rho ||c1 D1||. Measured error of the prediction
-    relative to the step s ||dX|| (float32 ladders of 2 x 64 x 96, k = 3), against float64:
-    rho 1e-1: 8e-6, 1e-2: 9e-6, 1e-3: 5e-5, 1e-4: 4e-4 -- the same order as the direct float32
-    formula (rfe_predict: 6e-6, 6e-6, 3e-5, 3e-4): float32's 6e-8 / rho, since T itself is a
-    difference of float32 terms. (A Gram matrix G stored in float32 instead of its Cholesky
-    factor gave 7e-4 at rho 1e-2 and 4e-2 at 1e-3, and overflowed by 1 / eps at 1e-4: c^T G c
-    loses 6e-8 / rho^2.)"""
-    gen = torch.Generator().manual_seed(0)
-    k, c1, c2 = 3, 3.0, 4.5
-    d1 = torch.randn(2, 64, 96, generator=gen)
-    d2 = -(c1 / c2) * d1 + rho * torch.randn(2, 64, 96, generator=gen)
-    ladder = torch.stack([torch.randn(2, 64, 96, generator=gen), d1, d2])
-    ratio, dx = torch.tensor([1.3, 0.7]), torch.tensor([2.0, 0.5])
-    y = rfc.rfe_predict_gram(ladder, rfc.ladder_gram(ladder), ratio, dx, torch.tensor(k), torch.tensor(5), 1e-6)
-    expected = _rfe_direct64(ladder, ratio, dx, k, 5)
-    err = ((y.double() - expected).reshape(2, -1).norm(dim=1) / (ratio * dx).double()).max().item()
-    assert err < bound

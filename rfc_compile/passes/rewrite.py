@@ -101,18 +101,11 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
                 entries.append(StateEntry(f"{region.key}.ratio.{o}", (batch,), torch.float32))
             if config.uses_rfe and config.rfe_shrink:
                 entries.append(StateEntry(f"{region.key}.cos.{o}", (batch,), torch.float32))
-            if _stores_gram(config):
-                entries.append(StateEntry(f"{region.key}.gram.{o}", (batch, m, m), torch.float32))
         if config.uses_rfe:
             for i, node in enumerate(region.feature_inputs):
                 val = _meta(node)
                 entries.append(StateEntry(f"{region.key}.x_last.{i}", tuple(val.shape), val.dtype))
     return StateSpec(entries)
-
-
-def _stores_gram(config: RFCConfig) -> bool:
-    """RFE keeps each ladder's Gram matrix (rfc.ladder_gram) when the ladder has differences."""
-    return config.uses_rfe and config.ladder_order >= 1
 
 
 class RegionPredict(torch.nn.Module):
@@ -125,24 +118,20 @@ class RegionPredict(torch.nn.Module):
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        # args: X (n_inputs), ladders (n_outputs), [ratios (no), [cos (no)], [gram (no)], x_last (ni)], k, seen
+        # args: X (n_inputs), ladders (n_outputs), [ratios (n_outputs), x_last (n_inputs)], k, seen
         cfg, ni, no = self.config, self.n_inputs, self.n_outputs
         xs, ladders = args[:ni], args[ni : ni + no]
         k, seen = args[-2], args[-1]
         if not cfg.uses_rfe:
             return tuple(rfc.taylor_predict(ladder, k, seen) for ladder in ladders)
         ratios = args[ni + no : ni + 2 * no]
-        at = ni + 2 * no
         if cfg.rfe_shrink:
-            coss = args[at : at + no]
+            coss = args[ni + 2 * no : ni + 3 * no]
             ratios = tuple(r * c for r, c in zip(ratios, coss))
-            at += no
-        grams = args[at : at + no] if _stores_gram(cfg) else (None,) * no
         x_last = args[-2 - ni : -2]
         x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
-        # one pass over each ladder: ||T_k|| from the Gram matrix stored at the last full step
-        return tuple(rfc.rfe_predict_gram(ladder, gram, ratio, x_change, k, seen, cfg.eps)
-                     for ladder, gram, ratio in zip(ladders, grams, ratios))
+        return tuple(rfc.rfe_predict(ladder, ratio, x_change, k, seen, cfg.eps)
+                     for ladder, ratio in zip(ladders, ratios))
 
 
 class RegionUpdate(torch.nn.Module):
@@ -155,7 +144,7 @@ class RegionUpdate(torch.nn.Module):
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        # args: X (ni), Y (no), ladders (no), [ratios (no), [cos (no)], [gram (no)], x_last (ni)],
+        # args: X (ni), Y (no), ladders (no), [ratios (no), [cos (no)], x_last (ni)],
         #       gap, divisors, seen, seen_after
         cfg, ni, no = self.config, self.n_inputs, self.n_outputs
         xs, ys, ladders = args[:ni], args[ni : ni + no], args[ni + no : ni + 2 * no]
@@ -175,8 +164,7 @@ class RegionUpdate(torch.nn.Module):
             new_cos = tuple(rfc.direction_agreement(rfc.taylor_term(ladder, gap, seen), y.float() - ladder[0].float(),
                                                     cfg.eps)
                             for y, ladder in zip(ys, ladders))
-        new_gram = tuple(rfc.ladder_gram(ladder) for ladder in new_ladders) if _stores_gram(cfg) else ()
-        return new_ladders + new_ratios + new_cos + new_gram + tuple(x.clone() for x in xs)
+        return new_ladders + new_ratios + new_cos + tuple(x.clone() for x in xs)
 
 
 class WatchUpdate(torch.nn.Module):
@@ -195,8 +183,6 @@ def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
         names += [f"{region.key}.ratio.{o}" for o in range(len(region.outputs))]
         if config.rfe_shrink:
             names += [f"{region.key}.cos.{o}" for o in range(len(region.outputs))]
-        if _stores_gram(config):
-            names += [f"{region.key}.gram.{o}" for o in range(len(region.outputs))]
         names += [f"{region.key}.x_last.{i}" for i in range(len(region.feature_inputs))]
     return names
 
