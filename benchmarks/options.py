@@ -45,6 +45,20 @@ VARIANTS: dict[str, tuple[str, str, int, dict]] = {
 }
 
 
+#: What the last run's numbers say, written after reading them (rendered under the tables).
+FINDINGS = """
+Findings (2026-11-30 run): no option wins on both models. `+final` is the big one on dit-digits
+(RFC o2 +4.0 / +2.7 / +0.2 / +2.8 dB at NFC 14 / 10 / 8 / 7, the best row at 10, 8 and 7 and
+0.2 dB under TaylorSeer o2 at 14): RCS there leaves the last steps to extrapolation. On
+flux-digits RCS already computes the last step at NFC 14 (+0.00 dB) and at NFC 8 the forced step
+costs one in the middle (-5.2 dB). `+shrink` wins on flux-digits (+1.8 / +1.1 dB at NFC 14 / 8,
+the best rows) and is mixed on dit-digits (-2.4 dB at 14, +1.2 at 7). `+divided` loses at every
+budget on dit-digits (-0.3 to -4.0 dB), so TaylorSeer's latest-gap convention stays the default.
+Hence `rfc_compile.calibrate(..., candidates=[...], score_fn=...)`: per model and budget, calibrate
+each candidate and keep the best-scoring one on a few prompts.
+"""
+
+
 def run_model(name: str, args) -> dict:
     torch.set_num_threads(args.threads)
     from rfc_compile import zoo
@@ -113,7 +127,7 @@ def render(results: list[dict], args, wall: float | None) -> str:
                 if deltas:
                     lines.append(f"- NFC {t}, vs RFC o{order}: " + ", ".join(deltas))
         lines.append("")
-    lines.append(END)
+    lines += [FINDINGS.strip(), "", END]
     return "\n".join(lines)
 
 
