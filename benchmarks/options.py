@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -178,7 +176,7 @@ def main(argv=None) -> int:
     if args.model_only:
         (out / f"{args.model_only}.json").write_text(json.dumps(run_model(args.model_only, args), indent=1))
         return 0
-    start, models, running, procs = time.perf_counter(), args.models.split(","), [], []
+    start, models = time.perf_counter(), args.models.split(",")
     if args.render_only:
         results = [json.loads((out / f"{name}.json").read_text()) for name in models]
         meta = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
@@ -188,21 +186,9 @@ def main(argv=None) -> int:
         if not args.no_write:
             write_section(text, q.RESULTS)
         return 0
-    for name in models:
-        while len(running) >= args.jobs:
-            running = [p for p in running if p.poll() is None]
-            time.sleep(2)
-        cmd = [sys.executable, __file__, *args.argv, "--model-only", name]
-        p = subprocess.Popen(cmd, stdout=open(out / f"{name}.log", "w"), stderr=subprocess.STDOUT,
-                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        procs.append((name, p))
-        running.append(p)
-        log.info("started %s, log %s", name, out / f"{name}.log")
-    failed = [name for name, p in procs if p.wait() != 0]
-    if failed:
-        log.error("failed: %s (see %s)", failed, out)
+    results = q.run_workers(__file__, args, models, out)
+    if results is None:
         return 1
-    results = [json.loads((out / f"{name}.json").read_text()) for name in models]
     wall = time.perf_counter() - start
     (out / "run.json").write_text(json.dumps({"argv": args.argv, "wall": wall}))
     text = render(results, args, wall)

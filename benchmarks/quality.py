@@ -987,6 +987,28 @@ def parse(argv=None):
     return args
 
 
+def run_workers(script: str, args, models: list[str], out: Path) -> list[dict] | None:
+    """Run ``script ... --model-only <model>`` per model, ``args.jobs`` at a time, each with
+    ``args.threads`` threads; the per-model JSON results, or None if a worker failed."""
+    procs, running = [], []
+    for name in models:
+        cmd = [sys.executable, script, *args.argv, "--model-only", name]
+        logf = open(out / f"{name}.log", "w")
+        while len(running) >= args.jobs:
+            running = [p for p in running if p.poll() is None]
+            time.sleep(2)
+        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        procs.append((name, p))
+        running.append(p)
+        log.info("started %s (pid %d), log %s", name, p.pid, out / f"{name}.log")
+    failed = [name for name, p in procs if p.wait() != 0]
+    if failed:
+        log.error("failed: %s (see %s)", failed, out)
+        return None
+    return [json.loads((out / f"{name}.json").read_text()) for name in models]
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -1010,22 +1032,9 @@ def main(argv=None) -> int:
             plot(results, PNG)
             write_section(text, RESULTS)
         return 0
-    procs, running = [], []
-    for name in models:
-        cmd = [sys.executable, __file__, *args.argv, "--model-only", name]
-        logf = open(out / f"{name}.log", "w")
-        while len(running) >= args.jobs:
-            running = [p for p in running if p.poll() is None]
-            time.sleep(2)
-        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        procs.append((name, p))
-        running.append(p)
-        log.info("started %s (pid %d), log %s", name, p.pid, out / f"{name}.log")
-    failed = [name for name, p in procs if p.wait() != 0]
-    if failed:
-        log.error("failed: %s (see %s)", failed, out)
+    results = run_workers(__file__, args, models, out)
+    if results is None:
         return 1
-    results = [json.loads((out / f"{name}.json").read_text()) for name in models]
     wall = time.perf_counter() - start
     (out / "run.json").write_text(json.dumps({"argv": args.argv, "wall": wall}))
     text = render(results, args, wall)
