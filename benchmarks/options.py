@@ -129,15 +129,6 @@ def render(results: list[dict], args, wall: float | None) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path) -> None:
-    old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
-
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(q.MODELS))
@@ -184,7 +175,7 @@ def main(argv=None) -> int:
         text = render(results, args, meta.get("wall"))
         print(text)
         if not args.no_write:
-            write_section(text, q.RESULTS)
+            q.write_section(text, q.RESULTS, START, END)
         return 0
     results = q.run_workers(__file__, args, models, out)
     if results is None:
@@ -194,7 +185,7 @@ def main(argv=None) -> int:
     text = render(results, args, wall)
     print(text)
     if not args.no_write:
-        write_section(text, q.RESULTS)
+        q.write_section(text, q.RESULTS, START, END)
     return 0
 
 

@@ -942,11 +942,11 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace (or append) only the text between this benchmark's markers."""
+def write_section(text: str, path: Path, start: str = START, end: str = END) -> None:
+    """Replace (or append) only the text between a benchmark's markers (this one's by default)."""
     old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END):]
+    if start in old and end in old:
+        new = old[: old.index(start)] + text + old[old.index(end) + len(end):]
     else:
         new = old + ("\n\n" if old and not old.endswith("\n\n") else "") + text + "\n"
     path.write_text(new)

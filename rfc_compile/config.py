@@ -130,7 +130,7 @@ class RFCConfig:
     @property
     def keeps_full_history(self) -> bool:
         """Divided differences need the positions of the last m full steps (m >= 2)."""
-        return self.differences == "divided" and self.ladder_order >= 2 and self.mode != "full"
+        return self.differences == "divided" and self.ladder_order >= 2
 
     def replace(self, **changes) -> "RFCConfig":
         return dataclasses.replace(self, **changes)

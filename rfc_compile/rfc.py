@@ -123,9 +123,8 @@ def direction_agreement(term: Tensor, change: Tensor, eps: float) -> Tensor:
     ||c * T_hat - d|| over magnitudes c is smallest at c = cos * ||d||, so RFE's magnitude
     s * ||dX|| (an estimate of ||d||) is scaled by it; a ladder with no direction yet gives 1.
     """
-    t, d = term.float().reshape(term.shape[0], -1), change.float().reshape(change.shape[0], -1)
-    dot = (t * d).sum(dim=1)
-    norms = torch.linalg.vector_norm(t, dim=1) * torch.linalg.vector_norm(d, dim=1)
+    dot = (term.float() * change.float()).reshape(term.shape[0], -1).sum(dim=1)
+    norms = sample_norm(term) * sample_norm(change)
     cos = torch.clamp(dot / torch.clamp(norms, min=eps), min=0.0, max=1.0)
     return torch.where(norms > eps, cos, torch.ones_like(cos))
 

@@ -44,23 +44,28 @@ CASES = [(mode, order, cfg) for mode in ("fora", "taylorseer", "rfe", "rfc") for
          for cfg in (False, True)] + [("full", 2, False), ("full", 2, True)]
 
 
+def _against_reference(kwargs: dict, cfg: bool):
+    """One generation with tests/reference.py and with optimize(); asserts the same full steps and
+    the same outputs step by step, and returns the cached model."""
+    reference_model = make_tiny_dit()
+    reference = ReferenceRFC(dit_regions(reference_model), **kwargs)
+    _, expected = ddim_generation(reference_model, steps=STEPS, cfg=cfg, on_step=lambda n: reference.begin_step())
+    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(**kwargs))
+    _, got = ddim_generation(cached, steps=STEPS, cfg=cfg)
+    assert cached.stats.full_steps == reference.full_steps
+    for n, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {n}: {m}")
+    return cached
+
+
 @pytest.mark.parametrize("mode,order,cfg", CASES,
                          ids=[f"{m}-o{o}-{'cfg2' if c else 'b1'}" for m, o, c in CASES])
 def test_matches_independent_reference(mode, order, cfg):
     """Same full steps and same outputs as tests/reference.py, step by step."""
     kwargs = dict(mode=mode, order=order, threshold=THRESHOLD, warmup_steps=2, interval=3)
-    reference_model = make_tiny_dit()
-    reference = ReferenceRFC(dit_regions(reference_model), **kwargs)
-    _, expected = ddim_generation(reference_model, steps=STEPS, cfg=cfg, on_step=lambda n: reference.begin_step())
-
-    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(**kwargs))
-    _, got = ddim_generation(cached, steps=STEPS, cfg=cfg)
-
-    assert cached.stats.full_steps == reference.full_steps
+    cached = _against_reference(kwargs, cfg)
     if mode != "full":
         assert 2 < cached.stats.nfc < STEPS, "the setting must produce both full and skipped steps"
-    for n, (a, b) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {n}: {m}")
 
 
 OPTIONS = {  # RFCConfig options beyond the paper (config.py), each against the reference
@@ -76,20 +81,13 @@ OPTIONS = {  # RFCConfig options beyond the paper (config.py), each against the 
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_options_match_independent_reference(name):
     kwargs = dict(threshold=THRESHOLD, warmup_steps=2, interval=3, **OPTIONS[name])
-    reference_model = make_tiny_dit()
-    reference = ReferenceRFC(dit_regions(reference_model), **kwargs)
-    _, expected = ddim_generation(reference_model, steps=STEPS, cfg=True, on_step=lambda n: reference.begin_step())
-    cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(**kwargs))
-    _, got = ddim_generation(cached, steps=STEPS, cfg=True)
-    assert cached.stats.full_steps == reference.full_steps
+    cached = _against_reference(kwargs, cfg=True)
     assert 2 < cached.stats.nfc < STEPS
     if kwargs.get("final_full_steps"):
         assert set(range(STEPS - kwargs["final_full_steps"], STEPS)) <= set(cached.stats.full_steps)
     if kwargs.get("differences") == "divided":  # the option only matters with uneven gaps
         gaps = {b - a for a, b in zip(cached.stats.full_steps, cached.stats.full_steps[1:])}
         assert len(gaps) > 1
-    for n, (a, b) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {n}: {m}")
 
 
 def test_divided_differences_equal_latest_gap_on_a_fixed_schedule():
