@@ -271,10 +271,10 @@ GRAPHS = GraphCache()
 
 @contextlib.contextmanager
 def fast_calibration(graphs: GraphCache):
-    """``calibrate_threshold`` with ``measure_nfc`` served by ``graphs`` (and memoised: its bracket
-    re-measures thresholds it has seen)."""
+    """``calibrate_threshold`` / ``calibrate_options`` with ``measure_nfc`` and ``optimize`` served by
+    ``graphs`` (and measure_nfc memoised: its bracket re-measures thresholds it has seen)."""
     memo: dict[tuple, float] = {}
-    original = rfc_calibrate.measure_nfc
+    original, original_optimize = rfc_calibrate.measure_nfc, rfc_calibrate.optimize
 
     def measure_nfc(model, sample_fn, config, backend="eager"):
         key = (id(model), id(sample_fn), config)
@@ -286,10 +286,11 @@ def fast_calibration(graphs: GraphCache):
         return memo[key]
 
     rfc_calibrate.measure_nfc = measure_nfc
+    rfc_calibrate.optimize = lambda model, config, **_: graphs.get(model, config)
     try:
         yield memo
     finally:
-        rfc_calibrate.measure_nfc = original
+        rfc_calibrate.measure_nfc, rfc_calibrate.optimize = original, original_optimize
 
 
 def bracket(trials: Sequence[tuple[float, float]], target: float, low: float, high: float):
@@ -582,9 +583,10 @@ def run_fixed(ctx: Ctx, mode: str, order: int, label: str, targets, group="main"
 
 
 def run_rcs(ctx: Ctx, mode: str, order: int, label: str, targets, group="main", validate=False,
-            options: dict | None = None):
+            options: dict | None = None) -> list[tuple[float, float]]:
     """RFC (or the "rcs" ablation mode) calibrated per target on ctx.calib, evaluated on all;
-    ``options``: further RFCConfig fields (the options beyond the paper)."""
+    ``options``: further RFCConfig fields (the options beyond the paper). Returns the calibration
+    trials (threshold, NFC)."""
     model, bundle, steps = ctx.bundle.transformer, ctx.bundle, ctx.steps
 
     def sample_fn(cached):
@@ -629,6 +631,57 @@ def run_rcs(ctx: Ctx, mode: str, order: int, label: str, targets, group="main", 
                 validate = False
             if mode == "rfc" and target == ctx.batch_probe_target:
                 per_batch_decisions(ctx, config, images, nfcs)
+    return trials
+
+
+#: RFCConfig options ``RFC (calibrated options)`` chooses between, per model and budget, with
+#: ``rfc_compile.calibrate_options`` (the best PSNR on the calibration samples wins); "paper" is
+#: the paper's RFC. The options section of RESULTS.md measured each alone.
+OPTION_CANDIDATES: dict[str, dict] = {
+    "paper": {}, "+final": {"final_full_steps": 1}, "+shrink": {"rfe_shrink": True},
+    "+token": {"rfe_per_token": True},
+}
+
+
+def run_calibrated_options(ctx: Ctx, order: int, targets, rfc_trials: Sequence[tuple[float, float]]):
+    """RFC with the options chosen per target by ``rfc_compile.calibrate_options``: every candidate
+    calibrated on ctx.calib and scored by its PSNR-to-full there; the winner evaluated on all samples."""
+    model, bundle, steps = ctx.bundle.transformer, ctx.bundle, ctx.steps
+    calib_full = ctx.scorer.full[: len(ctx.calib)]
+    images_at: dict[RFCConfig, torch.Tensor] = {}
+
+    def sample_fn(cached):  # calibration: keep the images, the score of a calibrated config is free
+        images_at[cached.rfc_config] = sample_each(bundle, ctx.calib, steps, cached)
+
+    def score_fn(cached):
+        if cached.rfc_config not in images_at:
+            sample_fn(cached)
+        return float(psnr_each(images_at[cached.rfc_config], calib_full).mean())
+
+    names = {json.dumps(v, sort_keys=True): k for k, v in OPTION_CANDIDATES.items()}
+    label = f"RFC o{order} (calibrated options)"
+    base = RFCConfig(mode="rfc", order=order, num_steps=steps)
+    with fast_calibration(GRAPHS):
+        for target in targets:
+            start = time.perf_counter()
+            low, high = bracket(rfc_trials, target, 1e-3, 1.0)
+            result = rfc_calibrate.calibrate_options(model, sample_fn, target, score_fn,
+                                                     list(OPTION_CANDIDATES.values()), base, low=low, high=high,
+                                                     tolerance=TOLERANCE)
+            t_cal = time.perf_counter() - start
+            scored = [dict(option=names[json.dumps(o, sort_keys=True)], tau=c.threshold, calib_nfc=nfc,
+                          calib_psnr=score) for o, c, nfc, score in result.scores]
+            chosen = max(scored, key=lambda e: e["calib_psnr"])
+            log.info("%s: %s target %s: %s -> %s", ctx.name, label, target,
+                     ", ".join(f"{e['option']} {e['calib_psnr']:.2f} dB (NFC {e['calib_nfc']:.2f})" for e in scored),
+                     chosen["option"])
+            cached = GRAPHS.get(model, result.config)
+            images = sample_each(bundle, ctx.samples, steps, cached)
+            nfcs = [g.nfc for g in cached.generations]
+            _row(ctx, label, "rfc", target, images, sum(nfcs) / len(nfcs),
+                 f"{chosen['option']}, tau={result.config.threshold:.4g}", True, time.perf_counter() - start,
+                 extra={"calib_nfc": chosen["calib_nfc"], "calib_seconds": round(t_cal, 1), "candidates": scored,
+                        "nfc_min": min(nfcs), "nfc_max": max(nfcs)})
 
 
 def per_batch_decisions(ctx: Ctx, config: RFCConfig, per_sample_images: torch.Tensor, per_sample_nfcs):
@@ -766,8 +819,10 @@ def run_model(name: str, args) -> dict:
     for order in args.orders:
         run_fixed(ctx, "taylorseer", order, f"TaylorSeer o{order}", targets)
         run_fixed(ctx, "rfe", order, f"RFE o{order}", targets)
-    for order in args.orders:
-        run_rcs(ctx, "rfc", order, f"RFC o{order}", targets, validate=(order == args.orders[0]))
+    rfc_trials = {order: run_rcs(ctx, "rfc", order, f"RFC o{order}", targets, validate=(order == args.orders[0]))
+                  for order in args.orders}
+    if args.options_order in rfc_trials:
+        run_calibrated_options(ctx, args.options_order, targets, rfc_trials[args.options_order])
     ablation = [t for t in targets if t == args.ablation_nfc]
     if ablation:
         run_rcs(ctx, "rcs", 1, "TaylorSeer+RCS o1", ablation, group="ablation")
@@ -866,6 +921,20 @@ def render(results: list[dict], args, wall: float) -> str:
                     f_ = f"**{f_}**"
                 cells.append(f"{p} / {f_} ({r['nfc']:.2f})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        chosen = [r for r in rows if r.get("candidates")]
+        if chosen:
+            names = list(dict.fromkeys(c["option"] for r in chosen for c in r["candidates"]))
+            lines += ["", f"`{chosen[0]['method']}`: per target, each candidate of `OPTION_CANDIDATES` calibrated "
+                      f"and scored with `rfc_compile.calibrate_options` on the {res['setup']['calib_seeds']} "
+                      "calibration samples (PSNR-to-full dB there, calibrated NFC in parentheses); the chosen one "
+                      "(bold) is what the table above evaluates on all samples.", "",
+                      "| target | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for r in chosen:
+                by = {c["option"]: c for c in r["candidates"]}
+                best = max(c["calib_psnr"] for c in r["candidates"])
+                cells = [("**{:.2f}**" if by[n]["calib_psnr"] == best else "{:.2f}").format(by[n]["calib_psnr"])
+                         + f" ({by[n]['calib_nfc']:.2f})" if n in by else "-" for n in names]
+                lines.append(f"| {r['target']} | " + " | ".join(cells) + " |")
         lines += ["", "<details><summary>all metrics</summary>", "",
                   "| method | target | NFC | block-NFC | knob | PSNR | SSIM | FD-full | FD-real | acc | batch | s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -963,6 +1032,8 @@ def parse(argv=None):
     p.add_argument("--targets", default=",".join(map(str, TARGETS)))
     p.add_argument("--orders", default="1,2")
     p.add_argument("--ablation-nfc", type=int, default=14)
+    p.add_argument("--options-order", type=int, default=2,
+                   help="order of the 'RFC (calibrated options)' rows (0: skip them)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per model process")
     p.add_argument("--jobs", type=int, default=2, help="models run in parallel processes")
     p.add_argument("--skip-external", action="store_true", help="skip diffusers' and cache-dit's caches")

@@ -7,8 +7,6 @@ import math
 from typing import Literal
 
 Mode = Literal["full", "fora", "taylorseer", "rfe", "rcs", "rfc"]
-Differences = Literal["latest_gap", "divided"]
-DIFFERENCES: tuple[str, ...] = ("latest_gap", "divided")
 MODES: tuple[str, ...] = ("full", "fora", "taylorseer", "rfe", "rcs", "rfc")
 #: Modes that decide with a fixed interval N (RFC_METHOD.md "Modes"); "rcs" and "rfc" use RCS.
 FIXED_INTERVAL_MODES: tuple[str, ...] = ("fora", "taylorseer", "rfe")
@@ -37,13 +35,14 @@ class RFCConfig:
 
     Options beyond the paper (ours; defaults are the paper's method, see benchmarks/RESULTS.md
     for what each one measured):
-        differences: how ladder differences are divided: "latest_gap" (TaylorSeer: every D_i by
-            the latest gap N) or "divided" (divided differences over the actual positions of the
-            last m + 1 full steps; the same as "latest_gap" when the gaps are equal, so it differs
-            only for m >= 2 with uneven gaps: RCS schedules, and the warm-up's gap of 1).
         rfe_shrink: scale RFE's magnitude by the cosine between the Taylor term and the change
             measured at the last full step (the least-squares magnitude when the direction is
             only partly right).
+        rfe_per_token: RFE's ratio s, input change ||X_n - X_last|| and direction norm per token
+            (over the feature dims of each (sample, token)) instead of per sample: each token's
+            output moves by its own input's change. A region output is paired with the input
+            stream of the same (batch, tokens) shape; an output with no such input (or fewer
+            than 3 dims) keeps per-sample norms. State: ratios (and cosines) of shape (B, T).
         num_steps, final_full_steps: with the generation length known, compute the last
             ``final_full_steps`` steps in full (where quality is decided).
     """
@@ -56,8 +55,8 @@ class RFCConfig:
     interval: int = 4
     eps: float = 1e-6
     guard_nonfinite: bool = True
-    differences: Differences = "latest_gap"
     rfe_shrink: bool = False
+    rfe_per_token: bool = False
     num_steps: int | None = None
     final_full_steps: int = 0
 
@@ -96,10 +95,9 @@ class RFCConfig:
                 raise ValueError(f"RFCConfig.{name} must be finite and >= 0, got {value}")
         if not isinstance(self.guard_nonfinite, bool):
             raise TypeError(f"RFCConfig.guard_nonfinite must be a bool, got {type(self.guard_nonfinite).__name__}")
-        if self.differences not in DIFFERENCES:
-            raise ValueError(f"RFCConfig.differences must be one of {DIFFERENCES}, got {self.differences!r}")
-        if not isinstance(self.rfe_shrink, bool):
-            raise TypeError(f"RFCConfig.rfe_shrink must be a bool, got {type(self.rfe_shrink).__name__}")
+        for name in ("rfe_shrink", "rfe_per_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"RFCConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if isinstance(self.final_full_steps, bool) or not isinstance(self.final_full_steps, int):
             raise TypeError(f"RFCConfig.final_full_steps must be an int, got {type(self.final_full_steps).__name__}")
         if self.final_full_steps < 0:
@@ -126,11 +124,6 @@ class RFCConfig:
     @property
     def uses_rfe(self) -> bool:
         return self.mode in ("rfe", "rfc")
-
-    @property
-    def keeps_full_history(self) -> bool:
-        """Divided differences need the positions of the last m full steps (m >= 2)."""
-        return self.differences == "divided" and self.ladder_order >= 2
 
     def replace(self, **changes) -> "RFCConfig":
         return dataclasses.replace(self, **changes)

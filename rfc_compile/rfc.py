@@ -1,8 +1,8 @@
 """The RFC math of RFC_METHOD.md as pure tensor functions.
 
 Everything here is traced into the cached graph: no Python branching on tensor values,
-norms per sample (over every dim but the batch dim) computed in float32, every division
-guarded by eps. A *ladder* is a tensor of shape (m + 1, *feature_shape) holding
+norms per sample (over every dim but the batch dim; per token with ``keep=2``, the option
+RFCConfig.rfe_per_token) computed in float32, every division guarded by eps. A *ladder* is a tensor of shape (m + 1, *feature_shape) holding
 [D0, D1, ..., Dm]; counters (step, last full step, full steps seen) are 0-d int64 tensors.
 """
 
@@ -17,14 +17,15 @@ from torch import Tensor
 
 # --- per-sample norms ---------------------------------------------------------------
 
-def sample_norm(x: Tensor, p: float = 2.0) -> Tensor:
-    """Per-sample p-norm over all dims but dim 0, in float32: shape (B,)."""
-    return torch.linalg.vector_norm(x.float().reshape(x.shape[0], -1), ord=p, dim=1)
+def sample_norm(x: Tensor, p: float = 2.0, keep: int = 1) -> Tensor:
+    """p-norm over every dim after the first ``keep``, in float32: per sample, shape (B,), with
+    keep=1; per token, shape (B, T), with keep=2."""
+    return torch.linalg.vector_norm(x.float().reshape(*x.shape[:keep], -1), ord=p, dim=-1)
 
 
-def tuple_norm(xs: Sequence[Tensor]) -> Tensor:
+def tuple_norm(xs: Sequence[Tensor], keep: int = 1) -> Tensor:
     """L2 norm of a tuple of tensors taken as one vector: sqrt(sum of squared norms)."""
-    return torch.sqrt(sum(sample_norm(x) ** 2 for x in xs))
+    return torch.sqrt(sum(sample_norm(x, keep=keep) ** 2 for x in xs))
 
 
 def tuple_l1(xs: Sequence[Tensor]) -> Tensor:
@@ -32,9 +33,9 @@ def tuple_l1(xs: Sequence[Tensor]) -> Tensor:
     return sum(sample_norm(x, 1.0) for x in xs)
 
 
-def _per_sample(s: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a (B,) vector against a (B, ...) tensor."""
-    return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))
+def _broadcast(s: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a per-sample (B,) or per-token (B, T) scalar against a (B, T, ...) tensor."""
+    return s.reshape(tuple(s.shape) + (1,) * (like.dim() - s.dim()))
 
 
 # --- Taylor ladder --------------------------------------------------------------------
@@ -47,8 +48,7 @@ def ladder_depth(full_steps_seen: Tensor, order: int) -> Tensor:
 def update_ladder(ladder: Tensor, value: Tensor, gap: Tensor, full_steps_seen_after: Tensor) -> Tensor:
     """Ladder update at a full step: D0 <- Y; D_i <- (D_{i-1}(new) - D_{i-1}(old)) / N.
 
-    gap is N = n - p (ignored while no previous full step exists), or a vector whose entry
-    i - 1 divides D_i (see :func:`difference_divisors`); entries past the new depth
+    gap is N = n - p (ignored while no previous full step exists); entries past the new depth
     min(m, full steps seen - 1) stay zero.
     """
     order = ladder.shape[0] - 1
@@ -56,29 +56,9 @@ def update_ladder(ladder: Tensor, value: Tensor, gap: Tensor, full_steps_seen_af
     gap_f = torch.clamp(gap.to(torch.float32), min=1.0)
     new = [value.to(ladder.dtype)]
     for i in range(1, order + 1):
-        divisor = gap_f if gap_f.dim() == 0 else gap_f[i - 1]
-        diff = ((new[i - 1].float() - ladder[i - 1].float()) / divisor).to(ladder.dtype)
+        diff = ((new[i - 1].float() - ladder[i - 1].float()) / gap_f).to(ladder.dtype)
         new.append(torch.where(depth >= i, diff, torch.zeros_like(diff)))
     return torch.stack(new)
-
-
-def difference_divisors(step: Tensor, full_history: Tensor) -> Tensor:
-    """Divided differences over the real gaps (ours, RFCConfig.differences="divided").
-
-    full_history holds the previous full steps [p1, ..., pm] (latest first). Dividing D_i's
-    difference by (n - p_i) / i makes D_i = i! f[n, p1, ..., p_i], the divided difference over
-    the actual step positions, so the same Taylor series in k stays exact for polynomials of
-    degree <= m however uneven RCS makes the gaps. With equal gaps N, (n - p_i) / i = N:
-    TaylorSeer's latest-gap convention.
-    """
-    order = full_history.shape[0]
-    i = torch.arange(1, order + 1, device=full_history.device, dtype=torch.float32)
-    return (step - full_history).to(torch.float32) / i
-
-
-def push_full_step(full_history: Tensor, step: Tensor) -> Tensor:
-    """[p1, ..., pm] -> [n, p1, ..., p_{m-1}] after a full step at n."""
-    return torch.cat([step.reshape(1).to(full_history.dtype), full_history[:-1]])
 
 
 def taylor_term(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor:
@@ -101,30 +81,33 @@ def taylor_predict(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor
 
 # --- RFE: relational feature estimation ----------------------------------------------
 
-def relational_ratio(y_new: Tensor, y_prev: Tensor, x_change_norm: Tensor, eps: float) -> Tensor:
-    """s = ||Y_n - Y_p|| / max(||X_n - X_p||, eps), per sample."""
-    return sample_norm(y_new - y_prev) / torch.clamp(x_change_norm, min=eps)
+def relational_ratio(y_new: Tensor, y_prev: Tensor, x_change_norm: Tensor, eps: float, keep: int = 1) -> Tensor:
+    """s = ||Y_n - Y_p|| / max(||X_n - X_p||, eps), per sample (keep=1) or per token (keep=2)."""
+    return sample_norm(y_new - y_prev, keep=keep) / torch.clamp(x_change_norm, min=eps)
 
 
 def rfe_predict(ladder: Tensor, ratio: Tensor, x_change_norm: Tensor, k: Tensor,
-                full_steps_seen: Tensor, eps: float) -> Tensor:
-    """Y_hat = D0 + s * ||X_n - X_last|| * T_k / max(||T_k||, eps)."""
+                full_steps_seen: Tensor, eps: float, keep: int = 1) -> Tensor:
+    """Y_hat = D0 + s * ||X_n - X_last|| * T_k / max(||T_k||, eps).
+
+    The norms, ``ratio`` and ``x_change_norm`` are per sample (keep=1) or, with
+    RFCConfig.rfe_per_token, per token (keep=2): each token then gets its own magnitude."""
     term = taylor_term(ladder, k, full_steps_seen)
-    direction = term / _per_sample(torch.clamp(sample_norm(term), min=eps), term)
-    magnitude = _per_sample(ratio * x_change_norm, term)
+    direction = term / _broadcast(torch.clamp(sample_norm(term, keep=keep), min=eps), term)
+    magnitude = _broadcast(ratio * x_change_norm, term)
     return (ladder[0].float() + magnitude * direction).to(ladder.dtype)
 
 
-def direction_agreement(term: Tensor, change: Tensor, eps: float) -> Tensor:
-    """cos(T, Y_n - D0) per sample, clamped to [0, 1] (ours, RFCConfig.rfe_shrink).
+def direction_agreement(term: Tensor, change: Tensor, eps: float, keep: int = 1) -> Tensor:
+    """cos(T, Y_n - D0) per sample (or per token), clamped to [0, 1] (ours, RFCConfig.rfe_shrink).
 
     Measured at a full step between the Taylor term the old ladder would have predicted and the
     change that actually happened. When the direction is only partly right, the error
     ||c * T_hat - d|| over magnitudes c is smallest at c = cos * ||d||, so RFE's magnitude
     s * ||dX|| (an estimate of ||d||) is scaled by it; a ladder with no direction yet gives 1.
     """
-    dot = (term.float() * change.float()).reshape(term.shape[0], -1).sum(dim=1)
-    norms = sample_norm(term) * sample_norm(change)
+    dot = (term.float() * change.float()).reshape(*term.shape[:keep], -1).sum(dim=-1)
+    norms = sample_norm(term, keep=keep) * sample_norm(change, keep=keep)
     cos = torch.clamp(dot / torch.clamp(norms, min=eps), min=0.0, max=1.0)
     return torch.where(norms > eps, cos, torch.ones_like(cos))
 

@@ -114,9 +114,9 @@ def test_rcs_mode_is_taylorseer_prediction_on_the_rcs_schedule():
     for xs in watched:
         rcs.begin_step()
         if rcs._decide(xs):
-            divisors = rcs._divisors(rcs.step, rcs.full_steps)
+            gap = rcs._gap(rcs.step, rcs.full_steps)
             depth = min(rcs.order, len(rcs.full_steps))
             old = rcs.watch_ladder or [None] * len(xs)
-            rcs.watch_ladder = [rcs._new_ladder(o, x, divisors, depth, rcs.order) for o, x in zip(old, xs)]
+            rcs.watch_ladder = [rcs._new_ladder(o, x, gap, depth, rcs.order) for o, x in zip(old, xs)]
             rcs.full_steps.append(rcs.step)
     assert rcs.full_steps == schedule

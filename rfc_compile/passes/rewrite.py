@@ -36,7 +36,7 @@ from .regions import Region, RegionPlan
 logger = logging.getLogger(__name__)
 
 _COUNTERS = ("step", "last_full", "full_steps_seen")
-_SCHEDULE = ("rcs_acc", "full_history")  # written every step outside the cond
+_SCHEDULE = ("rcs_acc",)  # written every step outside the cond
 
 
 def _meta(node: fx.Node) -> Tensor:
@@ -79,6 +79,29 @@ def _batch_size(plan: RegionPlan) -> int:
     return int(_meta(plan.watched.feature_inputs[0]).shape[0])
 
 
+def token_pairing(region: Region, config: RFCConfig) -> list[tuple[int, ...] | None]:
+    """Per region output, the feature inputs its per-token RFE magnitude compares it with
+    (RFCConfig.rfe_per_token), or None where norms stay per sample.
+
+    Token t of an output moves with token t of the input stream of the same (batch, tokens)
+    shape: output o pairs with input o when a region maps its streams one to one (joint
+    attention: image -> image, text -> text), else with every input of its shape."""
+    outs = [_meta(n).shape for n in region.outputs]
+    ins = [_meta(n).shape for n in region.feature_inputs]
+    if not (config.uses_rfe and config.rfe_per_token):
+        return [None] * len(outs)
+    one_to_one = len(ins) == len(outs) and all(len(i) >= 3 and i[:2] == o[:2] for i, o in zip(ins, outs))
+    pairing: list[tuple[int, ...] | None] = []
+    for o, shape in enumerate(outs):
+        same = tuple(i for i, x in enumerate(ins) if len(x) >= 3 and x[:2] == shape[:2])
+        pairing.append((o,) if one_to_one else (same if len(shape) >= 3 and same else None))
+    return pairing
+
+
+def _ratio_shape(pair: tuple[int, ...] | None, output: Tensor) -> tuple[int, ...]:
+    return tuple(output.shape[:1] if pair is None else output.shape[:2])
+
+
 def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
     """The state tensors for this plan and config (see state.py for the naming scheme)."""
     entries = [StateEntry(name, (), torch.int64) for name in _COUNTERS]
@@ -86,26 +109,35 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
         return StateSpec(entries)
     m = config.ladder_order
     batch = _batch_size(plan)
-    if config.keeps_full_history:
-        entries.append(StateEntry("full_history", (m,), torch.int64))
     if config.uses_rcs:
         entries.append(StateEntry("rcs_acc", (batch,), torch.float32))
         for i, node in enumerate(plan.watched.feature_inputs):
             val = _meta(node)
             entries.append(StateEntry(f"rcs_ladder.{i}", (m + 1, *val.shape), val.dtype))
     for region in plan.regions:
-        for o, node in enumerate(region.outputs):
+        for o, (node, pair) in enumerate(zip(region.outputs, token_pairing(region, config))):
             val = _meta(node)
             entries.append(StateEntry(f"{region.key}.ladder.{o}", (m + 1, *val.shape), val.dtype))
             if config.uses_rfe:
-                entries.append(StateEntry(f"{region.key}.ratio.{o}", (batch,), torch.float32))
+                entries.append(StateEntry(f"{region.key}.ratio.{o}", _ratio_shape(pair, val), torch.float32))
             if config.uses_rfe and config.rfe_shrink:
-                entries.append(StateEntry(f"{region.key}.cos.{o}", (batch,), torch.float32))
+                entries.append(StateEntry(f"{region.key}.cos.{o}", _ratio_shape(pair, val), torch.float32))
         if config.uses_rfe:
             for i, node in enumerate(region.feature_inputs):
                 val = _meta(node)
                 entries.append(StateEntry(f"{region.key}.x_last.{i}", tuple(val.shape), val.dtype))
     return StateSpec(entries)
+
+
+def _input_change(xs, x_last, pair: tuple[int, ...] | None) -> Tensor:
+    """||X_n - X_last||: per sample over every input, or per token over the paired inputs."""
+    if pair is None:
+        return rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
+    return rfc.tuple_norm([xs[i] - x_last[i] for i in pair], keep=2)
+
+
+def _keep(pair: tuple[int, ...] | None) -> int:
+    return 1 if pair is None else 2
 
 
 class RegionPredict(torch.nn.Module):
@@ -115,6 +147,7 @@ class RegionPredict(torch.nn.Module):
         super().__init__()
         self.n_inputs = len(region.feature_inputs)
         self.n_outputs = len(region.outputs)
+        self.pairing = token_pairing(region, config)
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
@@ -129,9 +162,8 @@ class RegionPredict(torch.nn.Module):
             coss = args[ni + 2 * no : ni + 3 * no]
             ratios = tuple(r * c for r, c in zip(ratios, coss))
         x_last = args[-2 - ni : -2]
-        x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
-        return tuple(rfc.rfe_predict(ladder, ratio, x_change, k, seen, cfg.eps)
-                     for ladder, ratio in zip(ladders, ratios))
+        return tuple(rfc.rfe_predict(ladder, ratio, _input_change(xs, x_last, pair), k, seen, cfg.eps, _keep(pair))
+                     for ladder, ratio, pair in zip(ladders, ratios, self.pairing))
 
 
 class RegionUpdate(torch.nn.Module):
@@ -141,29 +173,29 @@ class RegionUpdate(torch.nn.Module):
         super().__init__()
         self.n_inputs = len(region.feature_inputs)
         self.n_outputs = len(region.outputs)
+        self.pairing = token_pairing(region, config)
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        # args: X (ni), Y (no), ladders (no), [ratios (no), [cos (no)], x_last (ni)],
-        #       gap, divisors, seen, seen_after
+        # args: X (ni), Y (no), ladders (no), [ratios (no), [cos (no)], x_last (ni)], gap, seen, seen_after
         cfg, ni, no = self.config, self.n_inputs, self.n_outputs
         xs, ys, ladders = args[:ni], args[ni : ni + no], args[ni + no : ni + 2 * no]
-        gap, divisors, seen, seen_after = args[-4:]
-        new_ladders = tuple(rfc.update_ladder(ladder, y, divisors, seen_after) for ladder, y in zip(ladders, ys))
+        gap, seen, seen_after = args[-3:]
+        new_ladders = tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
         if not cfg.uses_rfe:
             return new_ladders
         ratios = args[ni + 2 * no : ni + 3 * no]
-        x_last = args[-4 - ni : -4]
-        x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
+        x_last = args[-3 - ni : -3]
         new_ratios = tuple(
-            torch.where(seen > 0, rfc.relational_ratio(y, ladder[0], x_change, cfg.eps), torch.zeros_like(ratio))
-            for y, ladder, ratio in zip(ys, ladders, ratios)
+            torch.where(seen > 0, rfc.relational_ratio(y, ladder[0], _input_change(xs, x_last, pair), cfg.eps,
+                                                       _keep(pair)), torch.zeros_like(ratio))
+            for y, ladder, ratio, pair in zip(ys, ladders, ratios, self.pairing)
         )
         new_cos: tuple[Tensor, ...] = ()
         if cfg.rfe_shrink:  # how well the old ladder's direction matched what happened over the gap
             new_cos = tuple(rfc.direction_agreement(rfc.taylor_term(ladder, gap, seen), y.float() - ladder[0].float(),
-                                                    cfg.eps)
-                            for y, ladder in zip(ys, ladders))
+                                                    cfg.eps, _keep(pair))
+                            for y, ladder, pair in zip(ys, ladders, self.pairing))
         return new_ladders + new_ratios + new_cos + tuple(x.clone() for x in xs)
 
 
@@ -171,10 +203,10 @@ class WatchUpdate(torch.nn.Module):
     """RCS: new Taylor ladder of the watched (first region's) input at a full step."""
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        n = (len(args) - 4) // 2
+        n = (len(args) - 3) // 2
         xs, ladders = args[:n], args[n : 2 * n]
-        _, divisors, _, seen_after = args[-4:]
-        return tuple(rfc.update_ladder(ladder, x, divisors, seen_after) for ladder, x in zip(ladders, xs))
+        gap, _, seen_after = args[-3:]
+        return tuple(rfc.update_ladder(ladder, x, gap, seen_after) for ladder, x in zip(ladders, xs))
 
 
 def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
@@ -190,8 +222,8 @@ def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
 class _BranchBuilder:
     """Builds the two cond branches as GraphModules by copying the span's nodes.
 
-    Both take the same flat operands: (span input tensors..., region state..., k, divisors,
-    seen, seen_after) and return (span outputs..., region state'...).
+    Both take the same flat operands: (span input tensors..., region state..., k, seen,
+    seen_after) and return (span outputs..., region state'...).
     """
 
     def __init__(self, gm: fx.GraphModule, span: list[fx.Node], span_inputs: list[fx.Node],
@@ -229,7 +261,7 @@ class _BranchBuilder:
             if node.op == "get_attr":  # weights stay module attributes (shared, not operands)
                 env[node] = graph.get_attr(node.target)
         state = {name: graph.placeholder("st_" + name.replace(".", "_")) for name in self.state_names}
-        counters = tuple(graph.placeholder(n) for n in ("since_full", "divisors", "seen", "seen_after"))
+        counters = tuple(graph.placeholder(n) for n in ("since_full", "seen", "seen_after"))
         return graph, env, state, counters
 
     def _outputs(self, graph: fx.Graph, env: dict[fx.Node, fx.Node]) -> tuple[fx.Node, ...]:
@@ -250,7 +282,7 @@ class _BranchBuilder:
         return [graph.call_function(operator.getitem, (call, i)) for i in range(n_out)]
 
     def recompute(self) -> fx.GraphModule:
-        graph, env, state, (k, divisors, seen, seen_after) = self._start()
+        graph, env, state, (k, seen, seen_after) = self._start()
         root = self._root()
         for node in self.span:
             env[node] = graph.node_copy(node, lambda n: env[n])
@@ -259,13 +291,13 @@ class _BranchBuilder:
             watched = self.plan.watched.feature_inputs
             names = [f"rcs_ladder.{i}" for i in range(len(watched))]
             outs = self._call(graph, root, "watch_update", WatchUpdate(),
-                              [env[n] for n in watched] + [state[n] for n in names] + [k, divisors, seen, seen_after],
+                              [env[n] for n in watched] + [state[n] for n in names] + [k, seen, seen_after],
                               len(names))
             new_state.update(zip(names, outs))
         for j, region in enumerate(self.plan.regions):
             names = _region_state_names(region, self.config)
             args = ([env[n] for n in region.feature_inputs] + [env[n] for n in region.outputs]
-                    + [state[n] for n in names] + [k, divisors, seen, seen_after])
+                    + [state[n] for n in names] + [k, seen, seen_after])
             outs = self._call(graph, root, f"update_{j}", RegionUpdate(region, self.config), args, len(names))
             new_state.update(zip(names, outs))
         written = tuple(new_state[n] for n in self.state_names)
@@ -277,7 +309,7 @@ class _BranchBuilder:
         return fx.GraphModule(root, graph, "recompute")
 
     def predict(self) -> fx.GraphModule:
-        graph, env, state, (k, _, seen, _) = self._start()
+        graph, env, state, (k, seen, _) = self._start()
         root = self._root()
         first = {r.nodes[0]: (j, r) for j, r in enumerate(self.plan.regions)}
         in_region = {n for r in self.plan.regions for n in r.nodes}
@@ -396,18 +428,11 @@ class CachedStep(torch.nn.Module):
                 pred = pred | (since_full > cfg.max_interval)
         if cfg.final_full_steps:
             pred = pred | rfc.final_full(step, cfg.num_steps, cfg.final_full_steps)
-        if cfg.keeps_full_history:
-            divisors = rfc.difference_divisors(step, state["full_history"])
-            new_state["full_history"] = torch.where(pred, rfc.push_full_step(state["full_history"], step),
-                                                    state["full_history"])
-        else:
-            divisors = since_full.to(torch.float32)  # TaylorSeer: every difference by the latest gap
-
         operands = (
             tuple(env[n].clone(memory_format=torch.contiguous_format) if n in self._copied_inputs else env[n]
                   for n in self._span_inputs if n.op != "get_attr")
             + tuple(state[n] for n in self._region_state)
-            + (since_full, divisors, seen, seen + 1)
+            + (since_full, seen, seen + 1)
         )
         results = torch.cond(pred, self.recompute_branch, self.predict_branch, operands)
         n_out, n_state = len(self._span_outputs), len(self._region_state)
