@@ -93,9 +93,10 @@ def rfe_predict(ladder: Tensor, ratio: Tensor, x_change_norm: Tensor, k: Tensor,
     The norms, ``ratio`` and ``x_change_norm`` are per sample (keep=1) or, with
     RFCConfig.rfe_per_token, per token (keep=2): each token then gets its own magnitude."""
     term = taylor_term(ladder, k, full_steps_seen)
-    direction = term / _broadcast(torch.clamp(sample_norm(term, keep=keep), min=eps), term)
-    magnitude = _broadcast(ratio * x_change_norm, term)
-    return (ladder[0].float() + magnitude * direction).to(ladder.dtype)
+    # one scale per sample (token) first: a graph runtime that does not fuse (onnxruntime) then
+    # makes one pass over the features instead of one for the direction and one for the magnitude
+    scale = ratio * x_change_norm / torch.clamp(sample_norm(term, keep=keep), min=eps)
+    return (ladder[0].float() + _broadcast(scale, term) * term).to(ladder.dtype)
 
 
 def direction_agreement(term: Tensor, change: Tensor, eps: float, keep: int = 1) -> Tensor:
