@@ -4,8 +4,8 @@
 
 For each zoo model and target NFC: TaylorSeer and RFE at fixed intervals, the paper's RFC
 (order 1 and 2, tau calibrated to the target on samples 0..7), and RFC with each option of
-``RFCConfig`` that is not in the paper (``rfe_shrink=True``, ``rfe_per_token=True``,
-``final_full_steps=1``), each calibrated to the same target. Metrics and
+``RFCConfig`` that is not in the paper (``rfe_shrink=True``, ``final_full_steps=1``), each
+calibrated to the same target. Metrics and
 sampling are those of ``benchmarks/quality.py`` (PSNR / FD to the full-compute output of the
 same sample). Writes the ``options`` section of ``benchmarks/RESULTS.md``; an option is worth
 keeping where its row beats the paper's RFC of the same order.
@@ -37,7 +37,6 @@ VARIANTS: dict[str, tuple[str, str, int, dict]] = {
     "RFC o1 +final": ("rcs", "rfc", 1, {"final_full_steps": 1}),
     "RFC o2": ("rcs", "rfc", 2, {}),
     "RFC o2 +shrink": ("rcs", "rfc", 2, {"rfe_shrink": True}),
-    "RFC o2 +token": ("rcs", "rfc", 2, {"rfe_per_token": True}),
     "RFC o2 +final": ("rcs", "rfc", 2, {"final_full_steps": 1}),
 }
 
@@ -52,8 +51,9 @@ costs one in the middle (-5.2 dB). `+shrink` wins on flux-digits (+1.8 / +1.1 dB
 the best rows) and is mixed on dit-digits (-2.4 dB at 14, +1.2 at 7). `+divided` loses at every
 budget on dit-digits (-0.3 to -4.0 dB), so TaylorSeer's latest-gap convention stays and the
 option was removed from RFCConfig after this run (its rows, and `+all` = divided + shrink + final,
-are kept here as the record; the command above no longer accepts them). `+token` (rfe_per_token)
-came later: it is measured in the quality section's "RFC (calibrated options)" candidates.
+are kept here as the record; the command above no longer accepts them). A per-token RFE magnitude
+came later, was measured as a candidate of the quality section's "RFC (calibrated options)" and
+was removed too (never chosen there).
 Hence `rfc_compile.calibrate(..., candidates=[...], score_fn=...)`: per model and budget, calibrate
 each candidate and keep the best-scoring one on a few prompts.
 """
@@ -94,10 +94,10 @@ def render(results: list[dict], args, wall: float | None) -> str:
              f"thresholds calibrated to each target on samples 0..{results[0]['setup']['calib_seeds'] - 1}, "
              "metrics as in the quality section (PSNR-to-full dB / FD-to-full, achieved NFC in parentheses). "
              "Options (RFCConfig): `+shrink` = `rfe_shrink=True` (RFE magnitude times the cosine between "
-             "the Taylor term and the change measured at the last full step), `+token` = `rfe_per_token=True` "
-             "(RFE ratio and input change per token), `+final` = `final_full_steps=1, num_steps=S` (the last "
-             "step always computed in full); removed since: `+divided` = `differences=\"divided\"` (divided "
-             "differences over the real gaps between full steps), `+all` = divided + shrink + final.", ""]
+             "the Taylor term and the change measured at the last full step), `+final` = "
+             "`final_full_steps=1, num_steps=S` (the last step always computed in full); removed since: "
+             "`+divided` = `differences=\"divided\"` (divided differences over the real gaps between full "
+             "steps), `+all` = divided + shrink + final.", ""]
     for res in results:
         rows = res["rows"]
         targets = res["setup"]["targets"]

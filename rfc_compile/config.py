@@ -38,11 +38,6 @@ class RFCConfig:
         rfe_shrink: scale RFE's magnitude by the cosine between the Taylor term and the change
             measured at the last full step (the least-squares magnitude when the direction is
             only partly right).
-        rfe_per_token: RFE's ratio s, input change ||X_n - X_last|| and direction norm per token
-            (over the feature dims of each (sample, token)) instead of per sample: each token's
-            output moves by its own input's change. A region output is paired with the input
-            stream of the same (batch, tokens) shape; an output with no such input (or fewer
-            than 3 dims) keeps per-sample norms. State: ratios (and cosines) of shape (B, T).
         num_steps, final_full_steps: with the generation length known, compute the last
             ``final_full_steps`` steps in full (where quality is decided).
     """
@@ -56,7 +51,6 @@ class RFCConfig:
     eps: float = 1e-6
     guard_nonfinite: bool = True
     rfe_shrink: bool = False
-    rfe_per_token: bool = False
     num_steps: int | None = None
     final_full_steps: int = 0
 
@@ -95,9 +89,8 @@ class RFCConfig:
                 raise ValueError(f"RFCConfig.{name} must be finite and >= 0, got {value}")
         if not isinstance(self.guard_nonfinite, bool):
             raise TypeError(f"RFCConfig.guard_nonfinite must be a bool, got {type(self.guard_nonfinite).__name__}")
-        for name in ("rfe_shrink", "rfe_per_token"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"RFCConfig.{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.rfe_shrink, bool):
+            raise TypeError(f"RFCConfig.rfe_shrink must be a bool, got {type(self.rfe_shrink).__name__}")
         if isinstance(self.final_full_steps, bool) or not isinstance(self.final_full_steps, int):
             raise TypeError(f"RFCConfig.final_full_steps must be an int, got {type(self.final_full_steps).__name__}")
         if self.final_full_steps < 0:

@@ -1,8 +1,8 @@
 """The RFC math of RFC_METHOD.md as pure tensor functions.
 
 Everything here is traced into the cached graph: no Python branching on tensor values,
-norms per sample (over every dim but the batch dim; per token with ``keep=2``, the option
-RFCConfig.rfe_per_token) computed in float32, every division guarded by eps. A *ladder* is a tensor of shape (m + 1, *feature_shape) holding
+norms per sample (over every dim but the batch dim) computed in float32, every division
+guarded by eps. A *ladder* is a tensor of shape (m + 1, *feature_shape) holding
 [D0, D1, ..., Dm]; counters (step, last full step, full steps seen) are 0-d int64 tensors.
 """
 
@@ -17,15 +17,14 @@ from torch import Tensor
 
 # --- per-sample norms ---------------------------------------------------------------
 
-def sample_norm(x: Tensor, p: float = 2.0, keep: int = 1) -> Tensor:
-    """p-norm over every dim after the first ``keep``, in float32: per sample, shape (B,), with
-    keep=1; per token, shape (B, T), with keep=2."""
-    return torch.linalg.vector_norm(x.float().reshape(*x.shape[:keep], -1), ord=p, dim=-1)
+def sample_norm(x: Tensor, p: float = 2.0) -> Tensor:
+    """Per-sample p-norm over all dims but dim 0, in float32: shape (B,)."""
+    return torch.linalg.vector_norm(x.float().reshape(x.shape[0], -1), ord=p, dim=1)
 
 
-def tuple_norm(xs: Sequence[Tensor], keep: int = 1) -> Tensor:
+def tuple_norm(xs: Sequence[Tensor]) -> Tensor:
     """L2 norm of a tuple of tensors taken as one vector: sqrt(sum of squared norms)."""
-    return torch.sqrt(sum(sample_norm(x, keep=keep) ** 2 for x in xs))
+    return torch.sqrt(sum(sample_norm(x) ** 2 for x in xs))
 
 
 def tuple_l1(xs: Sequence[Tensor]) -> Tensor:
@@ -33,9 +32,9 @@ def tuple_l1(xs: Sequence[Tensor]) -> Tensor:
     return sum(sample_norm(x, 1.0) for x in xs)
 
 
-def _broadcast(s: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a per-sample (B,) or per-token (B, T) scalar against a (B, T, ...) tensor."""
-    return s.reshape(tuple(s.shape) + (1,) * (like.dim() - s.dim()))
+def _per_sample(s: Tensor, like: Tensor) -> Tensor:
+    """Broadcast a (B,) vector against a (B, ...) tensor."""
+    return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))
 
 
 # --- Taylor ladder --------------------------------------------------------------------
@@ -81,34 +80,31 @@ def taylor_predict(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor
 
 # --- RFE: relational feature estimation ----------------------------------------------
 
-def relational_ratio(y_new: Tensor, y_prev: Tensor, x_change_norm: Tensor, eps: float, keep: int = 1) -> Tensor:
-    """s = ||Y_n - Y_p|| / max(||X_n - X_p||, eps), per sample (keep=1) or per token (keep=2)."""
-    return sample_norm(y_new - y_prev, keep=keep) / torch.clamp(x_change_norm, min=eps)
+def relational_ratio(y_new: Tensor, y_prev: Tensor, x_change_norm: Tensor, eps: float) -> Tensor:
+    """s = ||Y_n - Y_p|| / max(||X_n - X_p||, eps), per sample."""
+    return sample_norm(y_new - y_prev) / torch.clamp(x_change_norm, min=eps)
 
 
 def rfe_predict(ladder: Tensor, ratio: Tensor, x_change_norm: Tensor, k: Tensor,
-                full_steps_seen: Tensor, eps: float, keep: int = 1) -> Tensor:
-    """Y_hat = D0 + s * ||X_n - X_last|| * T_k / max(||T_k||, eps).
-
-    The norms, ``ratio`` and ``x_change_norm`` are per sample (keep=1) or, with
-    RFCConfig.rfe_per_token, per token (keep=2): each token then gets its own magnitude."""
+                full_steps_seen: Tensor, eps: float) -> Tensor:
+    """Y_hat = D0 + s * ||X_n - X_last|| * T_k / max(||T_k||, eps)."""
     term = taylor_term(ladder, k, full_steps_seen)
-    # one scale per sample (token) first: a graph runtime that does not fuse (onnxruntime) then
+    # one scale per sample first: a graph runtime that does not fuse (onnxruntime) then
     # makes one pass over the features instead of one for the direction and one for the magnitude
-    scale = ratio * x_change_norm / torch.clamp(sample_norm(term, keep=keep), min=eps)
-    return (ladder[0].float() + _broadcast(scale, term) * term).to(ladder.dtype)
+    scale = ratio * x_change_norm / torch.clamp(sample_norm(term), min=eps)
+    return (ladder[0].float() + _per_sample(scale, term) * term).to(ladder.dtype)
 
 
-def direction_agreement(term: Tensor, change: Tensor, eps: float, keep: int = 1) -> Tensor:
-    """cos(T, Y_n - D0) per sample (or per token), clamped to [0, 1] (ours, RFCConfig.rfe_shrink).
+def direction_agreement(term: Tensor, change: Tensor, eps: float) -> Tensor:
+    """cos(T, Y_n - D0) per sample, clamped to [0, 1] (ours, RFCConfig.rfe_shrink).
 
     Measured at a full step between the Taylor term the old ladder would have predicted and the
     change that actually happened. When the direction is only partly right, the error
     ||c * T_hat - d|| over magnitudes c is smallest at c = cos * ||d||, so RFE's magnitude
     s * ||dX|| (an estimate of ||d||) is scaled by it; a ladder with no direction yet gives 1.
     """
-    dot = (term.float() * change.float()).reshape(*term.shape[:keep], -1).sum(dim=-1)
-    norms = sample_norm(term, keep=keep) * sample_norm(change, keep=keep)
+    dot = (term.float() * change.float()).reshape(term.shape[0], -1).sum(dim=1)
+    norms = sample_norm(term) * sample_norm(change)
     cos = torch.clamp(dot / torch.clamp(norms, min=eps), min=0.0, max=1.0)
     return torch.where(norms > eps, cos, torch.ones_like(cos))
 

@@ -8,9 +8,8 @@ Naming scheme (also the ONNX input/output names, prefixed there with ``state.``/
     rcs_acc           float32 (B,)  RCS accumulator A (mode "rfc")
     rcs_ladder.<i>    like X_0[i]   Taylor ladder of the watched input's i-th tensor (mode "rfc")
     <region>.ladder.<o>  (m+1, *Y_o)  Taylor ladder [D0..Dm] of the region's o-th output
-    <region>.ratio.<o>   float32 (B,) relational ratio s of that output (modes "rfe", "rfc");
-                         (B, T), one per token, with rfe_per_token=True
-    <region>.cos.<o>     like ratio   direction agreement c of that output (rfe_shrink=True)
+    <region>.ratio.<o>   float32 (B,) relational ratio s of that output (modes "rfe", "rfc")
+    <region>.cos.<o>     float32 (B,) direction agreement c of that output (rfe_shrink=True)
     <region>.x_last.<i>  like X[i]    the region's i-th feature input at the last full step
 
 ``<region>`` is the module path with dots replaced by underscores, e.g.

@@ -13,19 +13,13 @@ import math
 import torch
 
 
-def _norm(x: torch.Tensor, p: float = 2.0, tokens: bool = False) -> torch.Tensor:
-    """Per-sample norm (B,), or per-token norm (B, T) with ``tokens``, one at a time, in float64
-    (then float32)."""
-    def one(v):
-        return v.double().abs().pow(p).sum().pow(1.0 / p)
-
-    if tokens:
-        return torch.stack([torch.stack([one(x[b, t]) for t in range(x.shape[1])]) for b in range(x.shape[0])]).float()
-    return torch.stack([one(x[b]) for b in range(x.shape[0])]).float()
+def _norm(x: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Per-sample norm, one sample at a time, in float64 (then float32)."""
+    return torch.stack([x[b].double().abs().pow(p).sum().pow(1.0 / p) for b in range(x.shape[0])]).float()
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(*v.shape, *([1] * (like.dim() - v.dim())))
+    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 class _RegionState:
@@ -45,10 +39,9 @@ class ReferenceRFC:
 
     def __init__(self, regions, mode: str, order: int = 2, threshold: float = 0.1, warmup_steps: int = 2,
                  max_interval: int | None = None, interval: int = 4, eps: float = 1e-6,
-                 rfe_shrink: bool = False, rfe_per_token: bool = False, num_steps: int | None = None,
-                 final_full_steps: int = 0):
+                 rfe_shrink: bool = False, num_steps: int | None = None, final_full_steps: int = 0):
         self.mode, self.threshold, self.warmup = mode, threshold, warmup_steps
-        self.shrink, self.per_token = rfe_shrink, rfe_per_token
+        self.shrink = rfe_shrink
         self.final_from = num_steps - final_full_steps if final_full_steps else None
         self.max_interval, self.interval, self.eps = max_interval, interval, eps
         self.order = 0 if mode in ("fora", "full") else order
@@ -126,37 +119,17 @@ class ReferenceRFC:
                 new.append(torch.zeros_like(value))
         return new
 
-    def _pairs(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[list[int] | None]:
-        """Per output, the inputs its per-token magnitude uses (None: per-sample norms)."""
-        if not self.per_token:
-            return [None] * len(ys)
-
-        def same_tokens(x, y):
-            return x.dim() >= 3 and y.dim() >= 3 and x.shape[:2] == y.shape[:2]
-
-        if len(xs) == len(ys) and all(same_tokens(x, y) for x, y in zip(xs, ys)):
-            return [[o] for o in range(len(ys))]
-        return [[i for i, x in enumerate(xs) if same_tokens(x, y)] or None for y in ys]
-
-    def _input_change(self, xs, x_last, pair) -> torch.Tensor:
-        if pair is None:
-            return torch.sqrt(sum(_norm(x - xl) ** 2 for x, xl in zip(xs, x_last)))
-        return torch.sqrt(sum(_norm(xs[i] - x_last[i], tokens=True) ** 2 for i in pair))
-
-    def _agreement(self, old_ladder: list[torch.Tensor], y: torch.Tensor, seen_before: int, tokens: bool):
-        """cos between the old ladder's Taylor term over the gap and the true change, per sample
-        (or per token), clamped to [0, 1]."""
+    def _agreement(self, old_ladder: list[torch.Tensor], y: torch.Tensor, seen_before: int) -> torch.Tensor:
+        """Per-sample cos between the old ladder's Taylor term over the gap and the true change."""
         gap = self.step - self.full_steps[-2]
         t = self._taylor(old_ladder, gap, d=min(self.order, seen_before - 1))
         change = y.float() - old_ladder[0].float()
-        cells = [(b, tok) for b in range(y.shape[0]) for tok in (range(y.shape[1]) if tokens else [None])]
         out = []
-        for b, tok in cells:
-            tb, cb = (t[b], change[b]) if tok is None else (t[b, tok], change[b, tok])
-            tb, cb = tb.double().flatten(), cb.double().flatten()
+        for b in range(y.shape[0]):
+            tb, cb = t[b].double().flatten(), change[b].double().flatten()
             norms = tb.norm() * cb.norm()
             out.append(1.0 if norms <= self.eps else float(min(max(tb @ cb / norms, 0.0), 1.0)))
-        return torch.tensor(out, dtype=torch.float32).view(y.shape[:2] if tokens else y.shape[:1])
+        return torch.tensor(out, dtype=torch.float32)
 
     # --- region wrappers --------------------------------------------------------------
 
@@ -185,28 +158,25 @@ class ReferenceRFC:
                 seen_before = len(self.full_steps) - 1
                 gap = self._gap(self.step, self.full_steps[:-1])
                 depth = min(self.order, seen_before)
-                pairs = self._pairs(xs, ys)
                 if self.mode in ("rfe", "rfc") and seen_before:
-                    st.ratios = [_norm(y - lad[0], tokens=pair is not None)
-                                 / torch.clamp(self._input_change(xs, st.x_last, pair), min=self.eps)
-                                 for y, lad, pair in zip(ys, st.ladders, pairs)]
+                    dx = torch.sqrt(sum(_norm(x - xl) ** 2 for x, xl in zip(xs, st.x_last)))
+                    st.ratios = [_norm(y - lad[0]) / torch.clamp(dx, min=self.eps)
+                                 for y, lad in zip(ys, st.ladders)]
                 if self.shrink:
-                    st.cos = [self._agreement(lad, y, seen_before, tokens=pair is not None) if seen_before
-                              else torch.ones(y.shape[:1] if pair is None else y.shape[:2])
-                              for y, lad, pair in zip(ys, st.ladders or [None] * len(ys), pairs)]
+                    st.cos = [self._agreement(lad, y, seen_before) if seen_before else torch.ones(y.shape[0])
+                              for y, lad in zip(ys, st.ladders or [None] * len(ys))]
                 old = st.ladders or [None] * len(ys)
                 st.ladders = [self._new_ladder(o, y, gap, depth, self.order) for o, y in zip(old, ys)]
                 st.x_last = [x.clone() for x in xs]
                 return out
             k = self.step - self.last_full
             preds = []
-            pairs = self._pairs(xs, [lad[0] for lad in st.ladders])
-            for o, (lad, pair) in enumerate(zip(st.ladders, pairs)):
+            for o, lad in enumerate(st.ladders):
                 t = self._taylor(lad, k)
                 if self.mode in ("rfe", "rfc"):
                     s = st.ratios[o] * st.cos[o] if self.shrink else st.ratios[o]
-                    dx = self._input_change(xs, st.x_last, pair)
-                    direction = t / _bcast(torch.clamp(_norm(t, tokens=pair is not None), min=self.eps), t)
+                    dx = torch.sqrt(sum(_norm(x - xl) ** 2 for x, xl in zip(xs, st.x_last)))
+                    direction = t / _bcast(torch.clamp(_norm(t), min=self.eps), t)
                     y = lad[0].float() + _bcast(s * dx, t) * direction
                 else:
                     y = lad[0].float() + t

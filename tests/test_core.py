@@ -71,10 +71,8 @@ def test_matches_independent_reference(mode, order, cfg):
 OPTIONS = {  # RFCConfig options beyond the paper (config.py), each against the reference
     "shrink": dict(mode="rfc", order=2, rfe_shrink=True),
     "shrink-rfe": dict(mode="rfe", order=1, rfe_shrink=True),
-    "per-token": dict(mode="rfc", order=2, rfe_per_token=True),
-    "per-token-shrink-rfe": dict(mode="rfe", order=1, rfe_per_token=True, rfe_shrink=True),
     "final-full": dict(mode="rfc", order=2, num_steps=STEPS, final_full_steps=2),
-    "all": dict(mode="rfc", order=2, rfe_shrink=True, rfe_per_token=True, num_steps=STEPS, final_full_steps=1),
+    "all": dict(mode="rfc", order=2, rfe_shrink=True, num_steps=STEPS, final_full_steps=1),
 }
 
 
@@ -85,17 +83,6 @@ def test_options_match_independent_reference(name):
     assert 2 < cached.stats.nfc < STEPS
     if kwargs.get("final_full_steps"):
         assert set(range(STEPS - kwargs["final_full_steps"], STEPS)) <= set(cached.stats.full_steps)
-
-
-def test_per_token_magnitude_differs_from_per_sample_and_keeps_token_state():
-    """rfe_per_token must change predictions (else the option is a no-op) and keep (B, T) ratios."""
-    outs = {}
-    for per_token in (False, True):
-        cached = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="rfe", interval=3, rfe_per_token=per_token))
-        outs[per_token] = ddim_generation(cached, steps=12, cfg=True)[1]
-        ratio = cached.state["transformer_blocks_0_ff.ratio.0"]
-        assert ratio.shape == ((2, 16) if per_token else (2,))
-    assert _max_diff(outs[False], outs[True]) > 1e-4
 
 
 def test_fixed_schedule_matches_method_text():

@@ -79,29 +79,6 @@ def _batch_size(plan: RegionPlan) -> int:
     return int(_meta(plan.watched.feature_inputs[0]).shape[0])
 
 
-def token_pairing(region: Region, config: RFCConfig) -> list[tuple[int, ...] | None]:
-    """Per region output, the feature inputs its per-token RFE magnitude compares it with
-    (RFCConfig.rfe_per_token), or None where norms stay per sample.
-
-    Token t of an output moves with token t of the input stream of the same (batch, tokens)
-    shape: output o pairs with input o when a region maps its streams one to one (joint
-    attention: image -> image, text -> text), else with every input of its shape."""
-    outs = [_meta(n).shape for n in region.outputs]
-    ins = [_meta(n).shape for n in region.feature_inputs]
-    if not (config.uses_rfe and config.rfe_per_token):
-        return [None] * len(outs)
-    one_to_one = len(ins) == len(outs) and all(len(i) >= 3 and i[:2] == o[:2] for i, o in zip(ins, outs))
-    pairing: list[tuple[int, ...] | None] = []
-    for o, shape in enumerate(outs):
-        same = tuple(i for i, x in enumerate(ins) if len(x) >= 3 and x[:2] == shape[:2])
-        pairing.append((o,) if one_to_one else (same if len(shape) >= 3 and same else None))
-    return pairing
-
-
-def _ratio_shape(pair: tuple[int, ...] | None, output: Tensor) -> tuple[int, ...]:
-    return tuple(output.shape[:1] if pair is None else output.shape[:2])
-
-
 def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
     """The state tensors for this plan and config (see state.py for the naming scheme)."""
     entries = [StateEntry(name, (), torch.int64) for name in _COUNTERS]
@@ -115,29 +92,18 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
             val = _meta(node)
             entries.append(StateEntry(f"rcs_ladder.{i}", (m + 1, *val.shape), val.dtype))
     for region in plan.regions:
-        for o, (node, pair) in enumerate(zip(region.outputs, token_pairing(region, config))):
+        for o, node in enumerate(region.outputs):
             val = _meta(node)
             entries.append(StateEntry(f"{region.key}.ladder.{o}", (m + 1, *val.shape), val.dtype))
             if config.uses_rfe:
-                entries.append(StateEntry(f"{region.key}.ratio.{o}", _ratio_shape(pair, val), torch.float32))
+                entries.append(StateEntry(f"{region.key}.ratio.{o}", (batch,), torch.float32))
             if config.uses_rfe and config.rfe_shrink:
-                entries.append(StateEntry(f"{region.key}.cos.{o}", _ratio_shape(pair, val), torch.float32))
+                entries.append(StateEntry(f"{region.key}.cos.{o}", (batch,), torch.float32))
         if config.uses_rfe:
             for i, node in enumerate(region.feature_inputs):
                 val = _meta(node)
                 entries.append(StateEntry(f"{region.key}.x_last.{i}", tuple(val.shape), val.dtype))
     return StateSpec(entries)
-
-
-def _input_change(xs, x_last, pair: tuple[int, ...] | None) -> Tensor:
-    """||X_n - X_last||: per sample over every input, or per token over the paired inputs."""
-    if pair is None:
-        return rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
-    return rfc.tuple_norm([xs[i] - x_last[i] for i in pair], keep=2)
-
-
-def _keep(pair: tuple[int, ...] | None) -> int:
-    return 1 if pair is None else 2
 
 
 class RegionPredict(torch.nn.Module):
@@ -147,7 +113,6 @@ class RegionPredict(torch.nn.Module):
         super().__init__()
         self.n_inputs = len(region.feature_inputs)
         self.n_outputs = len(region.outputs)
-        self.pairing = token_pairing(region, config)
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
@@ -162,8 +127,9 @@ class RegionPredict(torch.nn.Module):
             coss = args[ni + 2 * no : ni + 3 * no]
             ratios = tuple(r * c for r, c in zip(ratios, coss))
         x_last = args[-2 - ni : -2]
-        return tuple(rfc.rfe_predict(ladder, ratio, _input_change(xs, x_last, pair), k, seen, cfg.eps, _keep(pair))
-                     for ladder, ratio, pair in zip(ladders, ratios, self.pairing))
+        x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
+        return tuple(rfc.rfe_predict(ladder, ratio, x_change, k, seen, cfg.eps)
+                     for ladder, ratio in zip(ladders, ratios))
 
 
 class RegionUpdate(torch.nn.Module):
@@ -173,7 +139,6 @@ class RegionUpdate(torch.nn.Module):
         super().__init__()
         self.n_inputs = len(region.feature_inputs)
         self.n_outputs = len(region.outputs)
-        self.pairing = token_pairing(region, config)
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
@@ -186,16 +151,16 @@ class RegionUpdate(torch.nn.Module):
             return new_ladders
         ratios = args[ni + 2 * no : ni + 3 * no]
         x_last = args[-3 - ni : -3]
+        x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
         new_ratios = tuple(
-            torch.where(seen > 0, rfc.relational_ratio(y, ladder[0], _input_change(xs, x_last, pair), cfg.eps,
-                                                       _keep(pair)), torch.zeros_like(ratio))
-            for y, ladder, ratio, pair in zip(ys, ladders, ratios, self.pairing)
+            torch.where(seen > 0, rfc.relational_ratio(y, ladder[0], x_change, cfg.eps), torch.zeros_like(ratio))
+            for y, ladder, ratio in zip(ys, ladders, ratios)
         )
         new_cos: tuple[Tensor, ...] = ()
         if cfg.rfe_shrink:  # how well the old ladder's direction matched what happened over the gap
             new_cos = tuple(rfc.direction_agreement(rfc.taylor_term(ladder, gap, seen), y.float() - ladder[0].float(),
-                                                    cfg.eps, _keep(pair))
-                            for y, ladder, pair in zip(ys, ladders, self.pairing))
+                                                    cfg.eps)
+                            for y, ladder in zip(ys, ladders))
         return new_ladders + new_ratios + new_cos + tuple(x.clone() for x in xs)
 
 
