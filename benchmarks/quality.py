@@ -1029,9 +1029,11 @@ def plot(results: list[dict], path: Path) -> None:
         rows = [r for r in res["rows"] if not r["method"].startswith("_") and r["group"] == "main"
                 and r["method"] != "full"]
         methods = list(dict.fromkeys(r["method"] for r in rows))
-        for m in methods:
+        colors = plt.cm.tab20.colors  # one colour per method (the default cycle repeats after 10)
+        for i, m in enumerate(methods):
             pts = sorted((r["nfc"], r["psnr"]) for r in rows if r["method"] == m)
             style = dict(lw=2.6, marker="o") if m.startswith("RFC") else dict(lw=1.2, marker=".", alpha=0.85)
+            style["color"] = colors[(2 * i) % 20 + (2 * i) // 20]
             ls = "--" if m.startswith(("diffusers", "cache-dit")) else "-"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, label=m, **style)
         ax.set_title(f"{res['model']} ({res['setup']['steps']} steps, {res['setup']['seeds']} samples)")
