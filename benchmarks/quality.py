@@ -692,7 +692,6 @@ def run_calibrated_options(ctx: Ctx, order: int, targets, rfc_trials: Sequence[t
             sample_fn(cached)
         return float(psnr_each(images_at[cached.rfc_config], calib_full).mean())
 
-    names = {json.dumps(v, sort_keys=True): k for k, v in OPTION_CANDIDATES.items()}
     label = f"RFC o{order} (calibrated options)"
     base = RFCConfig(mode="rfc", order=order, num_steps=steps)
     with fast_calibration(GRAPHS):
@@ -703,9 +702,10 @@ def run_calibrated_options(ctx: Ctx, order: int, targets, rfc_trials: Sequence[t
                                                      list(OPTION_CANDIDATES.values()), base, low=low, high=high,
                                                      tolerance=TOLERANCE)
             t_cal = time.perf_counter() - start
-            scored = [dict(option=names[json.dumps(o, sort_keys=True)], tau=c.threshold, calib_nfc=nfc,
-                          calib_psnr=score) for o, c, nfc, score in result.scores]
-            chosen = max(scored, key=lambda e: e["calib_psnr"])
+            # result.scores follows the candidates' order; result.config is calibrate_options' choice
+            scored = [dict(option=name, tau=c.threshold, calib_nfc=nfc, calib_psnr=score)
+                      for name, (_, c, nfc, score) in zip(OPTION_CANDIDATES, result.scores)]
+            chosen = next(e for e, (_, c, _, _) in zip(scored, result.scores) if c == result.config)
             log.info("%s: %s target %s: %s -> %s", ctx.name, label, target,
                      ", ".join(f"{e['option']} {e['calib_psnr']:.2f} dB (NFC {e['calib_nfc']:.2f})" for e in scored),
                      chosen["option"])
@@ -1033,7 +1033,7 @@ def plot(results: list[dict], path: Path) -> None:
         for i, m in enumerate(methods):
             pts = sorted((r["nfc"], r["psnr"]) for r in rows if r["method"] == m)
             style = dict(lw=2.6, marker="o") if m.startswith("RFC") else dict(lw=1.2, marker=".", alpha=0.85)
-            style["color"] = colors[(2 * i) % 20 + (2 * i) // 20]
+            style["color"] = colors[(2 * i) % 20 + (2 * i) // 20]  # tab20's dark shades, then its light ones
             ls = "--" if m.startswith(("diffusers", "cache-dit")) else "-"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, label=m, **style)
         ax.set_title(f"{res['model']} ({res['setup']['steps']} steps, {res['setup']['seeds']} samples)")
