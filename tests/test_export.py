@@ -98,6 +98,19 @@ def test_graph_has_one_if_state_io_and_polygraphy_runs_it(rfc_onnx):
     assert sidecar["rfc_config"]["threshold"] == THRESHOLD
     assert {"rcs_acc", "rcs_ladder.0", "transformer_blocks_0_attn1.ladder.0"} <= {e["name"] for e in sidecar["state"]}
 
+    # the exporter's per-node Python stack traces (most of a large graph's bytes) are dropped,
+    # the rest of the node metadata stays
+    def metadata_keys(graph) -> set[str]:
+        keys = {p.key for n in graph.node for p in n.metadata_props}
+        for n in graph.node:
+            for a in n.attribute:
+                if a.HasField("g"):
+                    keys |= metadata_keys(a.g)
+        return keys
+
+    keys = metadata_keys(model.graph)
+    assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys
+
     # polygraphy loads, inspects and runs it (one step from a zero state == the runner's first step)
     from polygraphy.backend.onnx import onnx_from_path
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
