@@ -11,6 +11,9 @@
 #      also onnxruntime's CUDA EP when onnxruntime-gpu is installed
 #
 #   bash benchmarks/gpu_check.sh            # OUT=/tmp/rfc_gpu_check by default
+#
+# Without TensorRT (onnxruntime-gpu only), benchmarks/ort_cuda.py checks the CUDA execution
+# provider against the eager cached model and times full vs cached DiT-S graphs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

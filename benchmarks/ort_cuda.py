@@ -9,8 +9,9 @@ room for model weights in what can be carried to it:
 
 ``prepare`` exports tiny DiT and FLUX graphs (fixed-interval RFE and RCS modes) and records,
 for a whole generation of the eager cached model (rfc_compile.optimize), every step's inputs
-and output and the steps that ran in full. It also exports DiT-S-sized graphs (full,
-TaylorSeer and RFE at NFC 14/50, the shapes of benchmarks/speed_onnx.py) with their weights
+and output and the steps that ran in full (the tiny models are tests/conftest.py's). It also
+exports DiT-S-sized graphs (full, TaylorSeer and RFE at NFC 14/50; batch 2 as in
+benchmarks/speed_onnx.py and batch 32, i.e. 16 images with CFG: ``--batches``) with their weights
 moved to external data that is *not* written: ``check`` regenerates every parameter as
 N(0, 0.02^2), the distribution rfc_compile.export.models.dit_s draws them from (buffers such as
 the positional embedding are kept). Timing does not depend on the values.
@@ -21,7 +22,10 @@ the positional embedding are kept). Timing does not depend on the values.
      steps that ran in full must equal eager's and every output must match eager's (atol 1e-4,
      TF32 off); the cache state must stay on the GPU (the OrtValues' device);
   2. DiT-S: whole 50-step DDIM generations with CFG, full vs cached graphs, CUDA tensors in and
-     out, median of repeats, variants interleaved.
+     out, median of repeats, variants interleaved, per batch.
+
+The GPU machine needs onnxruntime-gpu (CUDA 12/13 build matching its driver), torch with CUDA,
+onnx and diffusers; it does not need TensorRT (benchmarks/gpu_check.sh is the TensorRT check).
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ def _strip_weights(path: Path, min_bytes: int = 1 << 16) -> dict:
             "graph_bytes": path.stat().st_size}
 
 
-def prepare(out_dir: Path) -> None:
+def prepare(out_dir: Path, batches: list[int]) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import FAMILIES, NUM_CLASSES, ddim_generation, flow_generation, make_tiny_dit
 
@@ -139,16 +143,19 @@ def prepare(out_dir: Path) -> None:
         manifest["cases"][name] = _prepare_case(name, build, config, example, generate, out_dir)
 
     model = dit_s()
-    example = dict(hidden_states=torch.randn(2, 4, 32, 32), timestep=torch.full((2,), 999, dtype=torch.long),
-                   class_labels=torch.tensor([207, 1000]))
     variants = {"full": RFCConfig(mode="full"),
                 "taylorseer m=2": RFCConfig(mode="taylorseer", interval=4, warmup_steps=2, order=2),
                 "rfe m=2": RFCConfig(mode="rfe", interval=4, warmup_steps=2, order=2)}
-    for label, config in variants.items():
-        slug = "dit_s_" + label.split()[0]
-        path = to_onnx(model, out_dir / f"{slug}.onnx", example, config, check=False).onnx_path
-        manifest["dit_s"][label] = {"onnx": path.name, **_strip_weights(path)}
-        print(f"{label}: {manifest['dit_s'][label]}", flush=True)
+    for batch in batches:  # CFG: half class 207, half the null class
+        example = dict(hidden_states=torch.randn(batch, 4, 32, 32),
+                       timestep=torch.full((batch,), 999, dtype=torch.long),
+                       class_labels=torch.tensor([207] * (batch // 2) + [1000] * (batch // 2)))
+        manifest["dit_s"][str(batch)] = {}
+        for label, config in variants.items():
+            slug = f"dit_s_b{batch}_" + label.split()[0]
+            path = to_onnx(model, out_dir / f"{slug}.onnx", example, config, check=False).onnx_path
+            manifest["dit_s"][str(batch)][label] = {"onnx": path.name, **_strip_weights(path)}
+            print(f"batch {batch}, {label}: {manifest['dit_s'][str(batch)][label]}", flush=True)
     manifest["prepared_with"] = {"torch": torch.__version__}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(f"prepared {out_dir}")
@@ -207,24 +214,44 @@ def _state_devices(runner) -> set[str]:
     return {value.device_name().lower() for buffers in runner._buffers for value in buffers.values()}
 
 
-def _ddim_generation(runner, steps: int) -> tuple[torch.Tensor, float]:
-    """50-step DDIM with CFG (batch 2: class 207 + null), everything on the GPU; wall seconds."""
+def _ddim_generation(runner, steps: int, batch: int) -> tuple[torch.Tensor, float]:
+    """DDIM with CFG (``batch // 2`` images: class 207 + the null class), on the GPU; wall seconds."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
-    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0)).cuda()
-    labels = torch.tensor([207, 1000], device="cuda")
+    latents = torch.randn(batch // 2, 4, 32, 32, generator=torch.Generator().manual_seed(0)).cuda()
+    labels = torch.tensor([207] * (batch // 2) + [1000] * (batch // 2), device="cuda")
     torch.cuda.synchronize()
     start = time.perf_counter()
     for t in scheduler.timesteps:  # the scheduler indexes host tables with t: keep it on the host
         x = torch.cat([latents, latents])
-        eps = runner(hidden_states=x, timestep=t.expand(2).cuda(), class_labels=labels,
+        eps = runner(hidden_states=x, timestep=t.expand(batch).cuda(), class_labels=labels,
                      return_dict=False)[0][:, :4]
         cond, uncond = eps.chunk(2)
         latents = scheduler.step(uncond + 4.0 * (cond - uncond), t, latents).prev_sample
     torch.cuda.synchronize()
     return latents, time.perf_counter() - start
+
+
+def _time_dit_s(prepared: Path, entries: dict, batch: int, repeats: int) -> dict:
+    """Whole DDIM generations per variant (one untimed warm-up each), variants interleaved."""
+    from rfc_compile.export import OnnxCachedModel
+
+    runners = {label: OnnxCachedModel(_regenerate_weights(prepared / entry["onnx"]), providers=["CUDAExecutionProvider"])
+               for label, entry in entries.items()}
+    finals, times = {}, {label: [] for label in runners}
+    for label, runner in runners.items():
+        finals[label], _ = _ddim_generation(runner, DIT_S_STEPS, batch)
+    for r in range(repeats):
+        for label in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+            times[label].append(_ddim_generation(runners[label], DIT_S_STEPS, batch)[1])
+    rows = {}
+    for label, runner in runners.items():
+        rel = ((finals[label] - finals["full"]).norm() / finals["full"].norm()).item()
+        rows[label] = {"nfc": runner.stats.nfc, "seconds": times[label], "rel_l2_vs_full": rel}
+        print(f"batch {batch}", label, json.dumps(rows[label]), flush=True)
+    return rows
 
 
 def check(prepared: Path, out_dir: Path, repeats: int) -> int:
@@ -262,20 +289,8 @@ def check(prepared: Path, out_dir: Path, repeats: int) -> int:
         result["cases"][name] = row
         print(name, json.dumps(row), flush=True)
 
-    runners = {}
-    for label, entry in manifest["dit_s"].items():
-        path = prepared / entry["onnx"]
-        runners[label] = OnnxCachedModel(_regenerate_weights(path), providers=["CUDAExecutionProvider"])
-    finals, times = {}, {label: [] for label in runners}
-    for label, runner in runners.items():  # warm-up generation (not timed)
-        finals[label], _ = _ddim_generation(runner, DIT_S_STEPS)
-    for r in range(repeats):
-        for label in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-            times[label].append(_ddim_generation(runners[label], DIT_S_STEPS)[1])
-    for label, runner in runners.items():
-        rel = ((finals[label] - finals["full"]).norm() / finals["full"].norm()).item()
-        result["speed"][label] = {"nfc": runner.stats.nfc, "seconds": times[label], "rel_l2_vs_full": rel}
-        print(label, json.dumps(result["speed"][label]), flush=True)
+    for batch, entries in manifest["dit_s"].items():
+        result["speed"][batch] = _time_dit_s(prepared, entries, int(batch), repeats)
     result["failures"] = failures
     (out_dir / "ort_cuda.json").write_text(json.dumps(result, indent=1))
     print(f"failures: {failures}")
@@ -286,6 +301,8 @@ def check(prepared: Path, out_dir: Path, repeats: int) -> int:
 
 def render(result_file: Path, results: Path) -> None:
     result = json.loads(result_file.read_text())
+    if "full" in result["speed"]:  # written before the per-batch layout: batch 2 only
+        result["speed"] = {"2": result["speed"]}
     env = result["environment"]
     lines = [BEGIN, "## onnxruntime CUDA execution provider (benchmarks/ort_cuda.py)", "",
              f"Measured {env['date']} on {env['gpu']}, onnxruntime-gpu {env['onnxruntime']}, torch {env['torch']} "
@@ -301,17 +318,17 @@ def render(result_file: Path, results: Path) -> None:
             lines.append(f"| {name} | {row['mode']} | {row['steps']} | {row['eager_full_steps']} | {how} | "
                          f"{r['full_steps'] == row['eager_full_steps']} | {r['max_abs_diff']:.2e} | "
                          f"{'/'.join(row['state_devices'])} | {'yes' if r['ok'] else 'NO'} |")
-    speed = result["speed"]
-    if speed:
+    for batch, speed in result["speed"].items():
         full = statistics.median(speed["full"]["seconds"])
-        lines += ["", f"DiT-S-sized model (hidden 384, depth 12, 256 tokens, batch 2 with CFG), random weights "
-                  f"N(0, 0.02^2); {DIT_S_STEPS}-step DDIM, CUDA tensors in and out (IOBinding), default CUDA EP "
-                  f"options; {len(speed['full']['seconds'])} generations per variant, interleaved:", "",
+        lines += ["", f"DiT-S-sized model (hidden 384, depth 12, 256 tokens), batch {batch} ({int(batch) // 2} image(s) "
+                  f"with CFG), random weights N(0, 0.02^2); {DIT_S_STEPS}-step DDIM, CUDA tensors in and out "
+                  f"(IOBinding), default CUDA EP options; {len(speed['full']['seconds'])} generations per variant, "
+                  "interleaved:", "",
                   "| run | NFC | s / generation, median (min) | speed-up | ideal | final latents vs full, rel. L2 |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for label, row in speed.items():
             med = statistics.median(row["seconds"])
-            lines.append(f"| ORT CUDA {label} | {row['nfc']} | {med:.4f} ({min(row['seconds']):.4f}) | "
+            lines.append(f"| ORT CUDA {label}, batch {batch} | {row['nfc']} | {med:.4f} ({min(row['seconds']):.4f}) | "
                          f"{full / med:.2f}x | {DIT_S_STEPS / row['nfc']:.2f}x | {row['rel_l2_vs_full']:.3g} |")
     lines += ["", "Commands: `python benchmarks/ort_cuda.py prepare DIR` (CPU machine), "
               "`python benchmarks/ort_cuda.py check DIR OUT` (GPU machine, onnxruntime-gpu), "
@@ -332,6 +349,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare")
     p.add_argument("dir")
+    p.add_argument("--batches", default="2,32", help="DiT-S serving batches to export (CFG doubles the images)")
     c = sub.add_parser("check")
     c.add_argument("dir")
     c.add_argument("out")
@@ -342,7 +360,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.command == "prepare":
-        prepare(Path(args.dir))
+        prepare(Path(args.dir), [int(b) for b in args.batches.split(",")])
     elif args.command == "check":
         return check(Path(args.dir), Path(args.out), args.repeats)
     else:

@@ -35,6 +35,12 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
 * ``fold_taylor_ladder``: the Taylor prediction ``ladder[0] + coeffs @ ladder[1:]`` reads the
   ladder in place (one MatMul over all rows) instead of through Gather/Slice copies
   (taylor_fold.py); a skipped DiT-S step on one CPU core went from ~18 to ~14.5 ms.
+* ``reduce_l2_as_sum_square``: ``ReduceL2`` (the per-sample norms) becomes
+  ``Sqrt(ReduceSumSquare)``, the same function, because onnxruntime's CUDA provider runs
+  ``ReduceL2`` ~100x slower (reduce_l2.py; a DiT-S RFE step on an H200: ~225 -> ~8.5 ms).
+
+The exporter's per-node Python stack traces (node metadata) are dropped: they were ~94 of the
+97 MB of a DiT-S RFE graph (:func:`drop_debug_metadata`).
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
 from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
 from .skip_state import empty_on_skip as rewrite_empty_on_skip
+from .reduce_l2 import reduce_l2_as_sum_square
 from .taylor_fold import fold_taylor_ladder
 
 logger = logging.getLogger(__name__)
@@ -254,6 +261,9 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     n_fold = fold_taylor_ladder(proto)
     if n_fold:
         fixups.append(f"fold_taylor_ladder({n_fold})")
+    n_l2 = reduce_l2_as_sum_square(proto)
+    if n_l2:
+        fixups.append(f"reduce_l2_as_sum_square({n_l2})")
     n_dropped = drop_debug_metadata(proto)
     if n_dropped:
         logger.info("dropped %.1f MB of node stack traces from the ONNX graph", n_dropped / 1e6)
