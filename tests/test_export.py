@@ -178,6 +178,13 @@ def test_skip_branch_does_not_copy_the_cache(rfc_onnx):
     all_ops = [n.op_type for n in list(model.graph.node) + list(else_branch.node)]
     assert "ReduceL2" not in all_ops and "ReduceSumSquare" in all_ops
     assert any(f.startswith("reduce_l2_as_sum_square(") for f in sidecar["fixups"])
+    # no two nodes of a branch compute the same thing (the regions share one set of Taylor coefficients)
+    from rfc_compile.export.cse import branch_cse
+
+    assert any(f.startswith("branch_cse(") for f in sidecar["fixups"])
+    assert branch_cse(model) == 0
+    depth_masks = [n for n in else_branch.node if n.op_type == "GreaterOrEqual"]
+    assert len(depth_masks) == sidecar["rfc_config"]["order"]  # one per Taylor order, not per region
 
     # the runner: a skipped step keeps the very same buffers, a full step adopts new ones
     runner = OnnxCachedModel(rfc_onnx, providers=["CPUExecutionProvider"])

@@ -38,6 +38,9 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
 * ``reduce_l2_as_sum_square``: ``ReduceL2`` (the per-sample norms) becomes
   ``Sqrt(ReduceSumSquare)``, the same function, because onnxruntime's CUDA provider runs
   ``ReduceL2`` ~100x slower (reduce_l2.py; a DiT-S RFE step on an H200: ~225 -> ~8.5 ms).
+* ``branch_cse``: common-subexpression elimination inside the ``If`` branches, which the
+  exporter's optimizer does not enter: every region recomputed the same Taylor coefficients
+  (cse.py; DiT-S TaylorSeer predict branch 806 -> 302 nodes, RFE 1376 -> 872).
 
 The exporter's per-node Python stack traces (node metadata) are dropped: they were ~94 of the
 97 MB of a DiT-S RFE graph (:func:`drop_debug_metadata`).
@@ -60,6 +63,7 @@ from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
 from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
 from .skip_state import empty_on_skip as rewrite_empty_on_skip
+from .cse import branch_cse
 from .reduce_l2 import reduce_l2_as_sum_square
 from .taylor_fold import fold_taylor_ladder
 
@@ -280,6 +284,9 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         kept_on_skip = rewrite_empty_on_skip(proto, state_json, DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX)
         if kept_on_skip:
             fixups.append(f"empty_on_skip({len(kept_on_skip)})")
+    n_cse = branch_cse(proto)  # last: the passes above leave duplicates too (empty-tensor constants)
+    if n_cse:
+        fixups.append(f"branch_cse({n_cse})")
 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for stale in (path, Path(str(path) + ".data")):
