@@ -59,12 +59,12 @@ from typing import Any
 import torch
 
 from ..config import RFCConfig
+from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
+from .reduce_l2 import reduce_l2_as_sum_square
 from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
 from .skip_state import empty_on_skip as rewrite_empty_on_skip
-from .cse import branch_cse
-from .reduce_l2 import reduce_l2_as_sum_square
 from .taylor_fold import fold_taylor_ladder
 
 logger = logging.getLogger(__name__)
