@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 
+from .proto import subgraphs
+
 logger = logging.getLogger(__name__)
 
 MAX_CONSTANT_ELEMENTS = 16
@@ -63,9 +65,8 @@ def _cse_graph(graph) -> int:
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
-        for attribute in node.attribute:  # subgraphs may read this graph's values by name
-            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                _rename_captured(sub, renamed)
+        for sub in subgraphs(node):  # subgraphs may read this graph's values by name
+            _rename_captured(sub, renamed)
         # a node that makes a graph output stays itself: later passes (skip_state.py's
         # restore_skip_copies) find and replace branch outputs' producers by name
         key = None if outputs.intersection(node.output) else _key(node)
@@ -90,9 +91,8 @@ def _rename_captured(graph, renamed: dict[str, str]) -> None:
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
-        for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                _rename_captured(sub, renamed)
+        for sub in subgraphs(node):
+            _rename_captured(sub, renamed)
     for output in graph.output:
         if output.name in renamed:  # a branch returning an outer value by name
             graph.node.append(_identity(renamed[output.name], output.name))
@@ -111,10 +111,9 @@ def branch_cse(model_proto) -> int:
     def walk(graph) -> None:
         nonlocal removed
         for node in graph.node:
-            for attribute in node.attribute:
-                for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                    removed += _cse_graph(sub)
-                    walk(sub)
+            for sub in subgraphs(node):
+                removed += _cse_graph(sub)
+                walk(sub)
 
     walk(model_proto.graph)
     if removed:

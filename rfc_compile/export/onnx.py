@@ -62,6 +62,7 @@ from ..config import RFCConfig
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
+from .proto import subgraphs
 from .reduce_l2 import reduce_l2_as_sum_square
 from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
 from .skip_state import empty_on_skip as rewrite_empty_on_skip
@@ -144,11 +145,8 @@ def drop_debug_metadata(model_proto) -> int:
                 removed += sum(len(p.value) for p in node.metadata_props if p.key in DROPPED_METADATA)
                 del node.metadata_props[:]
                 node.metadata_props.extend(kept)
-            for attribute in node.attribute:
-                if attribute.HasField("g"):
-                    walk(attribute.g)
-                for sub in attribute.graphs:
-                    walk(sub)
+            for sub in subgraphs(node):
+                walk(sub)
 
     walk(model_proto.graph)
     return removed

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+from .proto import subgraphs
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "rfc_reduce_l2/"
@@ -30,11 +32,8 @@ def reduce_l2_as_sum_square(model_proto) -> int:
         nonlocal changed
         nodes = []
         for node in graph.node:
-            for attribute in node.attribute:
-                if attribute.HasField("g"):
-                    walk(attribute.g)
-                for sub in attribute.graphs:
-                    walk(sub)
+            for sub in subgraphs(node):
+                walk(sub)
             if node.op_type != "ReduceL2" or node.domain not in ("", "ai.onnx"):
                 nodes.append(node)
                 continue

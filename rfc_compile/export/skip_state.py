@@ -35,6 +35,8 @@ from typing import Iterable
 
 import numpy as np
 
+from .proto import subgraphs
+
 logger = logging.getLogger(__name__)
 
 #: Name (node and value) of the empty Constant that replaces a pass-through of ``state.<name>``.
@@ -53,11 +55,10 @@ def _all_uses(graph, skip_node=None) -> dict[str, int]:
             for name in node.input:
                 if name:
                     uses[name] = uses.get(name, 0) + 1
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    walk(sub, False)
-                    for out in sub.output:  # a subgraph output names a value it reads
-                        uses[out.name] = uses.get(out.name, 0) + 1
+            for sub in subgraphs(node):
+                walk(sub, False)
+                for out in sub.output:  # a subgraph output names a value it reads
+                    uses[out.name] = uses.get(out.name, 0) + 1
         if top:
             for out in g.output:
                 uses[out.name] = uses.get(out.name, 0) + 1

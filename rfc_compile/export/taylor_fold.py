@@ -31,6 +31,8 @@ import logging
 
 import numpy as np
 
+from .proto import subgraphs
+
 logger = logging.getLogger(__name__)
 
 _INT64_MAX = np.iinfo(np.int64).max
@@ -55,11 +57,10 @@ def _readers(graph) -> dict[str, list]:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-        for attr in node.attribute:  # outer-scope reads from nested subgraphs count too
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                for inner in sub.node:
-                    for name in inner.input:
-                        readers.setdefault(name, []).append(node)
+        for sub in subgraphs(node):  # outer-scope reads from nested subgraphs count too
+            for inner in sub.node:
+                for name in inner.input:
+                    readers.setdefault(name, []).append(node)
     for out in graph.output:
         readers.setdefault(out.name, []).append(None)
     return readers
@@ -186,9 +187,8 @@ def _toposort(graph) -> None:
 
     def reads(node):
         names = list(node.input)
-        for attr in node.attribute:  # implicit inputs of nested subgraphs
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                names += [i for inner in sub.node for i in inner.input]
+        for sub in subgraphs(node):  # implicit inputs of nested subgraphs
+            names += [i for inner in sub.node for i in inner.input]
         return names
 
     ready = set()
