@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import statistics
 import sys
 import time
@@ -44,6 +43,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results_onnx import write_section  # noqa: E402  (benchmarks/results_onnx.py)
 
 BEGIN, END = "<!-- ort_cuda:begin -->", "<!-- ort_cuda:end -->"
 ATOL = 1e-4
@@ -339,12 +341,7 @@ def render(result_file: Path, results: Path) -> None:
               "`python benchmarks/ort_cuda.py render OUT/ort_cuda.json`", END]
     section = "\n".join(lines)
     print(section)
-    text = results.read_text() if results.exists() else "# ONNX / TensorRT results\n\n"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    results.write_text(text)
+    write_section(results, section, BEGIN, END)
     print(f"wrote {results}")
 
 

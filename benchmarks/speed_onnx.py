@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -33,10 +32,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rfc_compile import RFCConfig  # noqa: E402
 from rfc_compile.export import OnnxCachedModel, to_onnx  # noqa: E402
 from rfc_compile.export.models import dit_s  # noqa: E402
+from results_onnx import write_section  # noqa: E402  (benchmarks/results_onnx.py)
 
 BEGIN, END = "<!-- speed_onnx:begin -->", "<!-- speed_onnx:end -->"
 
@@ -219,12 +220,7 @@ def main(argv=None) -> int:
     print(section)
     if not args.no_write:
         path = Path(args.results)
-        text = path.read_text() if path.exists() else "# ONNX / TensorRT results\n\n"
-        if BEGIN in text and END in text:
-            text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(text)
+        write_section(path, section, BEGIN, END)
         print(f"wrote {path}")
     return 0
 
