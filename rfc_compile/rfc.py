@@ -2,8 +2,9 @@
 
 Everything here is traced into the cached graph: no Python branching on tensor values,
 norms per sample (over every dim but the batch dim) computed in float32, every division
-guarded by eps. A *ladder* is a tensor of shape (m + 1, *feature_shape) holding
-[D0, D1, ..., Dm]; counters (step, last full step, full steps seen) are 0-d int64 tensors.
+guarded by eps. A *ladder* is a tensor of shape (B, m + 1, *feature_shape) holding
+[D0, D1, ..., Dm] of every sample; counters (step, last full step, full steps seen) are 0-d
+int64 tensors.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def _per_sample(s: Tensor, like: Tensor) -> Tensor:
 
 
 # --- Taylor ladder --------------------------------------------------------------------
+# A ladder is stored batch first, (B, m + 1, *features): sample b's rows D0..Dm are contiguous,
+# so a prediction with per-sample coefficients (RFE's magnitude) is ONE batched contraction
+# over the whole ladder (a (B, 1, m+1) @ (B, m+1, F) matmul): no row copies, no extra passes.
 
 def ladder_depth(full_steps_seen: Tensor, order: int) -> Tensor:
     """d = min(m, full steps seen - 1): how many finite differences a ladder holds."""
@@ -50,32 +54,52 @@ def update_ladder(ladder: Tensor, value: Tensor, gap: Tensor, full_steps_seen_af
     gap is N = n - p (ignored while no previous full step exists); entries past the new depth
     min(m, full steps seen - 1) stay zero.
     """
-    order = ladder.shape[0] - 1
+    order = ladder.shape[1] - 1
     depth = ladder_depth(full_steps_seen_after, order)
     gap_f = torch.clamp(gap.to(torch.float32), min=1.0)
     new = [value.to(ladder.dtype)]
     for i in range(1, order + 1):
-        diff = ((new[i - 1].float() - ladder[i - 1].float()) / gap_f).to(ladder.dtype)
+        diff = ((new[i - 1].float() - ladder[:, i - 1].float()) / gap_f).to(ladder.dtype)
         new.append(torch.where(depth >= i, diff, torch.zeros_like(diff)))
-    return torch.stack(new)
+    return torch.stack(new, dim=1)
+
+
+def taylor_coeffs(k: Tensor, full_steps_seen: Tensor, order: int, d0: float = 0.0) -> Tensor:
+    """[d0, k/1!, k^2/2!, ..., k^m/m!] with the entries past depth d zeroed: shape (m + 1,).
+
+    Contracted with the ladder this is T_k (d0 = 0) or TaylorSeer's D0 + T_k (d0 = 1)."""
+    depth = ladder_depth(full_steps_seen, order)
+    k_f = k.to(torch.float32)
+    zero = torch.zeros_like(k_f)
+    return torch.stack([torch.full_like(k_f, d0)] + [torch.where(depth >= i, k_f**i / math.factorial(i), zero)
+                                                     for i in range(1, order + 1)])
+
+
+def contract(ladder: Tensor, coeffs: Tensor) -> Tensor:
+    """sum_i coeffs[.., i] * D_i in float32: coeffs (m+1,) for every sample or (B, m+1) per sample."""
+    batch = ladder.shape[0]
+    rows = ladder.reshape(batch, ladder.shape[1], -1).float()
+    weights = coeffs.float().reshape(-1, 1, ladder.shape[1])  # (1 or B, 1, m+1)
+    return (weights @ rows).reshape((batch,) + tuple(ladder.shape[2:]))
 
 
 def taylor_term(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor:
     """T_k = sum_{i=1..d} k^i / i! * D_i (zero when d = 0), in float32."""
-    order = ladder.shape[0] - 1
-    if order == 0:
-        return torch.zeros(ladder.shape[1:], dtype=torch.float32, device=ladder.device)
-    depth = ladder_depth(full_steps_seen, order)
-    k_f = k.to(torch.float32)
-    coeffs = torch.stack([torch.where(depth >= i, k_f**i / math.factorial(i), torch.zeros_like(k_f))
-                          for i in range(1, order + 1)])
-    # one contraction over the ladder rows instead of a copy per row
-    return (coeffs @ ladder[1:].reshape(order, -1).float()).reshape(ladder.shape[1:])
+    return contract(ladder, taylor_coeffs(k, full_steps_seen, ladder.shape[1] - 1))
 
 
 def taylor_predict(ladder: Tensor, k: Tensor, full_steps_seen: Tensor) -> Tensor:
     """TaylorSeer's prediction D0 + T_k (FORA when the ladder has order 0)."""
-    return (ladder[0].float() + taylor_term(ladder, k, full_steps_seen)).to(ladder.dtype)
+    return contract(ladder, taylor_coeffs(k, full_steps_seen, ladder.shape[1] - 1, d0=1.0)).to(ladder.dtype)
+
+
+def ladder_gram(ladder: Tensor) -> Tensor:
+    """Per-sample Gram matrix of the ladder rows, G[b, i, j] = <D_i, D_j>: shape (B, m+1, m+1).
+
+    Kept next to the ladder (computed at full steps, when the ladder changes) so that a skipped
+    step gets ||T_k||^2 = c^T G c from m+1 numbers instead of a pass over the features."""
+    rows = ladder.reshape(ladder.shape[0], ladder.shape[1], -1).float()
+    return rows @ rows.transpose(1, 2)
 
 
 # --- RFE: relational feature estimation ----------------------------------------------
@@ -85,14 +109,19 @@ def relational_ratio(y_new: Tensor, y_prev: Tensor, x_change_norm: Tensor, eps: 
     return sample_norm(y_new - y_prev) / torch.clamp(x_change_norm, min=eps)
 
 
-def rfe_predict(ladder: Tensor, ratio: Tensor, x_change_norm: Tensor, k: Tensor,
+def rfe_predict(ladder: Tensor, gram: Tensor, ratio: Tensor, x_change_norm: Tensor, k: Tensor,
                 full_steps_seen: Tensor, eps: float) -> Tensor:
-    """Y_hat = D0 + s * ||X_n - X_last|| * T_k / max(||T_k||, eps)."""
-    term = taylor_term(ladder, k, full_steps_seen)
-    # one scale per sample first: a graph runtime that does not fuse (onnxruntime) then
-    # makes one pass over the features instead of one for the direction and one for the magnitude
-    scale = ratio * x_change_norm / torch.clamp(sample_norm(term), min=eps)
-    return (ladder[0].float() + _per_sample(scale, term) * term).to(ladder.dtype)
+    """Y_hat = D0 + s * ||X_n - X_last|| * T_k / max(||T_k||, eps).
+
+    ||T_k|| comes from the ladder's Gram matrix (``ladder_gram``), and D0 plus the scaled T_k is
+    one contraction with per-sample coefficients [1, a_b c_1, ..., a_b c_m]: a skipped step reads
+    each ladder once, as TaylorSeer's prediction does."""
+    coeffs = taylor_coeffs(k, full_steps_seen, ladder.shape[1] - 1)  # (m+1,), coeffs[0] = 0
+    term_norm = torch.sqrt(torch.clamp(((gram @ coeffs) @ coeffs), min=0.0))  # (B,)
+    scale = ratio * x_change_norm / torch.clamp(term_norm, min=eps)
+    per_sample = scale.reshape(-1, 1) * coeffs  # (B, m+1): [0, a c_1, ..., a c_m]
+    per_sample = torch.cat([torch.ones_like(per_sample[:, :1]), per_sample[:, 1:]], dim=1)  # D0's 1
+    return contract(ladder, per_sample).to(ladder.dtype)
 
 
 def direction_agreement(term: Tensor, change: Tensor, eps: float) -> Tensor:

@@ -6,10 +6,12 @@ Naming scheme (also the ONNX input/output names, prefixed there with ``state.``/
     last_full         int64 ()      index of the last full step
     full_steps_seen   int64 ()      number of full steps so far
     rcs_acc           float32 (B,)  RCS accumulator A (mode "rfc")
-    rcs_ladder.<i>    like X_0[i]   Taylor ladder of the watched input's i-th tensor (mode "rfc")
-    <region>.ladder.<o>  (m+1, *Y_o)  Taylor ladder [D0..Dm] of the region's o-th output
+    rcs_ladder.<i>    (B, m+1, ...)  Taylor ladder of the watched input X_0's i-th tensor (mode "rfc")
+    <region>.ladder.<o>  (B, m+1, *Y_o[1:])  Taylor ladder [D0..Dm] of the region's o-th output,
+                         batch first (rfc.py)
     <region>.ratio.<o>   float32 (B,) relational ratio s of that output (modes "rfe", "rfc")
     <region>.cos.<o>     float32 (B,) direction agreement c of that output (rfe_shrink=True)
+    <region>.gram.<o>    float32 (B, m+1, m+1) Gram matrix of that ladder's rows (modes "rfe", "rfc")
     <region>.x_last.<i>  like X[i]    the region's i-th feature input at the last full step
 
 ``<region>`` is the module path with dots replaced by underscores, e.g.

@@ -12,7 +12,7 @@ from rfc_compile import rfc
 
 
 def _ladder_after(values: list[torch.Tensor], steps: list[int], order: int) -> torch.Tensor:
-    ladder = torch.zeros(order + 1, *values[0].shape)
+    ladder = torch.zeros(values[0].shape[0], order + 1, *values[0].shape[1:])
     for i, (v, n) in enumerate(zip(values, steps)):
         gap = torch.tensor(n - steps[i - 1] if i else 1)
         ladder = rfc.update_ladder(ladder, v, gap, torch.tensor(i + 1))
@@ -27,7 +27,7 @@ def test_order2_ladder_extrapolates_a_quadratic_with_uniform_gaps(a, b, c, gap, 
     f = lambda n: torch.full((2, 3), a + b * n + c * n * n)
     steps = [0, gap, 2 * gap]
     ladder = _ladder_after([f(n) for n in steps], steps, order=2)
-    assert torch.allclose(ladder[0], f(2 * gap))
+    assert torch.allclose(ladder[:, 0], f(2 * gap))
     pred = rfc.taylor_predict(ladder, torch.tensor(k), torch.tensor(3))
     # TaylorSeer's estimate: D1 = backward slope, D2 = second difference / N^2
     d1 = (f(2 * gap) - f(gap)) / gap
@@ -37,14 +37,32 @@ def test_order2_ladder_extrapolates_a_quadratic_with_uniform_gaps(a, b, c, gap, 
 
 
 def test_depth_grows_with_full_steps():
-    ladder = torch.zeros(3, 1, 2)
+    ladder = torch.zeros(1, 3, 2)
     ladder = rfc.update_ladder(ladder, torch.ones(1, 2), torch.tensor(1), torch.tensor(1))
-    assert torch.equal(ladder[1:], torch.zeros(2, 1, 2))  # one full step: only D0
+    assert torch.equal(ladder[:, 1:], torch.zeros(1, 2, 2))  # one full step: only D0
     ladder = rfc.update_ladder(ladder, 3 * torch.ones(1, 2), torch.tensor(2), torch.tensor(2))
-    assert torch.allclose(ladder[1], torch.ones(1, 2)) and torch.equal(ladder[2], torch.zeros(1, 2))
+    assert torch.allclose(ladder[:, 1], torch.ones(1, 2)) and torch.equal(ladder[:, 2], torch.zeros(1, 2))
     # with d = 1, the order-2 term must not be used even if D2 were non-zero
-    ladder[2] = 100.0
+    ladder[:, 2] = 100.0
     assert torch.allclose(rfc.taylor_term(ladder, torch.tensor(2), torch.tensor(2)), 2 * torch.ones(1, 2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 6), seen=st.integers(1, 4))
+def test_rfe_prediction_equals_the_formula_with_a_direct_norm(seed, k, seen):
+    """The Gram-matrix norm and the one per-sample contraction give RFC_METHOD.md's
+    D0 + s |dX| T / |T| with T and |T| computed directly."""
+    gen = torch.Generator().manual_seed(seed)
+    ladder = torch.randn(2, 3, 5, 7, generator=gen)
+    ratio, dx = torch.rand(2, generator=gen) * 3, torch.rand(2, generator=gen) * 2
+    k_t, seen_t = torch.tensor(k), torch.tensor(seen)
+    depth = min(2, seen - 1)
+    term = sum(k**i / math.factorial(i) * ladder[:, i] for i in range(1, depth + 1)) + 0 * ladder[:, 0]
+    norm = torch.clamp(rfc.sample_norm(term), min=1e-6).reshape(2, 1, 1)
+    expected = ladder[:, 0] + (ratio * dx).reshape(2, 1, 1) * term / norm
+    got = rfc.rfe_predict(ladder, rfc.ladder_gram(ladder), ratio, dx, k_t, seen_t, 1e-6)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(rfc.taylor_predict(ladder, k_t, seen_t), ladder[:, 0] + term, atol=1e-5)
 
 
 def test_norms_are_per_sample():
@@ -56,19 +74,20 @@ def test_norms_are_per_sample():
 
 def test_rfe_prediction_takes_direction_from_taylor_and_magnitude_from_input():
     ladder = torch.zeros(2, 2, 4)
-    ladder[0] = 1.0
-    ladder[1] = torch.tensor([[3.0, 0, 0, 0], [0, 0, 0, -5.0]])
+    ladder[:, 0] = 1.0
+    ladder[:, 1] = torch.tensor([[3.0, 0, 0, 0], [0, 0, 0, -5.0]])
     ratio = torch.tensor([2.0, 0.5])
     dx = torch.tensor([1.5, 4.0])
-    y = rfc.rfe_predict(ladder, ratio, dx, torch.tensor(3), torch.tensor(5), 1e-6)
+    y = rfc.rfe_predict(ladder, rfc.ladder_gram(ladder), ratio, dx, torch.tensor(3), torch.tensor(5), 1e-6)
     assert torch.allclose(y[0], torch.tensor([1.0 + 3.0, 1, 1, 1]))  # |s dx| = 3 along +e0
     assert torch.allclose(y[1], torch.tensor([1.0, 1, 1, 1 - 2.0]))  # |s dx| = 2 along -e3
 
 
 def test_rfe_is_finite_when_nothing_moved():
-    ladder = torch.zeros(3, 2, 4)
-    y = rfc.rfe_predict(ladder, torch.zeros(2), torch.zeros(2), torch.tensor(1), torch.tensor(3), 1e-6)
-    assert torch.isfinite(y).all() and torch.equal(y, ladder[0])
+    ladder = torch.zeros(2, 3, 4)
+    y = rfc.rfe_predict(ladder, rfc.ladder_gram(ladder), torch.zeros(2), torch.zeros(2), torch.tensor(1),
+                        torch.tensor(3), 1e-6)
+    assert torch.isfinite(y).all() and torch.equal(y, ladder[:, 0])
     r = rfc.relational_ratio(torch.ones(2, 4), torch.ones(2, 4), torch.zeros(2), 1e-6)
     assert torch.isfinite(r).all()
 

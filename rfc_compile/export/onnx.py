@@ -32,9 +32,6 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
   skipped step instead of a copy of the cache; the sidecar's ``kept_on_skip`` lists them and the
   runner keeps its buffer (skip_state.py). ``to_onnx(..., empty_on_skip=False)`` keeps the copies.
   Triton and TensorRT get the graph with the copies restored (their state bindings are fixed-size).
-* ``fold_taylor_ladder``: the Taylor prediction ``ladder[0] + coeffs @ ladder[1:]`` reads the
-  ladder in place (one MatMul over all rows) instead of through Gather/Slice copies
-  (taylor_fold.py); a skipped DiT-S step on one CPU core went from ~18 to ~14.5 ms.
 * ``reduce_l2_as_sum_square``: ``ReduceL2`` (the per-sample norms) becomes
   ``Sqrt(ReduceSumSquare)``, the same function, because onnxruntime's CUDA provider runs
   ``ReduceL2`` ~100x slower (reduce_l2.py; a DiT-S RFE step on an H200: ~225 -> ~8.5 ms).
@@ -66,7 +63,6 @@ from .proto import subgraphs
 from .reduce_l2 import reduce_l2_as_sum_square
 from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
 from .skip_state import empty_on_skip as rewrite_empty_on_skip
-from .taylor_fold import fold_taylor_ladder
 
 logger = logging.getLogger(__name__)
 
@@ -260,9 +256,6 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     n_squeeze = fix_squeeze(proto)
     if n_squeeze:
         fixups.append(f"squeeze_axes({n_squeeze})")
-    n_fold = fold_taylor_ladder(proto)
-    if n_fold:
-        fixups.append(f"fold_taylor_ladder({n_fold})")
     n_l2 = reduce_l2_as_sum_square(proto)
     if n_l2:
         fixups.append(f"reduce_l2_as_sum_square({n_l2})")

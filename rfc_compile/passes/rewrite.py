@@ -79,6 +79,11 @@ def _batch_size(plan: RegionPlan) -> int:
     return int(_meta(plan.watched.feature_inputs[0]).shape[0])
 
 
+def _ladder_shape(value: Tensor, order: int) -> tuple[int, ...]:
+    """(B, m+1, *features): batch first, see rfc.py."""
+    return (int(value.shape[0]), order + 1, *value.shape[1:])
+
+
 def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
     """The state tensors for this plan and config (see state.py for the naming scheme)."""
     entries = [StateEntry(name, (), torch.int64) for name in _COUNTERS]
@@ -90,20 +95,32 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
         entries.append(StateEntry("rcs_acc", (batch,), torch.float32))
         for i, node in enumerate(plan.watched.feature_inputs):
             val = _meta(node)
-            entries.append(StateEntry(f"rcs_ladder.{i}", (m + 1, *val.shape), val.dtype))
+            entries.append(StateEntry(f"rcs_ladder.{i}", _ladder_shape(val, m), val.dtype))
     for region in plan.regions:
-        for o, node in enumerate(region.outputs):
-            val = _meta(node)
-            entries.append(StateEntry(f"{region.key}.ladder.{o}", (m + 1, *val.shape), val.dtype))
-            if config.uses_rfe:
-                entries.append(StateEntry(f"{region.key}.ratio.{o}", (batch,), torch.float32))
-            if config.uses_rfe and config.rfe_shrink:
-                entries.append(StateEntry(f"{region.key}.cos.{o}", (batch,), torch.float32))
+        outputs = [_meta(node) for node in region.outputs]
+        for o, val in enumerate(outputs):
+            entries.append(StateEntry(f"{region.key}.ladder.{o}", _ladder_shape(val, m), val.dtype))
         if config.uses_rfe:
+            for o in range(len(outputs)):
+                entries.append(StateEntry(f"{region.key}.ratio.{o}", (batch,), torch.float32))
+            if config.rfe_shrink:
+                for o in range(len(outputs)):
+                    entries.append(StateEntry(f"{region.key}.cos.{o}", (batch,), torch.float32))
+            for o in range(len(outputs)):
+                entries.append(StateEntry(f"{region.key}.gram.{o}", (batch, m + 1, m + 1), torch.float32))
             for i, node in enumerate(region.feature_inputs):
                 val = _meta(node)
                 entries.append(StateEntry(f"{region.key}.x_last.{i}", tuple(val.shape), val.dtype))
     return StateSpec(entries)
+
+
+def _split(args: tuple[Tensor, ...], sizes: list[int]) -> list[tuple[Tensor, ...]]:
+    """Cut a flat argument tuple into consecutive groups of the given sizes."""
+    groups, start = [], 0
+    for size in sizes:
+        groups.append(tuple(args[start : start + size]))
+        start += size
+    return groups
 
 
 class RegionPredict(torch.nn.Module):
@@ -116,24 +133,22 @@ class RegionPredict(torch.nn.Module):
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        # args: X (n_inputs), ladders (n_outputs), [ratios (n_outputs), x_last (n_inputs)], k, seen
+        # args: X, then the region's state in _region_state_names order, then k, seen
         cfg, ni, no = self.config, self.n_inputs, self.n_outputs
-        xs, ladders = args[:ni], args[ni : ni + no]
         k, seen = args[-2], args[-1]
         if not cfg.uses_rfe:
+            _, ladders = _split(args, [ni, no])
             return tuple(rfc.taylor_predict(ladder, k, seen) for ladder in ladders)
-        ratios = args[ni + no : ni + 2 * no]
+        xs, ladders, ratios, coss, grams, x_last = _split(args, [ni, no, no, no if cfg.rfe_shrink else 0, no, ni])
         if cfg.rfe_shrink:
-            coss = args[ni + 2 * no : ni + 3 * no]
             ratios = tuple(r * c for r, c in zip(ratios, coss))
-        x_last = args[-2 - ni : -2]
         x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
-        return tuple(rfc.rfe_predict(ladder, ratio, x_change, k, seen, cfg.eps)
-                     for ladder, ratio in zip(ladders, ratios))
+        return tuple(rfc.rfe_predict(ladder, gram, ratio, x_change, k, seen, cfg.eps)
+                     for ladder, gram, ratio in zip(ladders, grams, ratios))
 
 
 class RegionUpdate(torch.nn.Module):
-    """New ladders, ratios and last inputs of one region at a full step."""
+    """New ladders (and, for RFE, ratios, Gram matrices, last inputs) of one region at a full step."""
 
     def __init__(self, region: Region, config: RFCConfig):
         super().__init__()
@@ -142,26 +157,27 @@ class RegionUpdate(torch.nn.Module):
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        # args: X (ni), Y (no), ladders (no), [ratios (no), [cos (no)], x_last (ni)], gap, seen, seen_after
+        # args: X, Y, then the region's state in _region_state_names order, then gap, seen, seen_after
         cfg, ni, no = self.config, self.n_inputs, self.n_outputs
-        xs, ys, ladders = args[:ni], args[ni : ni + no], args[ni + no : ni + 2 * no]
         gap, seen, seen_after = args[-3:]
-        new_ladders = tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
         if not cfg.uses_rfe:
-            return new_ladders
-        ratios = args[ni + 2 * no : ni + 3 * no]
-        x_last = args[-3 - ni : -3]
+            _, ys, ladders = _split(args, [ni, no, no])
+            return tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
+        xs, ys, ladders, ratios, _, _, x_last = _split(
+            args, [ni, no, no, no, no if cfg.rfe_shrink else 0, no, ni])
+        new_ladders = tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
         x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
         new_ratios = tuple(
-            torch.where(seen > 0, rfc.relational_ratio(y, ladder[0], x_change, cfg.eps), torch.zeros_like(ratio))
+            torch.where(seen > 0, rfc.relational_ratio(y, ladder[:, 0], x_change, cfg.eps), torch.zeros_like(ratio))
             for y, ladder, ratio in zip(ys, ladders, ratios)
         )
         new_cos: tuple[Tensor, ...] = ()
         if cfg.rfe_shrink:  # how well the old ladder's direction matched what happened over the gap
-            new_cos = tuple(rfc.direction_agreement(rfc.taylor_term(ladder, gap, seen), y.float() - ladder[0].float(),
+            new_cos = tuple(rfc.direction_agreement(rfc.taylor_term(ladder, gap, seen), y.float() - ladder[:, 0].float(),
                                                     cfg.eps)
                             for y, ladder in zip(ys, ladders))
-        return new_ladders + new_ratios + new_cos + tuple(x.clone() for x in xs)
+        new_grams = tuple(rfc.ladder_gram(ladder) for ladder in new_ladders)
+        return new_ladders + new_ratios + new_cos + new_grams + tuple(x.clone() for x in xs)
 
 
 class WatchUpdate(torch.nn.Module):
@@ -180,6 +196,7 @@ def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
         names += [f"{region.key}.ratio.{o}" for o in range(len(region.outputs))]
         if config.rfe_shrink:
             names += [f"{region.key}.cos.{o}" for o in range(len(region.outputs))]
+        names += [f"{region.key}.gram.{o}" for o in range(len(region.outputs))]
         names += [f"{region.key}.x_last.{i}" for i in range(len(region.feature_inputs))]
     return names
 
