@@ -42,8 +42,11 @@ from results_onnx import write_section  # noqa: E402  (benchmarks/results_onnx.p
 BEGIN, END = "<!-- speed_onnx:begin -->", "<!-- speed_onnx:end -->"
 
 
-def generation(model, steps: int, seed: int = 0) -> tuple[torch.Tensor, float, float]:
-    """A DDIM loop with CFG (batch 2 = class + null); returns final latents, wall and CPU seconds."""
+def generation(model, steps: int, seed: int = 0, per_call: list[float] | None = None
+               ) -> tuple[torch.Tensor, float, float]:
+    """A DDIM loop with CFG (batch 2 = class + null); returns final latents, wall and CPU seconds.
+
+    ``per_call``, when given, receives the process CPU time of each model call."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(num_train_timesteps=1000)
@@ -54,8 +57,11 @@ def generation(model, steps: int, seed: int = 0) -> tuple[torch.Tensor, float, f
     start, cpu_start = time.perf_counter(), time.process_time()
     for t in scheduler.timesteps:
         x = torch.cat([latents, latents])
+        call_start = time.process_time()
         with torch.no_grad():
             out = model(hidden_states=x, timestep=t.expand(2), class_labels=labels, return_dict=False)[0]
+        if per_call is not None:
+            per_call.append(time.process_time() - call_start)
         eps = out[:, :4]
         cond, uncond = eps.chunk(2)
         latents = scheduler.step(uncond + 4.0 * (cond - uncond), t, latents).prev_sample
@@ -146,17 +152,24 @@ def main(argv=None) -> int:
                for label, path in paths.items()}
     times: dict[str, list[float]] = {label: [] for label in runners}
     cpu: dict[str, list[float]] = {label: [] for label in runners}
+    # per-call CPU time of full and skipped steps (steps 0..warm-up excluded: first calls)
+    step_ms: dict[str, dict[bool, list[float]]] = {label: {True: [], False: []} for label in runners}
     finals: dict[str, torch.Tensor] = {}
     nfc: dict[str, int] = {}
+    full_steps: dict[str, set[int]] = {}
     for label, runner in runners.items():  # warm-up generation (not timed)
         finals[label], _, _ = generation(runner, args.steps)
         nfc[label] = runner.stats.nfc
+        full_steps[label] = set(runner.stats.full_steps)
     order = list(runners)
     for r in range(args.repeats):
         for label in (order if r % 2 == 0 else order[::-1]):
-            _, seconds, cpu_seconds = generation(runners[label], args.steps)
+            per_call: list[float] = []
+            _, seconds, cpu_seconds = generation(runners[label], args.steps, per_call=per_call)
             times[label].append(seconds)
             cpu[label].append(cpu_seconds)
+            for n, t in enumerate(per_call[args.warmup_steps:], start=args.warmup_steps):
+                step_ms[label][n in full_steps[label]].append(t * 1e3)
             print(f"repeat {r}: {label:40s} {seconds:.3f}s wall {cpu_seconds:.3f}s CPU "
                   f"(NFC {runners[label].stats.nfc})", flush=True)
 
@@ -184,22 +197,31 @@ def main(argv=None) -> int:
         "",
         "Speed-up (CPU) compares the medians of process CPU time, which with one thread is what the "
         "generation costs, and is far steadier than wall time on a machine shared with other jobs; "
-        "speed-up (wall) is the median over repeats of the full/cached wall-time ratio within a repeat.",
+        "speed-up (wall) is the median over repeats of the full/cached wall-time ratio within a repeat. "
+        "The per-step columns are medians of the CPU time of each model call (full and skipped steps "
+        f"after the first {args.warmup_steps}, over all repeats); speed-up (per step) = "
+        f"{args.steps} x full model's step / (NFC x full step + skipped x skipped step), the steadiest of the three "
+        "on a shared machine.",
         "",
-        "| run | NFC | wall s, median (min) | CPU s, median | speed-up (CPU) | speed-up (wall) | ideal "
-        "| final latents vs full, rel. L2 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| run | NFC | wall s, median (min) | CPU s, median | speed-up (CPU) | speed-up (wall) "
+        "| full step ms | skipped step ms | speed-up (per step) | ideal | final latents vs full, rel. L2 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    full_model_step = statistics.median(step_ms["full"][True])
     for label in runners:
         med = statistics.median(times[label])
         cpu_med = statistics.median(cpu[label])
         paired = statistics.median(f / c for f, c in zip(times["full"], times[label]))
         rel = ((finals[label] - finals["full"]).norm() / finals["full"].norm()).item()
+        full_ms = statistics.median(step_ms[label][True])
+        skip_ms = statistics.median(step_ms[label][False]) if step_ms[label][False] else 0.0
+        per_step = args.steps * full_model_step / (nfc[label] * full_ms + (args.steps - nfc[label]) * skip_ms)
         lines.append(f"| ORT {label} | {nfc[label]} | {med:.2f} ({min(times[label]):.2f}) | {cpu_med:.2f} | "
-                     f"{full_cpu / cpu_med:.2f}x | {paired:.2f}x | {args.steps / nfc[label]:.2f}x | {rel:.3g} |")
+                     f"{full_cpu / cpu_med:.2f}x | {paired:.2f}x | {full_ms:.1f} | "
+                     f"{skip_ms:.1f} | {per_step:.2f}x | {args.steps / nfc[label]:.2f}x | {rel:.3g} |")
     for name, n, ts, cs in eager_rows:
         lines.append(f"| {name} | {n} | {statistics.median(ts):.2f} ({min(ts):.2f}) | {statistics.median(cs):.2f} | "
-                     f"{full_cpu / statistics.median(cs):.2f}x | | | |")
+                     f"{full_cpu / statistics.median(cs):.2f}x | | | | | | |")
     notes = []
     for label in runners:
         if label == "full":

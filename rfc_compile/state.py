@@ -11,7 +11,7 @@ Naming scheme (also the ONNX input/output names, prefixed there with ``state.``/
                          batch first (rfc.py)
     <region>.ratio.<o>   float32 (B,) relational ratio s of that output (modes "rfe", "rfc")
     <region>.cos.<o>     float32 (B,) direction agreement c of that output (rfe_shrink=True)
-    <region>.gram.<o>    float32 (B, m+1, m+1) Gram matrix of that ladder's rows (modes "rfe", "rfc")
+    <region>.gram.<o>    float32 (B, m, m) Gram matrix of that ladder's rows D1..Dm (modes "rfe", "rfc"; m >= 1)
     <region>.x_last.<i>  like X[i]    the region's i-th feature input at the last full step
 
 ``<region>`` is the module path with dots replaced by underscores, e.g.

@@ -60,9 +60,20 @@ def test_rfe_prediction_equals_the_formula_with_a_direct_norm(seed, k, seen):
     term = sum(k**i / math.factorial(i) * ladder[:, i] for i in range(1, depth + 1)) + 0 * ladder[:, 0]
     norm = torch.clamp(rfc.sample_norm(term), min=1e-6).reshape(2, 1, 1)
     expected = ladder[:, 0] + (ratio * dx).reshape(2, 1, 1) * term / norm
-    got = rfc.rfe_predict(ladder, rfc.ladder_gram(ladder), ratio, dx, k_t, seen_t, 1e-6)
+    got = rfc.rfe_predict(ladder, rfc.taylor_gram(ladder[:, 1:].unbind(1)), ratio, dx, k_t, seen_t, 1e-6)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.allclose(rfc.taylor_predict(ladder, k_t, seen_t), ladder[:, 0] + term, atol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), gap=st.integers(1, 5), seen_after=st.integers(2, 5))
+def test_output_change_from_the_gram_matrix_is_the_direct_norm(seed, gap, seen_after):
+    """||Y_n - Y_p|| = N ||D1_new|| read off the new Gram matrix once a previous full step exists."""
+    gen = torch.Generator().manual_seed(seed)
+    ladder, y = torch.randn(2, 3, 4, 6, generator=gen), torch.randn(2, 4, 6, generator=gen)
+    rows = rfc.ladder_rows(ladder, y, torch.tensor(gap), torch.tensor(seen_after))
+    got = rfc.output_change_norm(rfc.taylor_gram(rows[1:]), torch.tensor(gap))
+    assert torch.allclose(got, rfc.sample_norm(y - ladder[:, 0]), rtol=1e-5)
 
 
 def test_norms_are_per_sample():
@@ -78,17 +89,17 @@ def test_rfe_prediction_takes_direction_from_taylor_and_magnitude_from_input():
     ladder[:, 1] = torch.tensor([[3.0, 0, 0, 0], [0, 0, 0, -5.0]])
     ratio = torch.tensor([2.0, 0.5])
     dx = torch.tensor([1.5, 4.0])
-    y = rfc.rfe_predict(ladder, rfc.ladder_gram(ladder), ratio, dx, torch.tensor(3), torch.tensor(5), 1e-6)
+    y = rfc.rfe_predict(ladder, rfc.taylor_gram(ladder[:, 1:].unbind(1)), ratio, dx, torch.tensor(3), torch.tensor(5), 1e-6)
     assert torch.allclose(y[0], torch.tensor([1.0 + 3.0, 1, 1, 1]))  # |s dx| = 3 along +e0
     assert torch.allclose(y[1], torch.tensor([1.0, 1, 1, 1 - 2.0]))  # |s dx| = 2 along -e3
 
 
 def test_rfe_is_finite_when_nothing_moved():
     ladder = torch.zeros(2, 3, 4)
-    y = rfc.rfe_predict(ladder, rfc.ladder_gram(ladder), torch.zeros(2), torch.zeros(2), torch.tensor(1),
+    y = rfc.rfe_predict(ladder, rfc.taylor_gram(ladder[:, 1:].unbind(1)), torch.zeros(2), torch.zeros(2), torch.tensor(1),
                         torch.tensor(3), 1e-6)
     assert torch.isfinite(y).all() and torch.equal(y, ladder[:, 0])
-    r = rfc.relational_ratio(torch.ones(2, 4), torch.ones(2, 4), torch.zeros(2), 1e-6)
+    r = rfc.relational_ratio(torch.zeros(2), torch.zeros(2), 1e-6)
     assert torch.isfinite(r).all()
 
 

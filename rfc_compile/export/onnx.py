@@ -17,7 +17,7 @@ Shapes are static: the graph is specialised to the example inputs' shapes (batch
 text length); export once per serving shape (the runners raise a clear error for any other
 shape). Why not dynamic: ``passes.capture`` and ``passes.rewrite`` trace with torch.export
 without ``dynamic_shapes``, so sizes are constants in the rewritten graph (views/reshapes),
-and the state tensors' shapes (ladders ``(m+1, B, tokens, D)``, ratios ``(B,)``) are concrete
+and the state tensors' shapes (ladders ``(B, m+1, tokens, D)``, ratios ``(B,)``) are concrete
 in ``StateSpec``; re-exporting that graph with ``dynamic_shapes`` (batch Dim on the inputs and on
 the state's batch dims) gives a graph specialised to the example shapes anyway (tried). Dynamic batch would
 need symbolic shapes in capture/rewrite and a symbolic StateSpec. The sidecar's
@@ -32,9 +32,10 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
   skipped step instead of a copy of the cache; the sidecar's ``kept_on_skip`` lists them and the
   runner keeps its buffer (skip_state.py). ``to_onnx(..., empty_on_skip=False)`` keeps the copies.
   Triton and TensorRT get the graph with the copies restored (their state bindings are fixed-size).
-* ``reduce_l2_as_sum_square``: ``ReduceL2`` (the per-sample norms) becomes
-  ``Sqrt(ReduceSumSquare)``, the same function, because onnxruntime's CUDA provider runs
-  ``ReduceL2`` ~100x slower (reduce_l2.py; a DiT-S RFE step on an H200: ~225 -> ~8.5 ms).
+* ``reduce_l2_as_sum_of_squares``: a ``ReduceL2`` (from the model's own code; RFC's norms are
+  exported as ``Mul`` + ``ReduceSum`` already, see rfc.py's ``sample_sq_norm``) becomes
+  ``Sqrt(ReduceSum(Mul(x, x)))``, the same function, because onnxruntime's CUDA provider runs
+  ``ReduceL2`` ~100x slower and its CPU provider ~2x slower (reduce_l2.py).
 * ``branch_cse``: common-subexpression elimination inside the ``If`` branches, which the
   exporter's optimizer does not enter: every region recomputed the same Taylor coefficients
   (cse.py; DiT-S TaylorSeer predict branch 806 -> 302 nodes, RFE 1376 -> 872).
@@ -60,7 +61,7 @@ from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
 from .proto import subgraphs
-from .reduce_l2 import reduce_l2_as_sum_square
+from .reduce_l2 import reduce_l2_as_sum_of_squares
 from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
 from .skip_state import empty_on_skip as rewrite_empty_on_skip
 
@@ -256,9 +257,9 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     n_squeeze = fix_squeeze(proto)
     if n_squeeze:
         fixups.append(f"squeeze_axes({n_squeeze})")
-    n_l2 = reduce_l2_as_sum_square(proto)
+    n_l2 = reduce_l2_as_sum_of_squares(proto)
     if n_l2:
-        fixups.append(f"reduce_l2_as_sum_square({n_l2})")
+        fixups.append(f"reduce_l2_as_sum_of_squares({n_l2})")
     n_dropped = drop_debug_metadata(proto)
     if n_dropped:
         logger.info("dropped %.1f MB of node stack traces from the ONNX graph", n_dropped / 1e6)

@@ -1,14 +1,16 @@
-"""``reduce_l2_as_sum_square``: every ``ReduceL2`` becomes ``Sqrt(ReduceSumSquare)``.
+"""``reduce_l2_as_sum_of_squares``: every ``ReduceL2`` becomes ``Sqrt(ReduceSum(Mul(x, x)))``.
 
-The per-sample norms of RFC (rfc.py's ``sample_norm``: ``vector_norm(x.reshape(B, -1), dim=1)``)
-export as ``ReduceL2(x, axes=[1])`` on a ``(B, tokens * D)`` tensor. onnxruntime's CUDA
-execution provider runs that one through a slow path: on an H200 (onnxruntime-gpu 1.31.1),
-``ReduceL2`` of a (2, 98304) float tensor took 4.5 ms per call against 36 us for
-``Sqrt(ReduceSumSquare)`` of the same tensor (benchmarks/ort_cuda.py's diagnostics), and a
-DiT-S RFE step, 48 norms, went from ~8.5 to ~225 ms. The two forms are the same function
-(ONNX defines ReduceL2 as the square root of ReduceSumSquare), so the rewrite is unconditional;
-on CPU both are single reductions. Attributes and the axes input carry over unchanged, in the
-main graph and inside the ``If`` branches.
+RFC's own norms (rfc.py's ``sample_norm``) are written as ``sum(x * x)`` and export in that form
+already; this pass catches the ``ReduceL2`` a model's own code may bring (e.g. ``F.normalize``).
+Why it matters, measured: on onnxruntime's CUDA provider (onnxruntime-gpu 1.31.1, H200)
+``ReduceL2`` of a (2, 98304) float tensor took 4.5 ms per call against 36-38 us for
+``Sqrt(ReduceSumSquare)`` or ``Sqrt(ReduceSum(x * x))`` (benchmarks/ort_cuda_reduce_l2.py,
+gpu_runs/reduce_l2_h200_2026-11-30.log); on its CPU provider (one thread) ``ReduceL2`` and
+``ReduceSumSquare`` take ~210 us and ``Mul`` + ``ReduceSum`` ~110 us. The forms are the same
+function (ONNX defines ReduceL2 as the square root of the sum of squares), so the rewrite is
+unconditional, in the main graph and inside the ``If`` branches; ``keepdims`` and
+``noop_with_empty_axes`` carry over, and the axes move from attribute to input where the opset
+requires it.
 """
 
 from __future__ import annotations
@@ -22,33 +24,52 @@ logger = logging.getLogger(__name__)
 PREFIX = "rfc_reduce_l2/"
 
 
-def reduce_l2_as_sum_square(model_proto) -> int:
+def _opset(model_proto) -> int:
+    return next((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def reduce_l2_as_sum_of_squares(model_proto) -> int:
     """Rewrite every ``ReduceL2`` node in ``model_proto`` (subgraphs included); returns how many."""
     import onnx
 
+    opset = _opset(model_proto)
     changed = 0
+
+    def replacement(node) -> list:
+        tag = f"{PREFIX}{node.name or node.output[0]}"
+        x = node.input[0]
+        inputs = [tag + "/square"] + list(node.input[1:])
+        new = [onnx.helper.make_node("Mul", [x, x], [tag + "/square"], name=tag + "/square")]
+        attrs = [a for a in node.attribute if a.name != "axes"]
+        axes = next((a for a in node.attribute if a.name == "axes"), None)
+        if axes is not None and opset >= 13:  # ReduceSum takes its axes as an input from opset 13
+            new.append(onnx.helper.make_node("Constant", [], [tag + "/axes"], name=tag + "/axes",
+                                             value=onnx.helper.make_tensor(tag + "/axes", onnx.TensorProto.INT64,
+                                                                           [len(axes.ints)], list(axes.ints))))
+            inputs = [tag + "/square", tag + "/axes"]
+        elif axes is not None:
+            attrs.append(axes)
+        total = onnx.helper.make_node("ReduceSum", inputs, [tag + "/sum"], name=tag + "/sum")
+        total.attribute.extend(attrs)
+        return new + [total, onnx.helper.make_node("Sqrt", [tag + "/sum"], list(node.output), name=tag + "/sqrt")]
 
     def walk(graph) -> None:
         nonlocal changed
-        nodes = []
+        nodes, found = [], False
         for node in graph.node:
             for sub in subgraphs(node):
                 walk(sub)
-            if node.op_type != "ReduceL2" or node.domain not in ("", "ai.onnx"):
+            if node.op_type == "ReduceL2" and node.domain in ("", "ai.onnx"):
+                nodes += replacement(node)
+                changed += 1
+                found = True
+            else:
                 nodes.append(node)
-                continue
-            squares = f"{PREFIX}{node.name or node.output[0]}/sum_square"
-            sum_square = onnx.helper.make_node("ReduceSumSquare", list(node.input), [squares],
-                                               name=squares)
-            sum_square.attribute.extend(node.attribute)
-            nodes += [sum_square, onnx.helper.make_node("Sqrt", [squares], list(node.output),
-                                                        name=f"{PREFIX}{node.name or node.output[0]}/sqrt")]
-            changed += 1
-        if changed:
+        if found:
             del graph.node[:]
             graph.node.extend(nodes)
 
     walk(model_proto.graph)
     if changed:
-        logger.info("reduce_l2_as_sum_square: %d ReduceL2 -> Sqrt(ReduceSumSquare)", changed)
+        logger.info("reduce_l2_as_sum_of_squares: %d ReduceL2 -> Sqrt(ReduceSum(x * x))", changed)
     return changed

@@ -106,8 +106,9 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
             if config.rfe_shrink:
                 for o in range(len(outputs)):
                     entries.append(StateEntry(f"{region.key}.cos.{o}", (batch,), torch.float32))
-            for o in range(len(outputs)):
-                entries.append(StateEntry(f"{region.key}.gram.{o}", (batch, m + 1, m + 1), torch.float32))
+            if m:
+                for o in range(len(outputs)):
+                    entries.append(StateEntry(f"{region.key}.gram.{o}", (batch, m, m), torch.float32))
             for i, node in enumerate(region.feature_inputs):
                 val = _meta(node)
                 entries.append(StateEntry(f"{region.key}.x_last.{i}", tuple(val.shape), val.dtype))
@@ -139,7 +140,10 @@ class RegionPredict(torch.nn.Module):
         if not cfg.uses_rfe:
             _, ladders = _split(args, [ni, no])
             return tuple(rfc.taylor_predict(ladder, k, seen) for ladder in ladders)
-        xs, ladders, ratios, coss, grams, x_last = _split(args, [ni, no, no, no if cfg.rfe_shrink else 0, no, ni])
+        n_gram = no if cfg.ladder_order else 0
+        xs, ladders, ratios, coss, grams, x_last = _split(
+            args, [ni, no, no, no if cfg.rfe_shrink else 0, n_gram, ni])
+        grams = grams or (None,) * no
         if cfg.rfe_shrink:
             ratios = tuple(r * c for r, c in zip(ratios, coss))
         x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
@@ -163,20 +167,26 @@ class RegionUpdate(torch.nn.Module):
         if not cfg.uses_rfe:
             _, ys, ladders = _split(args, [ni, no, no])
             return tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
+        n_gram = no if cfg.ladder_order else 0
         xs, ys, ladders, ratios, _, _, x_last = _split(
-            args, [ni, no, no, no, no if cfg.rfe_shrink else 0, no, ni])
-        new_ladders = tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
+            args, [ni, no, no, no, no if cfg.rfe_shrink else 0, n_gram, ni])
+        new_rows = [rfc.ladder_rows(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys)]
+        new_ladders = tuple(torch.stack(rows, dim=1) for rows in new_rows)
+        new_grams = tuple(rfc.taylor_gram(rows[1:]) for rows in new_rows) if cfg.ladder_order else ()
+        if new_grams:
+            y_change = [rfc.output_change_norm(gram, gap) for gram in new_grams]
+        else:  # order 0 keeps no D1
+            y_change = [rfc.sample_norm(y.float() - ladder[:, 0].float()) for y, ladder in zip(ys, ladders)]
         x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
         new_ratios = tuple(
-            torch.where(seen > 0, rfc.relational_ratio(y, ladder[:, 0], x_change, cfg.eps), torch.zeros_like(ratio))
-            for y, ladder, ratio in zip(ys, ladders, ratios)
+            torch.where(seen > 0, rfc.relational_ratio(dy, x_change, cfg.eps), torch.zeros_like(ratio))
+            for dy, ratio in zip(y_change, ratios)
         )
         new_cos: tuple[Tensor, ...] = ()
         if cfg.rfe_shrink:  # how well the old ladder's direction matched what happened over the gap
             new_cos = tuple(rfc.direction_agreement(rfc.taylor_term(ladder, gap, seen), y.float() - ladder[:, 0].float(),
                                                     cfg.eps)
                             for y, ladder in zip(ys, ladders))
-        new_grams = tuple(rfc.ladder_gram(ladder) for ladder in new_ladders)
         return new_ladders + new_ratios + new_cos + new_grams + tuple(x.clone() for x in xs)
 
 
@@ -196,7 +206,8 @@ def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
         names += [f"{region.key}.ratio.{o}" for o in range(len(region.outputs))]
         if config.rfe_shrink:
             names += [f"{region.key}.cos.{o}" for o in range(len(region.outputs))]
-        names += [f"{region.key}.gram.{o}" for o in range(len(region.outputs))]
+        if config.ladder_order:
+            names += [f"{region.key}.gram.{o}" for o in range(len(region.outputs))]
         names += [f"{region.key}.x_last.{i}" for i in range(len(region.feature_inputs))]
     return names
 
