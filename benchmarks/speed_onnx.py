@@ -216,9 +216,10 @@ def main(argv=None) -> int:
         full_ms = statistics.median(step_ms[label][True])
         skip_ms = statistics.median(step_ms[label][False]) if step_ms[label][False] else 0.0
         per_step = args.steps * full_model_step / (nfc[label] * full_ms + (args.steps - nfc[label]) * skip_ms)
+        skip_cell = f"{skip_ms:.1f}" if step_ms[label][False] else "-"
         lines.append(f"| ORT {label} | {nfc[label]} | {med:.2f} ({min(times[label]):.2f}) | {cpu_med:.2f} | "
                      f"{full_cpu / cpu_med:.2f}x | {paired:.2f}x | {full_ms:.1f} | "
-                     f"{skip_ms:.1f} | {per_step:.2f}x | {args.steps / nfc[label]:.2f}x | {rel:.3g} |")
+                     f"{skip_cell} | {per_step:.2f}x | {args.steps / nfc[label]:.2f}x | {rel:.3g} |")
     for name, n, ts, cs in eager_rows:
         lines.append(f"| {name} | {n} | {statistics.median(ts):.2f} ({min(ts):.2f}) | {statistics.median(cs):.2f} | "
                      f"{full_cpu / statistics.median(cs):.2f}x | | | | | | |")

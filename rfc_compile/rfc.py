@@ -22,15 +22,16 @@ def sample_sq_norm(x: Tensor) -> Tensor:
     """Per-sample squared L2 norm over all dims but dim 0, in float32: shape (B,).
 
     Written as sum(x * x) rather than ``vector_norm``: exported to ONNX that is Mul + ReduceSum,
-    which onnxruntime runs ~2x faster on CPU than ReduceSumSquare/ReduceL2 (and ReduceL2 ~100x
-    slower on its CUDA provider); inductor fuses either form into one reduction."""
+    which onnxruntime's CPU provider runs ~2.5x faster than ReduceSumSquare or ReduceL2
+    (benchmarks/ort_cpu_norms.py; its CUDA provider runs ReduceL2 ~100x slower, export/reduce_l2.py);
+    inductor fuses either form into one reduction."""
     flat = x.float().reshape(x.shape[0], -1)
     return (flat * flat).sum(dim=1)
 
 
 def sample_norm(x: Tensor, p: float = 2.0) -> Tensor:
     """Per-sample p-norm (p = 1 or 2) over all dims but dim 0, in float32: shape (B,)."""
-    if p == 1.0:  # Abs + ReduceSum in ONNX (ReduceL1 is ~2.5x slower on onnxruntime's CPU provider)
+    if p == 1.0:  # Abs + ReduceSum in ONNX (ReduceL1 is ~3x slower on onnxruntime's CPU provider)
         return x.float().reshape(x.shape[0], -1).abs().sum(dim=1)
     if p != 2.0:
         raise ValueError(f"sample_norm supports p = 1 or 2, got {p}")

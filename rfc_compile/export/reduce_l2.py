@@ -5,8 +5,9 @@ already; this pass catches the ``ReduceL2`` a model's own code may bring (e.g. `
 Why it matters, measured: on onnxruntime's CUDA provider (onnxruntime-gpu 1.31.1, H200)
 ``ReduceL2`` of a (2, 98304) float tensor took 4.5 ms per call against 36-38 us for
 ``Sqrt(ReduceSumSquare)`` or ``Sqrt(ReduceSum(x * x))`` (benchmarks/ort_cuda_reduce_l2.py,
-gpu_runs/reduce_l2_h200_2026-11-30.log); on its CPU provider (one thread) ``ReduceL2`` and
-``ReduceSumSquare`` take ~210 us and ``Mul`` + ``ReduceSum`` ~110 us. The forms are the same
+gpu_runs/reduce_l2_h200_2026-11-30.log); on its CPU provider (one thread) a squared distance
+took 254 us as Sub + ``ReduceL2``, 271 us as Sub + ``ReduceSumSquare`` and 102 us as Sub + ``Mul`` +
+``ReduceSum`` (benchmarks/ort_cpu_norms.py). The forms are the same
 function (ONNX defines ReduceL2 as the square root of the sum of squares), so the rewrite is
 unconditional, in the main graph and inside the ``If`` branches; ``keepdims`` and
 ``noop_with_empty_axes`` carry over, and the axes move from attribute to input where the opset
