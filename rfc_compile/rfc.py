@@ -48,11 +48,6 @@ def tuple_l1(xs: Sequence[Tensor]) -> Tensor:
     return sum(sample_norm(x, 1.0) for x in xs)
 
 
-def _per_sample(s: Tensor, like: Tensor) -> Tensor:
-    """Broadcast a (B,) vector against a (B, ...) tensor."""
-    return s.reshape((s.shape[0],) + (1,) * (like.dim() - 1))
-
-
 # --- Taylor ladder --------------------------------------------------------------------
 # A ladder is stored batch first, (B, m + 1, *features): sample b's rows D0..Dm are contiguous,
 # so a prediction with per-sample coefficients (RFE's magnitude) is ONE batched contraction
