@@ -84,6 +84,17 @@ def _ladder_shape(value: Tensor, order: int) -> tuple[int, ...]:
     return (int(value.shape[0]), order + 1, *value.shape[1:])
 
 
+def _region_state_groups(region: Region, config: RFCConfig) -> list[tuple[str, int]]:
+    """A region's state tensors as ordered (kind, count) groups: the one place that says which
+    exist for a config (the state names, the spec and the branch modules' arguments follow it)."""
+    n_out, n_in = len(region.outputs), len(region.feature_inputs)
+    groups = [("ladder", n_out)]
+    if config.uses_rfe:
+        groups += [("ratio", n_out), ("cos", n_out if config.rfe_shrink else 0),
+                   ("gram", n_out if config.ladder_order else 0), ("x_last", n_in)]
+    return groups
+
+
 def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
     """The state tensors for this plan and config (see state.py for the naming scheme)."""
     entries = [StateEntry(name, (), torch.int64) for name in _COUNTERS]
@@ -98,20 +109,18 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
             entries.append(StateEntry(f"rcs_ladder.{i}", _ladder_shape(val, m), val.dtype))
     for region in plan.regions:
         outputs = [_meta(node) for node in region.outputs]
-        for o, val in enumerate(outputs):
-            entries.append(StateEntry(f"{region.key}.ladder.{o}", _ladder_shape(val, m), val.dtype))
-        if config.uses_rfe:
-            for o in range(len(outputs)):
-                entries.append(StateEntry(f"{region.key}.ratio.{o}", (batch,), torch.float32))
-            if config.rfe_shrink:
-                for o in range(len(outputs)):
-                    entries.append(StateEntry(f"{region.key}.cos.{o}", (batch,), torch.float32))
-            if m:
-                for o in range(len(outputs)):
-                    entries.append(StateEntry(f"{region.key}.gram.{o}", (batch, m, m), torch.float32))
-            for i, node in enumerate(region.feature_inputs):
-                val = _meta(node)
-                entries.append(StateEntry(f"{region.key}.x_last.{i}", tuple(val.shape), val.dtype))
+        inputs = [_meta(node) for node in region.feature_inputs]
+        for kind, count in _region_state_groups(region, config):
+            for i in range(count):
+                name = f"{region.key}.{kind}.{i}"
+                if kind == "ladder":
+                    entries.append(StateEntry(name, _ladder_shape(outputs[i], m), outputs[i].dtype))
+                elif kind == "x_last":
+                    entries.append(StateEntry(name, tuple(inputs[i].shape), inputs[i].dtype))
+                elif kind == "gram":
+                    entries.append(StateEntry(name, (batch, m, m), torch.float32))
+                else:  # ratio, cos: one scalar per sample
+                    entries.append(StateEntry(name, (batch,), torch.float32))
     return StateSpec(entries)
 
 
@@ -131,19 +140,18 @@ class RegionPredict(torch.nn.Module):
         super().__init__()
         self.n_inputs = len(region.feature_inputs)
         self.n_outputs = len(region.outputs)
+        self.state_sizes = [count for _, count in _region_state_groups(region, config)]
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        # args: X, then the region's state in _region_state_names order, then k, seen
-        cfg, ni, no = self.config, self.n_inputs, self.n_outputs
+        # args: X, then the region's state groups (_region_state_groups), then k, seen
+        cfg = self.config
         k, seen = args[-2], args[-1]
         if not cfg.uses_rfe:
-            _, ladders = _split(args, [ni, no])
+            _, ladders = _split(args, [self.n_inputs] + self.state_sizes)
             return tuple(rfc.taylor_predict(ladder, k, seen) for ladder in ladders)
-        n_gram = no if cfg.ladder_order else 0
-        xs, ladders, ratios, coss, grams, x_last = _split(
-            args, [ni, no, no, no if cfg.rfe_shrink else 0, n_gram, ni])
-        grams = grams or (None,) * no
+        xs, ladders, ratios, coss, grams, x_last = _split(args, [self.n_inputs] + self.state_sizes)
+        grams = grams or (None,) * self.n_outputs
         if cfg.rfe_shrink:
             ratios = tuple(r * c for r, c in zip(ratios, coss))
         x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
@@ -158,18 +166,18 @@ class RegionUpdate(torch.nn.Module):
         super().__init__()
         self.n_inputs = len(region.feature_inputs)
         self.n_outputs = len(region.outputs)
+        self.state_sizes = [count for _, count in _region_state_groups(region, config)]
         self.config = config
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        # args: X, Y, then the region's state in _region_state_names order, then gap, seen, seen_after
-        cfg, ni, no = self.config, self.n_inputs, self.n_outputs
+        # args: X, Y, then the region's state groups (_region_state_groups), then gap, seen, seen_after
+        cfg = self.config
         gap, seen, seen_after = args[-3:]
+        sizes = [self.n_inputs, self.n_outputs] + self.state_sizes
         if not cfg.uses_rfe:
-            _, ys, ladders = _split(args, [ni, no, no])
+            _, ys, ladders = _split(args, sizes)
             return tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
-        n_gram = no if cfg.ladder_order else 0
-        xs, ys, ladders, ratios, _, _, x_last = _split(
-            args, [ni, no, no, no, no if cfg.rfe_shrink else 0, n_gram, ni])
+        xs, ys, ladders, ratios, _, _, x_last = _split(args, sizes)
         new_rows = [rfc.ladder_rows(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys)]
         new_ladders = tuple(torch.stack(rows, dim=1) for rows in new_rows)
         new_grams = tuple(rfc.taylor_gram(rows[1:]) for rows in new_rows) if cfg.ladder_order else ()
@@ -201,15 +209,7 @@ class WatchUpdate(torch.nn.Module):
 
 
 def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
-    names = [f"{region.key}.ladder.{o}" for o in range(len(region.outputs))]
-    if config.uses_rfe:
-        names += [f"{region.key}.ratio.{o}" for o in range(len(region.outputs))]
-        if config.rfe_shrink:
-            names += [f"{region.key}.cos.{o}" for o in range(len(region.outputs))]
-        if config.ladder_order:
-            names += [f"{region.key}.gram.{o}" for o in range(len(region.outputs))]
-        names += [f"{region.key}.x_last.{i}" for i in range(len(region.feature_inputs))]
-    return names
+    return [f"{region.key}.{kind}.{i}" for kind, count in _region_state_groups(region, config) for i in range(count)]
 
 
 class _BranchBuilder:
