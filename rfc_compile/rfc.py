@@ -18,6 +18,11 @@ from torch import Tensor
 
 # --- per-sample norms ---------------------------------------------------------------
 
+def sample_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample dot product over all dims but dim 0, in float32: shape (B,)."""
+    return (a.float() * b.float()).reshape(a.shape[0], -1).sum(dim=1)
+
+
 def sample_sq_norm(x: Tensor) -> Tensor:
     """Per-sample squared L2 norm over all dims but dim 0, in float32: shape (B,).
 
@@ -25,8 +30,7 @@ def sample_sq_norm(x: Tensor) -> Tensor:
     which onnxruntime's CPU provider runs ~2.5x faster than ReduceSumSquare or ReduceL2
     (benchmarks/ort_cpu_norms.py; its CUDA provider runs ReduceL2 ~100x slower, export/reduce_l2.py);
     inductor fuses either form into one reduction."""
-    flat = x.float().reshape(x.shape[0], -1)
-    return (flat * flat).sum(dim=1)
+    return sample_dot(x, x)
 
 
 def sample_norm(x: Tensor, p: float = 2.0) -> Tensor:
@@ -114,9 +118,8 @@ def taylor_gram(rows: Sequence[Tensor]) -> Tensor:
     Kept next to the ladder (computed at full steps from the new rows, m(m+1)/2 dot products) so
     that a skipped step gets ||T_k||^2 = c^T G c from m numbers instead of a pass over the features.
     """
-    batch, m = rows[0].shape[0], len(rows)
-    flat = [r.float().reshape(batch, -1) for r in rows]
-    dots = {(i, j): (flat[i] * flat[j]).sum(dim=1) for i in range(m) for j in range(i, m)}
+    m = len(rows)
+    dots = {(i, j): sample_dot(rows[i], rows[j]) for i in range(m) for j in range(i, m)}
     return torch.stack([torch.stack([dots[min(i, j), max(i, j)] for j in range(m)], dim=1) for i in range(m)],
                        dim=1)
 
@@ -162,7 +165,7 @@ def direction_agreement(term: Tensor, change: Tensor, eps: float) -> Tensor:
     ||c * T_hat - d|| over magnitudes c is smallest at c = cos * ||d||, so RFE's magnitude
     s * ||dX|| (an estimate of ||d||) is scaled by it; a ladder with no direction yet gives 1.
     """
-    dot = (term.float() * change.float()).reshape(term.shape[0], -1).sum(dim=1)
+    dot = sample_dot(term, change)
     norms = sample_norm(term) * sample_norm(change)
     cos = torch.clamp(dot / torch.clamp(norms, min=eps), min=0.0, max=1.0)
     return torch.where(norms > eps, cos, torch.ones_like(cos))
