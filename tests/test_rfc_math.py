@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,6 +102,17 @@ def test_rfe_is_finite_when_nothing_moved():
     assert torch.isfinite(y).all() and torch.equal(y, ladder[:, 0])
     r = rfc.relational_ratio(torch.zeros(2), torch.zeros(2), 1e-6)
     assert torch.isfinite(r).all()
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_rfe_with_no_taylor_term_yet_predicts_d0(eps):
+    """Depth 0 (one full step seen): every Taylor coefficient is 0, so the prediction is D0, even
+    with eps = 0 and a large input change (a 0 * inf in the scale would make it NaN)."""
+    ladder = torch.randn(2, 3, 4)
+    gram = rfc.taylor_gram(ladder[:, 1:].unbind(1))
+    y = rfc.rfe_predict(ladder, gram, torch.tensor([3.0, 1e3]), torch.tensor([2.0, 1e4]), torch.tensor(2),
+                        torch.tensor(1), eps)
+    assert torch.equal(y, ladder[:, 0])
 
 
 def test_rcs_error_and_decision():
