@@ -14,6 +14,7 @@ Prints only (profiles are noisy on a shared machine; speed_onnx.py writes the nu
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import json
 import statistics
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from rfc_compile import RFCConfig  # noqa: E402
 from rfc_compile.export import OnnxCachedModel  # noqa: E402
 from rfc_compile.export.models import dit_s  # noqa: E402
-from speed_onnx import _export, generation, session_options  # noqa: E402  (benchmarks/speed_onnx.py)
+from speed_onnx import export_dit_s, generation, session_options  # noqa: E402  (benchmarks/speed_onnx.py)
 
 
 IF_OWN = "If (beyond its nodes)"
@@ -51,9 +52,8 @@ def kernel_ms_per_run(profile: Path) -> list[collections.Counter]:
     per_run = [collections.Counter() for _ in runs]
     starts = [r["ts"] for r in runs]
     for event in kernels:
-        # the run this kernel belongs to: the last run that started before it
-        index = max((i for i, start in enumerate(starts) if start <= event["ts"]), default=None)
-        if index is None:
+        index = bisect.bisect_right(starts, event["ts"]) - 1  # the last run that started before it
+        if index < 0:
             continue
         op = event.get("args", {}).get("op_name", "?")
         if op == "If":
@@ -90,15 +90,12 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rfc_profile_onnx_"))
     workdir.mkdir(parents=True, exist_ok=True)
     model = dit_s()
-    example = dict(hidden_states=torch.randn(2, 4, 32, 32), timestep=torch.full((2,), 999, dtype=torch.long),
-                   class_labels=torch.tensor([207, 1000]))
     variants = {"full": RFCConfig(mode="full")}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         variants[mode] = RFCConfig(mode=mode, interval=args.interval, order=args.order)
     reference: dict[str, float] = {}
     for label, config in variants.items():
-        slug = "full" if label == "full" else f"{config.mode}_m{config.order}_i{config.interval}_g1"
-        path = _export(model, example, config, workdir / f"dit_s_{slug}.onnx")
+        path = export_dit_s(model, config, workdir)
         options = session_options(args.threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(workdir / f"profile_{label}")

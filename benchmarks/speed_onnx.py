@@ -89,9 +89,19 @@ def _code_stamp() -> str:
     return digest.hexdigest()
 
 
-def _export(model, example, config: RFCConfig, path: Path):
-    """Export, or reuse ``path`` when its sidecar says it holds this exact config and it was
-    written by the same rfc_compile sources (reruns)."""
+def example_inputs() -> dict[str, torch.Tensor]:
+    """The export's example call: batch 2 (a class and CFG's null class), 4x32x32 latent."""
+    return dict(hidden_states=torch.randn(2, 4, 32, 32), timestep=torch.full((2,), 999, dtype=torch.long),
+                class_labels=torch.tensor([207, 1000]))
+
+
+def export_dit_s(model, config: RFCConfig, workdir: Path) -> Path:
+    """Export the DiT-S graph for ``config`` into ``workdir`` (a file name per config), or reuse
+    the file there when its sidecar says it holds this exact config and it was written by the
+    same rfc_compile sources (reruns)."""
+    slug = "full" if config.mode == "full" else \
+        f"{config.mode}_m{config.order}_i{config.interval}_g{int(config.guard_nonfinite)}"
+    path = workdir / f"dit_s_{slug}.onnx"
     sidecar = Path(str(path) + ".rfc.json")
     stamp_file = Path(str(path) + ".code")
     stamp = _code_stamp()
@@ -101,7 +111,7 @@ def _export(model, example, config: RFCConfig, path: Path):
             print(f"reusing {path}", flush=True)
             return path
     t0 = time.perf_counter()
-    to_onnx(model, path, example, config, check=False)
+    to_onnx(model, path, example_inputs(), config, check=False)
     stamp_file.write_text(stamp)
     print(f"exported {path.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     return path
@@ -133,8 +143,6 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rfc_speed_onnx_"))
     workdir.mkdir(parents=True, exist_ok=True)
     model = dit_s()
-    example = dict(hidden_states=torch.randn(2, 4, 32, 32), timestep=torch.full((2,), 999, dtype=torch.long),
-                   class_labels=torch.tensor([207, 1000]))
     variants: dict[str, RFCConfig] = {"full": RFCConfig(mode="full")}
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         variants[f"{mode} m={args.order}"] = RFCConfig(mode=mode, interval=args.interval,
@@ -142,10 +150,7 @@ def main(argv=None) -> int:
     if not args.no_guard_row and len(variants) > 1:
         label, config = list(variants.items())[1]
         variants[f"{label}, guard_nonfinite off"] = config.replace(guard_nonfinite=False)
-    paths = {}
-    for i, (label, config) in enumerate(variants.items()):
-        slug = "full" if label == "full" else f"{config.mode}_m{config.order}_i{config.interval}_g{int(config.guard_nonfinite)}"
-        paths[label] = _export(model, example, config, workdir / f"dit_s_{slug}.onnx")
+    paths = {label: export_dit_s(model, config, workdir) for label, config in variants.items()}
 
     runners = {label: OnnxCachedModel(path, providers=["CPUExecutionProvider"],
                                       session_options=session_options(args.threads))
