@@ -12,6 +12,11 @@ from hypothesis import strategies as st
 from rfc_compile import rfc
 
 
+def _gram(ladder: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix a full step keeps for this ladder's rows D1..Dm."""
+    return rfc.taylor_gram(ladder[:, 1:].unbind(1))
+
+
 def _ladder_after(values: list[torch.Tensor], steps: list[int], order: int) -> torch.Tensor:
     ladder = torch.zeros(values[0].shape[0], order + 1, *values[0].shape[1:])
     for i, (v, n) in enumerate(zip(values, steps)):
@@ -61,7 +66,7 @@ def test_rfe_prediction_equals_the_formula_with_a_direct_norm(seed, k, seen):
     term = sum(k**i / math.factorial(i) * ladder[:, i] for i in range(1, depth + 1)) + 0 * ladder[:, 0]
     norm = torch.clamp(rfc.sample_norm(term), min=1e-6).reshape(2, 1, 1)
     expected = ladder[:, 0] + (ratio * dx).reshape(2, 1, 1) * term / norm
-    got = rfc.rfe_predict(ladder, rfc.taylor_gram(ladder[:, 1:].unbind(1)), ratio, dx, k_t, seen_t, 1e-6)
+    got = rfc.rfe_predict(ladder, _gram(ladder), ratio, dx, k_t, seen_t, 1e-6)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.allclose(rfc.taylor_predict(ladder, k_t, seen_t), ladder[:, 0] + term, atol=1e-5)
 
@@ -90,14 +95,14 @@ def test_rfe_prediction_takes_direction_from_taylor_and_magnitude_from_input():
     ladder[:, 1] = torch.tensor([[3.0, 0, 0, 0], [0, 0, 0, -5.0]])
     ratio = torch.tensor([2.0, 0.5])
     dx = torch.tensor([1.5, 4.0])
-    y = rfc.rfe_predict(ladder, rfc.taylor_gram(ladder[:, 1:].unbind(1)), ratio, dx, torch.tensor(3), torch.tensor(5), 1e-6)
+    y = rfc.rfe_predict(ladder, _gram(ladder), ratio, dx, torch.tensor(3), torch.tensor(5), 1e-6)
     assert torch.allclose(y[0], torch.tensor([1.0 + 3.0, 1, 1, 1]))  # |s dx| = 3 along +e0
     assert torch.allclose(y[1], torch.tensor([1.0, 1, 1, 1 - 2.0]))  # |s dx| = 2 along -e3
 
 
 def test_rfe_is_finite_when_nothing_moved():
     ladder = torch.zeros(2, 3, 4)
-    y = rfc.rfe_predict(ladder, rfc.taylor_gram(ladder[:, 1:].unbind(1)), torch.zeros(2), torch.zeros(2), torch.tensor(1),
+    y = rfc.rfe_predict(ladder, _gram(ladder), torch.zeros(2), torch.zeros(2), torch.tensor(1),
                         torch.tensor(3), 1e-6)
     assert torch.isfinite(y).all() and torch.equal(y, ladder[:, 0])
     r = rfc.relational_ratio(torch.zeros(2), torch.zeros(2), 1e-6)
@@ -109,7 +114,7 @@ def test_rfe_with_no_taylor_term_yet_predicts_d0(eps):
     """Depth 0 (one full step seen): every Taylor coefficient is 0, so the prediction is D0, even
     with eps = 0 and a large input change (a 0 * inf in the scale would make it NaN)."""
     ladder = torch.randn(2, 3, 4)
-    gram = rfc.taylor_gram(ladder[:, 1:].unbind(1))
+    gram = _gram(ladder)
     y = rfc.rfe_predict(ladder, gram, torch.tensor([3.0, 1e3]), torch.tensor([2.0, 1e4]), torch.tensor(2),
                         torch.tensor(1), eps)
     assert torch.equal(y, ladder[:, 0])
