@@ -216,23 +216,25 @@ def _state_devices(runner) -> set[str]:
     return {value.device_name().lower() for buffers in runner._buffers for value in buffers.values()}
 
 
-def _ddim_generation(runner, steps: int, batch: int) -> tuple[torch.Tensor, float]:
-    """DDIM with CFG (``batch // 2`` images: class 207 + the null class), on the GPU; wall seconds."""
+def ddim_generation_cuda(runner, steps: int, batch: int, device: str = "cuda") -> tuple[torch.Tensor, float]:
+    """DDIM with CFG (``batch // 2`` images: class 207 + the null class), tensors on ``device``
+    (a GPU; "cpu" for smoke runs of the scripts that use this); wall seconds."""
     from diffusers import DDIMScheduler
 
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
-    latents = torch.randn(batch // 2, 4, 32, 32, generator=torch.Generator().manual_seed(0)).cuda()
-    labels = torch.tensor([207] * (batch // 2) + [1000] * (batch // 2), device="cuda")
-    torch.cuda.synchronize()
+    latents = torch.randn(batch // 2, 4, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    labels = torch.tensor([207] * (batch // 2) + [1000] * (batch // 2), device=device)
+    sync()
     start = time.perf_counter()
     for t in scheduler.timesteps:  # the scheduler indexes host tables with t: keep it on the host
         x = torch.cat([latents, latents])
-        eps = runner(hidden_states=x, timestep=t.expand(batch).cuda(), class_labels=labels,
+        eps = runner(hidden_states=x, timestep=t.expand(batch).to(device), class_labels=labels,
                      return_dict=False)[0][:, :4]
         cond, uncond = eps.chunk(2)
         latents = scheduler.step(uncond + 4.0 * (cond - uncond), t, latents).prev_sample
-    torch.cuda.synchronize()
+    sync()
     return latents, time.perf_counter() - start
 
 
@@ -244,10 +246,10 @@ def _time_dit_s(prepared: Path, entries: dict, batch: int, repeats: int) -> dict
                for label, entry in entries.items()}
     finals, times = {}, {label: [] for label in runners}
     for label, runner in runners.items():
-        finals[label], _ = _ddim_generation(runner, DIT_S_STEPS, batch)
+        finals[label], _ = ddim_generation_cuda(runner, DIT_S_STEPS, batch)
     for r in range(repeats):
         for label in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-            times[label].append(_ddim_generation(runners[label], DIT_S_STEPS, batch)[1])
+            times[label].append(ddim_generation_cuda(runners[label], DIT_S_STEPS, batch)[1])
     rows = {}
     for label, runner in runners.items():
         rel = ((finals[label] - finals["full"]).norm() / finals["full"].norm()).item()
