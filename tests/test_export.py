@@ -434,6 +434,65 @@ def test_flux_ort_generation_matches_eager(workdir):
     assert _max_diff(got, expected) < ATOL
 
 
+# --- dynamic batch ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(workdir):
+    return to_onnx(make_tiny_dit(), workdir / "dit_rfc_dynamic.onnx", dit_inputs(), RFC, dynamic_batch=True).onnx_path
+
+
+def test_dynamic_batch_graph_runs_each_batch_like_eager(dynamic_onnx):
+    """One graph, exported at batch 2, serves generations at batch 2, 4 and 1: each equals the eager
+    cached model at that batch; a new batch size starts a new generation with its own cache."""
+    graph = onnx.load(str(dynamic_onnx)).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["hidden_states"] == ["batch", 4, 8, 8] and dims["class_labels"] == ["batch"]
+    assert dims["state.rcs_acc"] == ["batch"] and dims["state.step"] == []
+    runner = OnnxCachedModel(dynamic_onnx)
+    assert runner.batch_size == 2
+    for images, cfg in ((1, True), (2, True), (1, False)):  # model batch 2, 4, 1
+        eager = rfc_compile.optimize(make_tiny_dit(), RFC)
+        _, expected = ddim_generation(eager, steps=STEPS, batch=images, cfg=cfg)
+        _, got = ddim_generation(runner, steps=STEPS, batch=images, cfg=cfg)
+        assert runner.batch_size == images * (2 if cfg else 1)
+        assert runner.state["rcs_acc"].shape == (runner.batch_size,)
+        assert runner.stats.full_steps == eager.stats.full_steps
+        assert 2 < runner.stats.nfc < STEPS
+        assert _max_diff(got, expected) < ATOL
+    with pytest.raises(InputMismatchError, match="exported for"):  # only the batch is dynamic
+        runner(hidden_states=torch.randn(2, 4, 16, 16), timestep=torch.ones(2), class_labels=torch.ones(2).long())
+
+
+def test_dynamic_batch_flux_matches_eager(workdir):
+    """FLUX: the text states are batched, the position ids (no batch dim) stay static."""
+    from conftest import FAMILIES, flow_generation
+
+    family = FAMILIES["flux"]
+    config = RFCConfig(mode="rfe", interval=3, order=1)
+    gen = torch.Generator().manual_seed(0)
+    example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.ones(2),
+                   **family.conditions(2, gen))
+    export = to_onnx(family.build(), workdir / "flux_rfe_dynamic.onnx", example, config, dynamic_batch=True)
+    shapes = {d.name: d.shape for d in export.sidecar.inputs}
+    assert shapes["encoder_hidden_states"][0] == "batch" and shapes["img_ids"] == (16, 3)
+    runner = OnnxCachedModel(export.onnx_path)
+    for batch in (3, 2):
+        eager = rfc_compile.optimize(family.build(), config)
+        _, expected = flow_generation(eager, family, steps=12, batch=batch)
+        _, got = flow_generation(runner, family, steps=12, batch=batch)
+        assert runner.stats.full_steps == eager.stats.full_steps
+        assert _max_diff(got, expected) < ATOL
+
+
+def test_dynamic_batch_is_refused_where_state_shapes_are_fixed(dynamic_onnx, tmp_path):
+    from rfc_compile.export.triton import write_triton_repository
+
+    with pytest.raises(ValueError, match="dynamic_batch=False for Triton"):
+        write_triton_repository(dynamic_onnx, tmp_path / "triton")
+    with pytest.raises(ValueError, match="dynamic_batch=False for Triton"):
+        to_onnx(make_tiny_dit(), tmp_path / "x.onnx", dit_inputs(), RFC, dynamic_batch=True, triton=True)
+
+
 @pytest.mark.slow
 def test_pixart_export_loads_in_onnxruntime(workdir):
     """PixArt's plain ONNX export does not load in onnxruntime (Squeeze of a non-1 dim); fixed here."""

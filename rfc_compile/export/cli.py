@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--height", type=int, default=None, help="latent height (default: config sample_size)")
     shapes.add_argument("--width", type=int, default=None, help="latent width (default: config sample_size)")
     shapes.add_argument("--text-len", type=int, default=8, help="text tokens (PixArt/FLUX/SD3)")
+    shapes.add_argument("--dynamic-batch", action="store_true",
+                        help="one graph for any batch size (ONNX + onnxruntime only: no Triton repository, "
+                             "no TensorRT engine)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--opset", type=int, default=None)
     out.add_argument("--no-check", action="store_true", help="skip loading the result in onnxruntime")
@@ -58,16 +61,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"rfc-compile export: error: {exc}")
         return 2
     output = Path(args.output)
-    triton = False if args.no_triton else (args.triton or True)
+    triton = False if args.no_triton or args.dynamic_batch else (args.triton or True)
     result = to_onnx(model, output, inputs, config, opset=args.opset, check=not args.no_check, triton=triton,
-                     triton_model_name=args.triton_name)
+                     triton_model_name=args.triton_name, dynamic_batch=args.dynamic_batch)
     sidecar = result.sidecar
     print(f"wrote {result.onnx_path} ({type(model).__name__}, mode {config.mode}, "
           f"{len(sidecar.state)} state tensors, {sidecar.raw['if_nodes']} If node(s)) in {result.seconds:.1f}s")
     print(f"wrote {result.sidecar_path}")
     if result.triton_model_dir is not None:
         print(f"wrote Triton model {result.triton_model_dir} (config.pbtxt + 1/model.onnx)")
-    if not args.no_engine:
+    if args.dynamic_batch:
+        print("dynamic batch: no Triton repository and no TensorRT engine (their state shapes are fixed)")
+    elif not args.no_engine:
         ok, why = tensorrt_available()
         if ok:
             engine = Path(args.engine or f"{output}.{args.precision}.engine")

@@ -34,7 +34,9 @@ from torch.utils import _pytree as pytree
 
 from ..config import RFCConfig
 from ..passes import capture, find_regions, rewrite
+from ..passes.capture import BATCH, example_batch, is_batched
 from ..state import StateSpec
+from .sidecar import BATCH_DIM
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +141,7 @@ def clone_aliased_cond_operands(gm: fx.GraphModule) -> int:
 @dataclasses.dataclass
 class TensorInfo:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # "batch" (sidecar.BATCH_DIM) for a dynamic batch
     dtype: torch.dtype
 
     def to_json(self) -> dict[str, Any]:
@@ -179,6 +181,20 @@ class FunctionalProgram:
     regions: list[str]
     output_structure: str  # "tuple" (return_dict=False output)
     fixups: list[str]
+    dynamic_batch: int | None = None  # the example batch when the graph takes any batch size
+
+    @property
+    def state_shapes(self) -> list[tuple[int | str, ...]]:
+        """Each state tensor's shape as the sidecar records it (batch first: "batch" if dynamic)."""
+        return [_with_batch_dim(e.shape, bool(e.shape) and self.dynamic_batch is not None)
+                for e in self.state_spec.entries]
+
+    def dynamic_shapes(self) -> dict[str, Any] | None:
+        """torch.export ``dynamic_shapes`` for ``module``'s positional args, or None (static)."""
+        if self.dynamic_batch is None:
+            return None
+        shapes = [info.shape for info in self.inputs] + self.state_shapes
+        return {"args": tuple({0: BATCH} if shape and shape[0] == BATCH_DIM else None for shape in shapes)}
 
     @property
     def input_names(self) -> list[str]:
@@ -189,14 +205,21 @@ class FunctionalProgram:
         return [o.name for o in self.outputs] + [STATE_OUT_PREFIX + n for n in self.state_spec.names()]
 
 
+def _with_batch_dim(shape, batched: bool) -> tuple[int | str, ...]:
+    return (BATCH_DIM, *shape[1:]) if batched else tuple(shape)
+
+
 def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any],
-                     config: RFCConfig) -> FunctionalProgram:
-    """capture -> find_regions -> rewrite (as CachedModel does), then wrap for export."""
+                     config: RFCConfig, dynamic_batch: bool = False) -> FunctionalProgram:
+    """capture -> find_regions -> rewrite (as CachedModel does), then wrap for export.
+
+    ``dynamic_batch``: the batch size is a symbol in the graph (capture.py's rule says which
+    inputs are batched); the program's shapes say "batch" there."""
     call = normalize_kwargs(model, example_inputs)
     was_training = model.training
     model.eval()
     try:
-        captured = capture(model, call)
+        captured = capture(model, call, dynamic_batch=dynamic_batch)
     finally:
         model.train(was_training)
     plan = find_regions(captured.graph_module)  # also for "full": only models we understand
@@ -223,16 +246,22 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any],
     n_out = len(results) - len(spec.entries)
     out_tensors = results[:n_out]
     out_names = ["sample"] if n_out == 1 else [f"output.{i}" for i in range(n_out)]
+    batch = example_batch(call) if dynamic_batch else None
+
+    def info(name: str, t: Tensor) -> TensorInfo:
+        return TensorInfo(name, _with_batch_dim(t.shape, batch is not None and is_batched(t, batch)), t.dtype)
+
     return FunctionalProgram(
         module=module,
         example_args=example_args,
-        inputs=[TensorInfo(name, tuple(t.shape), t.dtype) for name, t in tensors],
-        outputs=[TensorInfo(name, tuple(t.shape), t.dtype) for name, t in zip(out_names, out_tensors)],
+        inputs=[info(name, t) for name, t in tensors],
+        outputs=[info(name, t) for name, t in zip(out_names, out_tensors)],
         state_spec=spec,
         constants=constants,
         regions=regions,
         output_structure="tuple",
         fixups=fixups,
+        dynamic_batch=batch,
     )
 
 

@@ -13,15 +13,13 @@ the step ran in full, so a runner reports stats without evaluating the predicate
 Every state tensor is zero at the start of a generation. A ``<path>.rfc.json`` sidecar
 (sidecar.py) describes inputs, outputs, state, config and model, so a runner needs nothing else.
 
-Shapes are static: the graph is specialised to the example inputs' shapes (batch, resolution,
-text length); export once per serving shape (the runners raise a clear error for any other
-shape). Why not dynamic: ``passes.capture`` and ``passes.rewrite`` trace with torch.export
-without ``dynamic_shapes``, so sizes are constants in the rewritten graph (views/reshapes),
-and the state tensors' shapes (ladders ``(B, m+1, tokens, D)``, ratios ``(B,)``) are concrete
-in ``StateSpec``; re-exporting that graph with ``dynamic_shapes`` (batch Dim on the inputs and on
-the state's batch dims) gives a graph specialised to the example shapes anyway (tried). Dynamic batch would
-need symbolic shapes in capture/rewrite and a symbolic StateSpec. The sidecar's
-``dynamic_axes`` is always ``{}`` in this version.
+Shapes are the example inputs' (batch, resolution, text length), except with
+``dynamic_batch=True``: then capture and rewrite trace with a symbolic batch (capture.py's
+``BATCH``; every batched input, the output and every state tensor but the counters have it as
+dim 0, named ``"batch"`` in the graph and the sidecar), and one graph serves any batch size;
+the runner allocates the cache at each call's batch. Resolution and text length stay static
+(the ladders' token dims would have to follow them): export once per serving resolution (the
+runners raise a clear error for any other shape).
 
 ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
 * ``squeeze_axes``: ``Squeeze`` nodes whose axes input names a dimension that is not 1 in the
@@ -57,12 +55,13 @@ from typing import Any
 import torch
 
 from ..config import RFCConfig
+from ..passes.capture import BATCH_MAX
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
 from .proto import subgraphs
 from .reduce_l2 import reduce_l2_as_sum_of_squares
-from .sidecar import FORMAT, VERSION, Sidecar, ort_type_name
+from .sidecar import BATCH_DIM, FORMAT, VERSION, Sidecar, ort_type_name
 from .skip_state import empty_on_skip as rewrite_empty_on_skip
 
 logger = logging.getLogger(__name__)
@@ -206,14 +205,14 @@ def fix_squeeze(model_proto) -> int:
 def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dict[str, Any],
             config: RFCConfig | None = None, *, opset: int | None = None, check: bool = True,
             triton: bool | str | os.PathLike = False, triton_model_name: str | None = None,
-            empty_on_skip: bool = True) -> OnnxExport:
+            empty_on_skip: bool = True, dynamic_batch: bool = False) -> OnnxExport:
     """Export ``model`` with RFC traced in as an ONNX graph with explicit state I/O.
 
     Args:
         model: a diffusers transformer the passes understand (DiT, PixArt, FLUX, ...), or a
             CachedModel from ``rfc_compile.optimize`` (its model and, by default, its config).
         path: the ``.onnx`` file to write; ``<path>.rfc.json`` is written beside it.
-        example_inputs: forward kwargs with the serving shapes (shapes are static).
+        example_inputs: forward kwargs with the serving shapes (static, but see ``dynamic_batch``).
         config: the RFC configuration baked into the graph (default ``RFCConfig()``).
         opset: ONNX opset (default: the exporter's, 18 with torch 2.13).
         check: load the result in onnxruntime (CPU) and compare its I/O with the sidecar.
@@ -222,6 +221,11 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
             file's stem).
         empty_on_skip: state the skipped branch leaves unchanged comes back empty instead of
             copied (skip_state.py); the ONNX runner keeps its buffer. False: plain copies.
+        dynamic_batch: the graph takes any batch size (the ``"batch"`` dim of the batched
+            inputs, the output and the state); other dims stay the example's. Give an example
+            batch of 2 or more (torch.export specializes a batch of 1) that no other input dim
+            equals (capture.py: a tensor whose first dim equals the first input's is batched).
+            OnnxCachedModel allocates the cache at each call's batch size. Not for Triton.
     """
     import onnx
 
@@ -231,22 +235,27 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         config = config if config is not None else model.rfc_config
         model = model.model
     config = config if config is not None else RFCConfig()
+    if dynamic_batch and triton:
+        raise ValueError("a Triton repository needs fixed state shapes (sequence batching keeps one cache per "
+                         "sequence at the exported size): export with dynamic_batch=False for Triton")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
-        program = build_functional(model, example_inputs, config)
+        program = build_functional(model, example_inputs, config, dynamic_batch=dynamic_batch)
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." x4
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")  # one Dim, many inputs
         try:
             onnx_program = torch.onnx.export(
                 program.module, program.example_args, None, dynamo=True, input_names=program.input_names,
-                output_names=program.output_names, opset_version=opset, optimize=True, verbose=False)
+                output_names=program.output_names, opset_version=opset, optimize=True, verbose=False,
+                dynamic_shapes=program.dynamic_shapes())
         except Exception as exc:
             raise ExportError(f"torch.onnx.export of the cached {type(model).__name__} failed: "
                               f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
@@ -268,8 +277,8 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         raise ExportError(f"expected one If node (the cached regions' branch) in the exported graph, found {n_if}")
     state_json = [
         {"name": e.name, "input": STATE_IN_PREFIX + e.name, "output": STATE_OUT_PREFIX + e.name,
-         "shape": list(e.shape), "dtype": str(e.dtype).replace("torch.", "")}
-        for e in program.state_spec.entries
+         "shape": list(shape), "dtype": str(e.dtype).replace("torch.", "")}
+        for e, shape in zip(program.state_spec.entries, program.state_shapes)
     ]
     kept_on_skip: list[str] = []
     if empty_on_skip and n_if:
@@ -314,7 +323,8 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "cached_regions": program.regions if config.mode != "full" else [],
         "if_nodes": n_if,
         "kept_on_skip": kept_on_skip,
-        "dynamic_axes": {},
+        "dynamic_axes": ({} if program.dynamic_batch is None else
+                         {BATCH_DIM: {"example": program.dynamic_batch, "min": 1, "max": BATCH_MAX}}),
         "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         "fixups": fixups,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "rfc_compile": _version()},
@@ -353,7 +363,7 @@ def check_loads(path: str | os.PathLike) -> None:
 
 def graph_io_from_session(session) -> tuple[dict[str, tuple[tuple, str]], dict[str, tuple[tuple, str]]]:
     def io(args):
-        return {a.name: (tuple(d if isinstance(d, int) else "?" for d in (a.shape or [])), ort_type_name(a.type))
+        return {a.name: (tuple(d if isinstance(d, (int, str)) else "?" for d in (a.shape or [])), ort_type_name(a.type))
                 for a in args}
 
     return io(session.get_inputs()), io(session.get_outputs())

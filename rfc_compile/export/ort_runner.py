@@ -89,7 +89,6 @@ class OnnxCachedModel(StatefulRunner):
                     self.device_id = int(options.get("device_id", 0))
         self._buffers: list[dict[str, Any]] = [{}, {}]
         self._current = 0
-        self._output_desc = sidecar.outputs
         self._kept = set(sidecar.kept_on_skip)
         self.reset()
 
@@ -135,7 +134,7 @@ class OnnxCachedModel(StatefulRunner):
             else:
                 binding.bind_cpu_input(name, self._as_numpy(name, value))
         outputs: list[torch.Tensor] = []
-        for d in self._output_desc:
+        for d in self.sidecar.outputs:
             if cuda_inputs:
                 out = torch.empty(d.shape, dtype=torch_dtype(d.dtype), device=f"cuda:{self.device_id}")
                 binding.bind_output(d.name, "cuda", self.device_id, numpy_dtype(d.dtype), list(d.shape),
@@ -146,7 +145,7 @@ class OnnxCachedModel(StatefulRunner):
         # model outputs are bound first: get_outputs() lists them in binding order
         current, nxt = self._buffers[self._current], self._buffers[1 - self._current]
         kept_at: list[tuple[int, str]] = []  # (position in get_outputs(), state name)
-        position = len(self._output_desc)
+        position = len(self.sidecar.outputs)
         for d in self.sidecar.state:
             binding.bind_ortvalue_input(d.input, current[d.name])
             if d.name in self._kept:  # onnxruntime allocates; empty when the step left it unchanged
@@ -160,7 +159,7 @@ class OnnxCachedModel(StatefulRunner):
         self.session.run_with_iobinding(binding)
         values = binding.get_outputs() if (kept_at or not cuda_inputs) else []
         if not cuda_inputs:
-            outputs = [torch.from_numpy(values[i].numpy()) for i in range(len(self._output_desc))]
+            outputs = [torch.from_numpy(values[i].numpy()) for i in range(len(self.sidecar.outputs))]
         for i, name in kept_at:
             value = values[i]
             shape = value.shape()

@@ -5,6 +5,10 @@ class_labels=..., return_dict=False)`` -> tuple; default ``return_dict=True`` ->
 ``.sample``), threads the cache state between calls on its device, starts a new generation
 when the timestep goes back up (as rfc_compile's CachedModel does) or on ``reset()``, and
 reports ``stats`` (an :class:`rfc_compile.RFCStats`) from the graph's ``state_out.last_full``.
+
+A dynamic-batch graph (``to_onnx(..., dynamic_batch=True)``): ``self.sidecar`` is the
+sidecar with its "batch" dims bound to the batch of the current generation; a call with
+another batch size binds that one and starts a new generation (the cache is per sample).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from ..runtime import RFCStats
 from .errors import InputMismatchError
 from .graph import flatten_kwargs
-from .sidecar import Sidecar, numpy_dtype
+from .sidecar import BATCH_DIM, Sidecar, numpy_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +53,9 @@ class StatefulRunner:
     """Base class; subclasses implement ``_zero_state``, ``_step``, ``_read_state``, ``_write_state``."""
 
     def __init__(self, sidecar: Sidecar, auto_reset: bool = True):
-        self.sidecar = sidecar
+        self.graph_sidecar = sidecar  # as exported ("batch" dims in a dynamic-batch graph)
         self.auto_reset = auto_reset
-        self._inputs = {d.name: d for d in sidecar.inputs}
-        self._state_desc = sidecar.state_by_name()
+        self._bind_batch(sidecar.example_batch)
         self._history: list[int] = []
         self._last_timestep: float | None = None
         self._signature = self._model_signature()
@@ -114,6 +117,10 @@ class StatefulRunner:
     def forward(self, *args, **kwargs):
         call = self._normalize(args, kwargs)
         return_dict = bool(call.pop("return_dict", True))
+        batch = self._call_batch(call)
+        if batch is not None and batch != self.batch_size:
+            self._bind_batch(batch)
+            self.reset()
         feeds = self._feeds(call)
         if self.auto_reset:
             self._detect_new_generation(call)
@@ -125,7 +132,30 @@ class StatefulRunner:
             return _output_object(outputs[0])
         return tuple(outputs)
 
+    @property
+    def batch_size(self) -> int | None:
+        """The batch the cache is allocated for (dynamic-batch graphs), else None."""
+        return self._batch
+
     # --- helpers -------------------------------------------------------------------------
+
+    def _bind_batch(self, batch: int | None) -> None:
+        """Concrete shapes for ``batch`` (None: a static graph, shapes as exported)."""
+        self._batch = batch
+        self.sidecar = self.graph_sidecar if batch is None else self.graph_sidecar.with_batch(batch)
+        self._inputs = {d.name: d for d in self.sidecar.inputs}
+        self._state_desc = self.sidecar.state_by_name()
+
+    def _call_batch(self, call: dict[str, Any]) -> int | None:
+        """The batch size of a call to a dynamic-batch graph: dim 0 of its first batched input."""
+        if self._batch is None:
+            return None
+        leaves = dict(flatten_kwargs(call))
+        for desc in self.graph_sidecar.inputs:
+            value = leaves.get(desc.name)
+            if desc.shape and desc.shape[0] == BATCH_DIM and value is not None and np.ndim(value) > 0:
+                return int(value.shape[0] if isinstance(value, torch.Tensor) else np.shape(value)[0])
+        return None
 
     def _model_signature(self) -> inspect.Signature | None:
         model = self.sidecar.raw.get("model", {})
@@ -164,9 +194,10 @@ class StatefulRunner:
                 value = np.asarray(value)
                 shape = value.shape
             if shape != desc.shape:
+                exported = self.graph_sidecar.inputs[[d.name for d in self.graph_sidecar.inputs].index(name)].shape
                 raise InputMismatchError(
-                    f"input {name!r} has shape {list(shape)}, but the graph was exported for {list(desc.shape)} "
-                    "(shapes are static: export again with example inputs of this shape)")
+                    f"input {name!r} has shape {list(shape)}, but the graph was exported for {list(exported)} "
+                    "(shapes other than a dynamic batch are static: export again with example inputs of this shape)")
             feeds[name] = value
         constants = self.sidecar.constants
         for name, value in leaves.items():

@@ -19,7 +19,8 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
                  "decision_output": "state_out.last_full"},
       "regions": ["transformer_blocks.0.attn1", ...], "if_nodes": 1,
       "kept_on_skip": ["transformer_blocks_0_attn1.ladder.0", ...],   # see below
-      "dynamic_axes": {},                             # static shapes (see onnx.py)
+      "dynamic_axes": {},                             # static shapes, or with dynamic_batch:
+                                                      # {"batch": {"example": 2, "min": 1, "max": 65536}}
       "opset": 18, "fixups": [...], "versions": {"torch": ..., "onnx": ..., "rfc_compile": ...}
     }
 
@@ -31,6 +32,11 @@ it equals the step index (``state.step`` before the call).
 back *empty* (zero rows) from a step that left them unchanged (skip_state.py): the runner then
 keeps its previous buffer instead of adopting the output. Exactly those state outputs have an
 unknown first dimension in the graph; :meth:`Sidecar.check_io` holds the two to each other.
+
+A graph exported with ``dynamic_batch=True`` has the dim ``"batch"`` (a string, ``BATCH_DIM``)
+where a shape holds the batch size: dim 0 of the batch-first inputs, outputs and state tensors.
+A runner binds it to the batch of the call (:meth:`Sidecar.with_batch`) and allocates the
+state at that size; a new batch size starts a new generation.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import numpy as np
 from .errors import ModelFileError, SidecarMismatchError
 
 FORMAT = "rfc_compile.export"
+BATCH_DIM = "batch"
 VERSION = 1
 SUFFIX = ".rfc.json"
 
@@ -75,15 +82,26 @@ def ort_type_name(ort_type: str) -> str:
     return _ORT_TYPES.get(ort_type, ort_type)
 
 
+Dim = int | str  # a size, or BATCH_DIM in a dynamic-batch graph
+
+
+def _dims(shape: list) -> tuple[Dim, ...]:
+    return tuple(s if s == BATCH_DIM else int(s) for s in shape)
+
+
+def bind_batch(shape: tuple[Dim, ...], batch: int) -> tuple[int, ...]:
+    return tuple(batch if s == BATCH_DIM else s for s in shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorDesc:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[Dim, ...]
     dtype: str
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TensorDesc":
-        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+        return cls(str(d["name"]), _dims(d["shape"]), str(d["dtype"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +109,12 @@ class StateDesc:
     name: str
     input: str
     output: str
-    shape: tuple[int, ...]
+    shape: tuple[Dim, ...]
     dtype: str
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "StateDesc":
-        return cls(str(d["name"]), str(d["input"]), str(d["output"]),
-                   tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+        return cls(str(d["name"]), str(d["input"]), str(d["output"]), _dims(d["shape"]), str(d["dtype"]))
 
 
 @dataclasses.dataclass
@@ -122,6 +139,20 @@ class Sidecar:
 
     def state_by_name(self) -> dict[str, StateDesc]:
         return {s.name: s for s in self.state}
+
+    @property
+    def example_batch(self) -> int | None:
+        """The export's batch size if the graph takes any batch size (``dynamic_batch``), else None."""
+        batch = self.raw.get("dynamic_axes", {}).get(BATCH_DIM)
+        return int(batch["example"]) if batch else None
+
+    def with_batch(self, batch: int) -> "Sidecar":
+        """This description with the ``"batch"`` dims bound to ``batch`` (static shapes throughout)."""
+        return dataclasses.replace(
+            self,
+            inputs=[dataclasses.replace(d, shape=bind_batch(d.shape, batch)) for d in self.inputs],
+            outputs=[dataclasses.replace(d, shape=bind_batch(d.shape, batch)) for d in self.outputs],
+            state=[dataclasses.replace(s, shape=bind_batch(s.shape, batch)) for s in self.state])
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], where: str = "sidecar") -> "Sidecar":
@@ -176,7 +207,7 @@ class Sidecar:
         """Raise SidecarMismatchError unless the graph's I/O is exactly what the sidecar says.
 
         ``graph_inputs``/``graph_outputs`` map name -> (shape, dtype name); a non-int dim
-        (symbolic) matches anything.
+        (symbolic) matches anything, a "batch" dim in the sidecar matches only a symbolic one.
         """
         expected_in = {d.name: (d.shape, d.dtype) for d in self.inputs}
         expected_in.update({s.input: (s.shape, s.dtype) for s in self.state})
@@ -204,7 +235,7 @@ class Sidecar:
             shape = graph_outputs[s.output][0]
             if shape is None or len(shape) != len(s.shape):
                 continue  # reported by _diff
-            rows_unknown = not isinstance(shape[0], int)
+            rows_unknown = not isinstance(shape[0], int) and shape[0] != s.shape[0]  # not "batch" either
             if s.name in kept and not rows_unknown:
                 problems.append(f"kept_on_skip lists state {s.name!r}, but the graph's {s.output!r} has the static "
                                 f"shape {list(shape)} (it never comes back empty)")

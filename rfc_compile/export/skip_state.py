@@ -77,12 +77,16 @@ def _relax_first_dim(value_info) -> None:
         dims[0].Clear()  # neither dim_value nor dim_param: unknown
 
 
-def _set_dims(value_info, shape: Iterable[int]) -> None:
+def _set_dims(value_info, shape: Iterable[int | str]) -> None:
+    """Sizes, or a named dim (the sidecar's "batch" of a dynamic-batch graph)."""
     tt = value_info.type.tensor_type
     tt.ClearField("shape")
     tt.shape.SetInParent()
     for d in shape:
-        tt.shape.dim.add().dim_value = int(d)
+        if isinstance(d, str):
+            tt.shape.dim.add().dim_param = d
+        else:
+            tt.shape.dim.add().dim_value = int(d)
 
 
 def _branch_graphs(node) -> list:

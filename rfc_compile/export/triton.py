@@ -197,6 +197,9 @@ def write_triton_repository(onnx_path: str | os.PathLike, repository: str | os.P
 
     onnx_path = Path(onnx_path)
     sidecar = Sidecar.load(onnx_path)
+    if sidecar.example_batch is not None:
+        raise ValueError(f"{onnx_path} was exported with dynamic_batch=True; a Triton repository needs fixed "
+                         "state shapes (one cache per sequence): export with dynamic_batch=False for Triton")
     name = name or onnx_path.stem
     model_dir = Path(repository) / name
     version_dir = model_dir / str(version)

@@ -30,7 +30,7 @@ from .. import rfc
 from ..config import RFCConfig
 from ..errors import UnsupportedModelError
 from ..state import StateEntry, StateSpec
-from .capture import CapturedGraph
+from .capture import BATCH, CapturedGraph
 from .regions import Region, RegionPlan
 
 logger = logging.getLogger(__name__)
@@ -75,13 +75,38 @@ def _all_finite(tensors: tuple[Tensor, ...]) -> Tensor:
     return torch.stack([t.sum(dtype=torch.float32) for t in tensors]).isfinite().all()
 
 
+def _sizes(shape) -> tuple[int, ...]:
+    """Concrete sizes: a symbolic size (dynamic batch) is taken at its example value; the state is
+    allocated per call at the real batch size (StateSpec)."""
+    return tuple(size if isinstance(size, int) else int(size.node.hint) for size in shape)
+
+
 def _batch_size(plan: RegionPlan) -> int:
-    return int(_meta(plan.watched.feature_inputs[0]).shape[0])
+    return _sizes(_meta(plan.watched.feature_inputs[0]).shape)[0]
 
 
 def _ladder_shape(value: Tensor, order: int) -> tuple[int, ...]:
     """(B, m+1, *features): batch first, see rfc.py."""
-    return (int(value.shape[0]), order + 1, *value.shape[1:])
+    batch, *features = _sizes(value.shape)
+    return (batch, order + 1, *features)
+
+
+def _is_symbolic(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _pull_symbolic(span: list[fx.Node], before: set[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
+    """Sizes the span reads from before it (``sym_size`` of a dynamic batch, and arithmetic on
+    it) are not tensors and cannot be cond operands: the span recomputes them itself, from the
+    tensors they are read off (which become operands instead)."""
+    pulled: set[fx.Node] = set()
+    stack = [arg for node in span for arg in node.all_input_nodes if arg in before and _is_symbolic(arg)]
+    while stack:
+        node = stack.pop()
+        if node not in pulled:
+            pulled.add(node)
+            stack += [arg for arg in node.all_input_nodes if _is_symbolic(arg)]
+    return sorted(pulled, key=order.__getitem__)
 
 
 def _region_state_groups(region: Region, config: RFCConfig) -> list[tuple[str, int]]:
@@ -116,7 +141,7 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
                 if kind == "ladder":
                     entries.append(StateEntry(name, _ladder_shape(outputs[i], m), outputs[i].dtype))
                 elif kind == "x_last":
-                    entries.append(StateEntry(name, tuple(inputs[i].shape), inputs[i].dtype))
+                    entries.append(StateEntry(name, _sizes(inputs[i].shape), inputs[i].dtype))
                 elif kind == "gram":
                     entries.append(StateEntry(name, (batch, m, m), torch.float32))
                 else:  # ratio, cos: one scalar per sample
@@ -341,16 +366,20 @@ class CachedStep(torch.nn.Module):
         self._prefix = nodes[: plan.span_start]
         span = nodes[plan.span_start : plan.span_end + 1]
         self._suffix = nodes[plan.span_end + 1 :]
-        span_set, before = set(span), set(self._prefix)
+        before = set(self._prefix)
+        pulled = _pull_symbolic(span, before, {n: i for i, n in enumerate(nodes)})
+        outputs_of = set(span)  # the pulled sizes stay computed before the cond too
+        span = pulled + span
+        span_set = set(span)
         self._span_inputs: list[fx.Node] = []
         for node in span:
             for arg in node.all_input_nodes:
-                if arg in before and arg not in self._span_inputs:
+                if arg in before and arg not in span_set and arg not in self._span_inputs:
                     self._span_inputs.append(arg)
         for node in self._span_inputs:
             if not isinstance(node.meta.get("val"), Tensor) and node.op != "get_attr":
                 raise UnsupportedModelError(f"value {node.name} enters the cached span but is not a tensor")
-        self._span_outputs = [n for n in span if any(u not in span_set for u in n.users)]
+        self._span_outputs = [n for n in span if n in outputs_of and any(u not in span_set for u in n.users)]
         for n in self._span_outputs:
             _meta(n)  # must be a tensor: it leaves the cond
         self._copied_inputs = _copied_operands([n for n in self._span_inputs if n.op != "get_attr"])
@@ -449,9 +478,14 @@ def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
     """Trace :class:`CachedStep` into one flat GraphModule ``(kwargs, state) -> (out, state')``."""
     step = CachedStep(captured, plan, config)
     state = step.state_spec.init(_device_of(example_kwargs))
+    dynamic_shapes = None
+    if captured.dynamic_shapes is not None:  # dynamic batch: every state tensor but the counters is batch first
+        dynamic_shapes = {"kwargs": captured.dynamic_shapes,
+                          "state": {e.name: {0: BATCH} if e.shape else None for e in step.state_spec.entries}}
     start = time.perf_counter()
     with torch.no_grad():
-        exported = torch.export.export(step, (), {"kwargs": example_kwargs, "state": state}, strict=False)
+        exported = torch.export.export(step, (), {"kwargs": example_kwargs, "state": state},
+                                       dynamic_shapes=dynamic_shapes, strict=False)
     gm = exported.module()
     conds = sum(1 for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond)
     logger.info("rewrote %d regions behind %d cond(s) in %.1fs; state %.1f MB",
