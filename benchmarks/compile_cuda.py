@@ -36,7 +36,7 @@ import rfc_compile  # noqa: E402
 from ort_cuda import ddim_generation_cuda  # noqa: E402  (benchmarks/ort_cuda.py)
 from rfc_compile import RFCConfig  # noqa: E402
 from rfc_compile.export.models import dit_s  # noqa: E402
-from results_onnx import write_section  # noqa: E402
+from results_onnx import publish  # noqa: E402
 
 BEGIN, END = "<!-- compile_cuda:begin -->", "<!-- compile_cuda:end -->"
 CACHED = {"taylorseer": RFCConfig(mode="taylorseer", interval=4, warmup_steps=2, order=2),
@@ -136,10 +136,7 @@ def render(result_file: Path, results: Path) -> None:
     lines += [f"{len(speed['compiled full']['seconds'])} generations per row, rows interleaved. Commands: "
               "`python benchmarks/compile_cuda.py run OUT` (GPU machine), "
               "`python benchmarks/compile_cuda.py render OUT/compile_cuda.json`", END]
-    section = "\n".join(lines)
-    print(section)
-    write_section(results, section, BEGIN, END)
-    print(f"wrote {results}")
+    publish(results, lines, BEGIN, END)
 
 
 def main(argv=None) -> int:

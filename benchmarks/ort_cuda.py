@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results_onnx import write_section  # noqa: E402  (benchmarks/results_onnx.py)
+from results_onnx import publish  # noqa: E402  (benchmarks/results_onnx.py)
 
 BEGIN, END = "<!-- ort_cuda:begin -->", "<!-- ort_cuda:end -->"
 ATOL = 1e-4
@@ -341,10 +341,7 @@ def render(result_file: Path, results: Path) -> None:
     lines += ["", "Commands: `python benchmarks/ort_cuda.py prepare DIR` (CPU machine), "
               "`python benchmarks/ort_cuda.py check DIR OUT` (GPU machine, onnxruntime-gpu), "
               "`python benchmarks/ort_cuda.py render OUT/ort_cuda.json`", END]
-    section = "\n".join(lines)
-    print(section)
-    write_section(results, section, BEGIN, END)
-    print(f"wrote {results}")
+    publish(results, lines, BEGIN, END)
 
 
 def main(argv=None) -> int:

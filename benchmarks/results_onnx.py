@@ -15,3 +15,11 @@ def write_section(path: Path, section: str, begin: str, end: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def publish(path: Path, lines: list[str], begin: str, end: str) -> None:
+    """Print a rendered section (``lines``, markers included) and write it into ``path``."""
+    section = "\n".join(lines)
+    print(section)
+    write_section(path, section, begin, end)
+    print(f"wrote {path}")
