@@ -95,23 +95,24 @@ def example_inputs() -> dict[str, torch.Tensor]:
                 class_labels=torch.tensor([207, 1000]))
 
 
-def export_dit_s(model, config: RFCConfig, workdir: Path) -> Path:
+def export_dit_s(model, config: RFCConfig, workdir: Path, dynamic_batch: bool = False) -> Path:
     """Export the DiT-S graph for ``config`` into ``workdir`` (a file name per config), or reuse
     the file there when its sidecar says it holds this exact config and it was written by the
     same rfc_compile sources (reruns)."""
     slug = "full" if config.mode == "full" else \
         f"{config.mode}_m{config.order}_i{config.interval}_g{int(config.guard_nonfinite)}"
-    path = workdir / f"dit_s_{slug}.onnx"
+    path = workdir / f"dit_s_{slug}{'_dynamic' if dynamic_batch else ''}.onnx"
     sidecar = Path(str(path) + ".rfc.json")
     stamp_file = Path(str(path) + ".code")
     stamp = _code_stamp()
     if path.exists() and sidecar.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
         raw = json.loads(sidecar.read_text())
-        if raw.get("rfc_config") == config.to_dict() and raw.get("model", {}).get("config", {}).get("num_layers") == 12:
+        if (raw.get("rfc_config") == config.to_dict() and bool(raw.get("dynamic_axes")) == dynamic_batch
+                and raw.get("model", {}).get("config", {}).get("num_layers") == 12):
             print(f"reusing {path}", flush=True)
             return path
     t0 = time.perf_counter()
-    to_onnx(model, path, example_inputs(), config, check=False)
+    to_onnx(model, path, example_inputs(), config, check=False, dynamic_batch=dynamic_batch)
     stamp_file.write_text(stamp)
     print(f"exported {path.name} in {time.perf_counter() - t0:.1f}s", flush=True)
     return path
@@ -133,6 +134,8 @@ def main(argv=None) -> int:
                         help="where the ONNX files go (default: a temp dir); files with the same config, exported by the "
                              "same rfc_compile sources, are reused")
     parser.add_argument("--eager", action="store_true", help="also time torch eager full (slow on CPU)")
+    parser.add_argument("--dynamic-batch", action="store_true",
+                        help="add a row: the last mode's graph exported with dynamic_batch=True (run at batch 2)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS_ONNX.md"))
     args = parser.parse_args(argv)
@@ -150,7 +153,12 @@ def main(argv=None) -> int:
     if not args.no_guard_row and len(variants) > 1:
         label, config = list(variants.items())[1]
         variants[f"{label}, guard_nonfinite off"] = config.replace(guard_nonfinite=False)
-    paths = {label: export_dit_s(model, config, workdir) for label, config in variants.items()}
+    dynamic: set[str] = set()
+    if args.dynamic_batch and len(variants) > 1:
+        label, config = [(lb, c) for lb, c in variants.items() if "guard" not in lb][-1]
+        dynamic.add(f"{label}, dynamic batch")
+        variants[f"{label}, dynamic batch"] = config
+    paths = {label: export_dit_s(model, config, workdir, label in dynamic) for label, config in variants.items()}
 
     runners = {label: OnnxCachedModel(path, providers=["CPUExecutionProvider"],
                                       session_options=session_options(args.threads))
@@ -241,7 +249,8 @@ def main(argv=None) -> int:
     lines += [""] + [f"- {n}" for n in notes] + [
         "",
         f"Command: `python benchmarks/speed_onnx.py --steps {args.steps} --repeats {args.repeats} "
-        f"--modes {args.modes} --interval {args.interval} --order {args.order} --threads {args.threads}`",
+        f"--modes {args.modes} --interval {args.interval} --order {args.order} --threads {args.threads}"
+        f"{' --dynamic-batch' if args.dynamic_batch else ''}`",
         END,
     ]
     section = "\n".join(lines)
