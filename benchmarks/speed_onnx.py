@@ -150,14 +150,14 @@ def main(argv=None) -> int:
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         variants[f"{mode} m={args.order}"] = RFCConfig(mode=mode, interval=args.interval,
                                                        warmup_steps=args.warmup_steps, order=args.order)
+    last_label, last_config = list(variants.items())[-1]  # the last mode, before the extra rows
     if not args.no_guard_row and len(variants) > 1:
         label, config = list(variants.items())[1]
         variants[f"{label}, guard_nonfinite off"] = config.replace(guard_nonfinite=False)
     dynamic: set[str] = set()
-    if args.dynamic_batch and len(variants) > 1:
-        label, config = [(lb, c) for lb, c in variants.items() if "guard" not in lb][-1]
-        dynamic.add(f"{label}, dynamic batch")
-        variants[f"{label}, dynamic batch"] = config
+    if args.dynamic_batch and last_label != "full":
+        dynamic.add(f"{last_label}, dynamic batch")
+        variants[f"{last_label}, dynamic batch"] = last_config
     paths = {label: export_dit_s(model, config, workdir, label in dynamic) for label, config in variants.items()}
 
     runners = {label: OnnxCachedModel(path, providers=["CPUExecutionProvider"],

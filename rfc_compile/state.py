@@ -31,6 +31,11 @@ class StateEntry:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @property
+    def batch_first(self) -> bool:
+        """Every state tensor but the 0-d counters has the batch as dim 0 (a dynamic batch's dim)."""
+        return bool(self.shape)
+
 
 @dataclasses.dataclass
 class StateSpec:

@@ -186,7 +186,7 @@ class FunctionalProgram:
     @property
     def state_shapes(self) -> list[tuple[int | str, ...]]:
         """Each state tensor's shape as the sidecar records it (batch first: "batch" if dynamic)."""
-        return [_with_batch_dim(e.shape, bool(e.shape) and self.dynamic_batch is not None)
+        return [_with_batch_dim(e.shape, e.batch_first and self.dynamic_batch is not None)
                 for e in self.state_spec.entries]
 
     def dynamic_shapes(self) -> dict[str, Any] | None:

@@ -117,11 +117,12 @@ class StatefulRunner:
     def forward(self, *args, **kwargs):
         call = self._normalize(args, kwargs)
         return_dict = bool(call.pop("return_dict", True))
-        batch = self._call_batch(call)
+        leaves = dict(flatten_kwargs(call))
+        batch = self._call_batch(leaves)
         if batch is not None and batch != self.batch_size:
             self._bind_batch(batch)
             self.reset()
-        feeds = self._feeds(call)
+        feeds = self._feeds(leaves)
         if self.auto_reset:
             self._detect_new_generation(call)
         outputs, last_full = self._step(feeds)
@@ -146,11 +147,11 @@ class StatefulRunner:
         self._inputs = {d.name: d for d in self.sidecar.inputs}
         self._state_desc = self.sidecar.state_by_name()
 
-    def _call_batch(self, call: dict[str, Any]) -> int | None:
-        """The batch size of a call to a dynamic-batch graph: dim 0 of its first batched input."""
+    def _call_batch(self, leaves: dict[str, Any]) -> int | None:
+        """The batch size of a call to a dynamic-batch graph (``leaves``: the call's flattened
+        kwargs): dim 0 of its first batched input."""
         if self._batch is None:
             return None
-        leaves = dict(flatten_kwargs(call))
         for desc in self.graph_sidecar.inputs:
             value = leaves.get(desc.name)
             if desc.shape and desc.shape[0] == BATCH_DIM and value is not None and np.ndim(value) > 0:
@@ -179,9 +180,9 @@ class StatefulRunner:
                 call[name] = value
         return call
 
-    def _feeds(self, call: dict[str, Any]) -> dict[str, Any]:
-        """Model inputs by ONNX name, checked against the sidecar (torch tensors or arrays)."""
-        leaves = dict(flatten_kwargs(call))
+    def _feeds(self, leaves: dict[str, Any]) -> dict[str, Any]:
+        """Model inputs by ONNX name (``leaves``: the call's flattened kwargs), checked against the
+        sidecar (torch tensors or arrays)."""
         feeds: dict[str, Any] = {}
         for name, desc in self._inputs.items():
             if name not in leaves or leaves[name] is None:
@@ -194,7 +195,7 @@ class StatefulRunner:
                 value = np.asarray(value)
                 shape = value.shape
             if shape != desc.shape:
-                exported = self.graph_sidecar.inputs[[d.name for d in self.graph_sidecar.inputs].index(name)].shape
+                exported = next(d.shape for d in self.graph_sidecar.inputs if d.name == name)
                 raise InputMismatchError(
                     f"input {name!r} has shape {list(shape)}, but the graph was exported for {list(exported)} "
                     "(shapes other than a dynamic batch are static: export again with example inputs of this shape)")

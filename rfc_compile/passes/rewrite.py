@@ -76,8 +76,8 @@ def _all_finite(tensors: tuple[Tensor, ...]) -> Tensor:
 
 
 def _sizes(shape) -> tuple[int, ...]:
-    """Concrete sizes: a symbolic size (dynamic batch) is taken at its example value; the state is
-    allocated per call at the real batch size (StateSpec)."""
+    """Concrete sizes: a symbolic size (dynamic batch) is taken at its example value (StateSpec's
+    shapes are the example's; a runner of a dynamic-batch graph allocates the state per batch)."""
     return tuple(size if isinstance(size, int) else int(size.node.hint) for size in shape)
 
 
@@ -481,7 +481,7 @@ def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
     dynamic_shapes = None
     if captured.dynamic_shapes is not None:  # dynamic batch: every state tensor but the counters is batch first
         dynamic_shapes = {"kwargs": captured.dynamic_shapes,
-                          "state": {e.name: {0: BATCH} if e.shape else None for e in step.state_spec.entries}}
+                          "state": {e.name: {0: BATCH} if e.batch_first else None for e in step.state_spec.entries}}
     start = time.perf_counter()
     with torch.no_grad():
         exported = torch.export.export(step, (), {"kwargs": example_kwargs, "state": state},
