@@ -31,10 +31,12 @@ class StateEntry:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    @property
-    def batch_first(self) -> bool:
-        """Every state tensor but the 0-d counters has the batch as dim 0 (a dynamic batch's dim)."""
-        return bool(self.shape)
+    def dynamic_shape(self) -> dict[int, object] | None:
+        """torch.export ``dynamic_shapes`` entry for a graph with dynamic input dims: every size above 1
+        may follow them (``Dim.AUTO``), and the trace finds which do and how (the batch; a ladder's
+        token count; FLUX's single blocks hold image + text tokens). The 0-d counters are static."""
+        auto = {i: torch.export.Dim.AUTO for i, size in enumerate(self.shape) if size > 1}
+        return auto or None
 
 
 @dataclasses.dataclass

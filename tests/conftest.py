@@ -62,6 +62,7 @@ def ddim_generation(transformer, steps: int = 20, batch: int = 1, cfg: bool = Fa
 # --- [models] tiny diffusers families (no downloads) and a flow-matching loop ------------------
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 
@@ -120,12 +121,12 @@ def build_flux():
         axes_dims_rope=(2, 2, 4)), seed=0)
 
 
-def flux_conditions(batch, gen):
-    img_ids = torch.zeros(4, 4, 3)
-    img_ids[..., 1] = torch.arange(4)[:, None]
-    img_ids[..., 2] = torch.arange(4)[None, :]
-    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), pooled_projections=torch.randn(batch, 16, generator=gen),
-                img_ids=img_ids.reshape(16, 3), txt_ids=torch.zeros(3, 3))
+def flux_conditions(batch, gen, height=4, width=4, text=3):
+    img_ids = torch.zeros(height, width, 3)
+    img_ids[..., 1] = torch.arange(height)[:, None]
+    img_ids[..., 2] = torch.arange(width)[None, :]
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), pooled_projections=torch.randn(batch, 16, generator=gen),
+                img_ids=img_ids.reshape(height * width, 3), txt_ids=torch.zeros(text, 3))
 
 
 def build_sd3():
@@ -203,6 +204,12 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("cogvideox", build_cogvideox, (2, 4, 4, 4), cogvideox_conditions, threshold=0.1),
     Family("ltx_video", build_ltx_video, (32, 4), ltx_video_conditions, threshold=0.5),
 )}
+
+
+def flux_at(height: int, width: int, text: int) -> Family:
+    """The tiny FLUX family at another latent grid (height x width image tokens) and prompt length."""
+    return dataclasses.replace(FAMILIES["flux"], latent_shape=(height * width, 4),
+                               conditions=functools.partial(flux_conditions, height=height, width=width, text=text))
 
 
 def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2, seed: int = 0,

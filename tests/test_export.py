@@ -484,6 +484,58 @@ def test_dynamic_batch_flux_matches_eager(workdir):
         assert _max_diff(got, expected) < ATOL
 
 
+def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(workdir):
+    """FLUX exported once with dynamic image and text token counts (and batch) runs generations at
+    other latent grids, prompt lengths and batches, each equal to the eager cached model at that
+    shape; the single block's cache follows image + text tokens, as the model concatenates them."""
+    from conftest import FAMILIES, flow_generation, flux_at
+
+    from rfc_compile.passes.patterns import TOKEN_DIMS
+
+    config = RFCConfig(mode="rfc", threshold=FAMILIES["flux"].threshold, order=1)
+    gen = torch.Generator().manual_seed(0)
+    example = dict(hidden_states=torch.randn(2, 16, 4), timestep=torch.ones(2), **flux_at(4, 4, 3).conditions(2, gen))
+    export = to_onnx(FAMILIES["flux"].build(), workdir / "flux_rfc_tokens.onnx", example, config, dynamic_batch=True,
+                     dynamic_dims=TOKEN_DIMS["FluxTransformer2DModel"])
+    single = "single_transformer_blocks_0_mlp_attn.ladder.0"
+    shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.outputs, *export.sidecar.state]}
+    assert shapes["img_ids"] == ("image_tokens", 3) and shapes["encoder_hidden_states"] == ("batch", "text_tokens", 16)
+    assert shapes["sample"] == ("batch", "image_tokens", 4)
+    assert shapes[single] == ("batch", 2, "image_tokens + text_tokens", 16)
+    runner = OnnxCachedModel(export.onnx_path)
+    for height, width, text, batch in ((4, 4, 3, 2), (6, 5, 7, 2), (3, 4, 2, 3)):
+        family = flux_at(height, width, text)
+        eager = rfc_compile.optimize(family.build(), config)
+        _, expected = flow_generation(eager, family, steps=12, batch=batch)
+        _, got = flow_generation(runner, family, steps=12, batch=batch)
+        assert runner.dims == {"batch": batch, "image_tokens": height * width, "text_tokens": text}
+        assert runner.state[single].shape == (batch, 2, height * width + text, 16)
+        assert runner.stats.full_steps == eager.stats.full_steps
+        assert 2 < runner.stats.nfc < 12
+        assert _max_diff(got, expected) < ATOL
+    call = dict(hidden_states=torch.randn(2, 20, 4), timestep=torch.ones(2), **flux_at(4, 4, 3).conditions(2, gen))
+    with pytest.raises(InputMismatchError, match="disagree on the size of 'image_tokens'"):
+        runner(**call)
+
+
+def test_dynamic_dims_errors_are_clear():
+    from rfc_compile.errors import UnsupportedModelError
+    from rfc_compile.export.sidecar import eval_dim
+    from rfc_compile.passes.capture import capture
+
+    assert eval_dim("image_tokens + text_tokens", {"image_tokens": 16, "text_tokens": 3}) == 19
+    assert eval_dim("2*(h//2)*(w//2)", {"h": 9, "w": 6}) == 24
+    with pytest.raises(ValueError, match="cannot evaluate"):
+        eval_dim("__import__('os')", {})
+    example = dit_inputs()
+    with pytest.raises(ValueError, match="not a tensor argument"):
+        capture(make_tiny_dit(), example, dynamic_dims={"encoder_hidden_states": {1: "text_tokens"}})
+    with pytest.raises(ValueError, match="example size of 2 or more"):
+        capture(make_tiny_dit(), dit_inputs(batch=1), dynamic_dims={"hidden_states": {0: "batch"}})
+    with pytest.raises(UnsupportedModelError, match="fixes them"):  # DiT's patch embedding checks the size
+        capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "height", 3: "width"}})
+
+
 def test_dynamic_batch_is_refused_where_state_shapes_are_fixed(dynamic_onnx, tmp_path):
     from rfc_compile.export.triton import write_triton_repository
 

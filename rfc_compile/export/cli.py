@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from ..config import MODES, RFCConfig
+from ..passes.patterns import TOKEN_DIMS, token_dims_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--dynamic-batch", action="store_true",
                         help="one graph for any batch size (ONNX + onnxruntime only: no Triton repository, "
                              "no TensorRT engine)")
+    shapes.add_argument("--dynamic-tokens", action="store_true",
+                        help="one graph for any image/text token count, where the model allows it (FLUX; "
+                             "ONNX + onnxruntime only)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--opset", type=int, default=None)
     out.add_argument("--no-check", action="store_true", help="skip loading the result in onnxruntime")
@@ -60,18 +64,28 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"rfc-compile export: error: {exc}")
         return 2
+    dynamic_dims = None
+    if args.dynamic_tokens:
+        dynamic_dims = token_dims_for(type(model).__name__)
+        if dynamic_dims is None:
+            print(f"rfc-compile export: error: --dynamic-tokens: {type(model).__name__}'s token count is static in "
+                  f"an export (known dynamic: {sorted(TOKEN_DIMS)})")
+            return 2
+    dynamic = args.dynamic_batch or dynamic_dims is not None
     output = Path(args.output)
-    triton = False if args.no_triton or args.dynamic_batch else (args.triton or True)
+    triton = False if args.no_triton or dynamic else (args.triton or True)
     result = to_onnx(model, output, inputs, config, opset=args.opset, check=not args.no_check, triton=triton,
-                     triton_model_name=args.triton_name, dynamic_batch=args.dynamic_batch)
+                     triton_model_name=args.triton_name, dynamic_batch=args.dynamic_batch,
+                     dynamic_dims=dynamic_dims)
     sidecar = result.sidecar
     print(f"wrote {result.onnx_path} ({type(model).__name__}, mode {config.mode}, "
           f"{len(sidecar.state)} state tensors, {sidecar.raw['if_nodes']} If node(s)) in {result.seconds:.1f}s")
     print(f"wrote {result.sidecar_path}")
     if result.triton_model_dir is not None:
         print(f"wrote Triton model {result.triton_model_dir} (config.pbtxt + 1/model.onnx)")
-    if args.dynamic_batch:
-        print("dynamic batch: no Triton repository and no TensorRT engine (their state shapes are fixed)")
+    if dynamic:
+        print(f"dynamic dims {sorted(sidecar.example_dims)}: no Triton repository and no TensorRT engine "
+              "(their state shapes are fixed)")
     elif not args.no_engine:
         ok, why = tensorrt_available()
         if ok:

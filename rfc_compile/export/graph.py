@@ -28,15 +28,16 @@ import logging
 import operator
 from typing import Any
 
+import sympy
 import torch
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from ..config import RFCConfig
 from ..passes import capture, find_regions, rewrite
-from ..passes.capture import BATCH, example_batch, is_batched
+from ..passes.capture import DynamicDims, example_batch, is_batched, named_dim
 from ..state import StateSpec
-from .sidecar import BATCH_DIM
+from .sidecar import BATCH_DIM, check_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def clone_aliased_cond_operands(gm: fx.GraphModule) -> int:
 @dataclasses.dataclass
 class TensorInfo:
     name: str
-    shape: tuple[int | str, ...]  # "batch" (sidecar.BATCH_DIM) for a dynamic batch
+    shape: tuple[int | str, ...]  # a dynamic dim by name ("batch", ...), or an expression in names
     dtype: torch.dtype
 
     def to_json(self) -> dict[str, Any]:
@@ -181,20 +182,20 @@ class FunctionalProgram:
     regions: list[str]
     output_structure: str  # "tuple" (return_dict=False output)
     fixups: list[str]
-    dynamic_batch: int | None = None  # the example batch when the graph takes any batch size
-
-    @property
-    def state_shapes(self) -> list[tuple[int | str, ...]]:
-        """Each state tensor's shape as the sidecar records it (batch first: "batch" if dynamic)."""
-        return [_with_batch_dim(e.shape, e.batch_first and self.dynamic_batch is not None)
-                for e in self.state_spec.entries]
+    dynamic_axes: dict[str, int] = dataclasses.field(default_factory=dict)  # dim name -> example size
+    state_shapes: list[tuple[int | str, ...]] = dataclasses.field(default_factory=list)  # as inputs' shapes
 
     def dynamic_shapes(self) -> dict[str, Any] | None:
-        """torch.export ``dynamic_shapes`` for ``module``'s positional args, or None (static)."""
-        if self.dynamic_batch is None:
+        """torch.export ``dynamic_shapes`` for ``module``'s positional args, or None (static): a named
+        dim is its symbol; a size that is an expression in them (``image_tokens + text_tokens``)
+        cannot be a torch.export Dim and is left to the trace (``Dim.AUTO``)."""
+        if not self.dynamic_axes:
             return None
         shapes = [info.shape for info in self.inputs] + self.state_shapes
-        return {"args": tuple({0: BATCH} if shape and shape[0] == BATCH_DIM else None for shape in shapes)}
+        return {"args": tuple(
+            {i: named_dim(d) if d in self.dynamic_axes else torch.export.Dim.AUTO
+             for i, d in enumerate(shape) if isinstance(d, str)} or None
+            for shape in shapes)}
 
     @property
     def input_names(self) -> list[str]:
@@ -205,21 +206,18 @@ class FunctionalProgram:
         return [o.name for o in self.outputs] + [STATE_OUT_PREFIX + n for n in self.state_spec.names()]
 
 
-def _with_batch_dim(shape, batched: bool) -> tuple[int | str, ...]:
-    return (BATCH_DIM, *shape[1:]) if batched else tuple(shape)
-
-
-def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any],
-                     config: RFCConfig, dynamic_batch: bool = False) -> FunctionalProgram:
+def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], config: RFCConfig,
+                     dynamic_batch: bool = False, dynamic_dims: DynamicDims | None = None) -> FunctionalProgram:
     """capture -> find_regions -> rewrite (as CachedModel does), then wrap for export.
 
     ``dynamic_batch``: the batch size is a symbol in the graph (capture.py's rule says which
-    inputs are batched); the program's shapes say "batch" there."""
+    inputs are batched); ``dynamic_dims`` names more (capture.py). The program's input shapes
+    hold those names ("batch", ...)."""
     call = normalize_kwargs(model, example_inputs)
     was_training = model.training
     model.eval()
     try:
-        captured = capture(model, call, dynamic_batch=dynamic_batch)
+        captured = capture(model, call, dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
     finally:
         model.train(was_training)
     plan = find_regions(captured.graph_module)  # also for "full": only models we understand
@@ -246,23 +244,79 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any],
     n_out = len(results) - len(spec.entries)
     out_tensors = results[:n_out]
     out_names = ["sample"] if n_out == 1 else [f"output.{i}" for i in range(n_out)]
-    batch = example_batch(call) if dynamic_batch else None
-
-    def info(name: str, t: Tensor) -> TensorInfo:
-        return TensorInfo(name, _with_batch_dim(t.shape, batch is not None and is_batched(t, batch)), t.dtype)
+    named = _named_input_dims(call, tensors, dynamic_batch, dynamic_dims)
+    inputs = [TensorInfo(name, tuple(named[name].get(i, size) for i, size in enumerate(t.shape)), t.dtype)
+              for name, t in tensors]
+    axes = {d: int(t.shape[i]) for name, t in tensors for i, d in named[name].items()}
+    out_shapes = [tuple(t.shape) for t in out_tensors]
+    state_shapes = [tuple(e.shape) for e in spec.entries]
+    if axes:
+        out_shapes, state_shapes = _symbolic_shapes(gm, [t for _, t in tensors], [named[n] for n, _ in tensors],
+                                                    len(spec.entries))
+        check_shapes(out_shapes + state_shapes, [tuple(t.shape) for t in out_tensors]
+                     + [tuple(e.shape) for e in spec.entries], axes)
 
     return FunctionalProgram(
         module=module,
         example_args=example_args,
-        inputs=[info(name, t) for name, t in tensors],
-        outputs=[info(name, t) for name, t in zip(out_names, out_tensors)],
+        inputs=inputs,
+        outputs=[TensorInfo(name, shape, t.dtype) for name, shape, t in zip(out_names, out_shapes, out_tensors)],
         state_spec=spec,
         constants=constants,
         regions=regions,
         output_structure="tuple",
         fixups=fixups,
-        dynamic_batch=batch,
+        dynamic_axes=axes,
+        state_shapes=state_shapes,
     )
+
+
+def _symbolic_shapes(gm: fx.GraphModule, inputs: list[Tensor], named: list[dict[int, str]],
+                     n_state: int) -> tuple[list[tuple[int | str, ...]], list[tuple[int | str, ...]]]:
+    """(model output shapes, state shapes) of the rewritten graph with each size an int, a dim name,
+    or an expression in dim names (``"image_tokens + text_tokens"``): how the output's and the
+    cache's sizes follow the inputs' dynamic dims, as torch.export traced them."""
+    values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    values = [v for v in values if isinstance(v, Tensor)]
+    if len(values) != len(inputs) + n_state:
+        raise RuntimeError(f"rewritten graph has {len(values)} tensor inputs, expected {len(inputs)} + {n_state}")
+    symbols = {}
+    for value, dims in zip(values, named):
+        for index, name in dims.items():
+            size = value.shape[index]
+            if isinstance(size, torch.SymInt):
+                symbols[size.node.expr] = sympy.Symbol(name)
+
+    def describe(shape) -> tuple[int | str, ...]:
+        out: list[int | str] = []
+        for size in shape:
+            expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+            if expr.is_number:
+                out.append(int(expr))
+                continue
+            if not expr.free_symbols <= symbols.keys():
+                raise RuntimeError(f"a size of the rewritten graph ({expr}) depends on no named input dim")
+            out.append(str(expr.xreplace(symbols)))
+        return tuple(out)
+
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    results = [n.meta.get("val") for n in pytree.tree_leaves(output.args) if isinstance(n, fx.Node)]
+    results = [v for v in results if isinstance(v, Tensor)]
+    return ([describe(v.shape) for v in results[: len(results) - n_state]],
+            [describe(v.shape) for v in values[len(inputs):]])
+
+
+def _named_input_dims(call: dict[str, Any], tensors: list[tuple[str, Tensor]], dynamic_batch: bool,
+                      dynamic_dims: DynamicDims | None) -> dict[str, dict[int, str]]:
+    """{input name: {dim index: dim name}}: capture.py's batch rule, then ``dynamic_dims``."""
+    batch = example_batch(call) if dynamic_batch else None
+    named: dict[str, dict[int, str]] = {name: {} for name, _ in tensors}
+    for name, t in tensors:
+        if batch is not None and is_batched(t, batch):
+            named[name][0] = BATCH_DIM
+        for index, dim in (dynamic_dims or {}).get(name, {}).items():
+            named[name][index % t.dim()] = dim
+    return named
 
 
 def _device_of(tensors: list[tuple[str, Tensor]]) -> torch.device:

@@ -13,13 +13,17 @@ the step ran in full, so a runner reports stats without evaluating the predicate
 Every state tensor is zero at the start of a generation. A ``<path>.rfc.json`` sidecar
 (sidecar.py) describes inputs, outputs, state, config and model, so a runner needs nothing else.
 
-Shapes are the example inputs' (batch, resolution, text length), except with
-``dynamic_batch=True``: then capture and rewrite trace with a symbolic batch (capture.py's
+Shapes are the example inputs' (batch, resolution, text length), except for dynamic dims:
+with ``dynamic_batch=True`` capture and rewrite trace with a symbolic batch (capture.py's
 ``BATCH``; every batched input, the output and every state tensor but the counters have it as
-dim 0, named ``"batch"`` in the graph and the sidecar), and one graph serves any batch size;
-the runner allocates the cache at each call's batch. Resolution and text length stay static
-(the ladders' token dims would have to follow them): export once per serving resolution (the
-runners raise a clear error for any other shape).
+dim 0, named ``"batch"`` in the graph and the sidecar), and ``dynamic_dims`` names more (FLUX's
+image and text token counts, ``patterns.TOKEN_DIMS``). The state's sizes are traced with
+``Dim.AUTO``, so torch.export itself finds how each follows the named dims (a ladder's token
+count; a FLUX single block's image + text tokens), and the sidecar records those expressions;
+the runner sizes the cache for each call. A model whose code fixes a size asked to be dynamic
+(DiT's patch embedding compares the latent's height and width with its configured sample size)
+gets a clear error at capture and keeps a static resolution: export once per serving
+resolution (the runners raise a clear error for any other shape).
 
 ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
 * ``squeeze_axes``: ``Squeeze`` nodes whose axes input names a dimension that is not 1 in the
@@ -55,7 +59,7 @@ from typing import Any
 import torch
 
 from ..config import RFCConfig
-from ..passes.capture import BATCH_MAX
+from ..passes.capture import BATCH_MAX, DIM_MAX, DynamicDims
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
@@ -205,7 +209,8 @@ def fix_squeeze(model_proto) -> int:
 def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dict[str, Any],
             config: RFCConfig | None = None, *, opset: int | None = None, check: bool = True,
             triton: bool | str | os.PathLike = False, triton_model_name: str | None = None,
-            empty_on_skip: bool = True, dynamic_batch: bool = False) -> OnnxExport:
+            empty_on_skip: bool = True, dynamic_batch: bool = False,
+            dynamic_dims: DynamicDims | None = None) -> OnnxExport:
     """Export ``model`` with RFC traced in as an ONNX graph with explicit state I/O.
 
     Args:
@@ -226,6 +231,10 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
             batch of 2 or more (torch.export specializes a batch of 1) that no other input dim
             equals (capture.py: a tensor whose first dim equals the first input's is batched).
             OnnxCachedModel allocates the cache at each call's batch size. Not for Triton.
+        dynamic_dims: more dynamic dims, by name: ``{input: {dim index: name}}``, one name per
+            size that varies together (e.g. FLUX's token counts, ``patterns.TOKEN_DIMS``; example
+            sizes of 2 or more, distinct from each other). The cache's sizes follow them as the
+            model computes them (a FLUX single block's: image + text tokens). Not for Triton.
     """
     import onnx
 
@@ -235,22 +244,24 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         config = config if config is not None else model.rfc_config
         model = model.model
     config = config if config is not None else RFCConfig()
-    if dynamic_batch and triton:
+    if (dynamic_batch or dynamic_dims) and triton:
         raise ValueError("a Triton repository needs fixed state shapes (sequence batching keeps one cache per "
-                         "sequence at the exported size): export with dynamic_batch=False for Triton")
+                         "sequence at the exported size): export with dynamic_batch=False for Triton "
+                         "(and no dynamic_dims)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
-        program = build_functional(model, example_inputs, config, dynamic_batch=dynamic_batch)
+        program = build_functional(model, example_inputs, config, dynamic_batch=dynamic_batch,
+                                   dynamic_dims=dynamic_dims)
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." x4
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-        warnings.filterwarnings("ignore", message=".*axis name: batch will not be used")  # one Dim, many inputs
+        warnings.filterwarnings("ignore", message=".*axis name: .* will not be used")  # one Dim, many inputs
         try:
             onnx_program = torch.onnx.export(
                 program.module, program.example_args, None, dynamo=True, input_names=program.input_names,
@@ -323,8 +334,8 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "cached_regions": program.regions if config.mode != "full" else [],
         "if_nodes": n_if,
         "kept_on_skip": kept_on_skip,
-        "dynamic_axes": ({} if program.dynamic_batch is None else
-                         {BATCH_DIM: {"example": program.dynamic_batch, "min": 1, "max": BATCH_MAX}}),
+        "dynamic_axes": {name: {"example": size, "min": 1, "max": BATCH_MAX if name == BATCH_DIM else DIM_MAX}
+                         for name, size in program.dynamic_axes.items()},
         "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         "fixups": fixups,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "rfc_compile": _version()},

@@ -6,9 +6,10 @@ class_labels=..., return_dict=False)`` -> tuple; default ``return_dict=True`` ->
 when the timestep goes back up (as rfc_compile's CachedModel does) or on ``reset()``, and
 reports ``stats`` (an :class:`rfc_compile.RFCStats`) from the graph's ``state_out.last_full``.
 
-A dynamic-batch graph (``to_onnx(..., dynamic_batch=True)``): ``self.sidecar`` is the
-sidecar with its "batch" dims bound to the batch of the current generation; a call with
-another batch size binds that one and starts a new generation (the cache is per sample).
+A graph with dynamic dims (``to_onnx(..., dynamic_batch=True)`` or ``dynamic_dims=...``):
+``self.sidecar`` is the sidecar with its dims bound to the sizes of the current generation
+(``self.dims``); a call with other sizes (another batch, another resolution) binds those and
+starts a new generation (the cache is per sample and per token).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ class StatefulRunner:
     """Base class; subclasses implement ``_zero_state``, ``_step``, ``_read_state``, ``_write_state``."""
 
     def __init__(self, sidecar: Sidecar, auto_reset: bool = True):
-        self.graph_sidecar = sidecar  # as exported ("batch" dims in a dynamic-batch graph)
+        self.graph_sidecar = sidecar  # as exported (named dims where the graph has dynamic ones)
         self.auto_reset = auto_reset
-        self._bind_batch(sidecar.example_batch)
+        self._bind_dims(sidecar.example_dims)
         self._history: list[int] = []
         self._last_timestep: float | None = None
         self._signature = self._model_signature()
@@ -118,9 +119,9 @@ class StatefulRunner:
         call = self._normalize(args, kwargs)
         return_dict = bool(call.pop("return_dict", True))
         leaves = dict(flatten_kwargs(call))
-        batch = self._call_batch(leaves)
-        if batch is not None and batch != self.batch_size:
-            self._bind_batch(batch)
+        dims = self._call_dims(leaves)
+        if dims != self.dims:
+            self._bind_dims(dims)
             self.reset()
         feeds = self._feeds(leaves)
         if self.auto_reset:
@@ -136,27 +137,45 @@ class StatefulRunner:
     @property
     def batch_size(self) -> int | None:
         """The batch the cache is allocated for (dynamic-batch graphs), else None."""
-        return self._batch
+        return self.dims.get(BATCH_DIM)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """The dynamic dims' sizes the cache is allocated for ({} for a static graph)."""
+        return dict(self._dims)
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _bind_batch(self, batch: int | None) -> None:
-        """Concrete shapes for ``batch`` (None: a static graph, shapes as exported)."""
-        self._batch = batch
-        self.sidecar = self.graph_sidecar if batch is None else self.graph_sidecar.with_batch(batch)
+    def _bind_dims(self, dims: dict[str, int]) -> None:
+        """Concrete shapes for the dynamic dims' ``dims`` ({}: a static graph, shapes as exported)."""
+        self._dims = dict(dims)
+        self.sidecar = self.graph_sidecar.with_dims(dims) if dims else self.graph_sidecar
         self._inputs = {d.name: d for d in self.sidecar.inputs}
         self._state_desc = self.sidecar.state_by_name()
 
-    def _call_batch(self, leaves: dict[str, Any]) -> int | None:
-        """The batch size of a call to a dynamic-batch graph (``leaves``: the call's flattened
-        kwargs): dim 0 of its first batched input."""
-        if self._batch is None:
-            return None
+    def _call_dims(self, leaves: dict[str, Any]) -> dict[str, int]:
+        """The dynamic dims' sizes in a call (``leaves``: its flattened kwargs), read where an input's
+        shape names them; dims it does not show keep their current size (``_feeds`` then reports
+        any shape that still differs)."""
+        dims = dict(self._dims)
+        if not dims:
+            return dims
+        seen: dict[str, tuple[str, int]] = {}
         for desc in self.graph_sidecar.inputs:
             value = leaves.get(desc.name)
-            if desc.shape and desc.shape[0] == BATCH_DIM and value is not None and np.ndim(value) > 0:
-                return int(value.shape[0] if isinstance(value, torch.Tensor) else np.shape(value)[0])
-        return None
+            if value is None or np.ndim(value) != len(desc.shape):
+                continue
+            shape = value.shape if isinstance(value, torch.Tensor) else np.shape(value)
+            for dim, size in zip(desc.shape, shape):
+                if not (isinstance(dim, str) and dim in dims):
+                    continue
+                if dim in seen and seen[dim][1] != int(size):
+                    raise InputMismatchError(
+                        f"inputs {seen[dim][0]!r} and {desc.name!r} disagree on the size of {dim!r} "
+                        f"({seen[dim][1]} vs {int(size)})")
+                seen[dim] = (desc.name, int(size))
+                dims[dim] = int(size)
+        return dims
 
     def _model_signature(self) -> inspect.Signature | None:
         model = self.sidecar.raw.get("model", {})
@@ -198,7 +217,8 @@ class StatefulRunner:
                 exported = next(d.shape for d in self.graph_sidecar.inputs if d.name == name)
                 raise InputMismatchError(
                     f"input {name!r} has shape {list(shape)}, but the graph was exported for {list(exported)} "
-                    "(shapes other than a dynamic batch are static: export again with example inputs of this shape)")
+                    f"(dynamic dims: {sorted(self._dims) or 'none'}; other sizes are static: export again with "
+                    "example inputs of this shape, or name the dim in to_onnx's dynamic_dims)")
             feeds[name] = value
         constants = self.sidecar.constants
         for name, value in leaves.items():

@@ -19,7 +19,7 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
                  "decision_output": "state_out.last_full"},
       "regions": ["transformer_blocks.0.attn1", ...], "if_nodes": 1,
       "kept_on_skip": ["transformer_blocks_0_attn1.ladder.0", ...],   # see below
-      "dynamic_axes": {},                             # static shapes, or with dynamic_batch:
+      "dynamic_axes": {},                             # static shapes, or the named dynamic dims:
                                                       # {"batch": {"example": 2, "min": 1, "max": 65536}}
       "opset": 18, "fixups": [...], "versions": {"torch": ..., "onnx": ..., "rfc_compile": ...}
     }
@@ -33,16 +33,22 @@ back *empty* (zero rows) from a step that left them unchanged (skip_state.py): t
 keeps its previous buffer instead of adopting the output. Exactly those state outputs have an
 unknown first dimension in the graph; :meth:`Sidecar.check_io` holds the two to each other.
 
-A graph exported with ``dynamic_batch=True`` has the dim ``"batch"`` (a string, ``BATCH_DIM``)
-where a shape holds the batch size: dim 0 of the batch-first inputs, outputs and state tensors.
-A runner binds it to the batch of the call (:meth:`Sidecar.with_batch`) and allocates the
-state at that size; a new batch size starts a new generation.
+Dynamic dims: a graph exported with ``dynamic_batch=True`` has the dim ``"batch"`` (``BATCH_DIM``)
+where a shape holds the batch size (dim 0 of the batch-first inputs, outputs and state tensors);
+``dynamic_dims`` adds named dims such as FLUX's ``"image_tokens"``/``"text_tokens"``. Each one is
+listed in ``dynamic_axes``; a shape holds its name, or an expression in the names with ``+ - *
+//`` and integers where a size follows several (a FLUX single block's cache holds
+``"image_tokens + text_tokens"`` tokens). A runner reads the names' sizes off a call's inputs
+(:meth:`Sidecar.with_dims`), allocates the state at those sizes, and starts a new generation when
+they change.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +88,47 @@ def ort_type_name(ort_type: str) -> str:
     return _ORT_TYPES.get(ort_type, ort_type)
 
 
-Dim = int | str  # a size, or BATCH_DIM in a dynamic-batch graph
+Dim = int | str  # a size, or a dynamic dim's name or an expression in the names (module docstring)
+
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
 
 
 def _dims(shape: list) -> tuple[Dim, ...]:
-    return tuple(s if s == BATCH_DIM else int(s) for s in shape)
+    return tuple(s if isinstance(s, str) else int(s) for s in shape)
 
 
-def bind_batch(shape: tuple[Dim, ...], batch: int) -> tuple[int, ...]:
-    return tuple(batch if s == BATCH_DIM else s for s in shape)
+def eval_dim(dim: Dim, sizes: dict[str, int]) -> int:
+    """The size of ``dim`` given the dynamic dims' sizes (``"image_tokens + text_tokens"`` -> 19)."""
+    if isinstance(dim, int):
+        return dim
+
+    def value(node: ast.AST) -> int:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in sizes:
+            return sizes[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        raise ValueError(f"cannot evaluate size {dim!r} (dims known: {sorted(sizes)})")
+
+    try:
+        return value(ast.parse(dim, mode="eval").body)
+    except SyntaxError:
+        raise ValueError(f"size {dim!r} is not an expression in the dynamic dims") from None
+
+
+def bind_shape(shape: tuple[Dim, ...], sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(eval_dim(d, sizes) for d in shape)
+
+
+def check_shapes(shapes: list[tuple[Dim, ...]], examples: list[tuple[int, ...]], sizes: dict[str, int]) -> None:
+    """Each symbolic shape must give its example's sizes at the example's dims (an export self-check)."""
+    for shape, example in zip(shapes, examples):
+        if bind_shape(shape, sizes) != tuple(example):
+            raise ValueError(f"shape {list(shape)} gives {list(bind_shape(shape, sizes))} at {sizes}, "
+                             f"the example has {list(example)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,18 +179,22 @@ class Sidecar:
         return {s.name: s for s in self.state}
 
     @property
+    def example_dims(self) -> dict[str, int]:
+        """The dynamic dims' sizes in the export's example ({} for a static graph)."""
+        return {name: int(axis["example"]) for name, axis in self.raw.get("dynamic_axes", {}).items()}
+
+    @property
     def example_batch(self) -> int | None:
         """The export's batch size if the graph takes any batch size (``dynamic_batch``), else None."""
-        batch = self.raw.get("dynamic_axes", {}).get(BATCH_DIM)
-        return int(batch["example"]) if batch else None
+        return self.example_dims.get(BATCH_DIM)
 
-    def with_batch(self, batch: int) -> "Sidecar":
-        """This description with the ``"batch"`` dims bound to ``batch`` (static shapes throughout)."""
+    def with_dims(self, sizes: dict[str, int]) -> "Sidecar":
+        """This description with the dynamic dims bound to ``sizes`` (static shapes throughout)."""
         return dataclasses.replace(
             self,
-            inputs=[dataclasses.replace(d, shape=bind_batch(d.shape, batch)) for d in self.inputs],
-            outputs=[dataclasses.replace(d, shape=bind_batch(d.shape, batch)) for d in self.outputs],
-            state=[dataclasses.replace(s, shape=bind_batch(s.shape, batch)) for s in self.state])
+            inputs=[dataclasses.replace(d, shape=bind_shape(d.shape, sizes)) for d in self.inputs],
+            outputs=[dataclasses.replace(d, shape=bind_shape(d.shape, sizes)) for d in self.outputs],
+            state=[dataclasses.replace(s, shape=bind_shape(s.shape, sizes)) for s in self.state])
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], where: str = "sidecar") -> "Sidecar":
@@ -174,6 +216,10 @@ class Sidecar:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None
+        try:  # every symbolic size is an expression in the listed dims
+            sidecar.with_dims(sidecar.example_dims)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{where} has a shape the runner cannot size ({exc}); re-export the model") from None
         states = sidecar.state_by_name()
         for name in sidecar.kept_on_skip:
             entry = states.get(name)
@@ -207,7 +253,7 @@ class Sidecar:
         """Raise SidecarMismatchError unless the graph's I/O is exactly what the sidecar says.
 
         ``graph_inputs``/``graph_outputs`` map name -> (shape, dtype name); a non-int dim
-        (symbolic) matches anything, a "batch" dim in the sidecar matches only a symbolic one.
+        (symbolic) matches anything, a named dim in the sidecar matches only a symbolic one.
         """
         expected_in = {d.name: (d.shape, d.dtype) for d in self.inputs}
         expected_in.update({s.input: (s.shape, s.dtype) for s in self.state})
@@ -235,7 +281,7 @@ class Sidecar:
             shape = graph_outputs[s.output][0]
             if shape is None or len(shape) != len(s.shape):
                 continue  # reported by _diff
-            rows_unknown = not isinstance(shape[0], int) and shape[0] != s.shape[0]  # not "batch" either
+            rows_unknown = not isinstance(shape[0], int) and shape[0] != s.shape[0]  # not a named dim either
             if s.name in kept and not rows_unknown:
                 problems.append(f"kept_on_skip lists state {s.name!r}, but the graph's {s.output!r} has the static "
                                 f"shape {list(shape)} (it never comes back empty)")

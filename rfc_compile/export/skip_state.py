@@ -78,7 +78,7 @@ def _relax_first_dim(value_info) -> None:
 
 
 def _set_dims(value_info, shape: Iterable[int | str]) -> None:
-    """Sizes, or a named dim (the sidecar's "batch" of a dynamic-batch graph)."""
+    """Sizes, or a dynamic dim's name or expression (the sidecar's "batch", "image_tokens", ...)."""
     tt = value_info.type.tensor_type
     tt.ClearField("shape")
     tt.shape.SetInParent()
@@ -147,7 +147,8 @@ def empty_on_skip(model_proto, state: list[dict], decision_state: str,
                     value = producers[value].input[0]
                 if value != source or value in producers:
                     continue
-                empty_shape = (0, *entry["shape"][1:])
+                # zero rows, and zero along any dynamic dim (it has no size in an empty constant)
+                empty_shape = (0, *(d if isinstance(d, int) else 0 for d in entry["shape"][1:]))
                 empty_name = EMPTY_PREFIX + state_name
                 constant = helper.make_node(
                     "Constant", [], [empty_name], name=empty_name,

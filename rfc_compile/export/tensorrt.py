@@ -170,9 +170,10 @@ class TrtCachedModel(StatefulRunner):
 
         self.path = Path(engine_path)
         sidecar = Sidecar.load(self.path)
-        if sidecar.example_batch is not None:
-            raise ModelFileError(f"{self.path} was exported with dynamic_batch=True; TrtCachedModel binds fixed-size "
-                                 "state buffers: export with dynamic_batch=False for TensorRT")
+        if sidecar.example_dims:
+            raise ModelFileError(f"{self.path} was exported with dynamic dims {sorted(sidecar.example_dims)}; "
+                                 "TrtCachedModel binds fixed-size state buffers: export with static shapes "
+                                 "(dynamic_batch=False, no dynamic_dims) for TensorRT")
         super().__init__(sidecar, auto_reset)
         if not self.path.is_file() or self.path.stat().st_size == 0:
             raise ModelFileError(f"engine file {self.path} is missing or empty")

@@ -197,9 +197,10 @@ def write_triton_repository(onnx_path: str | os.PathLike, repository: str | os.P
 
     onnx_path = Path(onnx_path)
     sidecar = Sidecar.load(onnx_path)
-    if sidecar.example_batch is not None:
-        raise ValueError(f"{onnx_path} was exported with dynamic_batch=True; a Triton repository needs fixed "
-                         "state shapes (one cache per sequence): export with dynamic_batch=False for Triton")
+    if sidecar.example_dims:
+        raise ValueError(f"{onnx_path} was exported with dynamic dims {sorted(sidecar.example_dims)}; a Triton "
+                         "repository needs fixed state shapes (one cache per sequence): export with "
+                         "dynamic_batch=False for Triton")
     name = name or onnx_path.stem
     model_dir = Path(repository) / name
     version_dir = model_dir / str(version)

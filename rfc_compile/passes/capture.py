@@ -8,6 +8,10 @@ With ``dynamic_batch=True`` the batch size is a symbol (``BATCH``) instead of th
 number: every tensor input whose first dim equals the first input's is marked dynamic there
 (DiT's ``hidden_states``/``timestep``/``class_labels``; FLUX's ``img_ids``/``txt_ids`` have no
 batch dim). The exporters use it for graphs that serve any batch size.
+
+``dynamic_dims`` names further dims of top-level tensor inputs, e.g. FLUX's token counts
+(``{"hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"}, ...}``; patterns.py's
+``TOKEN_DIMS`` holds them per model class): one name is one symbol wherever it appears.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+
+from ..errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,10 @@ logger = logging.getLogger(__name__)
 #: model inputs and the cache state of the rewritten step, so both get one symbol).
 BATCH_MAX = 65536
 BATCH = torch.export.Dim("batch", min=1, max=BATCH_MAX)
+#: The largest size a named dynamic dim (``dynamic_dims``) may take.
+DIM_MAX = 65536
+
+DynamicDims = Mapping[str, Mapping[int, str]]  # input name -> {dim index: dim name}
 
 
 @dataclasses.dataclass
@@ -65,12 +75,49 @@ def batch_dynamic_shapes(kwargs: dict[str, Any]) -> dict[str, Any]:
     return pytree.tree_map(lambda leaf: {0: BATCH} if is_batched(leaf, batch) else None, kwargs)
 
 
-def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False) -> CapturedGraph:
+def named_dim(name: str) -> torch.export.Dim:
+    """The torch.export symbol of a named dim (``"batch"`` is ``BATCH``)."""
+    return BATCH if name == BATCH.__name__ else torch.export.Dim(name, min=1, max=DIM_MAX)
+
+
+def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
+                         dynamic_dims: DynamicDims | None = None) -> dict[str, Any] | None:
+    """torch.export ``dynamic_shapes`` for ``kwargs``: the batch rule, then the named dims (None: static)."""
+    if not dynamic_batch and not dynamic_dims:
+        return None
+    shapes = batch_dynamic_shapes(kwargs) if dynamic_batch else pytree.tree_map(lambda _: None, kwargs)
+    dims: dict[str, torch.export.Dim] = {}
+    for input_name, named in (dynamic_dims or {}).items():
+        value = kwargs.get(input_name)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"dynamic_dims names input {input_name!r}, which is not a tensor argument of the call "
+                             f"(tensor arguments: {sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))})")
+        spec = dict(shapes[input_name] or {})
+        for index, name in named.items():
+            if not -value.dim() <= index < value.dim():
+                raise ValueError(f"dynamic_dims: {input_name!r} has {value.dim()} dims, no dim {index}")
+            if value.shape[index] < 2:
+                raise ValueError(f"dynamic_dims: {input_name!r} dim {index} ({name!r}) is {value.shape[index]} in the "
+                                 "example; give an example size of 2 or more (torch.export specializes 0 and 1)")
+            spec[index % value.dim()] = dims.setdefault(name, named_dim(name))
+        shapes[input_name] = spec
+    return shapes
+
+
+def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False,
+            dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
     start = time.perf_counter()
-    dynamic_shapes = batch_dynamic_shapes(kwargs) if dynamic_batch else None
+    dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims)
     with torch.no_grad():
-        exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        try:
+            exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except torch._dynamo.exc.UserError as exc:  # the model fixes a dim that was asked to be dynamic
+            if dynamic_shapes is None:
+                raise
+            why = "\n".join(str(exc).splitlines()[:4])
+            raise UnsupportedModelError(f"{type(model).__name__} cannot be captured with these dynamic dims: "
+                                        f"the model's code fixes them ({why})") from exc
     gm = exported.module()
     info = gm.graph._codegen.pytree_info
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -149,3 +149,20 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
 
 def block_pattern_for(class_name: str) -> BlockPattern | None:
     return BLOCK_PATTERNS.get(class_name)
+
+
+#: Token counts that may change between calls of one exported graph (``to_onnx``'s
+#: ``dynamic_dims``), per model class: ``{input: {dim index: dim name}}``. Only models whose
+#: sequence is a traceable function of their inputs' sizes: FLUX takes packed latents
+#: ``(B, image tokens, C)`` with their position ids, and text states with theirs. (DiT's patch
+#: embedding compares the patch grid with its configured size: torch.export specializes it.)
+TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
+    "FluxTransformer2DModel": {
+        "hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"},
+        "encoder_hidden_states": {1: "text_tokens"}, "txt_ids": {0: "text_tokens"},
+    },
+}
+
+
+def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
+    return TOKEN_DIMS.get(class_name)

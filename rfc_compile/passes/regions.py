@@ -124,7 +124,7 @@ def find_regions(gm: fx.GraphModule, varying_inputs: Iterable[str] = DEFAULT_VAR
     patterns: dict[str, BlockPattern] = {}
     for node in nodes:
         found = _innermost_block(node)
-        if found is None:
+        if found is None or _size_arithmetic(node):
             continue
         block_path, cls = found
         pattern = BLOCK_PATTERNS[cls]
@@ -189,7 +189,7 @@ def _build_region(name: str, block: str, region_members: list[fx.Node], nodes: l
         body_set.update(pulled)
         inputs = _region_inputs(nodes[first:last + 1], body_set)
     body = [n for n in nodes[first:last + 1] if n in body_set]
-    late = [a.name for a in inputs if position[a] > first]
+    late = [a.name for a in inputs if position[a] > first and not _size_arithmetic(a)]
     if late:
         raise UnsupportedModelError(
             f"region {name}: inputs {late} are computed after the region starts; cannot cache it as one unit"
@@ -203,6 +203,14 @@ def _build_region(name: str, block: str, region_members: list[fx.Node], nodes: l
         raise UnsupportedModelError(f"region {name}: no input depends on the denoising state")
     side_inputs = [a for a in inputs if a not in feature_inputs]
     return Region(name, block, body, feature_inputs, side_inputs, outputs)
+
+
+def _size_arithmetic(node: fx.Node) -> bool:
+    """A symbolic size (e.g. FLUX's image + text token count under a dynamic shape) computed in a
+    block's module scope from sizes read outside it: not part of any region (each branch of the
+    rewritten step recomputes it)."""
+    return (node.op == "call_function" and isinstance(node.meta.get("val"), torch.SymInt)
+            and not any(_tensor_valued(a) for a in node.all_input_nodes))
 
 
 def _region_inputs(candidates: list[fx.Node], body_set: set[fx.Node]) -> list[fx.Node]:

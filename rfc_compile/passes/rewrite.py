@@ -30,7 +30,7 @@ from .. import rfc
 from ..config import RFCConfig
 from ..errors import UnsupportedModelError
 from ..state import StateEntry, StateSpec
-from .capture import BATCH, CapturedGraph
+from .capture import CapturedGraph
 from .regions import Region, RegionPlan
 
 logger = logging.getLogger(__name__)
@@ -479,9 +479,9 @@ def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
     step = CachedStep(captured, plan, config)
     state = step.state_spec.init(_device_of(example_kwargs))
     dynamic_shapes = None
-    if captured.dynamic_shapes is not None:  # dynamic batch: every state tensor but the counters is batch first
+    if captured.dynamic_shapes is not None:  # the state's sizes follow the inputs' dynamic dims
         dynamic_shapes = {"kwargs": captured.dynamic_shapes,
-                          "state": {e.name: {0: BATCH} if e.batch_first else None for e in step.state_spec.entries}}
+                          "state": {e.name: e.dynamic_shape() for e in step.state_spec.entries}}
     start = time.perf_counter()
     with torch.no_grad():
         exported = torch.export.export(step, (), {"kwargs": example_kwargs, "state": state},
