@@ -35,9 +35,9 @@ from torch.utils import _pytree as pytree
 
 from ..config import RFCConfig
 from ..passes import capture, find_regions, rewrite
-from ..passes.capture import DynamicDims, example_batch, is_batched, named_dim
+from ..passes.capture import CapturedGraph, DynamicDims, named_dim
 from ..state import StateSpec
-from .sidecar import BATCH_DIM, check_shapes
+from .sidecar import check_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -244,14 +244,14 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     n_out = len(results) - len(spec.entries)
     out_tensors = results[:n_out]
     out_names = ["sample"] if n_out == 1 else [f"output.{i}" for i in range(n_out)]
-    named = _named_input_dims(call, tensors, dynamic_batch, dynamic_dims)
-    inputs = [TensorInfo(name, tuple(named[name].get(i, size) for i, size in enumerate(t.shape)), t.dtype)
+    named = _named_input_dims(captured, call)
+    inputs = [TensorInfo(name, tuple(named.get(name, {}).get(i, size) for i, size in enumerate(t.shape)), t.dtype)
               for name, t in tensors]
-    axes = {d: int(t.shape[i]) for name, t in tensors for i, d in named[name].items()}
+    axes = {d: int(t.shape[i]) for name, t in tensors for i, d in named.get(name, {}).items()}
     out_shapes = [tuple(t.shape) for t in out_tensors]
     state_shapes = [tuple(e.shape) for e in spec.entries]
     if axes:
-        out_shapes, state_shapes = _symbolic_shapes(gm, [t for _, t in tensors], [named[n] for n, _ in tensors],
+        out_shapes, state_shapes = _symbolic_shapes(gm, [t for _, t in tensors], [named.get(n, {}) for n, _ in tensors],
                                                     len(spec.entries))
         check_shapes(out_shapes + state_shapes, [tuple(t.shape) for t in out_tensors]
                      + [tuple(e.shape) for e in spec.entries], axes)
@@ -306,17 +306,18 @@ def _symbolic_shapes(gm: fx.GraphModule, inputs: list[Tensor], named: list[dict[
             [describe(v.shape) for v in values[len(inputs):]])
 
 
-def _named_input_dims(call: dict[str, Any], tensors: list[tuple[str, Tensor]], dynamic_batch: bool,
-                      dynamic_dims: DynamicDims | None) -> dict[str, dict[int, str]]:
-    """{input name: {dim index: dim name}}: capture.py's batch rule, then ``dynamic_dims``."""
-    batch = example_batch(call) if dynamic_batch else None
-    named: dict[str, dict[int, str]] = {name: {} for name, _ in tensors}
-    for name, t in tensors:
-        if batch is not None and is_batched(t, batch):
-            named[name][0] = BATCH_DIM
-        for index, dim in (dynamic_dims or {}).get(name, {}).items():
-            named[name][index % t.dim()] = dim
-    return named
+def _is_input_spec(x: Any) -> bool:
+    """A leaf of torch.export's dynamic_shapes: None (static) or {dim index: Dim}."""
+    return x is None or (isinstance(x, dict) and bool(x) and all(isinstance(k, int) for k in x))
+
+
+def _named_input_dims(captured: CapturedGraph, call: dict[str, Any]) -> dict[str, dict[int, str]]:
+    """{input name: {dim index: dim name}}, as capture marked them (the batch rule, ``dynamic_dims``)."""
+    if captured.dynamic_shapes is None:
+        return {}
+    specs = pytree.tree_leaves(captured.dynamic_shapes, is_leaf=_is_input_spec)
+    return {name: {index: dim.__name__ for index, dim in spec.items()}
+            for (name, _), spec in zip(flatten_kwargs(call), specs, strict=True) if spec}
 
 
 def _device_of(tensors: list[tuple[str, Tensor]]) -> torch.device:
