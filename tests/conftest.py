@@ -104,10 +104,10 @@ def build_pixart():
         use_additional_conditions=True, norm_num_groups=1), seed=0)
 
 
-def pixart_conditions(batch, gen):
-    mask = torch.ones(batch, 5)
+def pixart_conditions(batch, gen, text=5):
+    mask = torch.ones(batch, text)
     mask[:, -1] = 0  # a padded caption token: exercises the encoder attention mask
-    return dict(encoder_hidden_states=_text(batch, gen, 5, 16), encoder_attention_mask=mask,
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), encoder_attention_mask=mask,
                 added_cond_kwargs={"resolution": torch.tensor([[64.0, 64.0]] * batch),
                                    "aspect_ratio": torch.tensor([[1.0]] * batch)})
 
@@ -139,8 +139,8 @@ def build_sd3():
         pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"), seed=0)
 
 
-def sd3_conditions(batch, gen):
-    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), pooled_projections=torch.randn(batch, 16, generator=gen))
+def sd3_conditions(batch, gen, text=3):
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), pooled_projections=torch.randn(batch, 16, generator=gen))
 
 
 def build_wan():
@@ -204,6 +204,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("cogvideox", build_cogvideox, (2, 4, 4, 4), cogvideox_conditions, threshold=0.1),
     Family("ltx_video", build_ltx_video, (32, 4), ltx_video_conditions, threshold=0.5),
 )}
+
+
+def with_text(family: Family, text: int) -> Family:
+    """A family whose conditions take a ``text`` length (flux, sd3, pixart) at prompt length ``text``."""
+    return dataclasses.replace(family, conditions=functools.partial(family.conditions, text=text))
 
 
 def flux_at(height: int, width: int, text: int) -> Family:

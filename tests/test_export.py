@@ -518,6 +518,36 @@ def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(workdir
         runner(**call)
 
 
+@pytest.mark.parametrize("name", ["sd3", "pixart"])
+def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
+    """SD3 and PixArt (TOKEN_DIMS: prompt length only) exported once at one prompt length run
+    generations at another, equal to the eager cached model; SD3's context ladders follow it."""
+    from conftest import FAMILIES, flow_generation, with_text
+
+    from rfc_compile.passes.patterns import TOKEN_DIMS
+
+    family = FAMILIES[name]
+    config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
+    gen = torch.Generator().manual_seed(0)
+    example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.ones(2),
+                   **family.conditions(2, gen))
+    model = family.build()
+    export = to_onnx(model, workdir / f"{name}_rfc_text.onnx", example, config,
+                     dynamic_dims=TOKEN_DIMS[type(model).__name__])
+    if name == "sd3":  # joint blocks cache the context stream too
+        state = {s.name: s.shape for s in export.sidecar.state}
+        assert state["transformer_blocks_0_ff_context.ladder.0"] == (2, 2, "text_tokens", 16)
+    runner = OnnxCachedModel(export.onnx_path)
+    for text in (example["encoder_hidden_states"].shape[1], 9):
+        eager = rfc_compile.optimize(family.build(), config)
+        _, expected = flow_generation(eager, with_text(family, text), steps=10)
+        _, got = flow_generation(runner, with_text(family, text), steps=10)
+        assert runner.dims == {"text_tokens": text}
+        assert runner.stats.full_steps == eager.stats.full_steps
+        assert 2 < runner.stats.nfc < 10
+        assert _max_diff(got, expected) < ATOL
+
+
 def test_dynamic_dims_errors_are_clear():
     from rfc_compile.errors import UnsupportedModelError
     from rfc_compile.export.sidecar import eval_dim
@@ -611,6 +641,11 @@ def test_cli_model_loading(tmp_path):
     assert kwargs["hidden_states"].shape == (2, 4, 8, 8) and kwargs["timestep"].dtype == torch.long
     with pytest.raises(ValueError, match="neither a built-in model"):
         load_model(str(tmp_path / "nowhere"))
+    from rfc_compile.cli import main
+
+    # --dynamic-tokens only where TOKEN_DIMS says the model allows it: DiT's resolution is fixed
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--dynamic-tokens"]) == 2
+    assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3"])
