@@ -64,6 +64,32 @@ def test_nonfinite_written_into_the_cache_restarts_it(poison, mode):
     assert all(torch.isfinite(t).all() for t in cached.state.values() if t.is_floating_point())
 
 
+@pytest.mark.parametrize("mode", ["rfe", "taylorseer"])
+def test_guard_sees_nonfinite_in_a_higher_ladder_row_only(mode):
+    """A full step that writes NaN into D2 alone (D2 <- (D1 new - D1 old) / N with a poisoned old
+    D1; D0 = Y and D1 are finite) still trips the guard: RFE checks D1..Dm through the Gram
+    matrix's diagonal, TaylorSeer sums the whole ladder."""
+    model = make_tiny_dit()
+    cached = rfc_compile.optimize(model, RFCConfig(mode=mode, interval=3, order=2))
+    x = torch.randn(2, 4, 8, 8)
+    for n in range(4):  # full steps 0 and 1
+        _call(cached, x * (1 - 0.02 * n), 900 - 10 * n)
+    state = dict(cached.state)
+    name = next(n for n in state if ".ladder." in n)
+    ladder = state[name].clone()
+    ladder[:, 1] = float("nan")
+    state[name] = ladder
+    cached.state = state
+    out = _call(cached, x * 0.9, 850)  # step 4: full, writes a NaN D2 into that ladder only
+    assert torch.isfinite(out).all()
+    assert not torch.isfinite(cached.state[name][:, 2]).all() and torch.isfinite(cached.state[name][:, :2]).all()
+    assert int(cached.state["full_steps_seen"]) == 0  # the guard tripped: the ladders restart
+    later = [_call(cached, x * (0.89 - 0.01 * n), 840 - 10 * n) for n in range(4)]
+    assert cached.stats.full_steps == [0, 1, 4, 5, 8]  # one forced full step, then every 3rd
+    assert all(torch.isfinite(o).all() for o in later)
+    assert all(torch.isfinite(t).all() for t in cached.state.values() if t.is_floating_point())
+
+
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_nonfinite_rcs_accumulator_forces_a_full_step(poison):
     """NaN > tau is False: without the per-step check a NaN accumulator would skip forever."""
