@@ -503,7 +503,7 @@ def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(workdir
     assert shapes["sample"] == ("batch", "image_tokens", 4)
     assert shapes[single] == ("batch", 2, "image_tokens + text_tokens", 16)
     runner = OnnxCachedModel(export.onnx_path)
-    for height, width, text, batch in ((4, 4, 3, 2), (6, 5, 7, 2), (3, 4, 2, 3)):
+    for height, width, text, batch in ((4, 4, 3, 2), (6, 5, 7, 2), (3, 4, 2, 3), (1, 1, 1, 1)):  # sizes of 1 too
         family = flux_at(height, width, text)
         eager = rfc_compile.optimize(family.build(), config)
         _, expected = flow_generation(eager, family, steps=12, batch=batch)
