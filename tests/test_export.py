@@ -566,13 +566,54 @@ def test_dynamic_dims_errors_are_clear():
         capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "height", 3: "width"}})
 
 
-def test_dynamic_batch_is_refused_where_state_shapes_are_fixed(dynamic_onnx, tmp_path):
-    from rfc_compile.export.triton import write_triton_repository
+def test_triton_model_of_a_dynamic_export_serves_each_shape(workdir, tmp_path):
+    """The Triton model of a dynamic-dim export (FLUX, any resolution, prompt length and batch):
+    variable-size implicit state (dims -1; initial_state at the example shape), and played like
+    Triton does (state_out -> state; the first request's state at the example shape, garbage), each
+    sequence at another shape gives the plain ONNX runner's outputs and full steps."""
+    pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
+    from conftest import FAMILIES, flux_at
 
-    with pytest.raises(ValueError, match="dynamic_batch=False for Triton"):
-        write_triton_repository(dynamic_onnx, tmp_path / "triton")
-    with pytest.raises(ValueError, match="dynamic_batch=False for Triton"):
-        to_onnx(make_tiny_dit(), tmp_path / "x.onnx", dit_inputs(), RFC, dynamic_batch=True, triton=True)
+    from rfc_compile.export import validate_triton_config
+    from rfc_compile.export.triton import write_triton_repository
+    from rfc_compile.passes.patterns import TOKEN_DIMS
+
+    config = RFCConfig(mode="rfc", threshold=FAMILIES["flux"].threshold, order=1)
+    gen = torch.Generator().manual_seed(0)
+    example = dict(hidden_states=torch.randn(2, 16, 4), timestep=torch.ones(2), **flux_at(4, 4, 3).conditions(2, gen))
+    export = to_onnx(FAMILIES["flux"].build(), workdir / "flux_triton_dynamic.onnx", example, config,
+                     dynamic_batch=True, dynamic_dims=TOKEN_DIMS["FluxTransformer2DModel"])
+    model_dir = write_triton_repository(export.onnx_path, tmp_path / "triton")
+    seq = validate_triton_config(model_dir / "config.pbtxt").sequence_batching
+    single = {s.input_name: s for s in seq.state}["state.single_transformer_blocks_0_mlp_attn.ladder.0"]
+    assert list(single.dims) == [-1, 2, -1, 16] and list(single.initial_state[0].dims) == [2, 2, 19, 16]
+
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    initial = {i.name: np.full([d if isinstance(d, int) else 0 for d in i.shape], 7,
+                               dtype=np.int64 if "int64" in i.type else np.float32)
+               for i in session.get_inputs() if i.name.startswith("state.")}
+    for s in seq.state:  # what Triton hands a sequence's first request (garbage instead of zeros)
+        initial[s.input_name] = np.full(list(s.initial_state[0].dims), 7, dtype=initial[s.input_name].dtype)
+    names = [o.name for o in session.get_outputs()]
+    runner = OnnxCachedModel(export.onnx_path)
+    for height, width, text, batch in ((6, 5, 7, 2), (3, 4, 2, 3)):
+        cond = flux_at(height, width, text).conditions(batch, torch.Generator().manual_seed(1))
+        x = torch.randn(batch, height * width, 4)
+        state, last_full = dict(initial), []
+        runner.reset()
+        for n, sigma in enumerate(torch.linspace(1.0, 0.1, 10)):
+            kwargs = dict(hidden_states=x, timestep=sigma.expand(batch), **cond)
+            feeds = {k: v.numpy() for k, v in kwargs.items()}
+            feeds.update(state, START=np.array([int(n == 0)], np.int32), READY=np.array([1], np.int32))
+            result = dict(zip(names, session.run(None, feeds)))
+            state = {"state." + k[len("state_out."):]: v for k, v in result.items() if k.startswith("state_out.")}
+            expected = runner(**kwargs, return_dict=False)[0]
+            np.testing.assert_allclose(result["sample"], expected.numpy(), atol=1e-5)
+            last_full.append(int(result["state_out.last_full"][0]))
+            x = x - 0.1 * expected
+        assert [n for n, lf in enumerate(last_full) if lf == n] == runner.stats.full_steps
+        assert 2 < runner.stats.nfc < 10
+        assert state["state.single_transformer_blocks_0_mlp_attn.ladder.0"].shape == (batch, 2, height * width + text, 16)
 
 
 @pytest.mark.slow

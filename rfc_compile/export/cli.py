@@ -31,11 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--width", type=int, default=None, help="latent width (default: config sample_size)")
     shapes.add_argument("--text-len", type=int, default=8, help="text tokens (PixArt/FLUX/SD3)")
     shapes.add_argument("--dynamic-batch", action="store_true",
-                        help="one graph for any batch size (ONNX + onnxruntime only: no Triton repository, "
-                             "no TensorRT engine)")
+                        help="one graph for any batch size (ONNX, onnxruntime and Triton; no TensorRT engine)")
     shapes.add_argument("--dynamic-tokens", action="store_true",
-                        help="one graph for any image/text token count, where the model allows it (FLUX; "
-                             "ONNX + onnxruntime only)")
+                        help="one graph for any image/text token count, where the model allows it "
+                             "(passes/patterns.py TOKEN_DIMS; ONNX, onnxruntime and Triton; no TensorRT engine)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--opset", type=int, default=None)
     out.add_argument("--no-check", action="store_true", help="skip loading the result in onnxruntime")
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     dynamic = args.dynamic_batch or dynamic_dims is not None
     output = Path(args.output)
-    triton = False if args.no_triton or dynamic else (args.triton or True)
+    triton = False if args.no_triton else (args.triton or True)
     result = to_onnx(model, output, inputs, config, opset=args.opset, check=not args.no_check, triton=triton,
                      triton_model_name=args.triton_name, dynamic_batch=args.dynamic_batch,
                      dynamic_dims=dynamic_dims)
@@ -84,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if result.triton_model_dir is not None:
         print(f"wrote Triton model {result.triton_model_dir} (config.pbtxt + 1/model.onnx)")
     if dynamic:
-        print(f"dynamic dims {sorted(sidecar.example_dims)}: no Triton repository and no TensorRT engine "
-              "(their state shapes are fixed)")
+        print(f"dynamic dims {sorted(sidecar.example_dims)}: no TensorRT engine (TrtCachedModel binds fixed-size "
+              "state buffers)")
     elif not args.no_engine:
         ok, why = tensorrt_available()
         if ok:

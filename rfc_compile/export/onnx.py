@@ -230,11 +230,12 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
             inputs, the output and the state); other dims stay the example's. Give an example
             batch of 2 or more (torch.export specializes a batch of 1) that no other input dim
             equals (capture.py: a tensor whose first dim equals the first input's is batched).
-            OnnxCachedModel allocates the cache at each call's batch size. Not for Triton.
+            OnnxCachedModel allocates the cache at each call's batch size.
         dynamic_dims: more dynamic dims, by name: ``{input: {dim index: name}}``, one name per
             size that varies together (e.g. FLUX's token counts, ``patterns.TOKEN_DIMS``; example
             sizes of 2 or more, distinct from each other). The cache's sizes follow them as the
-            model computes them (a FLUX single block's: image + text tokens). Not for Triton.
+            model computes them (a FLUX single block's: image + text tokens). The Triton model's
+            state is variable-size then (triton.py); TrtCachedModel takes static exports only.
     """
     import onnx
 
@@ -244,10 +245,6 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         config = config if config is not None else model.rfc_config
         model = model.model
     config = config if config is not None else RFCConfig()
-    if (dynamic_batch or dynamic_dims) and triton:
-        raise ValueError("a Triton repository needs fixed state shapes (sequence batching keeps one cache per "
-                         "sequence at the exported size): export with dynamic_batch=False for Triton "
-                         "(and no dynamic_dims)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

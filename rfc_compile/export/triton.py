@@ -19,6 +19,12 @@ How START resets the cache (ours): both ways, so neither depends on the other.
 * the model also gets the ``START`` control input and zeroes every state input itself when it
   is 1 (``Where(START, 0, state)`` inserted in front of the graph), so a server that does not
   apply initial_state, or a sequence slot reused without it, still starts a clean generation.
+A graph with dynamic dims (``dynamic_batch``, ``dynamic_dims``; e.g. one FLUX model for every
+resolution) has variable-size state (``dims: -1`` where the sidecar names a dim; Triton's
+implicit state allows it, and the input and output state need not match in shape). Its
+``initial_state`` is zeros at the export's example shape, which a first request at another
+shape cannot use, so for those entries the START reset is an ``If``: zeros of the shape the
+sidecar's expressions give at this request's input sizes (read with ``Shape``), else the state.
 ``READY`` (1 when the slot holds a real request) gates the update: ``state_out = READY ?
 new state : old state``. With ``max_batch_size: 0`` (one sequence per execution; the graph's
 batch is the CFG/prompt batch baked at export) READY is always 1.
@@ -34,10 +40,13 @@ back as the next input.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 from .errors import ExportError
 from .sidecar import Sidecar
@@ -59,7 +68,6 @@ def _triton_dims(shape) -> list[int]:
 
 def add_sequence_controls(model_proto, sidecar: Sidecar):
     """Return a copy of ``model_proto`` with START/READY inputs, reset/gate nodes, [1]-shaped counters."""
-    import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -104,6 +112,7 @@ def add_sequence_controls(model_proto, sidecar: Sidecar):
     ]
     from .sidecar import numpy_dtype
 
+    sizes = _DimSizes(sidecar, pre, inits)
     for s in state:
         zero = f"rfc_triton/zero/{s.name}"
         inits.append(numpy_helper.from_array(np.zeros((), dtype=numpy_dtype(s.dtype)), zero))
@@ -111,7 +120,18 @@ def add_sequence_controls(model_proto, sidecar: Sidecar):
         if not s.shape:  # Triton state needs >= 1 dim: [1] outside, [] inside
             pre.append(helper.make_node("Reshape", [s.input, "rfc_triton/scalar_shape"], [s.input + "/scalar"]))
             source = s.input + "/scalar"
-        pre.append(helper.make_node("Where", ["rfc_triton/start", zero, source], [reset_name[s.input]]))
+        if all(isinstance(d, int) for d in s.shape):
+            pre.append(helper.make_node("Where", ["rfc_triton/start", zero, source], [reset_name[s.input]]))
+        else:  # the state may arrive at another shape (initial_state): zeros at this request's sizes
+            zeros = helper.make_graph(
+                [helper.make_node("ConstantOfShape", [sizes.shape(s.shape)], [f"{zero}/full"],
+                                  value=numpy_helper.from_array(np.zeros((1,), dtype=numpy_dtype(s.dtype))))],
+                f"{zero}/then", [], [helper.make_tensor_value_info(f"{zero}/full", _onnx_type(s.dtype), None)])
+            keep = helper.make_graph(
+                [helper.make_node("Identity", [source], [f"{zero}/kept"])],
+                f"{zero}/else", [], [helper.make_tensor_value_info(f"{zero}/kept", _onnx_type(s.dtype), None)])
+            pre.append(helper.make_node("If", ["rfc_triton/start"], [reset_name[s.input]],
+                                        then_branch=zeros, else_branch=keep))
         raw = raw_name[s.output]
         if raw not in produced:  # the graph passes the input through unchanged
             pre.append(helper.make_node("Identity", [reset_name[s.input]], [raw]))
@@ -139,10 +159,82 @@ def add_sequence_controls(model_proto, sidecar: Sidecar):
     return model
 
 
+def _onnx_type(dtype: str) -> int:
+    from onnx import helper
+
+    from .sidecar import numpy_dtype
+
+    return helper.np_dtype_to_tensor_dtype(np.dtype(numpy_dtype(dtype)))
+
+
+class _DimSizes:
+    """ONNX nodes computing a state shape from the request's input sizes (sidecar dims: ints,
+    names of dynamic dims, expressions in them), appended to ``nodes``; one node per value."""
+
+    _OPS = {ast.Add: "Add", ast.Sub: "Sub", ast.Mult: "Mul", ast.FloorDiv: "Div"}  # sizes >= 0: Div floors
+
+    def __init__(self, sidecar: Sidecar, nodes: list, inits: list):
+        self.nodes, self.inits, self.cache = nodes, inits, {}
+        self.where = {}  # dim name -> (input name, axis) that shows it
+        for desc in sidecar.inputs:
+            for axis, dim in enumerate(desc.shape):
+                if isinstance(dim, str):
+                    self.where.setdefault(dim, (desc.name, axis))
+
+    def shape(self, shape) -> str:
+        """Name of an int64 (rank,) tensor holding ``shape`` at this request's sizes."""
+        from onnx import helper
+
+        key = ("shape", tuple(shape))
+        if key not in self.cache:
+            self.cache[key] = f"rfc_triton/shape/{len(self.cache)}"
+            self.nodes.append(helper.make_node("Concat", [self.size(d) for d in shape], [self.cache[key]], axis=0))
+        return self.cache[key]
+
+    def size(self, dim) -> str:
+        """Name of an int64 (1,) tensor holding one size."""
+        if isinstance(dim, int):
+            return self._constant(dim)
+        return self._value(ast.parse(dim, mode="eval").body, dim)
+
+    def _constant(self, value: int) -> str:
+        from onnx import numpy_helper
+
+        key = ("const", value)
+        if key not in self.cache:
+            self.cache[key] = f"rfc_triton/const/{value}"
+            self.inits.append(numpy_helper.from_array(np.array([value], dtype=np.int64), self.cache[key]))
+        return self.cache[key]
+
+    def _value(self, node: ast.AST, text: str) -> str:
+        from onnx import helper
+
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return self._constant(node.value)
+        key = ("expr", ast.dump(node))
+        if key in self.cache:
+            return self.cache[key]
+        out = f"rfc_triton/size/{len(self.cache)}"
+        if isinstance(node, ast.Name) and node.id in self.where:
+            source, axis = self.where[node.id]
+            self.nodes.append(helper.make_node("Shape", [source], [out], start=axis, end=axis + 1))
+        elif isinstance(node, ast.BinOp) and type(node.op) in self._OPS:
+            args = [self._value(node.left, text), self._value(node.right, text)]
+            self.nodes.append(helper.make_node(self._OPS[type(node.op)], args, [out]))
+        else:
+            raise ExportError(f"state size {text!r}: cannot compute it from the inputs' sizes in the Triton model")
+        self.cache[key] = out
+        return out
+
+
 def config_pbtxt(sidecar: Sidecar, name: str, max_sequence_idle_microseconds: int = 60_000_000) -> str:
-    """The model's config.pbtxt (text-format ``inference.ModelConfig``)."""
+    """The model's config.pbtxt (text-format ``inference.ModelConfig``); a dynamic dim is ``-1``,
+    except in ``initial_state``, which has the export's example shape (see module docstring)."""
+    example = sidecar.with_dims(sidecar.example_dims)
+    example_shape = {s.name: s.shape for s in example.state}
+
     def dims(shape) -> str:
-        return "[ " + ", ".join(str(d) for d in _triton_dims(shape)) + " ]"
+        return "[ " + ", ".join(str(d if isinstance(d, int) else -1) for d in _triton_dims(shape)) + " ]"
 
     def ttype(dtype: str) -> str:
         try:
@@ -177,7 +269,7 @@ def config_pbtxt(sidecar: Sidecar, name: str, max_sequence_idle_microseconds: in
         ",\n".join(
             f'    {{\n      input_name: "{s.input}"\n      output_name: "{s.output}"\n'
             f"      data_type: {ttype(s.dtype)}\n      dims: {dims(s.shape)}\n"
-            f"      initial_state: {{\n        data_type: {ttype(s.dtype)}\n        dims: {dims(s.shape)}\n"
+            f"      initial_state: {{\n        data_type: {ttype(s.dtype)}\n        dims: {dims(example_shape[s.name])}\n"
             f'        zero_data: true\n        name: "zero"\n      }}\n    }}'
             for s in sidecar.state),
         "  ]",
@@ -197,10 +289,6 @@ def write_triton_repository(onnx_path: str | os.PathLike, repository: str | os.P
 
     onnx_path = Path(onnx_path)
     sidecar = Sidecar.load(onnx_path)
-    if sidecar.example_dims:
-        raise ValueError(f"{onnx_path} was exported with dynamic dims {sorted(sidecar.example_dims)}; a Triton "
-                         "repository needs fixed state shapes (one cache per sequence): export with "
-                         "dynamic_batch=False for Triton")
     name = name or onnx_path.stem
     model_dir = Path(repository) / name
     version_dir = model_dir / str(version)
