@@ -27,7 +27,7 @@ shape cannot use, so for those entries the START reset is an ``If``: zeros of th
 sidecar's expressions give at this request's input sizes (read with ``Shape``), else the state.
 ``READY`` (1 when the slot holds a real request) gates the update: ``state_out = READY ?
 new state : old state``. With ``max_batch_size: 0`` (one sequence per execution; the graph's
-batch is the CFG/prompt batch baked at export) READY is always 1.
+batch is the CFG/prompt batch, baked at export or dynamic) READY is always 1.
 
 Triton state tensors need at least one dimension, so the 0-d counters (``step``,
 ``last_full``, ``full_steps_seen``) are shape ``[1]`` in the Triton model (a Reshape to and
