@@ -372,6 +372,15 @@ def test_wrong_shape_state_or_input_gives_clear_error(rfc_onnx):
 
 # --- Triton ---------------------------------------------------------------------------------------
 
+def _triton_request(session, kwargs: dict, state: dict, start: bool, ready: bool = True) -> tuple[dict, dict]:
+    """One request as Triton's sequence batcher makes it (model inputs, implicit state, START and
+    READY controls) run in onnxruntime: the outputs by name, and the state the next request gets."""
+    feeds = {k: v.numpy() for k, v in kwargs.items()}
+    feeds.update(state, START=np.array([int(start)], np.int32), READY=np.array([int(ready)], np.int32))
+    result = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    return result, {"state." + k[len("state_out."):]: v for k, v in result.items() if k.startswith("state_out.")}
+
+
 def test_triton_repository_config_parses_and_sequence_semantics(rfc_onnx):
     pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
     from rfc_compile.export import validate_triton_config
@@ -396,21 +405,16 @@ def test_triton_repository_config_parses_and_sequence_semantics(rfc_onnx):
              for i in session.get_inputs() if i.name.startswith("state.")}
     runner = OnnxCachedModel(rfc_onnx)
     x = torch.randn(2, 4, 8, 8)
-    names = [o.name for o in session.get_outputs()]
     for n, t in enumerate([999, 949, 899, 849, 799, 749]):
         kwargs = dict(hidden_states=x, timestep=torch.full((2,), t), class_labels=torch.tensor([1, NUM_CLASSES]))
-        feeds = {k: v.numpy() for k, v in kwargs.items()}
-        feeds.update(state, START=np.array([int(n == 0)], np.int32), READY=np.array([1], np.int32))
-        result = dict(zip(names, session.run(None, feeds)))
-        state = {"state." + k[len("state_out."):]: v for k, v in result.items() if k.startswith("state_out.")}
+        result, state = _triton_request(session, kwargs, state, start=n == 0)
         expected = runner(**kwargs, return_dict=False)[0]
         np.testing.assert_allclose(result["sample"], expected.numpy(), atol=1e-6)
         assert result["state_out.last_full"].shape == (1,)
         x = x - 0.1 * expected
     assert runner.stats.steps == 6
     # READY=0 leaves the state untouched
-    feeds.update(state, START=np.array([0], np.int32), READY=np.array([0], np.int32))
-    idle = dict(zip(names, session.run(None, feeds)))
+    idle, _ = _triton_request(session, kwargs, state, start=False, ready=False)
     assert all(np.array_equal(idle["state_out." + k[len("state."):]], v) for k, v in state.items())
 
 
@@ -594,7 +598,6 @@ def test_triton_model_of_a_dynamic_export_serves_each_shape(workdir, tmp_path):
                for i in session.get_inputs() if i.name.startswith("state.")}
     for s in seq.state:  # what Triton hands a sequence's first request (garbage instead of zeros)
         initial[s.input_name] = np.full(list(s.initial_state[0].dims), 7, dtype=initial[s.input_name].dtype)
-    names = [o.name for o in session.get_outputs()]
     runner = OnnxCachedModel(export.onnx_path)
     for height, width, text, batch in ((6, 5, 7, 2), (3, 4, 2, 3)):
         cond = flux_at(height, width, text).conditions(batch, torch.Generator().manual_seed(1))
@@ -603,10 +606,7 @@ def test_triton_model_of_a_dynamic_export_serves_each_shape(workdir, tmp_path):
         runner.reset()
         for n, sigma in enumerate(torch.linspace(1.0, 0.1, 10)):
             kwargs = dict(hidden_states=x, timestep=sigma.expand(batch), **cond)
-            feeds = {k: v.numpy() for k, v in kwargs.items()}
-            feeds.update(state, START=np.array([int(n == 0)], np.int32), READY=np.array([1], np.int32))
-            result = dict(zip(names, session.run(None, feeds)))
-            state = {"state." + k[len("state_out."):]: v for k, v in result.items() if k.startswith("state_out.")}
+            result, state = _triton_request(session, kwargs, state, start=n == 0)
             expected = runner(**kwargs, return_dict=False)[0]
             np.testing.assert_allclose(result["sample"], expected.numpy(), atol=1e-5)
             last_full.append(int(result["state_out.last_full"][0]))
