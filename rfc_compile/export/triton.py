@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError
-from .sidecar import Sidecar
+from .sidecar import Sidecar, fold_dim
 from .skip_state import restore_skip_copies
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class _DimSizes:
     """ONNX nodes computing a state shape from the request's input sizes (sidecar dims: ints,
     names of dynamic dims, expressions in them), appended to ``nodes``; one node per value."""
 
-    _OPS = {ast.Add: "Add", ast.Sub: "Sub", ast.Mult: "Mul", ast.FloorDiv: "Div"}  # sizes >= 0: Div floors
+    _OPS = {ast.Add: "Add", ast.Sub: "Sub", ast.Mult: "Mul", ast.FloorDiv: "Div"}  # Div truncates: // for sizes >= 0
 
     def __init__(self, sidecar: Sidecar, nodes: list, inits: list):
         self.nodes, self.inits, self.cache = nodes, inits, {}
@@ -185,17 +185,17 @@ class _DimSizes:
         """Name of an int64 (rank,) tensor holding ``shape`` at this request's sizes."""
         from onnx import helper
 
-        key = ("shape", tuple(shape))
-        if key not in self.cache:
-            self.cache[key] = f"rfc_triton/shape/{len(self.cache)}"
-            self.nodes.append(helper.make_node("Concat", [self.size(d) for d in shape], [self.cache[key]], axis=0))
-        return self.cache[key]
+        sizes = [self.size(d) for d in shape]
+        return self._node(("shape", *sizes), lambda out: helper.make_node("Concat", sizes, [out], axis=0))
 
     def size(self, dim) -> str:
-        """Name of an int64 (1,) tensor holding one size."""
+        """Name of an int64 (1,) tensor holding one size (sidecar.fold_dim's grammar)."""
         if isinstance(dim, int):
             return self._constant(dim)
-        return self._value(ast.parse(dim, mode="eval").body, dim)
+        try:
+            return fold_dim(dim, self._name, self._constant, self._binary)
+        except ValueError as exc:
+            raise ExportError(f"state size {dim!r}: cannot compute it in the Triton model ({exc})") from None
 
     def _constant(self, value: int) -> str:
         from onnx import numpy_helper
@@ -206,25 +206,27 @@ class _DimSizes:
             self.inits.append(numpy_helper.from_array(np.array([value], dtype=np.int64), self.cache[key]))
         return self.cache[key]
 
-    def _value(self, node: ast.AST, text: str) -> str:
+    def _name(self, dim: str) -> str:
+        """The size of a named dim, read off an input that shows it (``Shape`` of one axis)."""
         from onnx import helper
 
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            return self._constant(node.value)
-        key = ("expr", ast.dump(node))
-        if key in self.cache:
-            return self.cache[key]
-        out = f"rfc_triton/size/{len(self.cache)}"
-        if isinstance(node, ast.Name) and node.id in self.where:
-            source, axis = self.where[node.id]
-            self.nodes.append(helper.make_node("Shape", [source], [out], start=axis, end=axis + 1))
-        elif isinstance(node, ast.BinOp) and type(node.op) in self._OPS:
-            args = [self._value(node.left, text), self._value(node.right, text)]
-            self.nodes.append(helper.make_node(self._OPS[type(node.op)], args, [out]))
-        else:
-            raise ExportError(f"state size {text!r}: cannot compute it from the inputs' sizes in the Triton model")
-        self.cache[key] = out
-        return out
+        if dim not in self.where:
+            raise ValueError(f"no model input shows the dim {dim!r}")
+        return self._node(("name", dim), lambda out: helper.make_node(
+            "Shape", [self.where[dim][0]], [out], start=self.where[dim][1], end=self.where[dim][1] + 1))
+
+    def _binary(self, op: type[ast.operator], left: str, right: str) -> str:
+        from onnx import helper
+
+        return self._node((op.__name__, left, right),
+                          lambda out: helper.make_node(self._OPS[op], [left, right], [out]))
+
+    def _node(self, key: tuple, make) -> str:
+        """One node per distinct value: ``make(output name)`` the first time ``key`` is asked for."""
+        if key not in self.cache:
+            self.cache[key] = f"rfc_triton/size/{len(self.cache)}"
+            self.nodes.append(make(self.cache[key]))
+        return self.cache[key]
 
 
 def config_pbtxt(sidecar: Sidecar, name: str, max_sequence_idle_microseconds: int = 60_000_000) -> str:
