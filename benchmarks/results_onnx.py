@@ -17,9 +17,11 @@ def write_section(path: Path, section: str, begin: str, end: str) -> None:
     path.write_text(text)
 
 
-def publish(path: Path, lines: list[str], begin: str, end: str) -> None:
-    """Print a rendered section (``lines``, markers included) and write it into ``path``."""
+def publish(path: Path | None, lines: list[str], begin: str, end: str) -> None:
+    """Print a rendered section (``lines``, markers included) and write it into ``path`` (None:
+    print only)."""
     section = "\n".join(lines)
     print(section)
-    write_section(path, section, begin, end)
-    print(f"wrote {path}")
+    if path is not None:
+        write_section(path, section, begin, end)
+        print(f"wrote {path}")

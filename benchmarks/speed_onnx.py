@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from rfc_compile import RFCConfig  # noqa: E402
 from rfc_compile.export import OnnxCachedModel, to_onnx  # noqa: E402
 from rfc_compile.export.models import dit_s  # noqa: E402
-from results_onnx import write_section  # noqa: E402  (benchmarks/results_onnx.py)
+from results_onnx import publish  # noqa: E402  (benchmarks/results_onnx.py)
 
 BEGIN, END = "<!-- speed_onnx:begin -->", "<!-- speed_onnx:end -->"
 
@@ -253,12 +253,7 @@ def main(argv=None) -> int:
         f"{' --dynamic-batch' if args.dynamic_batch else ''}`",
         END,
     ]
-    section = "\n".join(lines)
-    print(section)
-    if not args.no_write:
-        path = Path(args.results)
-        write_section(path, section, BEGIN, END)
-        print(f"wrote {path}")
+    publish(None if args.no_write else Path(args.results), lines, BEGIN, END)
     return 0
 
 
