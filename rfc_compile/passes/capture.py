@@ -47,7 +47,7 @@ class CapturedGraph:
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
     input_names: list[str]  # placeholder names, in flat order
-    dynamic_shapes: dict[str, Any] | None = None  # torch.export's, for the kwargs (dynamic batch)
+    dynamic_shapes: dict[str, Any] | None = None  # torch.export's, for the kwargs (dynamic dims)
 
     def flatten_inputs(self, kwargs: dict[str, Any]) -> list[Any]:
         flat, spec = pytree.tree_flatten(((), kwargs))

@@ -76,8 +76,8 @@ def _all_finite(tensors: tuple[Tensor, ...]) -> Tensor:
 
 
 def _sizes(shape) -> tuple[int, ...]:
-    """Concrete sizes: a symbolic size (dynamic batch) is taken at its example value (StateSpec's
-    shapes are the example's; a runner of a dynamic-batch graph allocates the state per batch)."""
+    """Concrete sizes: a symbolic size (a dynamic dim) is taken at its example value (StateSpec's
+    shapes are the example's; a runner of a graph with dynamic dims sizes the state per call)."""
     return tuple(size if isinstance(size, int) else int(size.node.hint) for size in shape)
 
 
@@ -96,7 +96,7 @@ def _is_symbolic(node: fx.Node) -> bool:
 
 
 def _pull_symbolic(span: list[fx.Node], before: set[fx.Node], order: dict[fx.Node, int]) -> list[fx.Node]:
-    """Sizes the span reads from before it (``sym_size`` of a dynamic batch, and arithmetic on
+    """Sizes the span reads from before it (``sym_size`` of a dynamic dim, and arithmetic on
     it) are not tensors and cannot be cond operands: the span recomputes them itself, from the
     tensors they are read off (which become operands instead)."""
     pulled: set[fx.Node] = set()
