@@ -5,7 +5,8 @@
 #   1. export a tiny DiT (modes full and rfc) with `rfc-compile export` (the CLI builds an fp32
 #      TensorRT engine next to each ONNX file, with a progress bar per build phase)
 #   2. polygraphy: TensorRT vs onnxruntime on the same (random) inputs, state included
-#   3. the CUDA/TensorRT tests of tests/test_export.py (ORT/TRT runner vs eager, whole generation)
+#   3. the CUDA/TensorRT tests of tests/test_export.py (ORT/TRT runner vs eager, whole generation;
+#      one FLUX engine with dynamic batch/image/text tokens at three shapes of its profile)
 #   4. DiT-S-sized model (hidden 384, depth 12, 32x32 latent, batch 2): full vs RFC engines
 #      (fixed interval 4, warm-up 2 -> NFC 14 of 50), fp16, median seconds per 50-step generation;
 #      also onnxruntime's CUDA EP when onnxruntime-gpu is installed

@@ -488,20 +488,32 @@ def test_dynamic_batch_flux_matches_eager(workdir):
         assert _max_diff(got, expected) < ATOL
 
 
-def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(workdir):
-    """FLUX exported once with dynamic image and text token counts (and batch) runs generations at
-    other latent grids, prompt lengths and batches, each equal to the eager cached model at that
-    shape; the single block's cache follows image + text tokens, as the model concatenates them."""
-    from conftest import FAMILIES, flow_generation, flux_at
+FLUX_SINGLE = "single_transformer_blocks_0_mlp_attn.ladder.0"  # a single block's cache: image + text tokens
+
+
+@pytest.fixture(scope="module")
+def flux_tokens_export(workdir):
+    """FLUX (mode rfc) exported at 4x4 latents, 3 text tokens, batch 2, with those three dims dynamic."""
+    from conftest import FAMILIES, flux_at
 
     from rfc_compile.passes.patterns import TOKEN_DIMS
 
     config = RFCConfig(mode="rfc", threshold=FAMILIES["flux"].threshold, order=1)
     gen = torch.Generator().manual_seed(0)
     example = dict(hidden_states=torch.randn(2, 16, 4), timestep=torch.ones(2), **flux_at(4, 4, 3).conditions(2, gen))
-    export = to_onnx(FAMILIES["flux"].build(), workdir / "flux_rfc_tokens.onnx", example, config, dynamic_batch=True,
-                     dynamic_dims=TOKEN_DIMS["FluxTransformer2DModel"])
-    single = "single_transformer_blocks_0_mlp_attn.ladder.0"
+    return to_onnx(FAMILIES["flux"].build(), workdir / "flux_rfc_tokens.onnx", example, config, dynamic_batch=True,
+                   dynamic_dims=TOKEN_DIMS["FluxTransformer2DModel"])
+
+
+def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(flux_tokens_export):
+    """FLUX exported once with dynamic image and text token counts (and batch) runs generations at
+    other latent grids, prompt lengths and batches, each equal to the eager cached model at that
+    shape; the single block's cache follows image + text tokens, as the model concatenates them."""
+    from conftest import FAMILIES, flow_generation, flux_at
+
+    export, single = flux_tokens_export, FLUX_SINGLE
+    config = RFCConfig(**export.sidecar.rfc_config)
+    gen = torch.Generator().manual_seed(0)
     shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.outputs, *export.sidecar.state]}
     assert shapes["img_ids"] == ("image_tokens", 3) and shapes["encoder_hidden_states"] == ("batch", "text_tokens", 16)
     assert shapes["sample"] == ("batch", "image_tokens", 4)
@@ -568,6 +580,82 @@ def test_dynamic_dims_errors_are_clear():
         capture(make_tiny_dit(), dit_inputs(batch=1), dynamic_dims={"hidden_states": {0: "batch"}})
     with pytest.raises(UnsupportedModelError, match="fixes them"):  # DiT's patch embedding checks the size
         capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "height", 3: "width"}})
+
+
+def test_dim_ranges_are_enforced_by_the_runner(flux_tokens_export, tmp_path):
+    """A call whose sizes lie outside a dim's range (the export's, or an engine's profile written into
+    its sidecar by build_engine) is refused with the range, not passed on to the backend."""
+    from conftest import flux_at
+
+    pair = _copy_pair(flux_tokens_export.onnx_path, tmp_path, "ranged.onnx")
+    side = pair.with_name(pair.name + ".rfc.json")
+    raw = json.loads(side.read_text())
+    assert raw["dynamic_axes"]["image_tokens"] == {"example": 16, "min": 1, "max": 65536}
+    raw["dynamic_axes"]["image_tokens"]["max"] = 20
+    side.write_text(json.dumps(raw))
+    runner = OnnxCachedModel(pair)
+    gen = torch.Generator().manual_seed(0)
+    runner(hidden_states=torch.randn(2, 20, 4), timestep=torch.ones(2), **flux_at(4, 5, 3).conditions(2, gen))
+    assert runner.dims["image_tokens"] == 20
+    with pytest.raises(InputMismatchError, match=r"'image_tokens' is 30 in this call.*serves 1\.\.20"):
+        runner(hidden_states=torch.randn(2, 30, 4), timestep=torch.ones(2), **flux_at(6, 5, 3).conditions(2, gen))
+    assert runner.dims["image_tokens"] == 20  # the refused call changed nothing
+    raw["dynamic_axes"]["image_tokens"]["max"] = 8  # below the example: the sidecar contradicts itself
+    side.write_text(json.dumps(raw))
+    with pytest.raises(ModelFileError, match="inconsistent dynamic dims"):
+        OnnxCachedModel(pair)
+
+
+def test_tensorrt_profile_and_graph_of_a_dynamic_export(flux_tokens_export, tmp_path):
+    """What build_engine hands TensorRT for a dynamic-dim export, checked without TensorRT: the
+    optimisation profile of every input and state input (state sizes following the model inputs'
+    ranges, image + text tokens included), and the graph it parses (skip copies restored, so every
+    state output is full-size), which onnxruntime runs at another shape like the plain runner."""
+    from conftest import flux_at
+
+    from rfc_compile.export.skip_state import restore_skip_copies
+    from rfc_compile.export.tensorrt import _engine_dims, build_engine, profile_dims, profile_shapes
+
+    sidecar = flux_tokens_export.sidecar
+    assert profile_dims(sidecar) == {"batch": (1, 2, 2), "image_tokens": (1, 16, 16), "text_tokens": (1, 3, 3)}
+    dims = {"batch": (1, 2, 4), "image_tokens": (4, 16, 64), "text_tokens": (1, 3, 8)}
+    shapes = profile_shapes(sidecar, dims)
+    assert shapes["hidden_states"] == ((1, 4, 4), (2, 16, 4), (4, 64, 4))
+    assert shapes["img_ids"] == ((4, 3), (16, 3), (64, 3)) and shapes["txt_ids"] == ((1, 3), (3, 3), (8, 3))
+    assert shapes["state." + FLUX_SINGLE] == ((1, 2, 5, 16), (2, 2, 19, 16), (4, 2, 72, 16))
+    assert "state.step" not in shapes and "timestep" in shapes  # 0-d / static inputs need no profile
+    for bad, why in (({"height": (1, 2, 3)}, "not dynamic"), ({"batch": (1, 5, 4)}, "min <= opt <= max"),
+                     ({"image_tokens": (1, 16, 10**6)}, "<= 65536")):
+        with pytest.raises(ValueError, match=why):
+            profile_shapes(sidecar, bad)
+        with pytest.raises(ValueError, match=why):  # before TensorRT is needed
+            build_engine(flux_tokens_export.onnx_path, tmp_path / "x.engine", dims=bad)
+    # an engine's -1 sizes take the sidecar's dim names (they agree); where the sidecar has a size, "?"
+    named = ("batch", 2, "image_tokens + text_tokens", 16)
+    assert _engine_dims((-1, 2, -1, 16), named) == named and _engine_dims((-1, 3), (2, 3)) == ("?", 3)
+
+    graph = restore_skip_copies(onnx.load(str(flux_tokens_export.onnx_path)), sidecar.raw["state"],
+                                sidecar.kept_on_skip)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    runner = OnnxCachedModel(flux_tokens_export.onnx_path)
+    batch, height, width, text = 3, 6, 5, 7
+    cond = flux_at(height, width, text).conditions(batch, torch.Generator().manual_seed(1))
+    sizes = {"batch": batch, "image_tokens": height * width, "text_tokens": text}
+    bound = sidecar.with_dims(sizes)
+    state = {s.input: np.zeros(s.shape, dtype=np.int64 if s.dtype == "int64" else np.float32) for s in bound.state}
+    x = torch.randn(batch, height * width, 4)
+    for sigma in torch.linspace(1.0, 0.1, 8):
+        kwargs = dict(hidden_states=x, timestep=sigma.expand(batch), **cond)
+        expected = runner(**kwargs, return_dict=False)[0]
+        feeds = {d.name: kwargs[d.name].numpy() for d in bound.inputs}
+        names = [o.name for o in session.get_outputs()]
+        result = dict(zip(names, session.run(names, {**feeds, **state})))
+        np.testing.assert_allclose(result["sample"], expected.numpy(), atol=1e-5)
+        for s in bound.state:  # every state output full-size on every step
+            assert result[s.output].shape == s.shape
+            state[s.input] = result[s.output]
+        x = x - 0.1 * expected
+    assert 2 < runner.stats.nfc < 8
 
 
 def test_triton_model_of_a_dynamic_export_serves_each_shape(workdir, tmp_path):
@@ -667,6 +755,30 @@ def test_tensorrt_engine_matches_eager(rfc_onnx, tmp_path):
     assert _max_diff(got, expected) < 1e-3
 
 
+@pytest.mark.gpu
+def test_tensorrt_dynamic_engine_serves_each_shape_in_its_profile(flux_tokens_export, tmp_path):
+    """One engine from the dynamic FLUX export serves generations at shapes inside its profile like
+    the onnxruntime runner (same full steps), and refuses a shape outside it."""
+    _require_tensorrt()
+    from conftest import flow_generation, flux_at
+
+    from rfc_compile.export import TrtCachedModel, build_engine
+
+    dims = {"batch": (1, 2, 3), "image_tokens": (4, 16, 30), "text_tokens": (1, 3, 7)}
+    engine = build_engine(flux_tokens_export.onnx_path, tmp_path / "flux.engine", precision="fp32", progress=False,
+                          dims=dims)
+    trt_runner, ort_runner = TrtCachedModel(engine), OnnxCachedModel(flux_tokens_export.onnx_path)
+    for height, width, text, batch in ((4, 4, 3, 2), (6, 5, 7, 3), (2, 2, 1, 1)):
+        family = flux_at(height, width, text)
+        _, expected = flow_generation(ort_runner, family, steps=12, batch=batch)
+        _, got = flow_generation(trt_runner, family, steps=12, batch=batch)
+        assert trt_runner.state[FLUX_SINGLE].shape == (batch, 2, height * width + text, 16)
+        assert trt_runner.stats.full_steps == ort_runner.stats.full_steps
+        assert _max_diff(got, expected) < 1e-3
+    with pytest.raises(InputMismatchError, match="serves 4..30"):
+        flow_generation(trt_runner, flux_at(8, 4, 3), steps=2)
+
+
 def test_cli_model_loading(tmp_path):
     """`rfc-compile export` takes a built-in name or a diffusers model directory (class from config.json)."""
     from rfc_compile.export.models import example_inputs, load_model
@@ -686,7 +798,14 @@ def test_cli_model_loading(tmp_path):
 
     # --dynamic-tokens only where TOKEN_DIMS says the model allows it: DiT's resolution is fixed
     assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--dynamic-tokens"]) == 2
+    # --engine-dim: a dynamic dim of this export only (checked before exporting), a valid range
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--engine-dim", "batch=1:2:4"]) == 2
     assert not (tmp_path / "x.onnx").exists()
+    with pytest.raises(SystemExit):
+        main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--dynamic-batch", "--engine-dim", "batch=1:2"])
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--dynamic-batch", "--no-triton",
+                 "--engine-dim", "batch=1:8:4"]) == 2
+    assert (tmp_path / "x.onnx").exists()  # the export is done; the engine's profile is what was refused
 
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3"])

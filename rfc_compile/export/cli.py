@@ -2,6 +2,8 @@
 
     rfc-compile export tiny-dit -o out/dit.onnx --mode rfc --threshold 0.8
     rfc-compile export path/to/transformer -o out/pixart.onnx --batch 2 --height 64 --width 64
+    rfc-compile export path/to/flux -o out/flux.onnx --dynamic-batch --dynamic-tokens \
+        --engine-dim batch=1:2:4 --engine-dim image_tokens=1024:4096:4096 --engine-dim text_tokens=1:512:512
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--height", type=int, default=None, help="latent height (default: config sample_size)")
     shapes.add_argument("--width", type=int, default=None, help="latent width (default: config sample_size)")
     shapes.add_argument("--text-len", type=int, default=8, help="text tokens (PixArt/FLUX/SD3)")
-    shapes.add_argument("--dynamic-batch", action="store_true",
-                        help="one graph for any batch size (ONNX, onnxruntime and Triton; no TensorRT engine)")
+    shapes.add_argument("--dynamic-batch", action="store_true", help="one graph for any batch size")
     shapes.add_argument("--dynamic-tokens", action="store_true",
                         help="one graph for any image/text token count, where the model allows it "
-                             "(passes/patterns.py TOKEN_DIMS; ONNX, onnxruntime and Triton; no TensorRT engine)")
+                             "(passes/patterns.py TOKEN_DIMS)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--opset", type=int, default=None)
     out.add_argument("--no-check", action="store_true", help="skip loading the result in onnxruntime")
@@ -45,14 +46,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--engine", default=None, help="TensorRT engine path (default: <output>.<precision>.engine)")
     out.add_argument("--precision", choices=("fp16", "fp32"), default="fp16")
     out.add_argument("--no-engine", action="store_true", help="do not build a TensorRT engine even if possible")
+    out.add_argument("--engine-dim", action="append", default=[], metavar="NAME=MIN:OPT:MAX", type=_dim_range,
+                     help="a dynamic dim's sizes the engine serves, e.g. batch=1:2:8 (repeatable; a dim left out "
+                          "serves 1 up to its example size)")
     parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def _dim_range(text: str) -> tuple[str, tuple[int, int, int]]:
+    """``"batch=1:2:8"`` -> ("batch", (1, 2, 8)) (--engine-dim)."""
+    name, _, sizes = text.partition("=")
+    parts = sizes.split(":")
+    if not name or len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=MIN:OPT:MAX (e.g. batch=1:2:8)")
+    lo, opt, hi = (int(p) for p in parts)
+    return name.strip(), (lo, opt, hi)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from .models import example_inputs, load_model
     from .onnx import to_onnx
-    from .tensorrt import build_engine, tensorrt_available
+    from .sidecar import BATCH_DIM
+    from .tensorrt import build_engine, profile_dims, tensorrt_available
 
     try:
         config = RFCConfig(mode=args.mode, threshold=args.threshold, interval=args.interval, order=args.order,
@@ -71,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
                   f"an export (known dynamic: {sorted(TOKEN_DIMS)})")
             return 2
     dynamic = args.dynamic_batch or dynamic_dims is not None
+    engine_dims = dict(args.engine_dim)
+    named = {BATCH_DIM} if args.dynamic_batch else set()
+    named |= {name for by_index in (dynamic_dims or {}).values() for name in by_index.values()}
+    if set(engine_dims) - named:  # before the export, which takes a while
+        print(f"rfc-compile export: error: --engine-dim {sorted(set(engine_dims) - named)}: not a dynamic dim of this "
+              f"export (dynamic: {sorted(named) or 'none; see --dynamic-batch / --dynamic-tokens'})")
+        return 2
     output = Path(args.output)
     triton = False if args.no_triton else (args.triton or True)
     result = to_onnx(model, output, inputs, config, opset=args.opset, check=not args.no_check, triton=triton,
@@ -83,14 +105,20 @@ def run(args: argparse.Namespace) -> int:
     if result.triton_model_dir is not None:
         print(f"wrote Triton model {result.triton_model_dir} (config.pbtxt + 1/model.onnx)")
     if dynamic:
-        print(f"dynamic dims {sorted(sidecar.example_dims)}: no TensorRT engine (TrtCachedModel binds fixed-size "
-              "state buffers)")
-    elif not args.no_engine:
-        ok, why = tensorrt_available()
-        if ok:
-            engine = Path(args.engine or f"{output}.{args.precision}.engine")
-            build_engine(output, engine, precision=args.precision)
-            print(f"wrote TensorRT engine {engine} ({args.precision})")
-        else:
-            print(f"no TensorRT engine: {why}")
+        print(f"dynamic dims {sidecar.example_dims} (example sizes)")
+    if args.no_engine:
+        return 0
+    try:
+        profile = profile_dims(sidecar, engine_dims)
+    except ValueError as exc:
+        print(f"rfc-compile export: error: --engine-dim: {exc}")
+        return 2
+    ok, why = tensorrt_available()
+    if not ok:
+        print(f"no TensorRT engine: {why}")
+        return 0
+    engine = Path(args.engine or f"{output}.{args.precision}.engine")
+    build_engine(output, engine, precision=args.precision, dims=engine_dims)
+    served = f", serving {', '.join(f'{n} {lo}..{hi}' for n, (lo, _, hi) in profile.items())}" if profile else ""
+    print(f"wrote TensorRT engine {engine} ({args.precision}{served})")
     return 0

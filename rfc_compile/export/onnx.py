@@ -33,7 +33,7 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
   (``Identity(state.<name>)``: ladders, ratios, last inputs) come back as an empty tensor from a
   skipped step instead of a copy of the cache; the sidecar's ``kept_on_skip`` lists them and the
   runner keeps its buffer (skip_state.py). ``to_onnx(..., empty_on_skip=False)`` keeps the copies.
-  Triton and TensorRT get the graph with the copies restored (their state bindings are fixed-size).
+  Triton and TensorRT get the graph with the copies restored (their state outputs are full-size every step).
 * ``reduce_l2_as_sum_of_squares``: a ``ReduceL2`` (from the model's own code; RFC's norms are
   exported as ``Mul`` + ``ReduceSum`` already, see rfc.py's ``sample_sq_norm``) becomes
   ``Sqrt(ReduceSum(Mul(x, x)))``, the same function, because onnxruntime's CUDA provider runs

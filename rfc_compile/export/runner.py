@@ -121,6 +121,7 @@ class StatefulRunner:
         leaves = dict(flatten_kwargs(call))
         dims = self._call_dims(leaves)
         if dims != self.dims:
+            self.graph_sidecar.check_dims(dims)
             self._bind_dims(dims)
             self.reset()
         feeds = self._feeds(leaves)

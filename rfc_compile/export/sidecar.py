@@ -54,7 +54,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from .errors import ModelFileError, SidecarMismatchError
+from .errors import InputMismatchError, ModelFileError, SidecarMismatchError
 
 FORMAT = "rfc_compile.export"
 BATCH_DIM = "batch"
@@ -198,6 +198,20 @@ class Sidecar:
         return {name: int(axis["example"]) for name, axis in self.raw.get("dynamic_axes", {}).items()}
 
     @property
+    def dim_ranges(self) -> dict[str, tuple[int, int]]:
+        """Each dynamic dim's allowed sizes (min, max): torch.export's range for an ONNX graph, the
+        optimisation profile's for a TensorRT engine."""
+        return {name: (int(axis["min"]), int(axis["max"])) for name, axis in self.raw.get("dynamic_axes", {}).items()}
+
+    def check_dims(self, sizes: dict[str, int]) -> None:
+        """InputMismatchError unless every dynamic dim's size lies in its range (``dim_ranges``)."""
+        for name, (lo, hi) in self.dim_ranges.items():
+            if name in sizes and not lo <= sizes[name] <= hi:
+                raise InputMismatchError(
+                    f"{name!r} is {sizes[name]} in this call; {self.raw.get('artifact', 'the graph')} serves "
+                    f"{lo}..{hi} (an engine: its optimisation profile, set by build_engine's dims)")
+
+    @property
     def example_batch(self) -> int | None:
         """The export's batch size if the graph takes any batch size (``dynamic_batch``), else None."""
         return self.example_dims.get(BATCH_DIM)
@@ -230,10 +244,11 @@ class Sidecar:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None
-        try:  # every symbolic size is an expression in the listed dims
+        try:  # every symbolic size is an expression in the listed dims, every example in its range
             sidecar.with_dims(sidecar.example_dims)
+            sidecar.check_dims(sidecar.example_dims)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{where} has a shape the runner cannot size ({exc}); re-export the model") from None
+            raise ModelFileError(f"{where} has inconsistent dynamic dims ({exc}); re-export the model") from None
         states = sidecar.state_by_name()
         for name in sidecar.kept_on_skip:
             entry = states.get(name)

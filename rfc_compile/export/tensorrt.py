@@ -7,9 +7,15 @@ The ONNX ``If`` node becomes an ``IIfConditional``: only the taken branch runs (
 the 0-d predicate on the host, one sync per step). The engine has the ONNX graph's I/O names,
 so the sidecar is copied next to it as ``<engine>.rfc.json`` (plus an ``engine`` entry).
 The engine is built from the graph with the skipped branch's state copies restored
-(skip_state.restore_skip_copies; its ``kept_on_skip`` is ``[]``): the runner binds fixed-size
-state buffers. Returning those outputs empty would need TensorRT's data-dependent output
-shapes (IOutputAllocator), not done here.
+(skip_state.restore_skip_copies; its ``kept_on_skip`` is ``[]``): the runner binds state
+buffers of the current call's sizes. Returning those outputs empty would need TensorRT's
+data-dependent output shapes (IOutputAllocator), not done here.
+
+Dynamic dims (``to_onnx(..., dynamic_batch=True)`` / ``dynamic_dims``): the engine gets one
+optimisation profile, each named dim's (min, opt, max) from ``build_engine(dims=...)``
+(:func:`profile_shapes` turns them into every input's and state input's shapes, a FLUX single
+block's ``image_tokens + text_tokens`` included); the engine's sidecar records those ranges, and
+``TrtCachedModel`` sets the input shapes of each new size and refuses sizes outside them.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ExportError, ModelFileError
+from .errors import ExportError, InputMismatchError, ModelFileError
 from .runner import StatefulRunner, torch_dtype
-from .sidecar import Sidecar, sidecar_path
+from .sidecar import Dim, Sidecar, bind_shape, sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,49 @@ def tensorrt_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)"
     return True, trt.__version__
+
+
+DimRange = tuple[int, int, int]  # a dynamic dim's (min, opt, max) in an optimisation profile
+
+
+def profile_dims(sidecar: Sidecar, dims: dict[str, DimRange] | None = None) -> dict[str, DimRange]:
+    """Each dynamic dim's (min, opt, max): ``dims`` where given, else (the export's min, its example,
+    its example), i.e. an engine that serves up to the size it was exported at. Checked against
+    the export's ranges."""
+    dims = dict(dims or {})
+    ranges = sidecar.dim_ranges
+    unknown = sorted(set(dims) - set(ranges))
+    if unknown:
+        raise ValueError(f"dims {unknown} are not dynamic in this export (its dynamic dims: {sorted(ranges) or 'none'})")
+    corners = {}
+    for name, example in sidecar.example_dims.items():
+        lo, opt, hi = (int(v) for v in dims.get(name, (ranges[name][0], example, example)))
+        if not ranges[name][0] <= lo <= opt <= hi <= ranges[name][1]:
+            raise ValueError(f"dims[{name!r}] = {(lo, opt, hi)}: need {ranges[name][0]} <= min <= opt <= max <= "
+                             f"{ranges[name][1]}")
+        corners[name] = (lo, opt, hi)
+    return corners
+
+
+def profile_shapes(sidecar: Sidecar, dims: dict[str, DimRange] | None = None) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """The optimisation profile of a dynamic-dim export: ``{input: (min, opt, max)}`` for every model
+    input and ``state.*`` input whose shape names a dim (``dims``: see :func:`profile_dims`).
+
+    A size that follows several dims (``"image_tokens + text_tokens"``) is evaluated at the three
+    corners, so each state input's range is the one the model inputs' ranges imply."""
+    corners = profile_dims(sidecar, dims)
+    at = [{name: c[i] for name, c in corners.items()} for i in range(3)]
+    named: list[tuple[str, tuple[Dim, ...]]] = [(d.name, d.shape) for d in sidecar.inputs]
+    named += [(s.input, s.shape) for s in sidecar.state]
+    shapes = {}
+    for name, shape in named:
+        if all(isinstance(d, int) for d in shape):
+            continue
+        lo, opt, hi = (bind_shape(shape, sizes) for sizes in at)
+        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+            raise ValueError(f"{name}'s shape {list(shape)} is not monotone in the dims: {lo} / {opt} / {hi}")
+        shapes[name] = (lo, opt, hi)
+    return shapes
 
 
 def _make_progress_monitor(trt):
@@ -84,25 +133,30 @@ def _make_progress_monitor(trt):
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, precision: str = "fp16",
                  shapes: dict[str, tuple] | None = None, workspace_gb: float | None = None,
-                 progress: bool = True, verbose: bool = False) -> Path:
+                 progress: bool = True, verbose: bool = False, dims: dict[str, DimRange] | None = None) -> Path:
     """Build a serialized TensorRT engine from an ONNX file written by ``to_onnx``.
 
     Args:
         precision: "fp16" (FP16 kernels allowed; I/O and state stay in the ONNX dtypes) or "fp32".
-        shapes: optional optimisation profile ``{input: (min, opt, max)}`` for dynamic inputs
-            (the exported graphs are static, so this is normally None).
+        shapes: optional optimisation profile ``{input: (min, opt, max)}``, overriding the one
+            ``dims`` gives (a static export needs neither).
         workspace_gb: cap of the builder's workspace memory pool.
+        dims: a dynamic-dim export's sizes to serve, ``{"batch": (1, 2, 8), "image_tokens":
+            (256, 1024, 4096)}`` as (min, opt, max) per named dim; a dim left out serves up to
+            its export example (:func:`profile_dims`). Every state input's range follows.
         progress: tqdm bars per build phase (TensorRT's IProgressMonitor, when available).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    sidecar = Sidecar.load(onnx_path)
+    corners = profile_dims(sidecar, dims)  # a wrong dims fails here, before TensorRT is needed
+    profile = {**profile_shapes(sidecar, dims), **(shapes or {})}
     ok, why = tensorrt_available()
     if not ok:
         raise RuntimeError(f"cannot build a TensorRT engine: {why}")
     import tensorrt as trt
 
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    sidecar = Sidecar.load(onnx_path)
     trt_logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
     flags = 0
@@ -131,11 +185,12 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
         config.set_flag(trt.BuilderFlag.FP16)
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    if shapes:
-        profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in shapes.items():
-            profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
-        config.add_optimization_profile(profile)
+    if profile:
+        trt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.items():
+            trt_profile.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+        config.add_optimization_profile(trt_profile)
+        logger.info("optimisation profile: %s", {name: list(c) for name, c in corners.items()})
     if progress:
         monitor = _make_progress_monitor(trt)
         if monitor is not None:
@@ -149,6 +204,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
     raw["artifact"] = engine_path.name
     raw["kept_on_skip"] = []  # built from the graph with the skip copies restored
     raw["engine"] = {"onnx": onnx_path.name, "precision": precision, "tensorrt": trt.__version__}
+    if corners:  # the runner serves, and checks calls against, the profile's ranges
+        raw["dynamic_axes"] = {name: {"example": opt, "min": lo, "max": hi} for name, (lo, opt, hi) in corners.items()}
+        raw["engine"]["profile"] = {name: list(c) for name, c in corners.items()}
     sidecar_path(engine_path).write_text(json.dumps(raw, indent=2) + "\n")
     return engine_path
 
@@ -158,7 +216,9 @@ class TrtCachedModel(StatefulRunner):
 
     State tensors are two sets of CUDA buffers (ping-pong) whose addresses are bound to the
     ``state.*`` inputs and ``state_out.*`` outputs; nothing is copied between steps except the
-    8-byte ``state_out.last_full`` read for ``stats``.
+    8-byte ``state_out.last_full`` read for ``stats``. An engine with dynamic dims gets its input
+    shapes set (and its output shapes checked against the sidecar's) each time the sizes change,
+    which also starts a new generation with buffers of the new sizes.
     """
 
     def __init__(self, engine_path: str | os.PathLike, device: int | str = 0, auto_reset: bool = True):
@@ -170,10 +230,6 @@ class TrtCachedModel(StatefulRunner):
 
         self.path = Path(engine_path)
         sidecar = Sidecar.load(self.path)
-        if sidecar.example_dims:
-            raise ModelFileError(f"{self.path} was exported with dynamic dims {sorted(sidecar.example_dims)}; "
-                                 "TrtCachedModel binds fixed-size state buffers: export with static shapes "
-                                 "(dynamic_batch=False, no dynamic_dims) for TensorRT")
         super().__init__(sidecar, auto_reset)
         if not self.path.is_file() or self.path.stat().st_size == 0:
             raise ModelFileError(f"engine file {self.path} is missing or empty")
@@ -185,14 +241,17 @@ class TrtCachedModel(StatefulRunner):
             raise ModelFileError(f"TensorRT could not deserialize {self.path} (corrupted, or built with another "
                                  "TensorRT version / GPU)")
         self.context = self.engine.create_execution_context()
+        named = {d.name: d.shape for d in [*sidecar.inputs, *sidecar.outputs]}
+        named.update({s.input: s.shape for s in sidecar.state} | {s.output: s.shape for s in sidecar.state})
         io_in, io_out = {}, {}
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             shape = tuple(self.engine.get_tensor_shape(name))
             dtype = _TRT_DTYPES.get(str(self.engine.get_tensor_dtype(name)).split(".")[-1], "?")
             target = io_in if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else io_out
-            target[name] = (tuple(d if d >= 0 else "?" for d in shape), dtype)
+            target[name] = (_engine_dims(shape, named.get(name)), dtype)
         sidecar.check_io(io_in, io_out, where=str(self.path))
+        self._shapes_set_for: dict[str, int] | None = None
         self._stream = torch.cuda.Stream(device=self.device)
         self._buffers: list[dict[str, Any]] = [{}, {}]
         self._current = 0
@@ -214,9 +273,26 @@ class TrtCachedModel(StatefulRunner):
 
         self._buffers[self._current] = {name: torch.from_numpy(a).to(self.device) for name, a in arrays.items()}
 
+    def _set_input_shapes(self) -> None:
+        """Every input's shape at the current dims (a dynamic engine), outputs checked against the sidecar."""
+        for name, shape in [(d.name, d.shape) for d in self.sidecar.inputs] + [(s.input, s.shape)
+                                                                                for s in self.sidecar.state]:
+            if not self.context.set_input_shape(name, tuple(shape)):
+                raise InputMismatchError(f"TensorRT refused shape {list(shape)} for {name!r} (dims {self.dims}; "
+                                         f"the engine's profile: {self.sidecar.raw.get('engine', {}).get('profile')})")
+        for name, shape in [(d.name, d.shape) for d in self.sidecar.outputs] + [(s.output, s.shape)
+                                                                                 for s in self.sidecar.state]:
+            got = tuple(self.context.get_tensor_shape(name))
+            if got != tuple(shape):
+                raise ExportError(f"the engine gives {name!r} the shape {list(got)} at dims {self.dims}, the "
+                                  f"sidecar {list(shape)}: rebuild the engine from this export")
+        self._shapes_set_for = self.dims
+
     def _step(self, feeds: dict[str, Any]):
         import torch
 
+        if self.dims and self._shapes_set_for != self.dims:
+            self._set_input_shapes()
         keep = []
         # outputs go back to where the inputs came from (drop-in for a CPU pipeline too)
         first = next(iter(feeds.values()), None)
@@ -247,7 +323,14 @@ class TrtCachedModel(StatefulRunner):
         return outputs, last_full
 
 
+def _engine_dims(shape: tuple[int, ...], sidecar_shape: tuple[Dim, ...] | None) -> tuple[Dim, ...]:
+    """An engine tensor's shape for Sidecar.check_io: a dynamic size (-1) takes the sidecar's dim name
+    where the sidecar names one (they agree), else "?" (the engine is dynamic where the export was not)."""
+    named = sidecar_shape if sidecar_shape is not None and len(sidecar_shape) == len(shape) else (None,) * len(shape)
+    return tuple(d if d >= 0 else (n if isinstance(n, str) else "?") for d, n in zip(shape, named))
+
+
 _TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT64": "int64", "INT32": "int32", "INT8": "int8",
                "UINT8": "uint8", "BOOL": "bool", "BF16": "bfloat16"}
 
-__all__ = ["build_engine", "TrtCachedModel", "tensorrt_available", "PRECISIONS"]
+__all__ = ["build_engine", "TrtCachedModel", "tensorrt_available", "profile_dims", "profile_shapes", "PRECISIONS"]
