@@ -468,17 +468,19 @@ def test_dynamic_batch_graph_runs_each_batch_like_eager(dynamic_onnx):
 
 
 def test_dynamic_batch_flux_matches_eager(workdir):
-    """FLUX: the text states are batched, the position ids (no batch dim) stay static."""
-    from conftest import FAMILIES, flow_generation
+    """FLUX: the text states are batched, the position ids (no batch dim) stay static, also when
+    the prompt length equals the batch (patterns.UNBATCHED_INPUTS; torch.export refused it before)."""
+    from conftest import FAMILIES, flow_generation, flux_at
 
-    family = FAMILIES["flux"]
+    family = flux_at(4, 4, 2)  # 2 text tokens at batch 2
     config = RFCConfig(mode="rfe", interval=3, order=1)
     gen = torch.Generator().manual_seed(0)
     example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.ones(2),
                    **family.conditions(2, gen))
-    export = to_onnx(family.build(), workdir / "flux_rfe_dynamic.onnx", example, config, dynamic_batch=True)
+    export = to_onnx(FAMILIES["flux"].build(), workdir / "flux_rfe_dynamic.onnx", example, config, dynamic_batch=True)
     shapes = {d.name: d.shape for d in export.sidecar.inputs}
-    assert shapes["encoder_hidden_states"][0] == "batch" and shapes["img_ids"] == (16, 3)
+    assert shapes["encoder_hidden_states"] == ("batch", 2, 16)
+    assert shapes["img_ids"] == (16, 3) and shapes["txt_ids"] == (2, 3)
     runner = OnnxCachedModel(export.onnx_path)
     for batch in (3, 2):
         eager = rfc_compile.optimize(family.build(), config)

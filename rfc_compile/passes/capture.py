@@ -6,8 +6,9 @@ so weights changed in place after optimizing are seen by the cached model.
 
 With ``dynamic_batch=True`` the batch size is a symbol (``BATCH``) instead of the example's
 number: every tensor input whose first dim equals the first input's is marked dynamic there
-(DiT's ``hidden_states``/``timestep``/``class_labels``; FLUX's ``img_ids``/``txt_ids`` have no
-batch dim). The exporters use it for graphs that serve any batch size.
+(DiT's ``hidden_states``/``timestep``/``class_labels``), except the inputs patterns.py's
+``UNBATCHED_INPUTS`` lists (FLUX's ``img_ids``/``txt_ids``, even when a token count equals the
+batch). The exporters use it for graphs that serve any batch size.
 
 ``dynamic_dims`` names further dims of top-level tensor inputs, e.g. FLUX's token counts
 (``{"hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"}, ...}``; patterns.py's
@@ -26,6 +27,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
+from .patterns import unbatched_inputs_for
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +71,12 @@ def example_batch(kwargs: dict[str, Any]) -> int:
     return int(tensors[0].shape[0])
 
 
-def batch_dynamic_shapes(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """torch.export ``dynamic_shapes`` marking dim 0 as ``BATCH`` on every batched tensor input."""
+def batch_dynamic_shapes(kwargs: dict[str, Any], unbatched: tuple[str, ...] = ()) -> dict[str, Any]:
+    """torch.export ``dynamic_shapes`` marking dim 0 as ``BATCH`` on every batched tensor input
+    (``unbatched``: top-level inputs that have no batch dim, whatever their first size)."""
     batch = example_batch(kwargs)
-    return pytree.tree_map(lambda leaf: {0: BATCH} if is_batched(leaf, batch) else None, kwargs)
+    shapes = pytree.tree_map(lambda leaf: {0: BATCH} if is_batched(leaf, batch) else None, kwargs)
+    return {name: None if name in unbatched else spec for name, spec in shapes.items()}
 
 
 def named_dim(name: str) -> torch.export.Dim:
@@ -81,11 +85,13 @@ def named_dim(name: str) -> torch.export.Dim:
 
 
 def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
-                         dynamic_dims: DynamicDims | None = None) -> dict[str, Any] | None:
+                         dynamic_dims: DynamicDims | None = None,
+                         unbatched: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """torch.export ``dynamic_shapes`` for ``kwargs``: the batch rule, then the named dims (None: static)."""
     if not dynamic_batch and not dynamic_dims:
         return None
-    shapes = batch_dynamic_shapes(kwargs) if dynamic_batch else pytree.tree_map(lambda _: None, kwargs)
+    shapes = (batch_dynamic_shapes(kwargs, unbatched) if dynamic_batch
+              else pytree.tree_map(lambda _: None, kwargs))
     dims: dict[str, torch.export.Dim] = {}
     for input_name, named in (dynamic_dims or {}).items():
         value = kwargs.get(input_name)
@@ -108,7 +114,8 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
             dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
     start = time.perf_counter()
-    dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims)
+    unbatched = unbatched_inputs_for(type(model).__name__)
+    dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched)
     with torch.no_grad():
         try:
             exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)

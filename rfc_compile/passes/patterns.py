@@ -169,3 +169,15 @@ TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
 
 def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
     return TOKEN_DIMS.get(class_name)
+
+
+#: Tensor inputs with no batch dim, per model class: ``dynamic_batch``'s rule (a tensor whose
+#: first dim equals the batch is batched) would otherwise take FLUX's position ids for batched
+#: whenever the token count equals the batch (e.g. a 2-token prompt at batch 2).
+UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
+    "FluxTransformer2DModel": ("img_ids", "txt_ids"),
+}
+
+
+def unbatched_inputs_for(class_name: str) -> tuple[str, ...]:
+    return UNBATCHED_INPUTS.get(class_name, ())
