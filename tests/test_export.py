@@ -580,6 +580,8 @@ def test_dynamic_dims_errors_are_clear():
         capture(make_tiny_dit(), example, dynamic_dims={"encoder_hidden_states": {1: "text_tokens"}})
     with pytest.raises(ValueError, match="example size of 2 or more"):
         capture(make_tiny_dit(), dit_inputs(batch=1), dynamic_dims={"hidden_states": {0: "batch"}})
+    with pytest.raises(ValueError, match="example batch of 2 or more"):
+        capture(make_tiny_dit(), dit_inputs(batch=1), dynamic_batch=True)
     with pytest.raises(UnsupportedModelError, match="fixes them"):  # DiT's patch embedding checks the size
         capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "height", 3: "width"}})
 
@@ -800,6 +802,8 @@ def test_cli_model_loading(tmp_path):
 
     # --dynamic-tokens only where TOKEN_DIMS says the model allows it: DiT's resolution is fixed
     assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--dynamic-tokens"]) == 2
+    # a dynamic batch needs an example batch >= 2 (torch.export specializes 1): a message, not a traceback
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--batch", "1", "--dynamic-batch"]) == 2
     # --engine-dim: a dynamic dim of this export only (checked before exporting), a valid range
     assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--engine-dim", "batch=1:2:4"]) == 2
     assert not (tmp_path / "x.onnx").exists()

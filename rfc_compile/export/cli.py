@@ -95,9 +95,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     output = Path(args.output)
     triton = False if args.no_triton else (args.triton or True)
-    result = to_onnx(model, output, inputs, config, opset=args.opset, check=not args.no_check, triton=triton,
-                     triton_model_name=args.triton_name, dynamic_batch=args.dynamic_batch,
-                     dynamic_dims=dynamic_dims)
+    try:
+        result = to_onnx(model, output, inputs, config, opset=args.opset, check=not args.no_check, triton=triton,
+                         triton_model_name=args.triton_name, dynamic_batch=args.dynamic_batch,
+                         dynamic_dims=dynamic_dims)
+    except ValueError as exc:  # what the user can change: example sizes, dims the model fixes (UnsupportedModelError)
+        if args.verbose:
+            raise
+        print(f"rfc-compile export: error: {exc}")
+        return 2
     sidecar = result.sidecar
     print(f"wrote {result.onnx_path} ({type(model).__name__}, mode {config.mode}, "
           f"{len(sidecar.state)} state tensors, {sidecar.raw['if_nodes']} If node(s)) in {result.seconds:.1f}s")

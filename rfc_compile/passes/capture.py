@@ -90,6 +90,9 @@ def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
     """torch.export ``dynamic_shapes`` for ``kwargs``: the batch rule, then the named dims (None: static)."""
     if not dynamic_batch and not dynamic_dims:
         return None
+    if dynamic_batch and example_batch(kwargs) < 2:
+        raise ValueError(f"dynamic_batch: the example batch is {example_batch(kwargs)}; give an example batch of 2 or "
+                         "more (torch.export specializes sizes 0 and 1)")
     shapes = (batch_dynamic_shapes(kwargs, unbatched) if dynamic_batch
               else pytree.tree_map(lambda _: None, kwargs))
     dims: dict[str, torch.export.Dim] = {}
