@@ -420,15 +420,21 @@ def test_triton_repository_config_parses_and_sequence_semantics(rfc_onnx):
 
 # --- other families -------------------------------------------------------------------------------
 
-def test_flux_ort_generation_matches_eager(workdir):
+@pytest.mark.parametrize("order", [1, 2])
+def test_flux_ort_generation_matches_eager(workdir, order):
+    """Order 2 with the tiny FLUX's 3 text tokens: a text ladder (B, 3, 3, C) whose row count equals
+    its token count, which onnxscript's reshape-MatMul rewrite got wrong (safe_rewrites.py)."""
     from conftest import FAMILIES, flow_generation
 
+    from rfc_compile.export.safe_rewrites import unsound_rules
+
     family = FAMILIES["flux"]
-    config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
+    config = RFCConfig(mode="rfc", threshold=family.threshold, order=order)
     gen = torch.Generator().manual_seed(0)
     example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.ones(2),
                    **family.conditions(2, gen))
-    path = to_onnx(family.build(), workdir / "flux_rfc.onnx", example, config).onnx_path
+    assert example["encoder_hidden_states"].shape[1] == 3 and len(unsound_rules()) == 2
+    path = to_onnx(family.build(), workdir / f"flux_rfc_o{order}.onnx", example, config).onnx_path
     eager = rfc_compile.optimize(family.build(), config)
     _, expected = flow_generation(eager, family, steps=20)
     runner = OnnxCachedModel(path)
@@ -436,6 +442,41 @@ def test_flux_ort_generation_matches_eager(workdir):
     assert runner.stats.full_steps == eager.stats.full_steps
     assert 2 < runner.stats.nfc < 20
     assert _max_diff(got, expected) < ATOL
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
+    """``pipe.transformer = OnnxCachedModel(...)``: the pipeline reads its config and dtype and calls
+    it like the torch model; latents and full steps equal the eager cached model's in the same
+    pipeline, a second run starts a new generation. Wan with CFG calls the transformer for the
+    conditional and unconditional branches under ``cache_context``: two caches, as eager."""
+    pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
+    from conftest import build_pipeline, pipeline_latents
+
+    pipe, kwargs = build_pipeline(name)
+    if name == "wan":
+        kwargs = dict(kwargs, guidance_scale=5.0, negative_prompt_embeds=0.5 * kwargs["prompt_embeds"])
+    config = RFCConfig(mode="rfc", threshold=0.3)
+    model = pipe.transformer
+    calls = []
+    def record(_, args, kw):  # PixArt/Wan pass hidden_states positionally, the others by name
+        calls.append(dict(kw, **dict(zip(["hidden_states"], args))))
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    pipeline_latents(pipe, kwargs, 2)
+    hook.remove()
+    runner = OnnxCachedModel(to_onnx(model, workdir / f"{name}_pipeline.onnx", calls[0], config).onnx_path)
+    assert runner.config.in_channels == model.config.in_channels and runner.dtype == torch.float32
+
+    pipe.transformer = eager = rfc_compile.optimize(model, config)
+    expected = pipeline_latents(pipe, kwargs, STEPS)
+    pipe.transformer = runner
+    got = pipeline_latents(pipe, kwargs, STEPS)
+    assert runner.stats.full_steps == eager.stats.full_steps and 2 < runner.stats.nfc < STEPS
+    assert _max_diff([got], [expected]) < ATOL
+    assert torch.equal(pipeline_latents(pipe, kwargs, STEPS), got)  # a new generation, not a continued one
+    if name == "wan":
+        assert sorted(runner._named_caches) == ["cond", "uncond"]
 
 
 # --- dynamic batch ---------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ zero at the start of a generation; ``state_out.last_full == state.step`` iff the
 full. The ``<file>.rfc.json`` sidecar (sidecar.py) describes all of it; the cache tensors it
 lists as ``kept_on_skip`` come back empty from a step that left them unchanged, and a runner
 then keeps its previous buffer (skip_state.py). Shapes are static unless named dynamic
-(``to_onnx``'s ``dynamic_batch`` / ``dynamic_dims``; sidecar.py says how the sizes are recorded). Triton model repository with implicit state: triton.py. TensorRT parts
+(``to_onnx``'s ``dynamic_batch`` / ``dynamic_dims``; sidecar.py says how the sizes are
+recorded). Triton model repository with implicit state: triton.py. TensorRT parts
 (``build_engine``, ``TrtCachedModel``) import ``tensorrt`` only when used (tensorrt.py).
 Errors are ValueErrors: ModelFileError (missing/corrupt file or sidecar), SidecarMismatchError,
 InputMismatchError (wrong input/state shape or dtype), ExportError.

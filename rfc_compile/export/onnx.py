@@ -42,6 +42,10 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
   exporter's optimizer does not enter: every region recomputed the same Taylor coefficients
   (cse.py; DiT-S TaylorSeer predict branch 806 -> 302 nodes, RFE 1376 -> 872).
 
+The exporter's optimizer runs without onnxscript's reshape-around-MatMul rules, which change
+results when sizes coincide (safe_rewrites.py: a FLUX graph with 3 text tokens and Taylor
+order 2 predicted over the tokens instead of the ladder rows).
+
 The exporter's per-node Python stack traces (node metadata) are dropped: they were ~94 of the
 97 MB of a DiT-S RFE graph (:func:`drop_debug_metadata`).
 """
@@ -61,6 +65,7 @@ import torch
 from ..config import RFCConfig
 from ..passes.capture import BATCH_MAX, DIM_MAX, DynamicDims
 from .cse import branch_cse
+from .safe_rewrites import without_unsound_rewrites
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
 from .proto import subgraphs
@@ -260,10 +265,11 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         warnings.filterwarnings("ignore", message=".*axis name: .* will not be used")  # one Dim, many inputs
         try:
-            onnx_program = torch.onnx.export(
-                program.module, program.example_args, None, dynamo=True, input_names=program.input_names,
-                output_names=program.output_names, opset_version=opset, optimize=True, verbose=False,
-                dynamic_shapes=program.dynamic_shapes())
+            with without_unsound_rewrites():  # safe_rewrites.py: a rule that changes results
+                onnx_program = torch.onnx.export(
+                    program.module, program.example_args, None, dynamo=True, input_names=program.input_names,
+                    output_names=program.output_names, opset_version=opset, optimize=True, verbose=False,
+                    dynamic_shapes=program.dynamic_shapes())
         except Exception as exc:
             raise ExportError(f"torch.onnx.export of the cached {type(model).__name__} failed: "
                               f"{type(exc).__name__}: {str(exc)[:2000]}") from exc

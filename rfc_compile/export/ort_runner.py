@@ -87,8 +87,6 @@ class OnnxCachedModel(StatefulRunner):
             for provider, options in zip(self.providers, self.session.get_provider_options().values()):
                 if provider == "CUDAExecutionProvider":
                     self.device_id = int(options.get("device_id", 0))
-        self._buffers: list[dict[str, Any]] = [{}, {}]
-        self._current = 0
         self._kept = set(sidecar.kept_on_skip)
         self.reset()
 

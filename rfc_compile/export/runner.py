@@ -6,6 +6,11 @@ class_labels=..., return_dict=False)`` -> tuple; default ``return_dict=True`` ->
 when the timestep goes back up (as rfc_compile's CachedModel does) or on ``reset()``, and
 reports ``stats`` (an :class:`rfc_compile.RFCStats`) from the graph's ``state_out.last_full``.
 
+It also stands in for the transformer of a diffusers pipeline (``pipe.transformer = runner``):
+``config`` reads like a diffusers config (attribute access), ``dtype`` is the model input's, and
+``cache_context(name)`` gives pipelines that call the transformer separately for the conditional
+and unconditional branches (Wan, true CFG) one cache per name, as rfc_compile's CachedModel does.
+
 A graph with dynamic dims (``to_onnx(..., dynamic_batch=True)`` or ``dynamic_dims=...``):
 ``self.sidecar`` is the sidecar with its dims bound to the sizes of the current generation
 (``self.dims``); a call with other sizes (another batch, another resolution) binds those and
@@ -14,9 +19,11 @@ starts a new generation (the cache is per sample and per token).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -51,22 +58,58 @@ def _output_object(sample: torch.Tensor):
 
 
 class StatefulRunner:
-    """Base class; subclasses implement ``_zero_state``, ``_step``, ``_read_state``, ``_write_state``."""
+    """Base class; subclasses implement ``_zero_state``, ``_step``, ``_read_state``, ``_write_state``
+    and keep their state buffers in ``self._buffers`` (two sets, ping-pong) and ``self._current``."""
+
+    #: What one cache is (swapped as a whole by ``cache_context``).
+    _CACHE_FIELDS = ("_buffers", "_current", "_history", "_last_timestep", "_dims")
 
     def __init__(self, sidecar: Sidecar, auto_reset: bool = True):
         self.graph_sidecar = sidecar  # as exported (named dims where the graph has dynamic ones)
         self.auto_reset = auto_reset
         self._bind_dims(sidecar.example_dims)
+        self._buffers: list[dict[str, Any]] = [{}, {}]
+        self._current = 0
         self._history: list[int] = []
+        self._stats_history = self._history  # the cache the last call used (see cache_context)
         self._last_timestep: float | None = None
+        self._named_caches: dict[str, dict[str, Any]] = {}
         self._signature = self._model_signature()
 
     # --- public API ----------------------------------------------------------------------
 
     @property
-    def config(self) -> dict[str, Any]:
-        """The exported model's (diffusers) config, as recorded in the sidecar."""
-        return dict(self.sidecar.raw.get("model", {}).get("config", {}))
+    def config(self):
+        """The exported model's (diffusers) config, as recorded in the sidecar: a dict that also
+        reads like diffusers' (``runner.config.in_channels``), for pipelines."""
+        from diffusers.configuration_utils import FrozenDict
+
+        return FrozenDict(self.sidecar.raw.get("model", {}).get("config", {}))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's first floating-point input (``hidden_states``), as pipelines
+        read ``transformer.dtype`` to cast their inputs."""
+        floating = [d.dtype for d in self.graph_sidecar.inputs if d.dtype.startswith(("float", "bfloat"))]
+        return torch_dtype(floating[0]) if floating else torch.float32
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **_context_kwargs: Any) -> Iterator["StatefulRunner"]:
+        """Calls inside use the cache named ``name`` (diffusers' CacheMixin protocol, as
+        CachedModel.cache_context): pipelines that run the conditional and unconditional branches
+        as separate calls wrap each in ``cache_context("cond")`` / ``("uncond")``, and the two
+        caches never mix. A name's cache starts empty and lives as long as the runner."""
+        outer = self._take_cache()
+        if name in self._named_caches:
+            self._put_cache(self._named_caches[name])
+        else:  # new buffer lists: _zero_state fills them in place, the outer cache keeps its own
+            self._buffers, self._current = [{}, {}], 0
+            self.reset()
+        try:
+            yield self
+        finally:
+            self._named_caches[name] = self._take_cache()
+            self._put_cache(outer)
 
     @property
     def rfc_config(self) -> dict[str, Any]:
@@ -74,13 +117,14 @@ class StatefulRunner:
 
     @property
     def stats(self) -> RFCStats:
-        return RFCStats(steps=len(self._history),
-                        full_steps=[n for n, lf in enumerate(self._history) if lf == n])
+        """Steps and full steps of the current generation of the cache the last call used."""
+        return RFCStats(steps=len(self._stats_history),
+                        full_steps=[n for n, lf in enumerate(self._stats_history) if lf == n])
 
     def reset(self) -> None:
         """Start a new generation: every state tensor zero, the next call is step 0."""
         self._zero_state()
-        self._history = []
+        self._history = self._stats_history = []
         self._last_timestep = None
 
     @property
@@ -110,7 +154,7 @@ class StatefulRunner:
             arrays[name] = np.array(array, order="C", copy=True)  # (ascontiguousarray makes 0-d 1-d)
         self._write_state(arrays)
         step = int(arrays["step"]) if "step" in arrays else 0
-        self._history = self._history[:step]
+        self._history = self._stats_history = self._history[:step]
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -129,6 +173,7 @@ class StatefulRunner:
             self._detect_new_generation(call)
         outputs, last_full = self._step(feeds)
         self._history.append(last_full)
+        self._stats_history = self._history
         if return_dict:
             if len(outputs) != 1:
                 raise ValueError("return_dict=True needs a single-output model; pass return_dict=False")
@@ -146,6 +191,16 @@ class StatefulRunner:
         return dict(self._dims)
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _take_cache(self) -> dict[str, Any]:
+        return {field: getattr(self, field) for field in self._CACHE_FIELDS}
+
+    def _put_cache(self, cache: dict[str, Any]) -> None:
+        dims = cache["_dims"]
+        if dims != self._dims:
+            self._bind_dims(dims)
+        for field, value in cache.items():
+            setattr(self, field, value)
 
     def _bind_dims(self, dims: dict[str, int]) -> None:
         """Concrete shapes for the dynamic dims' ``dims`` ({}: a static graph, shapes as exported)."""

@@ -64,7 +64,8 @@ def profile_dims(sidecar: Sidecar, dims: dict[str, DimRange] | None = None) -> d
     ranges = sidecar.dim_ranges
     unknown = sorted(set(dims) - set(ranges))
     if unknown:
-        raise ValueError(f"dims {unknown} are not dynamic in this export (its dynamic dims: {sorted(ranges) or 'none'})")
+        raise ValueError(f"dims {unknown} are not dynamic in this export "
+                         f"(its dynamic dims: {sorted(ranges) or 'none'})")
     corners = {}
     for name, example in sidecar.example_dims.items():
         lo, opt, hi = (int(v) for v in dims.get(name, (ranges[name][0], example, example)))
@@ -253,8 +254,6 @@ class TrtCachedModel(StatefulRunner):
         sidecar.check_io(io_in, io_out, where=str(self.path))
         self._shapes_set_for: dict[str, int] | None = None
         self._stream = torch.cuda.Stream(device=self.device)
-        self._buffers: list[dict[str, Any]] = [{}, {}]
-        self._current = 0
         self.reset()
 
     def _zero_state(self) -> None:
