@@ -104,7 +104,7 @@ class StatefulRunner:
             self._put_cache(self._named_caches[name])
         else:  # new buffer lists: _zero_state fills them in place, the outer cache keeps its own
             self._buffers, self._current = [{}, {}], 0
-            self.reset()
+            self._start_generation()
         try:
             yield self
         finally:
@@ -122,10 +122,10 @@ class StatefulRunner:
                         full_steps=[n for n, lf in enumerate(self._stats_history) if lf == n])
 
     def reset(self) -> None:
-        """Start a new generation: every state tensor zero, the next call is step 0."""
-        self._zero_state()
-        self._history = self._stats_history = []
-        self._last_timestep = None
+        """Start a new generation: every state tensor zero, the next call is step 0; the caches of
+        other ``cache_context`` names start empty too (as CachedModel.reset)."""
+        self._named_caches.clear()
+        self._start_generation()
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -191,6 +191,12 @@ class StatefulRunner:
         return dict(self._dims)
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _start_generation(self) -> None:
+        """The current cache empty: state zero, the next call is step 0."""
+        self._zero_state()
+        self._history = self._stats_history = []
+        self._last_timestep = None
 
     def _take_cache(self) -> dict[str, Any]:
         return {field: getattr(self, field) for field in self._CACHE_FIELDS}
