@@ -869,6 +869,27 @@ def test_cli_example_inputs_fit_each_family(family):
     assert out.shape[0] == 2 and torch.isfinite(out).all()
 
 
+def test_exported_contraction_is_right_when_rows_equal_tokens(tmp_path):
+    """rfc.contract's Reshape -> MatMul -> Reshape with a ladder whose row count equals its token
+    count (3 rows, 3 tokens): exported with the optimizer as to_onnx runs it (safe_rewrites.py),
+    onnxruntime gives torch's numbers, not a contraction over the tokens."""
+    from rfc_compile.export.safe_rewrites import without_unsound_rewrites
+    from rfc_compile.rfc import contract
+
+    class Contract(torch.nn.Module):
+        def forward(self, ladder, coeffs):
+            return contract(ladder, coeffs)
+
+    ladder, coeffs = torch.randn(2, 3, 3, 5), torch.tensor([1.0, 0.5, 0.25])
+    with without_unsound_rewrites() as left_out:
+        program = torch.onnx.export(Contract(), (ladder, coeffs), None, dynamo=True, optimize=True,
+                                    input_names=["ladder", "coeffs"])
+    assert left_out == 2
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"ladder": ladder.numpy(), "coeffs": coeffs.numpy()})[0]
+    np.testing.assert_allclose(got, Contract()(ladder, coeffs).numpy(), atol=1e-6)
+
+
 @pytest.mark.parametrize("opset", [17, 18])
 def test_reduce_l2_fixup_keeps_the_function(opset):
     """ReduceL2 (main graph and inside an If branch) -> Sqrt(ReduceSum(x * x)): same values in
