@@ -16,6 +16,11 @@ optimisation profile, each named dim's (min, opt, max) from ``build_engine(dims=
 (:func:`profile_shapes` turns them into every input's and state input's shapes, a FLUX single
 block's ``image_tokens + text_tokens`` included); the engine's sidecar records those ranges, and
 ``TrtCachedModel`` sets the input shapes of each new size and refuses sizes outside them.
+Not yet built with TensorRT (none here): its builder must find the ``If`` outputs' shapes equal
+in both branches. The graph names ``batch``/``image_tokens``/``text_tokens`` alike on the state
+and the model inputs (ONNX named dims, which TensorRT's parser takes as equal), but a size that
+is an expression (a FLUX single block's cache) gets a name of its own (``s0``), which TensorRT
+may not prove equal to what the recompute branch computes.
 """
 
 from __future__ import annotations
