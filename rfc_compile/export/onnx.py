@@ -233,14 +233,15 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
             copied (skip_state.py); the ONNX runner keeps its buffer. False: plain copies.
         dynamic_batch: the graph takes any batch size (the ``"batch"`` dim of the batched
             inputs, the output and the state); other dims stay the example's. Give an example
-            batch of 2 or more (torch.export specializes a batch of 1) that no other input dim
-            equals (capture.py: a tensor whose first dim equals the first input's is batched).
+            batch of 2 or more (torch.export specializes a batch of 1) that no other input's first
+            dim equals (capture.py: such a tensor is batched, except patterns.UNBATCHED_INPUTS).
             OnnxCachedModel allocates the cache at each call's batch size.
         dynamic_dims: more dynamic dims, by name: ``{input: {dim index: name}}``, one name per
             size that varies together (e.g. FLUX's token counts, ``patterns.TOKEN_DIMS``; example
             sizes of 2 or more, distinct from each other). The cache's sizes follow them as the
             model computes them (a FLUX single block's: image + text tokens). The Triton model's
-            state is variable-size then (triton.py); TrtCachedModel takes static exports only.
+            state is variable-size then (triton.py); a TensorRT engine serves the ranges given to
+            ``build_engine(dims=...)`` (tensorrt.py).
     """
     import onnx
 
