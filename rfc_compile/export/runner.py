@@ -187,7 +187,8 @@ class StatefulRunner:
 
     @property
     def dims(self) -> dict[str, int]:
-        """The dynamic dims' sizes the cache is allocated for ({} for a static graph)."""
+        """The dynamic dims' sizes the current cache is allocated for ({} for a static graph; outside
+        a ``cache_context``, the default cache's, whatever sizes the named caches have)."""
         return dict(self._dims)
 
     # --- helpers -------------------------------------------------------------------------
