@@ -449,9 +449,12 @@ def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
     """``pipe.transformer = OnnxCachedModel(...)``: the pipeline reads its config and dtype and calls
     it like the torch model; latents and full steps equal the eager cached model's in the same
     pipeline, a second run starts a new generation. Wan with CFG calls the transformer for the
-    conditional and unconditional branches under ``cache_context``: two caches, as eager."""
+    conditional and unconditional branches under ``cache_context``: two caches, as eager. FLUX is
+    exported with dynamic token counts: the one graph also serves another resolution and prompt."""
     pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
     from conftest import build_pipeline, pipeline_latents
+
+    from rfc_compile.passes.patterns import TOKEN_DIMS
 
     pipe, kwargs = build_pipeline(name)
     if name == "wan":
@@ -465,16 +468,25 @@ def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
     hook = model.register_forward_pre_hook(record, with_kwargs=True)
     pipeline_latents(pipe, kwargs, 2)
     hook.remove()
-    runner = OnnxCachedModel(to_onnx(model, workdir / f"{name}_pipeline.onnx", calls[0], config).onnx_path)
+    dynamic_dims = TOKEN_DIMS["FluxTransformer2DModel"] if name == "flux" else None
+    export = to_onnx(model, workdir / f"{name}_pipeline.onnx", calls[0], config, dynamic_dims=dynamic_dims)
+    runner = OnnxCachedModel(export.onnx_path)
     assert runner.config.in_channels == model.config.in_channels and runner.dtype == torch.float32
 
-    pipe.transformer = eager = rfc_compile.optimize(model, config)
-    expected = pipeline_latents(pipe, kwargs, STEPS)
-    pipe.transformer = runner
-    got = pipeline_latents(pipe, kwargs, STEPS)
-    assert runner.stats.full_steps == eager.stats.full_steps and 2 < runner.stats.nfc < STEPS
-    assert _max_diff([got], [expected]) < ATOL
-    assert torch.equal(pipeline_latents(pipe, kwargs, STEPS), got)  # a new generation, not a continued one
+    eager = rfc_compile.optimize(model, config)
+    prompt = torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))
+    other = {"height": 96, "width": 64, "prompt_embeds": prompt}
+    for shape in [{}] + ([other] if name == "flux" else []):  # FLUX: 24 image tokens, 5 text tokens
+        call = dict(kwargs, **shape)
+        pipe.transformer = eager
+        expected = pipeline_latents(pipe, call, STEPS)
+        pipe.transformer = runner
+        got = pipeline_latents(pipe, call, STEPS)
+        assert runner.stats.full_steps == eager.stats.full_steps and 2 < runner.stats.nfc < STEPS
+        assert _max_diff([got], [expected]) < ATOL
+        assert torch.equal(pipeline_latents(pipe, call, STEPS), got)  # a new generation, not a continued one
+    if name == "flux":  # FluxPipeline calls under cache_context("cond"): that cache took the new sizes
+        assert runner._named_caches["cond"]["_dims"] == {"image_tokens": 24, "text_tokens": 5}
     if name == "wan":
         assert sorted(runner._named_caches) == ["cond", "uncond"]
 
