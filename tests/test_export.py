@@ -7,6 +7,7 @@ graph is exported once per session and shared between tests.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -26,6 +27,7 @@ from rfc_compile.export import (  # noqa: E402
     SidecarMismatchError,
     to_onnx,
 )
+from rfc_compile.export.sidecar import numpy_dtype  # noqa: E402
 
 STEPS = 30
 THRESHOLD = 0.8  # tiny DiT + CFG: both full and skipped steps (see test_core.py)
@@ -489,6 +491,47 @@ def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
         assert runner._named_caches["cond"]["_dims"] == {"image_tokens": 24, "text_tokens": 5}
     if name == "wan":
         assert sorted(runner._named_caches) == ["cond", "uncond"]
+
+
+def test_bfloat16_export_runs_like_eager(workdir, caplog):
+    """A bfloat16 model (FLUX and SD3 are served so) exports with bfloat16 inputs, output and
+    ladders; onnxruntime has no bfloat16 CPU kernels (the export says so instead of loading it,
+    OnnxCachedModel refuses it), so onnx's reference evaluator runs the graph: a fixed-interval
+    generation with the eager bfloat16 cached model's full steps and outputs (within bfloat16's
+    rounding: 2-4 ulps of outputs ~1)."""
+    import ml_dtypes
+    from onnx.reference import ReferenceEvaluator
+
+    config = RFCConfig(mode="rfe", interval=3, order=2)
+    example = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in dit_inputs().items()}
+    with caplog.at_level(logging.WARNING, logger="rfc_compile.export.onnx"):
+        export = to_onnx(make_tiny_dit().to(torch.bfloat16), workdir / "dit_bf16.onnx", example, config)
+    assert "no bfloat16 kernels" in caplog.text
+    sidecar = export.sidecar
+    dtypes = {s.name: s.dtype for s in sidecar.state}
+    assert dtypes["transformer_blocks_0_attn1.ladder.0"] == "bfloat16" and sidecar.outputs[0].dtype == "bfloat16"
+    with pytest.raises(ModelFileError, match="bfloat16"):
+        OnnxCachedModel(export.onnx_path)
+
+    def array(value):
+        return value.float().numpy().astype(ml_dtypes.bfloat16) if value.dtype == torch.bfloat16 else value.numpy()
+
+    evaluator = ReferenceEvaluator(str(export.onnx_path))
+    names = [d.name for d in sidecar.outputs] + [s.output for s in sidecar.state]
+    state = {s.input: np.zeros(s.shape, dtype=numpy_dtype(s.dtype)) for s in sidecar.state}
+    eager = rfc_compile.optimize(make_tiny_dit().to(torch.bfloat16), config)
+    x, full_steps = example["hidden_states"], []
+    for n, t in enumerate(torch.linspace(999, 50, 10).long()):
+        call = dict(hidden_states=x, timestep=t.expand(2), class_labels=example["class_labels"])
+        expected = eager(**call, return_dict=False)[0].float()
+        result = dict(zip(names, evaluator.run(None, {**{d.name: array(call[d.name]) for d in sidecar.inputs}, **state})))
+        for s in sidecar.state:  # kept_on_skip: an empty output means "unchanged"
+            if not (s.name in sidecar.kept_on_skip and result[s.output].shape[0] == 0):
+                state[s.input] = result[s.output]
+        full_steps += [n] if int(result["state_out.last_full"]) == n else []
+        assert (torch.from_numpy(result["sample"].astype(np.float32)) - expected).abs().max() < 3e-2
+        x = (x.float() - 0.05 * expected).to(torch.bfloat16)
+    assert full_steps == eager.stats.full_steps == [0, 1, 4, 7]
 
 
 # --- dynamic batch ---------------------------------------------------------------------------------

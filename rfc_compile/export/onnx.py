@@ -65,11 +65,11 @@ import torch
 from ..config import RFCConfig
 from ..passes.capture import BATCH_MAX, DIM_MAX, DynamicDims
 from .cse import branch_cse
-from .safe_rewrites import without_unsound_rewrites
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
 from .proto import subgraphs
 from .reduce_l2 import reduce_l2_as_sum_of_squares
+from .safe_rewrites import without_unsound_rewrites
 from .sidecar import BATCH_DIM, FORMAT, VERSION, Sidecar, ort_type_name
 from .skip_state import empty_on_skip as rewrite_empty_on_skip
 
@@ -349,7 +349,10 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     sidecar = Sidecar.from_json(raw)
     sidecar.check_io(graph_inputs, graph_outputs, where=str(path))
     sidecar_file = sidecar.save(path)
-    if check:
+    if check and _has_bfloat16(sidecar):
+        logger.warning("%s has bfloat16 tensors: not loaded in onnxruntime, whose CPU provider has no bfloat16 "
+                       "kernels (serve it with TensorRT, TrtCachedModel; or export in float16)", path)
+    elif check:
         check_loads(path)
     result = OnnxExport(path, sidecar_file, sidecar)
     if triton:
@@ -361,6 +364,10 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     logger.info("exported %s to %s in %.1fs (%d state tensors, %d If node(s))", type(model).__name__, path,
                 result.seconds, len(state_names), n_if)
     return result
+
+
+def _has_bfloat16(sidecar: Sidecar) -> bool:
+    return any(d.dtype == "bfloat16" for d in [*sidecar.inputs, *sidecar.outputs, *sidecar.state])
 
 
 def _version() -> str:

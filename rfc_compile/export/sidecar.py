@@ -78,11 +78,17 @@ def sidecar_path(artifact: str | Path) -> Path:
 
 
 def numpy_dtype(name: str) -> type:
+    """The numpy type of a sidecar dtype; ``bfloat16`` is ml_dtypes' (what onnx's numpy_helper
+    writes BFLOAT16 constants from; ml_dtypes comes with onnx)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
     try:
         return _NUMPY_DTYPES[name]
     except KeyError:
         raise SidecarMismatchError(f"dtype {name!r} is not supported by the runners "
-                                   f"(supported: {sorted(_NUMPY_DTYPES)})") from None
+                                   f"(supported: {sorted(_NUMPY_DTYPES) + ['bfloat16']})") from None
 
 
 def ort_type_name(ort_type: str) -> str:
