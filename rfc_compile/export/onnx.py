@@ -349,7 +349,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     sidecar = Sidecar.from_json(raw)
     sidecar.check_io(graph_inputs, graph_outputs, where=str(path))
     sidecar_file = sidecar.save(path)
-    if check and _has_bfloat16(sidecar):
+    if check and sidecar.names_of_dtype("bfloat16"):
         logger.warning("%s has bfloat16 tensors: not loaded in onnxruntime, whose CPU provider has no bfloat16 "
                        "kernels (serve it with TensorRT, TrtCachedModel; or export in float16)", path)
     elif check:
@@ -364,10 +364,6 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     logger.info("exported %s to %s in %.1fs (%d state tensors, %d If node(s))", type(model).__name__, path,
                 result.seconds, len(state_names), n_if)
     return result
-
-
-def _has_bfloat16(sidecar: Sidecar) -> bool:
-    return any(d.dtype == "bfloat16" for d in [*sidecar.inputs, *sidecar.outputs, *sidecar.state])
 
 
 def _version() -> str:

@@ -78,9 +78,9 @@ class OnnxCachedModel(StatefulRunner):
                  auto_reset: bool = True):
         self.path = Path(path)
         sidecar = Sidecar.load(self.path)
-        bf16 = sorted({d.name for d in [*sidecar.inputs, *sidecar.state] if d.dtype == "bfloat16"})
+        bf16 = sidecar.names_of_dtype("bfloat16")
         if bf16:  # onnxruntime's Python API makes no OrtValue from a bfloat16 array, its CPU provider has no kernels
-            raise ModelFileError(f"{self.path} takes bfloat16 tensors ({bf16[:3]}...): OnnxCachedModel supports float32 "
+            raise ModelFileError(f"{self.path} has bfloat16 tensors ({bf16[:3]}...): OnnxCachedModel supports float32 "
                                  "and float16; serve a bfloat16 export with TensorRT (TrtCachedModel), or export "
                                  "the model in float16 for onnxruntime")
         super().__init__(sidecar, auto_reset)

@@ -203,6 +203,10 @@ class Sidecar:
         """The dynamic dims' sizes in the export's example ({} for a static graph)."""
         return {name: int(axis["example"]) for name, axis in self.raw.get("dynamic_axes", {}).items()}
 
+    def names_of_dtype(self, dtype: str) -> list[str]:
+        """Inputs, outputs and state entries of ``dtype`` (e.g. "bfloat16", which onnxruntime cannot run)."""
+        return [d.name for d in [*self.inputs, *self.outputs, *self.state] if d.dtype == dtype]
+
     @property
     def dim_ranges(self) -> dict[str, tuple[int, int]]:
         """Each dynamic dim's allowed sizes (min, max): torch.export's range for an ONNX graph, the

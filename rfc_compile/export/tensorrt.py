@@ -189,7 +189,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
-    if any(d.dtype == "bfloat16" for d in [*sidecar.inputs, *sidecar.state]) and hasattr(trt.BuilderFlag, "BF16"):
+    if sidecar.names_of_dtype("bfloat16") and hasattr(trt.BuilderFlag, "BF16"):
         config.set_flag(trt.BuilderFlag.BF16)  # a bfloat16 export (the model's dtype) keeps bfloat16 kernels
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
