@@ -203,6 +203,14 @@ class Sidecar:
         """The dynamic dims' sizes in the export's example ({} for a static graph)."""
         return {name: int(axis["example"]) for name, axis in self.raw.get("dynamic_axes", {}).items()}
 
+    def graph_io(self) -> tuple[dict[str, tuple[tuple[Dim, ...], str]], dict[str, tuple[tuple[Dim, ...], str]]]:
+        """The graph's inputs and outputs by name, ``state.*`` / ``state_out.*`` included:
+        ``({name: (shape, dtype)}, {name: (shape, dtype)})``."""
+        inputs = {d.name: (d.shape, d.dtype) for d in self.inputs} | {s.input: (s.shape, s.dtype) for s in self.state}
+        outputs = ({d.name: (d.shape, d.dtype) for d in self.outputs}
+                   | {s.output: (s.shape, s.dtype) for s in self.state})
+        return inputs, outputs
+
     def names_of_dtype(self, dtype: str) -> list[str]:
         """Inputs, outputs and state entries of ``dtype`` (e.g. "bfloat16", which onnxruntime cannot run)."""
         return [d.name for d in [*self.inputs, *self.outputs, *self.state] if d.dtype == dtype]
@@ -294,10 +302,7 @@ class Sidecar:
         ``graph_inputs``/``graph_outputs`` map name -> (shape, dtype name); a non-int dim
         (symbolic) matches anything, a named dim in the sidecar matches only a symbolic one.
         """
-        expected_in = {d.name: (d.shape, d.dtype) for d in self.inputs}
-        expected_in.update({s.input: (s.shape, s.dtype) for s in self.state})
-        expected_out = {d.name: (d.shape, d.dtype) for d in self.outputs}
-        expected_out.update({s.output: (s.shape, s.dtype) for s in self.state})
+        expected_in, expected_out = self.graph_io()
         problems = _diff("input", expected_in, graph_inputs) + _diff("output", expected_out, graph_outputs)
         problems += self._diff_kept_on_skip(graph_outputs)
         if self.decision_output not in graph_outputs:

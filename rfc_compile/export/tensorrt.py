@@ -89,10 +89,8 @@ def profile_shapes(sidecar: Sidecar, dims: dict[str, DimRange] | None = None) ->
     corners, so each state input's range is the one the model inputs' ranges imply."""
     corners = profile_dims(sidecar, dims)
     at = [{name: c[i] for name, c in corners.items()} for i in range(3)]
-    named: list[tuple[str, tuple[Dim, ...]]] = [(d.name, d.shape) for d in sidecar.inputs]
-    named += [(s.input, s.shape) for s in sidecar.state]
     shapes = {}
-    for name, shape in named:
+    for name, (shape, _) in sidecar.graph_io()[0].items():
         if all(isinstance(d, int) for d in shape):
             continue
         lo, opt, hi = (bind_shape(shape, sizes) for sizes in at)
@@ -249,8 +247,7 @@ class TrtCachedModel(StatefulRunner):
             raise ModelFileError(f"TensorRT could not deserialize {self.path} (corrupted, or built with another "
                                  "TensorRT version / GPU)")
         self.context = self.engine.create_execution_context()
-        named = {d.name: d.shape for d in [*sidecar.inputs, *sidecar.outputs]}
-        named.update({s.input: s.shape for s in sidecar.state} | {s.output: s.shape for s in sidecar.state})
+        named = {name: shape for io in sidecar.graph_io() for name, (shape, _) in io.items()}
         io_in, io_out = {}, {}
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
@@ -281,13 +278,12 @@ class TrtCachedModel(StatefulRunner):
 
     def _set_input_shapes(self) -> None:
         """Every input's shape at the current dims (a dynamic engine), outputs checked against the sidecar."""
-        for name, shape in [(d.name, d.shape) for d in self.sidecar.inputs] + [(s.input, s.shape)
-                                                                                for s in self.sidecar.state]:
+        inputs, outputs = self.sidecar.graph_io()
+        for name, (shape, _) in inputs.items():
             if not self.context.set_input_shape(name, tuple(shape)):
                 raise InputMismatchError(f"TensorRT refused shape {list(shape)} for {name!r} (dims {self.dims}; "
                                          f"the engine's profile: {self.sidecar.raw.get('engine', {}).get('profile')})")
-        for name, shape in [(d.name, d.shape) for d in self.sidecar.outputs] + [(s.output, s.shape)
-                                                                                 for s in self.sidecar.state]:
+        for name, (shape, _) in outputs.items():
             got = tuple(self.context.get_tensor_shape(name))
             if got != tuple(shape):
                 raise ExportError(f"the engine gives {name!r} the shape {list(got)} at dims {self.dims}, the "
