@@ -758,23 +758,18 @@ def test_tensorrt_profile_and_graph_of_a_dynamic_export(flux_tokens_export, tmp_
     assert 2 < runner.stats.nfc < 8
 
 
-def test_triton_model_of_a_dynamic_export_serves_each_shape(workdir, tmp_path):
+def test_triton_model_of_a_dynamic_export_serves_each_shape(flux_tokens_export, tmp_path):
     """The Triton model of a dynamic-dim export (FLUX, any resolution, prompt length and batch):
     variable-size implicit state (dims -1; initial_state at the example shape), and played like
     Triton does (state_out -> state; the first request's state at the example shape, garbage), each
     sequence at another shape gives the plain ONNX runner's outputs and full steps."""
     pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
-    from conftest import FAMILIES, flux_at
+    from conftest import flux_at
 
     from rfc_compile.export import validate_triton_config
     from rfc_compile.export.triton import write_triton_repository
-    from rfc_compile.passes.patterns import TOKEN_DIMS
 
-    config = RFCConfig(mode="rfc", threshold=FAMILIES["flux"].threshold, order=1)
-    gen = torch.Generator().manual_seed(0)
-    example = dict(hidden_states=torch.randn(2, 16, 4), timestep=torch.ones(2), **flux_at(4, 4, 3).conditions(2, gen))
-    export = to_onnx(FAMILIES["flux"].build(), workdir / "flux_triton_dynamic.onnx", example, config,
-                     dynamic_batch=True, dynamic_dims=TOKEN_DIMS["FluxTransformer2DModel"])
+    export = flux_tokens_export  # exported at 4x4 latents, 3 text tokens, batch 2
     model_dir = write_triton_repository(export.onnx_path, tmp_path / "triton")
     seq = validate_triton_config(model_dir / "config.pbtxt").sequence_batching
     single = {s.input_name: s for s in seq.state}["state.single_transformer_blocks_0_mlp_attn.ladder.0"]
