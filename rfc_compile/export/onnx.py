@@ -38,6 +38,10 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
   exported as ``Mul`` + ``ReduceSum`` already, see rfc.py's ``sample_sq_norm``) becomes
   ``Sqrt(ReduceSum(Mul(x, x)))``, the same function, because onnxruntime's CUDA provider runs
   ``ReduceL2`` ~100x slower and its CPU provider ~2x slower (reduce_l2.py).
+* ``bool_where_as_logic``: a ``Where`` over bool tensors (``masked_fill`` of a bool mask, e.g.
+  HunyuanVideo's attention mask) becomes ``Or(And(c, x), And(Not(c), y))``, the same function,
+  because onnxruntime's CPU provider has no bool ``Where`` kernel and refuses to load the graph
+  (bool_where.py).
 * ``branch_cse``: common-subexpression elimination inside the ``If`` branches, which the
   exporter's optimizer does not enter: every region recomputed the same Taylor coefficients
   (cse.py; DiT-S TaylorSeer predict branch 806 -> 302 nodes, RFE 1376 -> 872).
@@ -64,6 +68,7 @@ import torch
 
 from ..config import RFCConfig
 from ..passes.capture import BATCH_MAX, DIM_MAX, DynamicDims
+from .bool_where import bool_where_as_logic
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
@@ -281,6 +286,9 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     n_squeeze = fix_squeeze(proto)
     if n_squeeze:
         fixups.append(f"squeeze_axes({n_squeeze})")
+    n_bool_where = bool_where_as_logic(proto)
+    if n_bool_where:
+        fixups.append(f"bool_where_as_logic({n_bool_where})")
     n_l2 = reduce_l2_as_sum_of_squares(proto)
     if n_l2:
         fixups.append(f"reduce_l2_as_sum_of_squares({n_l2})")

@@ -1,0 +1,110 @@
+"""``bool_where_as_logic``: a ``Where`` that selects between bool tensors becomes And/Or/Not.
+
+``aten.masked_fill`` of a bool mask (HunyuanVideo builds its attention mask with
+``mask.masked_fill(indices, False)``) exports as ``Where(cond, x, y)`` with bool ``x``/``y``;
+onnxruntime's CPU provider has no bool ``Where`` kernel, so the graph fails to load ("Could not
+find an implementation for Where(16)"). For bools ``Where(c, x, y) == Or(And(c, x), And(Not(c), y))``,
+the same function with the same multidirectional broadcasting, so the rewrite is unconditional,
+in the main graph and inside the ``If`` branches.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .proto import subgraphs
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "rfc_bool_where/"
+
+
+def element_types(model_proto) -> dict[str, int]:
+    """Every typed value's ONNX element type (``TensorProto.<TYPE>``), subgraphs included: graph
+    inputs/outputs, value_info, initializers and ``Constant`` outputs; one dict for the whole model,
+    as the exporter names every value uniquely, branches included."""
+    types: dict[str, int] = {}
+
+    def walk(graph) -> None:
+        for info in (*graph.input, *graph.output, *graph.value_info):
+            if info.type.HasField("tensor_type"):
+                types[info.name] = info.type.tensor_type.elem_type
+        for init in graph.initializer:
+            types[init.name] = init.data_type
+        for node in graph.node:
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    types[node.output[0]] = value.data_type
+            for sub in subgraphs(node):
+                walk(sub)
+
+    walk(model_proto.graph)
+    return types
+
+
+def bool_where_as_logic(model_proto) -> int:
+    """Rewrite every ``Where`` over bool values in ``model_proto`` (subgraphs included); returns how many.
+
+    Types come from the exporter's value_info; where it has none, from onnx's shape inference."""
+    import onnx
+
+    types = element_types(model_proto)
+    if _untyped_wheres(model_proto, types):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model_proto, strict_mode=False)
+            types = {**element_types(inferred), **types}
+        except Exception as exc:  # best effort: an untyped Where is left as it is
+            logger.warning("shape inference failed (%s); Where nodes without types left alone", exc)
+    changed = 0
+
+    def replacement(node) -> list:
+        tag = f"{PREFIX}{node.name or node.output[0]}"
+        cond, x, y = node.input
+        make = onnx.helper.make_node
+        return [
+            make("And", [cond, x], [tag + "/when_true"], name=tag + "/when_true"),
+            make("Not", [cond], [tag + "/not_cond"], name=tag + "/not_cond"),
+            make("And", [tag + "/not_cond", y], [tag + "/when_false"], name=tag + "/when_false"),
+            make("Or", [tag + "/when_true", tag + "/when_false"], list(node.output), name=tag + "/or"),
+        ]
+
+    def walk(graph) -> None:
+        nonlocal changed
+        nodes, found = [], False
+        for node in graph.node:
+            for sub in subgraphs(node):
+                walk(sub)
+            if _is_bool_where(node, types):
+                nodes += replacement(node)
+                changed += 1
+                found = True
+            else:
+                nodes.append(node)
+        if found:
+            del graph.node[:]
+            graph.node.extend(nodes)
+
+    walk(model_proto.graph)
+    if changed:
+        logger.info("bool_where_as_logic: %d bool Where -> Or(And(c, x), And(Not(c), y))", changed)
+    return changed
+
+
+def _is_bool_where(node, types: dict[str, int]) -> bool:
+    from onnx import TensorProto
+
+    return (node.op_type == "Where" and node.domain in ("", "ai.onnx") and len(node.input) == 3
+            and types.get(node.input[1]) == TensorProto.BOOL and types.get(node.input[2]) == TensorProto.BOOL)
+
+
+def _untyped_wheres(model_proto, types: dict[str, int]) -> bool:
+    def walk(graph) -> bool:
+        for node in graph.node:
+            if node.op_type == "Where" and any(name not in types for name in node.input[1:]):
+                return True
+            if any(walk(sub) for sub in subgraphs(node)):
+                return True
+        return False
+
+    return walk(model_proto.graph)
