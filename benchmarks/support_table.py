@@ -4,7 +4,8 @@ For every tiny family of tests/conftest.py (random weights, built from config, n
 the block classes and the cached regions found per block; mode "full" against the original
 model (max abs diff over every step of a 10-step generation); mode "rfc" against the
 independent plain-PyTorch reference of tests/reference.py (same full steps? max abs diff).
-Then the drop-in pipelines (needs the ``transformers`` package) and models that must be refused.
+Then the drop-in pipelines (needs the ``transformers`` package), the ONNX export of every family
+(needs the ``onnx`` extra) and models that must be refused.
 
     .venv/bin/python benchmarks/support_table.py            # writes benchmarks/SUPPORT.md
     .venv/bin/python benchmarks/support_table.py --only flux sd3 --out /tmp/SUPPORT.md
@@ -20,6 +21,7 @@ import logging
 import pathlib
 import platform
 import sys
+import tempfile
 import time
 import warnings
 
@@ -157,6 +159,34 @@ def pipeline_row(name: str, guidance: float | None = None) -> dict:
     )
 
 
+def export_row(name: str, workdir: pathlib.Path) -> dict:
+    """``to_onnx`` (mode rfc, order 2, batch 2, dynamic batch where the model allows it) and
+    onnxruntime against the eager cached model over a whole generation at batch 2 and 3."""
+    from rfc_compile.export import OnnxCachedModel, to_onnx
+
+    fam = FAMILIES[name]
+    config = RFCConfig(mode="rfc", order=2, threshold=fam.threshold, warmup_steps=2)
+    gen = torch.Generator().manual_seed(0)
+    example = dict(hidden_states=torch.randn(2, *fam.latent_shape, generator=gen),
+                   timestep=torch.full((2,), fam.timestep_scale), **fam.conditions(2, gen))
+    path, refused = workdir / f"{name}.onnx", None
+    try:
+        export = to_onnx(fam.build(), path, example, config, dynamic_batch=True)
+    except UnsupportedModelError as exc:
+        refused = str(exc).split(" (")[0]
+        export = to_onnx(fam.build(), path, example, config)
+    runner = OnnxCachedModel(export.onnx_path)
+    runs = {}
+    for batch in (2, 3) if refused is None else (2,):
+        eager = rfc_compile.optimize(fam.build(), config)
+        _, expected = flow_generation(eager, fam, steps=STEPS, batch=batch)
+        _, got = flow_generation(runner, fam, steps=STEPS, batch=batch)
+        runs[batch] = (runner.stats.full_steps == eager.stats.full_steps, runner.stats.nfc, _max_diff(got, expected))
+    fixups = [f for f in export.sidecar.raw["fixups"] if not f.startswith(("branch_cse", "empty_on_skip"))]
+    return dict(family=name, runs=runs, refused=refused, fixups=fixups,
+                mb=path.stat().st_size / 2**20)
+
+
 def unsupported_rows() -> list[tuple[str, str, str]]:
     from diffusers import QwenImageTransformer2DModel, SanaTransformer2DModel, UNet2DModel
 
@@ -185,7 +215,8 @@ def unsupported_rows() -> list[tuple[str, str, str]]:
     return rows
 
 
-def render(families: list[dict], pipelines: list[dict], pipeline_note: str, unsupported) -> str:
+def render(families: list[dict], pipelines: list[dict], pipeline_note: str, exports: list[dict], export_note: str,
+           unsupported) -> str:
     lines = [HEADER]
     lines.append(f"Measured {datetime.date.today().isoformat()} with torch {torch.__version__}, diffusers "
                  f"{diffusers.__version__}, {platform.machine()} CPU, float32, {STEPS} flow-matching steps, "
@@ -218,6 +249,28 @@ def render(families: list[dict], pipelines: list[dict], pipeline_note: str, unsu
                          f"| {'yes' if r['reset_ok'] else '**no**'} | {_fmt(r['diff'])} ({r['scale']:.2f}) |")
         lines.append("")
     lines.append(pipeline_note + "\n")
+    lines.append("## ONNX export (onnxruntime)\n")
+    if exports:
+        lines.append("`rfc_compile.export.to_onnx(model, path, example, RFCConfig(mode=\"rfc\", order=2, "
+                     "threshold=tau))` at batch 2 with `dynamic_batch=True` (a static batch where the model's code "
+                     "fixes it), then `OnnxCachedModel(path)` (onnxruntime, CPU) against the eager cached model over "
+                     f"a whole {STEPS}-step generation: same full steps? max abs diff of the outputs. *Fix-ups*: the "
+                     "ONNX-level rewrites the graph needed beyond the ones every graph gets "
+                     "(rfc_compile/export/onnx.py).\n")
+        lines.append("| family | ONNX MB | batch 2: same full steps, NFC, max diff | batch 3 (same graph) | fix-ups |")
+        lines.append("|---|---|---|---|---|")
+
+        def cell(run) -> str:
+            same, nfc, diff = run
+            return f"{'yes' if same else '**NO**'}, {nfc}/{STEPS}, {_fmt(diff)}"
+
+        for r in exports:
+            batch3 = cell(r["runs"][3]) if 3 in r["runs"] else f"static batch: {r['refused']}"
+            lines.append(f"| {r['family']} | {r['mb']:.1f} | {cell(r['runs'][2])} | {batch3} "
+                         f"| {', '.join(r['fixups']) or '-'} |")
+        lines.append("")
+    else:
+        lines.append(export_note + "\n")
     lines.append("## Refused models\n")
     lines.append("| model | why | `UnsupportedModelError` (first part) |")
     lines.append("|---|---|---|")
@@ -231,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "SUPPORT.md"))
     parser.add_argument("--only", nargs="*", help="families (and pipelines) to measure")
     parser.add_argument("--no-pipelines", action="store_true")
+    parser.add_argument("--no-export", action="store_true", help="skip the ONNX export section")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -260,7 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         note = ("The \"WanPipeline (CFG 5)\" row calls the transformer twice per step, once per cache "
                 "context; each context keeps its own cache.")
 
-    text = render(families, pipelines, note, unsupported_rows())
+    exports, export_note = [], ""
+    if args.no_export:
+        export_note = "(export not measured in this run)"
+    elif importlib.util.find_spec("onnxruntime") is None:
+        export_note = "Not measured: needs the `onnx` extra (onnx, onnxruntime, onnxscript)."
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in names:
+                row = export_row(name, pathlib.Path(tmp))
+                print(f"{name}: onnx {row['runs']} {row['refused'] or ''}", flush=True)
+                exports.append(row)
+
+    text = render(families, pipelines, note, exports, export_note, unsupported_rows())
     pathlib.Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0

@@ -634,8 +634,10 @@ def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(flux_to
 
 @pytest.mark.parametrize("name", ["sd3", "pixart"])
 def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
-    """SD3 and PixArt (TOKEN_DIMS: prompt length only) exported once at one prompt length run
-    generations at another, equal to the eager cached model; SD3's context ladders follow it."""
+    """SD3 and PixArt (TOKEN_DIMS: prompt length only) exported once at one prompt length and batch
+    run generations at another of each, equal to the eager cached model; SD3's context ladders
+    follow the prompt length. (PixArt with a dynamic batch failed to load before: a Squeeze of a
+    batched tensor that fix_squeeze left alone because the shape was not fully static.)"""
     from conftest import FAMILIES, flow_generation, with_text
 
     from rfc_compile.passes.patterns import TOKEN_DIMS
@@ -646,17 +648,17 @@ def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
     example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.ones(2),
                    **family.conditions(2, gen))
     model = family.build()
-    export = to_onnx(model, workdir / f"{name}_rfc_text.onnx", example, config,
+    export = to_onnx(model, workdir / f"{name}_rfc_text.onnx", example, config, dynamic_batch=True,
                      dynamic_dims=TOKEN_DIMS[type(model).__name__])
     if name == "sd3":  # joint blocks cache the context stream too
         state = {s.name: s.shape for s in export.sidecar.state}
-        assert state["transformer_blocks_0_ff_context.ladder.0"] == (2, 2, "text_tokens", 16)
+        assert state["transformer_blocks_0_ff_context.ladder.0"] == ("batch", 2, "text_tokens", 16)
     runner = OnnxCachedModel(export.onnx_path)
-    for text in (example["encoder_hidden_states"].shape[1], 9):
+    for text, batch in ((example["encoder_hidden_states"].shape[1], 2), (9, 3)):
         eager = rfc_compile.optimize(family.build(), config)
-        _, expected = flow_generation(eager, with_text(family, text), steps=10)
-        _, got = flow_generation(runner, with_text(family, text), steps=10)
-        assert runner.dims == {"text_tokens": text}
+        _, expected = flow_generation(eager, with_text(family, text), steps=10, batch=batch)
+        _, got = flow_generation(runner, with_text(family, text), steps=10, batch=batch)
+        assert runner.dims == {"text_tokens": text, "batch": batch}
         assert runner.stats.full_steps == eager.stats.full_steps
         assert 2 < runner.stats.nfc < 10
         assert _max_diff(got, expected) < ATOL
@@ -905,18 +907,24 @@ def test_cli_model_loading(tmp_path):
     assert (tmp_path / "x.onnx").exists()  # the export is done; the engine's profile is what was refused
 
 
-@pytest.mark.parametrize("family", ["pixart", "flux", "sd3"])
+@pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
+                                    "skyreels_v2", "mochi"])
 def test_cli_example_inputs_fit_each_family(family):
-    """The CLI's example inputs (serving shapes) are valid forward kwargs for each exportable family."""
+    """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
+    the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
     from conftest import FAMILIES
 
     from rfc_compile.export.models import example_inputs
 
     model = FAMILIES[family].build()
-    kwargs = example_inputs(model, batch=2, height=8, width=8, text_len=3)
+    kwargs = example_inputs(model, batch=2, height=8, width=8, text_len=3, frames=2)
     with torch.no_grad():
         out = model(**kwargs, return_dict=False)[0]
-    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    assert out.shape == kwargs["hidden_states"].shape and torch.isfinite(out).all()
+    if out.dim() == 5:  # (B, C, F, H, W)
+        assert out.shape[2:] == (2, 8, 8)
+    elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1
+        assert out.shape[1] == 2 * 8 * 8
 
 
 def test_exported_contraction_is_right_when_rows_equal_tokens(tmp_path):

@@ -185,3 +185,51 @@ def test_pipeline_drop_in_with_automatic_new_generation(name):
     assert (first - original).abs().max() <= 0.05 * original.abs().max()
     if name == "flux":  # FluxPipeline passes timestep / 1000: floats in (0, 1]
         assert max(timesteps) <= 1.0
+
+
+#: families whose own code fixes the batch size (Chroma: ``torch.tensor([0] * batch_size)``;
+#: Mochi: a Python loop over the samples of its text mask): capture with dynamic_batch refuses
+#: them with UnsupportedModelError
+BATCH_FIXED_BY_MODEL = ("chroma", "mochi")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dynamic_batch_capture_finds_the_same_regions(family):
+    """With a symbolic batch the model reads ``hidden_states.shape[0]`` to build values that do not
+    change across steps (LTX-Video's rotary embeddings, its reshaped text states): those stay side
+    inputs, not feature inputs, so X (and RCS's error, ||X||_1 in its denominator) is the same as
+    in a static capture. (LTX-Video's regions took 3 and 2 feature inputs before, and its
+    dynamic-batch export took other full steps than the eager model.)"""
+    from rfc_compile.passes import capture, find_regions
+
+    spec = FAMILIES[family]
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(2, *spec.latent_shape), timestep=torch.ones(2) * spec.timestep_scale,
+                  **spec.conditions(2, gen))
+    if family in BATCH_FIXED_BY_MODEL:
+        with pytest.raises(UnsupportedModelError, match="dynamic dims"):
+            capture(spec.build(), kwargs, dynamic_batch=True)
+        return
+    plan = find_regions(capture(spec.build(), kwargs, dynamic_batch=True).graph_module)
+    found = {r.name.replace(".", "_"): (len(r.feature_inputs), len(r.outputs)) for r in plan.regions}
+    assert found == EXPECTED_REGIONS[family]
+
+
+def test_rewrite_is_independent_of_earlier_rewrites():
+    """The rewrite traces its cond without torch.compile: torch.cond compiled a wrapper whose
+    dynamo cache outlived each rewrite, and checking an earlier (static, batch 3) entry's guards
+    against a dynamic-batch trace added ``batch != 3`` to it, so exporting SkyReels-V2 with a
+    dynamic batch failed ("Constraints violated (batch)") after a Wan model had run at batch 3."""
+    from rfc_compile.export.graph import build_functional
+
+    config = RFCConfig(mode="rfc", threshold=0.2)
+    wan = rfc_compile.optimize(FAMILIES["wan"].build(), config)
+    flow_generation(wan, FAMILIES["wan"], steps=2, batch=3)
+    spec = FAMILIES["skyreels_v2"]
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(2, *spec.latent_shape), timestep=torch.ones(2) * 1000,
+                  **spec.conditions(2, gen))
+    program = build_functional(spec.build(), kwargs, config, dynamic_batch=True)
+    assert program.dynamic_axes == {"batch": 2}
+    shapes = dict(zip(program.state_spec.names(), program.state_shapes))
+    assert program.inputs[0].shape[0] == "batch" and shapes["rcs_acc"] == ("batch",)

@@ -2,6 +2,7 @@
 
     rfc-compile export tiny-dit -o out/dit.onnx --mode rfc --threshold 0.8
     rfc-compile export path/to/transformer -o out/pixart.onnx --batch 2 --height 64 --width 64
+    rfc-compile export path/to/wan-transformer -o out/wan.onnx --frames 21 --height 60 --width 104 --text-len 512
     rfc-compile export path/to/flux -o out/flux.onnx --dynamic-batch --dynamic-tokens \
         --engine-dim batch=1:2:4 --engine-dim image_tokens=1024:4096:4096 --engine-dim text_tokens=1:512:512
 """
@@ -31,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--batch", type=int, default=2, help="batch of one call (2 = one prompt with CFG)")
     shapes.add_argument("--height", type=int, default=None, help="latent height (default: config sample_size)")
     shapes.add_argument("--width", type=int, default=None, help="latent width (default: config sample_size)")
-    shapes.add_argument("--text-len", type=int, default=8, help="text tokens (PixArt/FLUX/SD3)")
+    shapes.add_argument("--frames", type=int, default=None, help="latent frames (video models; default 1)")
+    shapes.add_argument("--text-len", type=int, default=8, help="text tokens (models with a text condition)")
     shapes.add_argument("--dynamic-batch", action="store_true", help="one graph for any batch size")
     shapes.add_argument("--dynamic-tokens", action="store_true",
                         help="one graph for any image/text token count, where the model allows it "
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                            warmup_steps=args.warmup_steps, max_interval=args.max_interval)
         model = load_model(args.model)
         inputs = example_inputs(model, batch=args.batch, height=args.height, width=args.width,
-                                text_len=args.text_len)
+                                text_len=args.text_len, frames=args.frames)
     except (TypeError, ValueError) as exc:
         print(f"rfc-compile export: error: {exc}")
         return 2

@@ -3,8 +3,10 @@ example inputs per family (the serving shapes baked into the exported graph)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,44 +67,144 @@ def load_model(name_or_path: str) -> torch.nn.Module:
     return cls.from_pretrained(str(path)).eval()
 
 
-def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = None, width: int | None = None,
-                   text_len: int = 8, seed: int = 0) -> dict[str, Any]:
-    """Forward kwargs with the serving shapes for a known family (latent height/width)."""
-    cfg = dict(model.config)
-    gen = torch.Generator().manual_seed(seed)
-    name = type(model).__name__
+@dataclasses.dataclass(frozen=True)
+class ExampleShape:
+    """The serving shapes asked for: batch, latent grid (frames x height x width, before
+    patchifying), prompt length, and the generator the random tensors come from."""
+
+    batch: int
+    height: int
+    width: int
+    frames: int
+    text_len: int
+    generator: torch.Generator
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator)
+
+    def text(self, dim: int) -> torch.Tensor:
+        return self.randn(self.batch, self.text_len, dim)
+
+    def timestep(self) -> torch.Tensor:  # diffusers' integer scale (the pipelines pass 0..1000)
+        return torch.full((self.batch,), 999, dtype=torch.long)
+
+
+def _dit(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    classes = int(cfg.get("num_embeds_ada_norm") or 1000)
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width), timestep=s.timestep(),
+                class_labels=torch.arange(s.batch) % classes)
+
+
+def _pixart(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     sample = cfg.get("sample_size") or 32
-    h, w = height or sample, width or sample
-    t = torch.full((batch,), 999, dtype=torch.long)
-    if name == "DiTTransformer2DModel":
-        classes = int(cfg.get("num_embeds_ada_norm") or 1000)
-        return dict(hidden_states=torch.randn(batch, cfg["in_channels"], h, w, generator=gen), timestep=t,
-                    class_labels=torch.arange(batch) % classes)
-    if name == "PixArtTransformer2DModel":
-        added = None
-        if cfg.get("use_additional_conditions") or (cfg.get("use_additional_conditions") is None and sample == 128):
-            added = {"resolution": torch.tensor([[h * 8.0, w * 8.0]] * batch),
-                     "aspect_ratio": torch.tensor([[h / w]] * batch)}
-        else:
-            added = {"resolution": None, "aspect_ratio": None}
-        return dict(hidden_states=torch.randn(batch, cfg["in_channels"], h, w, generator=gen),
-                    encoder_hidden_states=torch.randn(batch, text_len, cfg["caption_channels"], generator=gen),
-                    timestep=t, added_cond_kwargs=added, encoder_attention_mask=torch.ones(batch, text_len))
-    if name == "FluxTransformer2DModel":
-        hp, wp = h // 2, w // 2
-        img_ids = torch.zeros(hp, wp, 3)
-        img_ids[..., 1] = torch.arange(hp)[:, None]
-        img_ids[..., 2] = torch.arange(wp)[None, :]
-        kwargs = dict(hidden_states=torch.randn(batch, hp * wp, cfg["in_channels"], generator=gen),
-                      encoder_hidden_states=torch.randn(batch, text_len, cfg["joint_attention_dim"], generator=gen),
-                      pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], generator=gen),
-                      timestep=torch.ones(batch), img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(text_len, 3))
-        if cfg.get("guidance_embeds"):
-            kwargs["guidance"] = torch.full((batch,), 3.5)
-        return kwargs
-    if name == "SD3Transformer2DModel":
-        return dict(hidden_states=torch.randn(batch, cfg["in_channels"], h, w, generator=gen),
-                    encoder_hidden_states=torch.randn(batch, text_len, cfg["joint_attention_dim"], generator=gen),
-                    pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], generator=gen),
-                    timestep=t.float())
-    raise ValueError(f"no example inputs known for {name}; call rfc_compile.export.to_onnx with example_inputs")
+    if cfg.get("use_additional_conditions") or (cfg.get("use_additional_conditions") is None and sample == 128):
+        added = {"resolution": torch.tensor([[s.height * 8.0, s.width * 8.0]] * s.batch),
+                 "aspect_ratio": torch.tensor([[s.height / s.width]] * s.batch)}
+    else:
+        added = {"resolution": None, "aspect_ratio": None}
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
+                encoder_hidden_states=s.text(cfg["caption_channels"]), timestep=s.timestep(),
+                added_cond_kwargs=added, encoder_attention_mask=torch.ones(s.batch, s.text_len))
+
+
+def _flux_ids(s: ExampleShape) -> dict[str, torch.Tensor]:
+    """Packed latents' position ids (2x2 patches), as FluxPipeline makes them, and the text's (zeros)."""
+    hp, wp = s.height // 2, s.width // 2
+    img_ids = torch.zeros(hp, wp, 3)
+    img_ids[..., 1] = torch.arange(hp)[:, None]
+    img_ids[..., 2] = torch.arange(wp)[None, :]
+    return dict(img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(s.text_len, 3))
+
+
+def _flux(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    ids = _flux_ids(s)
+    kwargs = dict(hidden_states=s.randn(s.batch, len(ids["img_ids"]), cfg["in_channels"]),
+                  encoder_hidden_states=s.text(cfg["joint_attention_dim"]),
+                  pooled_projections=s.randn(s.batch, cfg["pooled_projection_dim"]),
+                  timestep=torch.ones(s.batch), **ids)  # FLUX pipelines pass t / 1000
+    if cfg.get("guidance_embeds"):
+        kwargs["guidance"] = torch.full((s.batch,), 3.5)
+    return kwargs
+
+
+def _chroma(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """FLUX's inputs without the pooled projection; the mask covers text then image tokens."""
+    ids = _flux_ids(s)
+    tokens = len(ids["img_ids"])
+    return dict(hidden_states=s.randn(s.batch, tokens, cfg["in_channels"]),
+                encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch),
+                attention_mask=torch.ones(s.batch, s.text_len + tokens), **ids)
+
+
+def _sd3(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
+                encoder_hidden_states=s.text(cfg["joint_attention_dim"]),
+                pooled_projections=s.randn(s.batch, cfg["pooled_projection_dim"]), timestep=s.timestep().float())
+
+
+def _video(cfg: dict, s: ExampleShape) -> torch.Tensor:
+    return s.randn(s.batch, cfg["in_channels"], s.frames, s.height, s.width)
+
+
+def _wan(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    kwargs = dict(hidden_states=_video(cfg, s), timestep=s.timestep(), encoder_hidden_states=s.text(cfg["text_dim"]))
+    if cfg.get("image_dim"):  # image-to-video: CLIP image tokens
+        kwargs["encoder_hidden_states_image"] = s.randn(s.batch, 257, cfg["image_dim"])
+    return kwargs
+
+
+def _hunyuan_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    kwargs = dict(hidden_states=_video(cfg, s), timestep=s.timestep(), encoder_hidden_states=s.text(cfg["text_embed_dim"]),
+                  encoder_attention_mask=torch.ones(s.batch, s.text_len),
+                  pooled_projections=s.randn(s.batch, cfg["pooled_projection_dim"]))
+    if cfg.get("guidance_embeds"):
+        kwargs["guidance"] = torch.full((s.batch,), 6000.0)  # the pipeline passes guidance_scale * 1000
+    return kwargs
+
+
+def _ltx_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """Packed latents (B, tokens, C); num_frames / height / width are the grid in patches."""
+    p, pt = cfg.get("patch_size") or 1, cfg.get("patch_size_t") or 1
+    frames, height, width = s.frames // pt, s.height // p, s.width // p
+    return dict(hidden_states=s.randn(s.batch, frames * height * width, cfg["in_channels"]),
+                encoder_hidden_states=s.text(cfg["caption_channels"]), timestep=s.timestep(),
+                encoder_attention_mask=torch.ones(s.batch, s.text_len), num_frames=frames, height=height, width=width)
+
+
+def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    return dict(hidden_states=_video(cfg, s), encoder_hidden_states=s.text(cfg["text_embed_dim"]),
+                timestep=s.timestep(), encoder_attention_mask=torch.ones(s.batch, s.text_len))
+
+
+#: The forward kwargs of one call, per model class (what its pipeline passes). Families left out
+#: (e.g. CogVideoX, whose pipeline computes rotary embeddings outside the model) export through
+#: ``to_onnx`` with example inputs of your own.
+EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
+    "DiTTransformer2DModel": _dit,
+    "PixArtTransformer2DModel": _pixart,
+    "FluxTransformer2DModel": _flux,
+    "ChromaTransformer2DModel": _chroma,
+    "SD3Transformer2DModel": _sd3,
+    "WanTransformer3DModel": _wan,
+    "SkyReelsV2Transformer3DModel": _wan,
+    "HunyuanVideoTransformer3DModel": _hunyuan_video,
+    "LTXVideoTransformer3DModel": _ltx_video,
+    "MochiTransformer3DModel": _mochi,
+}
+
+
+def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = None, width: int | None = None,
+                   text_len: int = 8, frames: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Forward kwargs with the serving shapes for a known family: latent ``height`` x ``width``
+    (default: the config's ``sample_size``, else 32) and, for video models, ``frames`` latent
+    frames (default 1)."""
+    name = type(model).__name__
+    build = EXAMPLE_INPUTS.get(name)
+    if build is None:
+        raise ValueError(f"no example inputs known for {name} (known: {sorted(EXAMPLE_INPUTS)}); call "
+                         "rfc_compile.export.to_onnx with example_inputs")
+    cfg = dict(model.config)
+    sample = cfg.get("sample_size") or 32
+    shape = ExampleShape(batch=batch, height=height or sample, width=width or sample, frames=frames or 1,
+                         text_len=text_len, generator=torch.Generator().manual_seed(seed))
+    return build(cfg, shape)

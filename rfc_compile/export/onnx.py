@@ -167,9 +167,10 @@ def fix_squeeze(model_proto) -> int:
 
     The dynamo exporter lowers ``aten.squeeze.dim`` to ``Squeeze(x, axes)`` unconditionally,
     whereas PyTorch's squeeze of a dim whose size is not 1 is a no-op; onnxruntime then fails
-    to load the model ("Squeeze ... Dimension of input ... must be 1"). With static shapes we
-    know every size: axes of size != 1 are removed, and a Squeeze left with no axis becomes
-    an Identity. Returns the number of nodes changed.
+    to load the model ("Squeeze ... Dimension of input ... must be 1"). Shape inference gives
+    the static sizes (a dynamic export's named dims stay unknown and their axes are kept): axes
+    of a known size != 1 are removed, and a Squeeze left with no axis becomes an Identity.
+    Returns the number of nodes changed.
     """
     import numpy as np
     import onnx
@@ -180,11 +181,11 @@ def fix_squeeze(model_proto) -> int:
     except Exception as exc:  # shape inference is best effort here
         logger.warning("shape inference failed (%s); Squeeze fix-up skipped", exc)
         return 0
-    shapes = {}
+    shapes = {}  # a symbolic dim (dynamic batch / tokens) is None: never provably != 1
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = [d.dim_value for d in dims]
+        if vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                               for d in vi.type.tensor_type.shape.dim]
     constants = {init.name: numpy_helper.to_array(init) for init in model_proto.graph.initializer}
     for node in model_proto.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -198,7 +199,7 @@ def fix_squeeze(model_proto) -> int:
                 and node.input[0] in shapes:
             shape = shapes[node.input[0]]
             axes = [int(a) % len(shape) if shape else int(a) for a in np.atleast_1d(constants[node.input[1]])]
-            keep = [a for a in axes if shape and shape[a] == 1]
+            keep = [a for a in axes if not shape or shape[a] in (1, None)]
             if len(keep) != len(axes):
                 changed += 1
                 if not keep:

@@ -77,14 +77,35 @@ def _tensor_valued(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor)
 
 
+_aten = torch.ops.aten
+
+#: Ops whose result depends on their first argument's shape only, never on its values. A graph
+#: serves one shape per generation, so what they compute is the same at every step: a model
+#: that reads ``hidden_states.shape[0]`` (symbolic with ``dynamic_batch``) to build its rotary
+#: embeddings or to reshape the text states does not make those vary with the latents.
+_SHAPE_ONLY = frozenset({
+    _aten.sym_size.int, _aten.sym_numel.default, _aten.sym_stride.int, _aten.sym_storage_offset.default,
+    _aten.ones_like.default, _aten.zeros_like.default, _aten.empty_like.default, _aten.full_like.default,
+    _aten.new_ones.default, _aten.new_zeros.default, _aten.new_empty.default, _aten.new_full.default,
+})
+
+
+def _value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The nodes whose *values* ``node`` reads (a shape-only op's first argument left out)."""
+    if node.target in _SHAPE_ONLY and node.args and isinstance(node.args[0], fx.Node):
+        return [arg for arg in node.all_input_nodes if arg is not node.args[0]]
+    return node.all_input_nodes
+
+
 def _varying_nodes(graph: fx.Graph, varying_inputs: Iterable[str]) -> set[fx.Node]:
-    """Nodes whose value depends on an input that changes across denoising steps."""
+    """Nodes whose value depends on an input that changes across denoising steps (through its
+    values, not its shape)."""
     names = set(varying_inputs)
     varying: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "placeholder" and node.name in names:
             varying.add(node)
-        elif any(arg in varying for arg in node.all_input_nodes):
+        elif any(arg in varying for arg in _value_inputs(node)):
             varying.add(node)
     return varying
 
