@@ -891,6 +891,15 @@ def test_cli_model_loading(tmp_path):
     assert kwargs["hidden_states"].shape == (2, 4, 8, 8) and kwargs["timestep"].dtype == torch.long
     with pytest.raises(ValueError, match="neither a built-in model"):
         load_model(str(tmp_path / "nowhere"))
+    # a model with fp32-kept modules (Wan's _keep_in_fp32_modules): diffusers loads it only with
+    # accelerate (declared in the onnx extra); it failed before
+    from conftest import FAMILIES
+
+    wan = FAMILIES["wan"].build()
+    wan.save_pretrained(tmp_path / "wan")
+    loaded = load_model(str(tmp_path / "wan"))
+    assert type(loaded).__name__ == "WanTransformer3DModel"
+    assert all(torch.equal(a, b) for a, b in zip(wan.state_dict().values(), loaded.state_dict().values()))
     from rfc_compile.cli import main
 
     # --dynamic-tokens only where TOKEN_DIMS says the model allows it: DiT's resolution is fixed
