@@ -250,6 +250,35 @@ def test_runner_is_drop_in(rfc_onnx):
     assert torch.equal(runner(**kwargs, return_dict=False)[0], out.sample)
 
 
+def test_runner_sessions_share_the_graph_never_the_cache(rfc_onnx):
+    """new_session(): one cache per request over one InferenceSession (weights loaded once). Two
+    generations run in two threads in lock-step (a barrier at every step) each equal the same
+    generation run alone; the parent runner's cache is untouched."""
+    import threading
+
+    runner = OnnxCachedModel(rfc_onnx)
+    expected = {seed: ddim_generation(runner, steps=STEPS, cfg=True, seed=seed) for seed in (1, 2)}
+    parent_steps = runner.stats.full_steps
+    sessions = {seed: runner.new_session() for seed in (1, 2)}
+    assert all(s.session is runner.session for s in sessions.values())
+    barrier, results = threading.Barrier(2), {}
+
+    def generate(seed):
+        results[seed] = ddim_generation(sessions[seed], steps=STEPS, cfg=True, seed=seed,
+                                        on_step=lambda n: barrier.wait(timeout=60))
+
+    threads = [threading.Thread(target=generate, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in (1, 2):
+        latents, outputs = results[seed]
+        assert torch.equal(latents, expected[seed][0])
+        assert sessions[seed].stats.steps == STEPS and 2 < sessions[seed].stats.nfc < STEPS
+    assert runner.stats.full_steps == parent_steps and runner.stats.steps == STEPS
+
+
 def test_state_round_trip_resumes_a_generation(rfc_onnx):
     first, second = OnnxCachedModel(rfc_onnx), OnnxCachedModel(rfc_onnx)
     x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, NUM_CLASSES])

@@ -20,6 +20,7 @@ starts a new generation (the cache is per sample and per token).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import inspect
 import logging
@@ -111,6 +112,20 @@ class StatefulRunner:
             self._named_caches[name] = self._take_cache()
             self._put_cache(outer)
 
+    def new_session(self, auto_reset: bool | None = None) -> "StatefulRunner":
+        """A runner with a cache of its own that shares this one's graph and backend session (one
+        onnxruntime InferenceSession or TensorRT engine, its weights loaded once): one per request
+        when serving, as CachedModel.new_session. Sessions never share state; onnxruntime runs
+        calls of different sessions from different threads (TensorRT: each gets its own
+        execution context and stream)."""
+        session = copy.copy(self)
+        session.auto_reset = self.auto_reset if auto_reset is None else auto_reset
+        session._buffers, session._current, session._named_caches = [{}, {}], 0, {}
+        session._bind_dims(self.graph_sidecar.example_dims)
+        session._new_backend_session()
+        session._start_generation()
+        return session
+
     @property
     def rfc_config(self) -> dict[str, Any]:
         return self.sidecar.rfc_config
@@ -192,6 +207,9 @@ class StatefulRunner:
         return dict(self._dims)
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _new_backend_session(self) -> None:
+        """What ``new_session`` gives each session of its own beyond the cache (subclasses)."""
 
     def _start_generation(self) -> None:
         """The current cache empty: state zero, the next call is step 0."""

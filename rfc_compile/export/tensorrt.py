@@ -246,7 +246,6 @@ class TrtCachedModel(StatefulRunner):
         if self.engine is None:
             raise ModelFileError(f"TensorRT could not deserialize {self.path} (corrupted, or built with another "
                                  "TensorRT version / GPU)")
-        self.context = self.engine.create_execution_context()
         named = {name: shape for io in sidecar.graph_io() for name, (shape, _) in io.items()}
         io_in, io_out = {}, {}
         for i in range(self.engine.num_io_tensors):
@@ -256,9 +255,16 @@ class TrtCachedModel(StatefulRunner):
             target = io_in if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else io_out
             target[name] = (_engine_dims(shape, named.get(name)), dtype)
         sidecar.check_io(io_in, io_out, where=str(self.path))
+        self._new_backend_session()
+        self.reset()
+
+    def _new_backend_session(self) -> None:
+        """A session's execution context holds its input shapes and tensor addresses: one each."""
+        import torch
+
+        self.context = self.engine.create_execution_context()
         self._shapes_set_for: dict[str, int] | None = None
         self._stream = torch.cuda.Stream(device=self.device)
-        self.reset()
 
     def _zero_state(self) -> None:
         import torch
