@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from .proto import subgraphs
+from .proto import replace_nodes, subgraphs
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,6 @@ def bool_where_as_logic(model_proto) -> int:
             types = {**element_types(inferred), **types}
         except Exception as exc:  # best effort: an untyped Where is left as it is
             logger.warning("shape inference failed (%s); Where nodes without types left alone", exc)
-    changed = 0
 
     def replacement(node) -> list:
         tag = f"{PREFIX}{node.name or node.output[0]}"
@@ -69,23 +68,7 @@ def bool_where_as_logic(model_proto) -> int:
             make("Or", [tag + "/when_true", tag + "/when_false"], list(node.output), name=tag + "/or"),
         ]
 
-    def walk(graph) -> None:
-        nonlocal changed
-        nodes, found = [], False
-        for node in graph.node:
-            for sub in subgraphs(node):
-                walk(sub)
-            if _is_bool_where(node, types):
-                nodes += replacement(node)
-                changed += 1
-                found = True
-            else:
-                nodes.append(node)
-        if found:
-            del graph.node[:]
-            graph.node.extend(nodes)
-
-    walk(model_proto.graph)
+    changed = replace_nodes(model_proto, lambda n: _is_bool_where(n, types), replacement)
     if changed:
         logger.info("bool_where_as_logic: %d bool Where -> Or(And(c, x), And(Not(c), y))", changed)
     return changed

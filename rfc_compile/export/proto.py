@@ -11,3 +11,28 @@ def subgraphs(node) -> list:
             found.append(attribute.g)
         found.extend(attribute.graphs)
     return found
+
+
+def replace_nodes(model_proto, matches, replacement) -> int:
+    """Replace every node for which ``matches(node)`` holds, in the main graph and in every
+    subgraph, by the list of nodes ``replacement(node)`` returns; returns how many were replaced."""
+    changed = 0
+
+    def walk(graph) -> None:
+        nonlocal changed
+        nodes, found = [], False
+        for node in graph.node:
+            for sub in subgraphs(node):
+                walk(sub)
+            if matches(node):
+                nodes += replacement(node)
+                changed += 1
+                found = True
+            else:
+                nodes.append(node)
+        if found:
+            del graph.node[:]
+            graph.node.extend(nodes)
+
+    walk(model_proto.graph)
+    return changed

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from .proto import subgraphs
+from .proto import replace_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ def reduce_l2_as_sum_of_squares(model_proto) -> int:
     import onnx
 
     opset = _opset(model_proto)
-    changed = 0
 
     def replacement(node) -> list:
         tag = f"{PREFIX}{node.name or node.output[0]}"
@@ -54,23 +53,8 @@ def reduce_l2_as_sum_of_squares(model_proto) -> int:
         total.attribute.extend(attrs)
         return new + [total, onnx.helper.make_node("Sqrt", [tag + "/sum"], list(node.output), name=tag + "/sqrt")]
 
-    def walk(graph) -> None:
-        nonlocal changed
-        nodes, found = [], False
-        for node in graph.node:
-            for sub in subgraphs(node):
-                walk(sub)
-            if node.op_type == "ReduceL2" and node.domain in ("", "ai.onnx"):
-                nodes += replacement(node)
-                changed += 1
-                found = True
-            else:
-                nodes.append(node)
-        if found:
-            del graph.node[:]
-            graph.node.extend(nodes)
-
-    walk(model_proto.graph)
+    changed = replace_nodes(model_proto, lambda n: n.op_type == "ReduceL2" and n.domain in ("", "ai.onnx"),
+                            replacement)
     if changed:
         logger.info("reduce_l2_as_sum_of_squares: %d ReduceL2 -> Sqrt(ReduceSum(x * x))", changed)
     return changed
