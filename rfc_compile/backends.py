@@ -215,15 +215,30 @@ def _module_path(dynamo_path: str) -> str:
     return _ROOT.sub("", _PATH_PART.sub(r".\1", dynamo_path))
 
 
+def _input_name(node: fx.Node) -> str | None:
+    """The name of a tensor the frame got as an argument (``hidden_states``), or None (a weight,
+    a global). diffusers wraps most transformers' ``forward`` in a ``(*args, **kwargs)`` decorator
+    (peft_utils' LoRA scale), so their inputs arrive as ``L['kwargs']['hidden_states']``; a tensor
+    inside a dict argument (PixArt's ``added_cond_kwargs['resolution']``) is named by its path."""
+    from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource
+
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    keys: list[str] = []
+    while isinstance(source, (DictGetItemSource, GetItemSource)):
+        keys.insert(0, str(source.index))
+        source = source.base
+    if not isinstance(source, LocalSource) or source.local_name == "self":
+        return None
+    parts = keys if source.local_name == "kwargs" and keys else [source.local_name, *keys]
+    return re.sub(r"\W", "_", "_".join(parts))
+
+
 def _kind(node: fx.Node) -> str:
     """"input" (a tensor argument of the frame), "size" (a SymInt of a shape-generic graph)
     or "weight" (a module's parameter/buffer or a global: becomes an attribute)."""
-    from torch._dynamo.source import LocalSource
-
     if not isinstance(node.meta.get("example_value"), Tensor):
         return "size"
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    return "input" if isinstance(source, LocalSource) else "weight"
+    return "input" if _input_name(node) is not None else "weight"
 
 
 def _is_constant(value: Any) -> bool:
@@ -266,8 +281,7 @@ class _GraphPrograms:
         self._frame = [i for i, k in enumerate(kinds) if k != "weight"]  # inputs and sizes, in order
         self._inputs = [i for i, k in enumerate(kinds) if k == "input"]
         self._attrs = [i for i, k in enumerate(kinds) if k == "weight"]
-        self._names = {i: getattr(self._placeholders[i].meta["grapharg"].source, "local_name",
-                                  self._placeholders[i].name) for i in self._frame}
+        self._names = {i: _input_name(self._placeholders[i]) or self._placeholders[i].name for i in self._frame}
         self._bound: list[Any] | None = None
         self._frame_args: list[Any] = []
         self._programs: dict[tuple, Any] = {}
