@@ -90,6 +90,7 @@ class CacheSession:
         self._state: dict[str, Tensor] | None = None
         self._history: list[Tensor] = []  # last_full after each step (0-d tensors, read lazily)
         self._last_timestep: float | None = None
+        self._warned_repeat = False
         self.finished: list[RFCStats] = []
 
     def reset(self) -> None:
@@ -116,14 +117,27 @@ class CacheSession:
         """The current cache state (see state.py for names)."""
         return self._state
 
-    def _detect_new_generation(self, call: dict[str, Any]) -> None:
-        """Denoising timesteps only go down; one going back up starts a new generation."""
+    def _follow_timestep(self, call: dict[str, Any]) -> None:
+        """Denoising timesteps only go down: one going back up starts a new generation (with
+        ``auto_reset``). Two calls in a row at the same timestep are most likely a pipeline's
+        conditional and unconditional branches called separately, which must not share a cache:
+        warned about once per session (CachedModel keeps one cache per ``cache_context``)."""
         t = call.get("timestep", call.get("t"))
         if t is None or (isinstance(t, Tensor) and t.numel() == 0):
             return
         value = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else float(t)
-        if self._last_timestep is not None and value > self._last_timestep and self._history:
-            self.reset()
+        if self._last_timestep is not None and self._history:
+            if self.auto_reset and value > self._last_timestep:
+                self.reset()
+            elif value == self._last_timestep and not self._warned_repeat:
+                self._warned_repeat = True
+                warnings.warn(
+                    f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two "
+                    "denoising steps. If they are the conditional and unconditional branches of one step "
+                    "(WanPipeline, true CFG), wrap each in cached.cache_context('cond' / 'uncond'), as diffusers "
+                    "pipelines do with rfc_compile.optimize(); the torch.compile backend 'rfc' cannot see "
+                    "cache_context: use rfc_compile.optimize(model, config, backend='inductor') for such pipelines.",
+                    stacklevel=4)
         self._last_timestep = value
 
     def __call__(self, *args, **kwargs):
@@ -137,8 +151,7 @@ class CacheSession:
                 self._key, self._spec = key, program.state_spec
                 self._device = _device_of(call)
                 self.reset()
-            if self.auto_reset:
-                self._detect_new_generation(call)
+            self._follow_timestep(call)
             with torch.no_grad():
                 out, new_state = program.run(kwargs=call, state=self._state)
             self._state = new_state

@@ -221,3 +221,28 @@ def test_cache_context_keeps_cond_and_uncond_calls_apart():
         assert session.stats.steps == STEPS and session.stats.full_steps == cond_session.stats.full_steps
     assert cached.stats == uncond_session.stats  # stats report the cache used last
     assert cached.state is None  # the default cache was never touched
+
+
+def test_two_calls_at_one_timestep_warn_unless_in_their_own_cache_context():
+    """A second call at the same timestep (a pipeline's uncond branch called separately, outside
+    cache_context: the rfc torch.compile backend cannot see cache_context) shares the cache and is
+    counted as a step: warned about once; with cache_context per branch nothing is shared or warned."""
+    import warnings
+
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.warns(UserWarning, match="two calls in a row at timestep 900") as caught:
+        for t in (900, 900, 500, 500, 500):
+            _call(cached, x, t=t)
+    assert len([w for w in caught if "two calls in a row" in str(w.message)]) == 1  # once per session
+    assert cached.stats.steps == 5
+
+    split = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in (900, 700, 500):
+            for name in ("cond", "uncond"):
+                with split.cache_context(name):
+                    _call(split, x, t=t)
+    with split.cache_context("cond"):
+        assert split.stats.steps == 3
