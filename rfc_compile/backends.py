@@ -341,8 +341,14 @@ class _GraphPrograms:
             return key, self._programs[key]
 
     def _build(self, call: dict[str, Any]):
-        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._subclasses.fake_tensor import (
+            DataDependentOutputException,
+            DynamicOutputShapeException,
+            FakeTensorMode,
+        )
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+        from .errors import UnsupportedModelError
 
         from .passes import CapturedGraph, find_regions, rewrite
         from .runtime import _Program
@@ -351,7 +357,14 @@ class _GraphPrograms:
         graph.output(graph.graph_copy(self.gm.graph, {}))
         gm = fx.GraphModule(self.gm, graph)
         # concrete metadata for these inputs, then sizes folded in as constants
-        FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*self._frame_args)
+        try:
+            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*self._frame_args)
+        except (DynamicOutputShapeException, DataDependentOutputException) as exc:
+            raise UnsupportedModelError(
+                f"the rfc torch.compile backend cannot follow this graph's data-dependent shapes "
+                f"({str(exc).splitlines()[0]}; e.g. "
+                "Mochi's nonzero over its text mask); rfc_compile.optimize(model, config, backend='inductor') "
+                "captures it with torch.export instead") from exc
         _specialize(gm)
         outputs = next(iter(gm.graph.find_nodes(op="output"))).args[0]
         captured = CapturedGraph(gm, pytree.tree_structure(((), call)),

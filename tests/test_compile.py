@@ -187,3 +187,17 @@ def test_rfc_backend_on_diffusers_transformers(family):
     _, outs = flow_generation(compiled, spec, steps=10)
     assert handle.stats.full_steps == eager.stats.full_steps and 2 < handle.stats.nfc < 10
     _close(outs, expected)
+
+
+def test_rfc_backend_refuses_data_dependent_shapes_clearly():
+    """Mochi's attention takes nonzero() of its text mask: the backend's shape propagation cannot
+    follow it, and says what works instead (optimize(), which captures with torch.export)."""
+    from conftest import FAMILIES, flow_generation
+
+    from rfc_compile import UnsupportedModelError
+
+    spec = FAMILIES["mochi"]
+    compiled = torch.compile(spec.build(), backend="rfc", fullgraph=True,
+                             options={"config": RFCConfig(mode="rfc", threshold=spec.threshold), "backend": "eager"})
+    with pytest.raises(UnsupportedModelError, match=r"data-dependent shapes .*rfc_compile\.optimize"):
+        flow_generation(compiled, spec, steps=2)
