@@ -105,9 +105,7 @@ def family_row(name: str) -> dict:
     fam = FAMILIES[name]
     start = time.perf_counter()
     # regions, straight from the passes
-    gen = torch.Generator().manual_seed(0)
-    example = dict(hidden_states=torch.randn(2, *fam.latent_shape, generator=gen),
-                   timestep=torch.full((2,), fam.timestep_scale), return_dict=False, **fam.conditions(2, gen))
+    example = dict(fam.example(), return_dict=False)
     model = fam.build()
     plan = find_regions(capture(model, example).graph_module)
     per_block: dict[str, list[str]] = collections.OrderedDict()
@@ -166,9 +164,7 @@ def export_row(name: str, workdir: pathlib.Path) -> dict:
 
     fam = FAMILIES[name]
     config = RFCConfig(mode="rfc", order=2, threshold=fam.threshold, warmup_steps=2)
-    gen = torch.Generator().manual_seed(0)
-    example = dict(hidden_states=torch.randn(2, *fam.latent_shape, generator=gen),
-                   timestep=torch.full((2,), fam.timestep_scale), **fam.conditions(2, gen))
+    example = fam.example()
     path, refused = workdir / f"{name}.onnx", None
     try:
         export = to_onnx(fam.build(), path, example, config, dynamic_batch=True)

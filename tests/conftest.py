@@ -90,6 +90,12 @@ class Family:
     threshold: float  # RCS tau giving both full and skipped steps in 10 steps
     timestep_scale: float = 1000.0
 
+    def example(self, batch: int = 2, seed: int = 0) -> dict:
+        """One call's kwargs at the first timestep (e.g. the example inputs of a capture or export)."""
+        gen = torch.Generator().manual_seed(seed)
+        return dict(hidden_states=torch.randn(batch, *self.latent_shape, generator=gen),
+                    timestep=torch.full((batch,), self.timestep_scale), **self.conditions(batch, gen))
+
 
 def _text(batch, gen, tokens, dim):
     return torch.randn(batch, tokens, dim, generator=gen)

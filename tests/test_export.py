@@ -461,9 +461,7 @@ def test_flux_ort_generation_matches_eager(workdir, order):
 
     family = FAMILIES["flux"]
     config = RFCConfig(mode="rfc", threshold=family.threshold, order=order)
-    gen = torch.Generator().manual_seed(0)
-    example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.ones(2),
-                   **family.conditions(2, gen))
+    example = family.example()
     assert example["encoder_hidden_states"].shape[1] == 3 and len(unsound_rules()) == 2
     path = to_onnx(family.build(), workdir / f"flux_rfc_o{order}.onnx", example, config).onnx_path
     eager = rfc_compile.optimize(family.build(), config)
@@ -1086,10 +1084,7 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
 
     family = FAMILIES[name]
     config = RFCConfig(mode="rfc", threshold=family.threshold, order=2)
-    gen = torch.Generator().manual_seed(0)
-    example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.ones(2) * family.timestep_scale,
-                   **family.conditions(2, gen))
-    export = to_onnx(family.build(), workdir / f"{name}_rfc.onnx", example, config)
+    export = to_onnx(family.build(), workdir / f"{name}_rfc.onnx", family.example(), config)
     eager = rfc_compile.optimize(family.build(), config)
     _, expected = flow_generation(eager, family, steps=10)
     runner = OnnxCachedModel(export.onnx_path)

@@ -203,9 +203,7 @@ def test_dynamic_batch_capture_finds_the_same_regions(family):
     from rfc_compile.passes import capture, find_regions
 
     spec = FAMILIES[family]
-    gen = torch.Generator().manual_seed(0)
-    kwargs = dict(hidden_states=torch.randn(2, *spec.latent_shape), timestep=torch.ones(2) * spec.timestep_scale,
-                  **spec.conditions(2, gen))
+    kwargs = spec.example()
     if family in BATCH_FIXED_BY_MODEL:
         with pytest.raises(UnsupportedModelError, match="dynamic dims"):
             capture(spec.build(), kwargs, dynamic_batch=True)
@@ -216,20 +214,17 @@ def test_dynamic_batch_capture_finds_the_same_regions(family):
 
 
 def test_rewrite_is_independent_of_earlier_rewrites():
-    """The rewrite traces its cond without torch.compile: torch.cond compiled a wrapper whose
-    dynamo cache outlived each rewrite, and checking an earlier (static, batch 3) entry's guards
-    against a dynamic-batch trace added ``batch != 3`` to it, so exporting SkyReels-V2 with a
-    dynamic batch failed ("Constraints violated (batch)") after a Wan model had run at batch 3."""
+    """Each rewrite drops the dynamo cache of the wrapper torch.cond compiles (rewrite.py): its
+    entries outlived each rewrite, and checking an earlier (static, batch 3) entry's guards against
+    a dynamic-batch trace added ``batch != 3`` to it, so exporting SkyReels-V2 with a dynamic batch
+    failed ("Constraints violated (batch)") after a Wan model had run at batch 3."""
     from rfc_compile.export.graph import build_functional
 
     config = RFCConfig(mode="rfc", threshold=0.2)
     wan = rfc_compile.optimize(FAMILIES["wan"].build(), config)
     flow_generation(wan, FAMILIES["wan"], steps=2, batch=3)
-    spec = FAMILIES["skyreels_v2"]
-    gen = torch.Generator().manual_seed(0)
-    kwargs = dict(hidden_states=torch.randn(2, *spec.latent_shape), timestep=torch.ones(2) * 1000,
-                  **spec.conditions(2, gen))
-    program = build_functional(spec.build(), kwargs, config, dynamic_batch=True)
+    program = build_functional(FAMILIES["skyreels_v2"].build(), FAMILIES["skyreels_v2"].example(), config,
+                               dynamic_batch=True)
     assert program.dynamic_axes == {"batch": 2}
     shapes = dict(zip(program.state_spec.names(), program.state_shapes))
     assert program.inputs[0].shape[0] == "batch" and shapes["rcs_acc"] == ("batch",)
