@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from .proto import replace_nodes, subgraphs
+from .proto import all_graphs, replace_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,7 @@ def element_types(model_proto) -> dict[str, int]:
     inputs/outputs, value_info, initializers and ``Constant`` outputs; one dict for the whole model,
     as the exporter names every value uniquely, branches included."""
     types: dict[str, int] = {}
-
-    def walk(graph) -> None:
+    for graph in all_graphs(model_proto.graph):
         for info in (*graph.input, *graph.output, *graph.value_info):
             if info.type.HasField("tensor_type"):
                 types[info.name] = info.type.tensor_type.elem_type
@@ -36,10 +35,6 @@ def element_types(model_proto) -> dict[str, int]:
                 value = next((a.t for a in node.attribute if a.name == "value"), None)
                 if value is not None:
                     types[node.output[0]] = value.data_type
-            for sub in subgraphs(node):
-                walk(sub)
-
-    walk(model_proto.graph)
     return types
 
 
@@ -82,12 +77,5 @@ def _is_bool_where(node, types: dict[str, int]) -> bool:
 
 
 def _untyped_wheres(model_proto, types: dict[str, int]) -> bool:
-    def walk(graph) -> bool:
-        for node in graph.node:
-            if node.op_type == "Where" and any(name not in types for name in node.input[1:]):
-                return True
-            if any(walk(sub) for sub in subgraphs(node)):
-                return True
-        return False
-
-    return walk(model_proto.graph)
+    return any(node.op_type == "Where" and any(name not in types for name in node.input[1:])
+               for graph in all_graphs(model_proto.graph) for node in graph.node)

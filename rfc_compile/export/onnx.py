@@ -72,7 +72,7 @@ from .bool_where import bool_where_as_logic
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
-from .proto import subgraphs
+from .proto import all_graphs
 from .reduce_l2 import reduce_l2_as_sum_of_squares
 from .safe_rewrites import without_unsound_rewrites
 from .sidecar import BATCH_DIM, FORMAT, VERSION, Sidecar, ort_type_name
@@ -146,19 +146,13 @@ def drop_debug_metadata(model_proto) -> int:
     """Remove :data:`DROPPED_METADATA` from every node, If branches included; returns the bytes
     removed. The other metadata (fx node, name scopes: what a node came from) stays."""
     removed = 0
-
-    def walk(graph) -> None:
-        nonlocal removed
+    for graph in all_graphs(model_proto.graph):
         for node in graph.node:
             kept = [p for p in node.metadata_props if p.key not in DROPPED_METADATA]
             if len(kept) != len(node.metadata_props):
                 removed += sum(len(p.value) for p in node.metadata_props if p.key in DROPPED_METADATA)
                 del node.metadata_props[:]
                 node.metadata_props.extend(kept)
-            for sub in subgraphs(node):
-                walk(sub)
-
-    walk(model_proto.graph)
     return removed
 
 

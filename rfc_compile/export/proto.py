@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 def subgraphs(node) -> list:
     """The graphs a node carries in its attributes (an ``If``'s branches, a ``Loop``'s body)."""
@@ -11,6 +13,14 @@ def subgraphs(node) -> list:
             found.append(attribute.g)
         found.extend(attribute.graphs)
     return found
+
+
+def all_graphs(graph) -> Iterator:
+    """``graph`` and every graph nested in its nodes (``If`` branches, ``Loop`` bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
 
 
 def replace_nodes(model_proto, matches, replacement) -> int:
