@@ -51,7 +51,6 @@ import json
 import logging
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -551,7 +550,7 @@ def teacher_forced(bundle, steps: int, indices: Sequence[int], intervals=(4, 8))
                         continue
                     last = max(f for f in full if f < n)
                     p = max(f for f in full if f < last)
-                    k, gap = n - last, last - p
+                    gap = last - p
                     d0, term = Y[last], (n - last) / gap * (Y[last] - Y[p])
                     s = nrm(Y[last] - Y[p]) / nrm(X[last] - X[p]).clamp(min=1e-6)
                     mag = s * nrm(X[n] - X[last])

@@ -194,7 +194,6 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    full_med = statistics.median(times["full"])
     full_cpu = statistics.median(cpu["full"])
     lines = [
         BEGIN,

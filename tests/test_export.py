@@ -634,7 +634,7 @@ def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(flux_to
     """FLUX exported once with dynamic image and text token counts (and batch) runs generations at
     other latent grids, prompt lengths and batches, each equal to the eager cached model at that
     shape; the single block's cache follows image + text tokens, as the model concatenates them."""
-    from conftest import FAMILIES, flow_generation, flux_at
+    from conftest import flow_generation, flux_at
 
     export, single = flux_tokens_export, FLUX_SINGLE
     config = RFCConfig(**export.sidecar.rfc_config)
@@ -846,6 +846,71 @@ def test_pixart_export_loads_in_onnxruntime(workdir):
     _, got = flow_generation(runner, family, steps=10)
     assert runner.stats.full_steps == eager.stats.full_steps
     assert _max_diff(got, expected) < ATOL
+
+
+def test_squeeze_fixup_reads_weight_shapes_not_their_data(monkeypatch):
+    """fix_squeeze's shape inference gets the model without its large weights (typed inputs in
+    their place): onnx's infer_shapes serializes what it is given, and fails past protobuf's 2 GB
+    (a float32 PixArt-Sigma's export would not load in onnxruntime, see the slow test below)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rfc_compile.export.onnx import fix_squeeze
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((512, 1024)).astype(np.float32)  # 2 MB
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+         helper.make_node("Squeeze", ["y", "axes"], ["out"], name="squeeze_not_one")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 512])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 3, 1024])],
+        initializer=[numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.array([-1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    with pytest.raises(Exception, match="Squeeze"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    seen = []
+    real = onnx.shape_inference.infer_shapes
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", lambda m, **kw: seen.append(m.ByteSize()) or real(m, **kw))
+    assert fix_squeeze(model) == 1
+    assert seen and max(seen) < 100_000 < weight.nbytes  # the weight's shape, not its 2 MB
+    x = rng.standard_normal((2, 3, 512)).astype(np.float32)
+    (out,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.allclose(out, x @ weight, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_export_past_two_gigabytes_loads_and_matches_eager(tmp_path):
+    """A 2.4 GB float32 PixArt (PixArt-Sigma is 2.4 GB in float32): external data, and the
+    Squeeze fix-up still applies (before, its shape inference failed on the size and the graph
+    did not load in onnxruntime); its Triton model is written and checked (before, onnx's
+    in-memory checker refused it)."""
+    from conftest import pixart_conditions
+    from diffusers import PixArtTransformer2DModel
+
+    model = PixArtTransformer2DModel(
+        num_attention_heads=30, attention_head_dim=128, in_channels=4, out_channels=4, num_layers=2,
+        cross_attention_dim=3840, caption_channels=16, sample_size=8, patch_size=2,
+        use_additional_conditions=True, norm_num_groups=1).eval()
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) > 2**31
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=gen), **pixart_conditions(2, gen))
+    config = RFCConfig(mode="rfe")
+    result = to_onnx(model, tmp_path / "pixart.onnx", dict(kwargs, timestep=torch.tensor([999, 999])), config,
+                     triton=tmp_path / "triton")
+    assert (tmp_path / "pixart.onnx.data").exists()
+    assert (result.triton_model_dir / "1" / "model.onnx.data").stat().st_size > 2**31
+    assert any(f.startswith("squeeze_axes") for f in result.sidecar.raw["fixups"])
+    runner, eager = OnnxCachedModel(result.onnx_path), rfc_compile.optimize(model, config)
+    for t in range(900, 0, -100):
+        call = dict(kwargs, timestep=torch.tensor([t, t]), return_dict=False)
+        with torch.no_grad():
+            expected = eager(**call)[0]
+        assert _max_diff(runner(**call)[0], expected) < ATOL
+        kwargs["hidden_states"] = kwargs["hidden_states"] - 0.1 * expected
+    assert runner.stats.full_steps == eager.stats.full_steps
 
 
 # --- TensorRT (GPU machines with TensorRT only) -----------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from .proto import all_graphs, replace_nodes
+from .proto import all_graphs, infer_shapes, replace_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def bool_where_as_logic(model_proto) -> int:
     types = element_types(model_proto)
     if _untyped_wheres(model_proto, types):
         try:
-            inferred = onnx.shape_inference.infer_shapes(model_proto, strict_mode=False)
+            inferred = infer_shapes(model_proto, strict_mode=False)
             types = {**element_types(inferred), **types}
         except Exception as exc:  # best effort: an untyped Where is left as it is
             logger.warning("shape inference failed (%s); Where nodes without types left alone", exc)

@@ -72,7 +72,7 @@ from .bool_where import bool_where_as_logic
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
-from .proto import all_graphs
+from .proto import all_graphs, infer_shapes, save_model
 from .reduce_l2 import reduce_l2_as_sum_of_squares
 from .safe_rewrites import without_unsound_rewrites
 from .sidecar import BATCH_DIM, FORMAT, VERSION, Sidecar, ort_type_name
@@ -80,8 +80,6 @@ from .skip_state import empty_on_skip as rewrite_empty_on_skip
 
 logger = logging.getLogger(__name__)
 
-#: Above this many bytes of weights the graph is saved with external data (protobuf's 2 GB cap).
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 _FAMILIES = {
     "DiTTransformer2DModel": "dit", "PixArtTransformer2DModel": "pixart",
@@ -168,10 +166,10 @@ def fix_squeeze(model_proto) -> int:
     """
     import numpy as np
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import numpy_helper
 
     try:
-        inferred = shape_inference.infer_shapes(model_proto, strict_mode=False, data_prop=True)
+        inferred = infer_shapes(model_proto, strict_mode=False, data_prop=True)
     except Exception as exc:  # shape inference is best effort here
         logger.warning("shape inference failed (%s); Squeeze fix-up skipped", exc)
         return 0
@@ -180,7 +178,9 @@ def fix_squeeze(model_proto) -> int:
         if vi.type.tensor_type.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
                                for d in vi.type.tensor_type.shape.dim]
-    constants = {init.name: numpy_helper.to_array(init) for init in model_proto.graph.initializer}
+    axes_inputs = {node.input[1] for node in model_proto.graph.node if node.op_type == "Squeeze" and len(node.input) > 1}
+    constants = {init.name: numpy_helper.to_array(init) for init in model_proto.graph.initializer
+                 if init.name in axes_inputs}  # not the weights: a copy of each
     for node in model_proto.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
@@ -307,15 +307,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     if n_cse:
         fixups.append(f"branch_cse({n_cse})")
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    for stale in (path, Path(str(path) + ".data")):
-        if stale.exists():
-            stale.unlink()
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-    else:
-        onnx.save_model(proto, str(path))
+    save_model(proto, path)
 
     graph_inputs = _value_info(proto.graph.input)
     graph_outputs = _value_info(proto.graph.output)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
+
+#: Past this many bytes a model does not fit one protobuf message (2 GB cap, with margin): it is
+#: saved with its weights in a ``<file>.data`` next to it, and onnx's checker needs its path.
+PROTOBUF_SAFE_BYTES = 1_800_000_000
+
+#: Initializers above this size are left out of the model shape inference sees (as typed graph inputs).
+INFERENCE_MAX_INITIALIZER_BYTES = 1 << 16
 
 
 def subgraphs(node) -> list:
@@ -46,3 +55,72 @@ def replace_nodes(model_proto, matches, replacement) -> int:
 
     walk(model_proto.graph)
     return changed
+
+
+def fits_one_message(model_proto) -> bool:
+    return model_proto.ByteSize() < PROTOBUF_SAFE_BYTES
+
+
+def check_model(model_proto) -> None:
+    """onnx's checker on a model that fits one protobuf message; a larger one is checked by
+    path once saved (:func:`save_model`'s caller), as the checker cannot take it in memory."""
+    import onnx
+
+    if fits_one_message(model_proto):
+        onnx.checker.check_model(model_proto)
+
+
+def save_model(model_proto, path: str | os.PathLike) -> bool:
+    """Save ``model_proto`` to ``path``, its weights in ``<path>.data`` when it does not fit
+    one protobuf message; returns whether it did. A stale data file is removed first (onnx
+    appends to an existing one)."""
+    import onnx
+
+    path = Path(path)
+    big = not fits_one_message(model_proto)
+    for stale in (path, Path(str(path) + ".data")):
+        if stale.exists():
+            stale.unlink()
+    if big:
+        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data")
+    else:
+        onnx.save_model(model_proto, str(path))
+    return big
+
+
+def infer_shapes(model_proto, max_initializer_bytes: int = INFERENCE_MAX_INITIALIZER_BYTES, **options):
+    """onnx's shape inference over ``model_proto``, also for models past protobuf's 2 GB cap.
+
+    ``onnx.shape_inference.infer_shapes`` serializes the model, weights included, and fails on
+    a > 2 GB one (a float32 PixArt-Sigma, any float16 FLUX). It needs the weights' shapes, not
+    their values, so it gets a copy in which every initializer larger than
+    ``max_initializer_bytes`` is a graph input of the same type and shape; small ones (shape
+    tensors, axes, scalars) stay, as data propagation reads them. ``options`` go to onnx.
+    """
+    import onnx
+
+    light = onnx.ModelProto()
+    _copy_fields(model_proto, light, skip="graph")
+    _copy_fields(model_proto.graph, light.graph, skip="initializer")
+    for init in model_proto.graph.initializer:
+        if init.ByteSize() <= max_initializer_bytes:
+            light.graph.initializer.append(init)
+        else:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return onnx.shape_inference.infer_shapes(light, **options)
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of one proto message into another but ``skip``."""
+    from google.protobuf.message import Message
+
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, Message):
+            getattr(target, field.name).CopyFrom(value)
+        elif isinstance(value, (str, bytes, int, float)):
+            setattr(target, field.name, value)
+        else:  # a repeated field
+            getattr(target, field.name).extend(value)

@@ -35,7 +35,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .proto import subgraphs
+from .proto import check_model, subgraphs
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,6 @@ def empty_on_skip(model_proto, state: list[dict], decision_state: str,
     ``state`` is the sidecar's state list (``name``, ``shape``, ``dtype``). Changes
     ``model_proto`` in place and returns the state names rewritten, in state order.
     """
-    import onnx
     from onnx import helper, numpy_helper
 
     from .sidecar import numpy_dtype
@@ -166,8 +165,7 @@ def empty_on_skip(model_proto, state: list[dict], decision_state: str,
                     rewritten.append(state_name)
     if rewritten:
         _sort_nodes(graph)
-        if model_proto.ByteSize() < 1_800_000_000:  # check_model takes a path above protobuf's 2 GB
-            onnx.checker.check_model(model_proto)
+        check_model(model_proto)
     order = [e["name"] for e in state]
     return sorted(rewritten, key=order.index)
 
@@ -258,6 +256,5 @@ def restore_skip_copies(model_proto, state: list[dict], kept_on_skip: Iterable[s
         raise SidecarMismatchError(
             f"the sidecar lists {missing[:5]} as kept_on_skip, but the graph has no empty-on-skip branch output "
             "for them: the .rfc.json is not the one written with this file")
-    if model.ByteSize() < 1_800_000_000:
-        onnx.checker.check_model(model)
+    check_model(model)
     return model

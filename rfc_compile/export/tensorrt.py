@@ -174,13 +174,12 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
             # the runner binds fixed-size state buffers: every state output full-size again
             import onnx
 
+            from .proto import save_model
             from .skip_state import restore_skip_copies
 
             proto = restore_skip_copies(onnx.load(str(onnx_path)), sidecar.raw["state"], sidecar.kept_on_skip)
             parse_path = Path(tmp) / onnx_path.name
-            big = proto.ByteSize() > 1_800_000_000
-            onnx.save_model(proto, str(parse_path), save_as_external_data=big, all_tensors_to_one_file=True,
-                            location=onnx_path.name + ".data")
+            save_model(proto, parse_path)
         if not parser.parse_from_file(str(parse_path)):
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise ExportError(f"TensorRT could not parse {onnx_path}: " + "; ".join(errors[:5]))

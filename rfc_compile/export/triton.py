@@ -50,6 +50,7 @@ import numpy as np
 
 from .errors import ExportError
 from .sidecar import Sidecar, fold_dim
+from .proto import check_model, save_model
 from .skip_state import restore_skip_copies
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def add_sequence_controls(model_proto, sidecar: Sidecar):
     keep = [vi for vi in graph.value_info if vi.name not in in_names and vi.name not in out_names]
     del graph.value_info[:]
     graph.value_info.extend(keep)
-    onnx.checker.check_model(model)
+    check_model(model)  # a model past protobuf's cap is checked once saved (write_triton_repository)
     return model
 
 
@@ -301,12 +302,9 @@ def write_triton_repository(onnx_path: str | os.PathLike, repository: str | os.P
     # Triton's implicit state needs every state output full-size on every step
     proto = restore_skip_copies(proto, sidecar.raw["state"], sidecar.kept_on_skip)
     triton_model = add_sequence_controls(proto, sidecar)
-    big = triton_model.ByteSize() > 1_800_000_000 if hasattr(triton_model, "ByteSize") else False
     target = version_dir / "model.onnx"
-    if big:
-        onnx.save_model(triton_model, str(target), save_as_external_data=True, location="model.onnx.data")
-    else:
-        onnx.save_model(triton_model, str(target))
+    if save_model(triton_model, target):  # saved with external data: too large to check in memory
+        onnx.checker.check_model(str(target))
     text = config_pbtxt(sidecar, name)
     (model_dir / "config.pbtxt").write_text(text)
     try:
