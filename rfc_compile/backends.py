@@ -32,8 +32,10 @@ never shared between graphs. Programs are keyed by the concrete input signature:
 ``dynamic=False`` dynamo recompiles once per new resolution/batch size and each graph gets
 its own program and state; with the default ``dynamic=None`` the second shape makes dynamo
 recompile once into a shape-generic graph, and from then on the backend builds (rewrites
-and compiles) one program per new concrete shape without dynamo recompiling. Either way a
-shape never sees another shape's state. A graph without transformer blocks (a piece of a
+and compiles) one program per new concrete shape without dynamo recompiling; ``dynamic=True``
+gives that graph from the first call (dynamo then also passes modules' float attributes, a
+LayerNorm's ``eps``, as 0-d tensors: the backend folds their values into the program). Either
+way a shape never sees another shape's state. A graph without transformer blocks (a piece of a
 frame split by graph breaks) runs uncached, with a warning.
 
 Options (``torch.compile(..., options={...})``):
@@ -234,17 +236,43 @@ def _input_name(node: fx.Node) -> str | None:
 
 
 def _kind(node: fx.Node) -> str:
-    """"input" (a tensor argument of the frame), "size" (a SymInt of a shape-generic graph)
-    or "weight" (a module's parameter/buffer or a global: becomes an attribute)."""
+    """"input" (a tensor argument of the frame), "size" (a SymInt of a shape-generic graph),
+    "scalar" (a Python float dynamo passes as a 0-d tensor with ``dynamic=True``: a module's
+    ``eps`` or dropout ``p``) or "weight" (a module's parameter/buffer or a global: becomes an
+    attribute)."""
     if not isinstance(node.meta.get("example_value"), Tensor):
         return "size"
-    return "input" if _input_name(node) is not None else "weight"
+    if _input_name(node) is not None:
+        return "input"
+    return "scalar" if getattr(node.meta.get("grapharg"), "pass_arg_as_tensor", False) else "weight"
 
 
 def _is_constant(value: Any) -> bool:
     if isinstance(value, (bool, int, float)):
         return True
     return isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float)) for v in value)
+
+
+def _fold_scalars(gm: fx.GraphModule, values: dict[str, Tensor]) -> None:
+    """Replace each scalar placeholder (by target) with its value: ``x.item()`` by the Python
+    number, any other use by a constant 0-d tensor. Programs are keyed by these values."""
+    for node in list(gm.graph.find_nodes(op="placeholder")):
+        if node.target not in values:
+            continue
+        value = values[node.target]
+        constant = None
+        for user in list(node.users):
+            if user.op == "call_method" and user.target == "item":
+                user.replace_all_uses_with(value.item())
+                gm.graph.erase_node(user)
+                continue
+            if constant is None:
+                with gm.graph.inserting_before(node):
+                    constant = gm.graph.get_attr(f"_scalar_{node.target}")
+                gm.register_buffer(f"_scalar_{node.target}", value.detach().clone())
+            user.replace_input_with(node, constant)
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _specialize(gm: fx.GraphModule) -> None:
@@ -278,12 +306,14 @@ class _GraphPrograms:
         # dynamo drops the graph args' metadata after the backend returns: read it now
         self._placeholders = list(gm.graph.find_nodes(op="placeholder"))
         kinds = [_kind(p) for p in self._placeholders]
-        self._frame = [i for i, k in enumerate(kinds) if k != "weight"]  # inputs and sizes, in order
+        self._frame = [i for i, k in enumerate(kinds) if k != "weight"]  # inputs, sizes, scalars, in order
+        self._scalars = [i for i, k in enumerate(kinds) if k == "scalar"]
         self._inputs = [i for i, k in enumerate(kinds) if k == "input"]
         self._attrs = [i for i, k in enumerate(kinds) if k == "weight"]
         self._names = {i: _input_name(self._placeholders[i]) or self._placeholders[i].name for i in self._frame}
         self._bound: list[Any] | None = None
         self._frame_args: list[Any] = []
+        self._scalar_args: dict[str, Tensor] = {}
         self._programs: dict[tuple, Any] = {}
         self._lock = threading.Lock()
 
@@ -329,12 +359,14 @@ class _GraphPrograms:
             with self._lock:
                 self._bind([args[i] for i in self._attrs])
         self._frame_args = [args[i] for i in self._frame]  # sizes too, for a build
+        self._scalar_args = {self._names[i]: args[i] for i in self._scalars}
         return {self._names[i]: args[i] for i in self._inputs}
 
     def _program_for(self, call: dict[str, Any]) -> tuple[tuple, Any]:
         from .runtime import _input_key
 
-        key = _input_key(call)  # the sizes follow from the tensors' shapes
+        # the sizes follow from the tensors' shapes; scalars are folded into the program
+        key = (_input_key(call), tuple((n, v.item()) for n, v in self._scalar_args.items()))
         with self._lock:
             if key not in self._programs:
                 self._programs[key] = self._build(call)
@@ -356,9 +388,11 @@ class _GraphPrograms:
         graph = fx.Graph()
         graph.output(graph.graph_copy(self.gm.graph, {}))
         gm = fx.GraphModule(self.gm, graph)
+        _fold_scalars(gm, self._scalar_args)
+        frame_args = [a for i, a in zip(self._frame, self._frame_args) if i not in self._scalars]
         # concrete metadata for these inputs, then sizes folded in as constants
         try:
-            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*self._frame_args)
+            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*frame_args)
         except (DynamicOutputShapeException, DataDependentOutputException) as exc:
             raise UnsupportedModelError(
                 f"the rfc torch.compile backend cannot follow this graph's data-dependent shapes "
