@@ -968,6 +968,37 @@ def test_tensorrt_dynamic_engine_serves_each_shape_in_its_profile(flux_tokens_ex
         flow_generation(trt_runner, flux_at(8, 4, 3), steps=2)
 
 
+def test_cli_exports_in_the_dtype_asked_for(tmp_path):
+    """`rfc-compile export --dtype float16`: the model is loaded in float16 (a directory through
+    diffusers' torch_dtype), the example inputs follow it, and the graph runs a generation like
+    the eager float16 cached model."""
+    from rfc_compile.cli import main
+    from rfc_compile.export.models import load_model
+
+    make_tiny_dit().save_pretrained(tmp_path / "tiny")
+    assert next(load_model(str(tmp_path / "tiny"), torch.float16).parameters()).dtype == torch.float16
+    path = tmp_path / "dit16.onnx"
+    assert main(["export", str(tmp_path / "tiny"), "-o", str(path), "--dtype", "float16", "--mode", "rfe",
+                 "--no-triton", "--no-engine"]) == 0
+    sidecar = json.loads((tmp_path / "dit16.onnx.rfc.json").read_text())
+    assert {i["name"]: i["dtype"] for i in sidecar["inputs"]}["hidden_states"] == "float16"
+    assert sidecar["outputs"][0]["dtype"] == "float16"
+    runner = OnnxCachedModel(path)
+    eager = rfc_compile.optimize(make_tiny_dit().half(), RFCConfig(mode="rfe"))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half()
+    labels = torch.tensor([1, 2])
+    for t in range(950, 0, -100):
+        step = dict(hidden_states=x, timestep=torch.tensor([t, t]), class_labels=labels, return_dict=False)
+        with torch.no_grad():
+            expected = eager(**step)[0]
+        got = runner(**step)[0]
+        assert got.dtype == torch.float16
+        # outputs ~1: float16 rounding (ORT's kernels vs torch's) measured <= 2.3e-3
+        assert (got.float() - expected.float()).abs().max() < 1e-2
+        x = x - 0.05 * expected[:, :4]
+    assert runner.stats.full_steps == eager.stats.full_steps and runner.stats.nfc < 10
+
+
 def test_cli_model_loading(tmp_path):
     """`rfc-compile export` takes a built-in name or a diffusers model directory (class from config.json)."""
     from rfc_compile.export.models import example_inputs, load_model

@@ -16,11 +16,15 @@ from pathlib import Path
 from ..config import MODES, RFCConfig
 from ..passes.patterns import TOKEN_DIMS, token_dims_for
 
+DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="built-in model ('tiny-dit', 'dit-s': random weights) or a diffusers "
                                       "model directory (its config.json names the class)")
     parser.add_argument("-o", "--output", required=True, help="the .onnx file to write (sidecar: <output>.rfc.json)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="load the model in this dtype (default: float32); the example inputs follow it")
     group = parser.add_argument_group("caching (RFCConfig)")
     group.add_argument("--mode", choices=MODES, default="rfc")
     group.add_argument("--threshold", type=float, default=RFCConfig.threshold, help="RCS tau (mode rfc)")
@@ -66,6 +70,8 @@ def _dim_range(text: str) -> tuple[str, tuple[int, int, int]]:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    import torch
+
     from .models import example_inputs, load_model
     from .onnx import to_onnx
     from .sidecar import BATCH_DIM
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = RFCConfig(mode=args.mode, threshold=args.threshold, interval=args.interval, order=args.order,
                            warmup_steps=args.warmup_steps, max_interval=args.max_interval)
-        model = load_model(args.model)
+        model = load_model(args.model, getattr(torch, args.dtype) if args.dtype else None)
         inputs = example_inputs(model, batch=args.batch, height=args.height, width=args.width,
                                 text_len=args.text_len, frames=args.frames)
     except (TypeError, ValueError) as exc:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 NUM_CLASSES = 10
 
@@ -48,10 +49,12 @@ def dit_s(seed: int = 0) -> torch.nn.Module:
 BUILTIN = {"tiny-dit": tiny_dit, "dit-s": dit_s}
 
 
-def load_model(name_or_path: str) -> torch.nn.Module:
-    """A built-in name (``tiny-dit``, ``dit-s``) or a diffusers model directory (config.json names the class)."""
+def load_model(name_or_path: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A built-in name (``tiny-dit``, ``dit-s``) or a diffusers model directory (config.json names
+    the class), in ``dtype`` when given (diffusers' ``torch_dtype``; else float32 / as it loads)."""
     if name_or_path in BUILTIN:
-        return BUILTIN[name_or_path]()
+        model = BUILTIN[name_or_path]()
+        return model.to(dtype) if dtype is not None else model
     path = Path(name_or_path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -64,7 +67,8 @@ def load_model(name_or_path: str) -> torch.nn.Module:
     if cls is None:
         raise ValueError(f"{config_file} names class {class_name!r}, which diffusers {diffusers.__version__} "
                          "does not have")
-    return cls.from_pretrained(str(path)).eval()
+    options = {"torch_dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(str(path), **options).eval()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,4 +211,6 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
     sample = cfg.get("sample_size") or 32
     shape = ExampleShape(batch=batch, height=height or sample, width=width or sample, frames=frames or 1,
                          text_len=text_len, generator=torch.Generator().manual_seed(seed))
-    return build(cfg, shape)
+    dtype = next(model.parameters()).dtype  # a float16 model is called with float16 latents and text states
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t,
+                                build(cfg, shape))
