@@ -401,6 +401,27 @@ def test_wrong_shape_state_or_input_gives_clear_error(rfc_onnx):
         runner(hidden_states=kwargs["hidden_states"], timestep=kwargs["timestep"])
 
 
+def test_non_tensor_arguments_not_baked_in_are_refused(rfc_onnx, tmp_path):
+    """Non-tensor arguments are constants of the graph: one the export never saw (a LoRA scale in
+    ``cross_attention_kwargs``, exported without it) is an error, not silently ignored as before;
+    None and the forward's defaults are what leaving it out gives; a non-default constant of the
+    export must be passed."""
+    runner = OnnxCachedModel(rfc_onnx)
+    kwargs = dit_inputs()
+    with pytest.raises(InputMismatchError, match=r"'cross_attention_kwargs.scale'=0.5 was not given at export"):
+        runner(**kwargs, cross_attention_kwargs={"scale": 0.5})
+    expected = runner(**kwargs, return_dict=False)[0]
+    runner.reset()
+    assert torch.equal(runner(**kwargs, cross_attention_kwargs=None, return_dict=False)[0], expected)
+
+    result = to_onnx(make_tiny_dit(), tmp_path / "scaled.onnx", dict(kwargs, cross_attention_kwargs={"scale": 1.0}),
+                     FIXED, triton=False)
+    scaled = OnnxCachedModel(result.onnx_path)
+    with pytest.raises(InputMismatchError, match=r"\['cross_attention_kwargs.scale'\] were \[1.0\] at export"):
+        scaled(**kwargs)
+    assert scaled(**kwargs, cross_attention_kwargs={"scale": 1.0}, return_dict=False)[0].shape == (2, 4, 8, 8)
+
+
 # --- Triton ---------------------------------------------------------------------------------------
 
 def _triton_request(session, kwargs: dict, state: dict, start: bool, ready: bool = True) -> tuple[dict, dict]:

@@ -310,10 +310,30 @@ class StatefulRunner:
                     raise InputMismatchError(f"input {name!r} was {constants[name]!r} at export; the graph "
                                              "has no such input (export again with it)")
                 continue  # an input the graph does not use
-            if name in constants and _jsonable(value) != constants[name]:
-                raise InputMismatchError(f"argument {name!r}={value!r} differs from the exported value "
-                                         f"{constants[name]!r} (non-tensor arguments are baked into the graph)")
+            if name in constants:
+                if _jsonable(value) != constants[name]:
+                    raise InputMismatchError(f"argument {name!r}={value!r} differs from the exported value "
+                                             f"{constants[name]!r} (non-tensor arguments are baked into the graph)")
+            elif not self._is_default(name, value):  # e.g. joint_attention_kwargs={"scale": 0.5}, exported None
+                exported = {k: v for k, v in constants.items() if k.split(".")[0] == name.split(".")[0]}
+                raise InputMismatchError(f"argument {name!r}={value!r} was not given at export (exported: "
+                                         f"{exported or 'not passed'}); non-tensor arguments are baked into the "
+                                         "graph: export again with it")
+        missing = [name for name, value in constants.items()
+                   if name != "return_dict" and name not in leaves and not self._is_default(name, value)
+                   and not any(leaf.split(".")[0] == name.split(".")[0] for leaf in leaves)]
+        if missing:
+            raise InputMismatchError(f"arguments {missing} were {[constants[n] for n in missing]} at export and are "
+                                     "baked into the graph; pass them (or export again without them)")
         return feeds
+
+    def _is_default(self, name: str, value: Any) -> bool:
+        """None, or a top-level argument at the model's forward default: what leaving it out gives."""
+        if value is None:
+            return True
+        param = self._signature.parameters.get(name) if self._signature is not None else None
+        return param is not None and param.default is not inspect.Parameter.empty and \
+            _jsonable(param.default) == _jsonable(value)
 
     def _as_numpy(self, name: str, value: Any) -> np.ndarray:
         dtype = numpy_dtype(self._inputs[name].dtype)
