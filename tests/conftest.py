@@ -297,6 +297,12 @@ def build_pipeline(name: str):
         # guidance_scale 1: WanPipeline runs cond and uncond as two separate transformer calls
         # per step under cache_context("cond"/"uncond"); not one cache (see benchmarks/SUPPORT.md).
         kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), height=32, width=32, num_frames=5, guidance_scale=1.0)
+    elif name == "ltx_video":
+        pipe = d.LTXPipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                             tokenizer=None, transformer=build_ltx_video())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), prompt_attention_mask=torch.ones(1, 3),
+                      negative_prompt_embeds=_embeds(1, 3, 16, 2), negative_prompt_attention_mask=torch.ones(1, 3),
+                      height=64, width=64, num_frames=9)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)

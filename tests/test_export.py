@@ -399,6 +399,13 @@ def test_wrong_shape_state_or_input_gives_clear_error(rfc_onnx):
         runner(**dict(kwargs, hidden_states=torch.randn(1, 4, 8, 8)))
     with pytest.raises(InputMismatchError, match="class_labels"):
         runner(hidden_states=kwargs["hidden_states"], timestep=kwargs["timestep"])
+    # an int64 timestep input: a flow-matching pipeline's 978.6 would be truncated, silently before
+    with pytest.raises(InputMismatchError, match="'timestep' has fractional values"):
+        runner(**dict(kwargs, timestep=torch.full((2,), 978.6)))
+    runner.reset()
+    expected = runner(**kwargs, return_dict=False)[0]
+    runner.reset()
+    assert torch.equal(runner(**dict(kwargs, timestep=kwargs["timestep"].float()), return_dict=False)[0], expected)
 
 
 def test_non_tensor_arguments_not_baked_in_are_refused(rfc_onnx, tmp_path):
@@ -1078,6 +1085,37 @@ def test_cli_example_inputs_fit_each_family(family):
         assert out.shape[2:] == (2, 8, 8)
     elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1
         assert out.shape[1] == 2 * 8 * 8
+
+
+@pytest.mark.parametrize("name, shape", [("flux", {}), ("sd3", {}), ("wan", {}), ("pixart_sigma", {}),
+                                         ("ltx_video", dict(frames=2, height=2, width=2))])  # 9 frames, 64x64
+def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
+    """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
+    must be what the family's pipeline passes: the same non-tensor values (LTX's default rotary
+    scale was missing: its graph ignored the scaling the pipeline asks for) and dtypes the
+    pipeline's tensors cast to exactly (LTX's float timesteps, e.g. 978.6, went into an int64
+    input, truncated)."""
+    from conftest import build_pipeline, pipeline_latents
+
+    from rfc_compile.export.graph import flatten_kwargs
+    from rfc_compile.export.models import example_inputs
+
+    pipe, kwargs = build_pipeline(name)
+    calls = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *args, **call: calls.append(call) or forward(*args, **call)
+    pipeline_latents(pipe, kwargs, steps=10)
+    example = dict(flatten_kwargs(example_inputs(pipe.transformer, batch=2, **shape)))
+    for call in calls:
+        for key, value in flatten_kwargs(call):
+            if key == "return_dict" or value is None:
+                continue
+            assert key in example, f"{name}: the pipeline passes {key!r}, the CLI's example does not"
+            if isinstance(value, torch.Tensor):
+                cast = value.to(example[key].dtype).to(value.dtype)
+                assert torch.equal(cast, value), f"{name}: {key} {value.dtype} -> {example[key].dtype}: {value}"
+            else:
+                assert example[key] == value, f"{name}: {key}={value!r}, the CLI's example has {example[key]!r}"
 
 
 def test_exported_contraction_is_right_when_rows_equal_tokens(tmp_path):

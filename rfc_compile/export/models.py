@@ -89,14 +89,16 @@ class ExampleShape:
     def text(self, dim: int) -> torch.Tensor:
         return self.randn(self.batch, self.text_len, dim)
 
-    def timestep(self) -> torch.Tensor:  # diffusers' integer scale (the pipelines pass 0..1000)
-        return torch.full((self.batch,), 999, dtype=torch.long)
+    def timestep(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Diffusers' 0..1000 scale. Flow-matching pipelines pass float timesteps (sigma x 1000,
+        e.g. 978.6): an integer graph input would refuse them; a float one takes int64 ones exactly."""
+        return torch.full((self.batch,), 999, dtype=dtype)
 
 
 def _dit(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     classes = int(cfg.get("num_embeds_ada_norm") or 1000)
-    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width), timestep=s.timestep(),
-                class_labels=torch.arange(s.batch) % classes)
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width), timestep=s.timestep(torch.long),
+                class_labels=torch.arange(s.batch) % classes)  # DiTPipeline's DDIM/DPM timesteps are int64
 
 
 def _pixart(cfg: dict, s: ExampleShape) -> dict[str, Any]:
@@ -107,7 +109,7 @@ def _pixart(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     else:
         added = {"resolution": None, "aspect_ratio": None}
     return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
-                encoder_hidden_states=s.text(cfg["caption_channels"]), timestep=s.timestep(),
+                encoder_hidden_states=s.text(cfg["caption_channels"]), timestep=s.timestep(torch.long),  # DPM: int64
                 added_cond_kwargs=added, encoder_attention_mask=torch.ones(s.batch, s.text_len))
 
 
@@ -143,7 +145,7 @@ def _chroma(cfg: dict, s: ExampleShape) -> dict[str, Any]:
 def _sd3(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
                 encoder_hidden_states=s.text(cfg["joint_attention_dim"]),
-                pooled_projections=s.randn(s.batch, cfg["pooled_projection_dim"]), timestep=s.timestep().float())
+                pooled_projections=s.randn(s.batch, cfg["pooled_projection_dim"]), timestep=s.timestep())
 
 
 def _video(cfg: dict, s: ExampleShape) -> torch.Tensor:
@@ -167,12 +169,14 @@ def _hunyuan_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
 
 
 def _ltx_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
-    """Packed latents (B, tokens, C); num_frames / height / width are the grid in patches."""
+    """Packed latents (B, tokens, C); num_frames / height / width are the grid in patches; the
+    rotary scale LTXPipeline passes by default (VAE compression 8 / frame_rate 25, 32, 32)."""
     p, pt = cfg.get("patch_size") or 1, cfg.get("patch_size_t") or 1
     frames, height, width = s.frames // pt, s.height // p, s.width // p
     return dict(hidden_states=s.randn(s.batch, frames * height * width, cfg["in_channels"]),
                 encoder_hidden_states=s.text(cfg["caption_channels"]), timestep=s.timestep(),
-                encoder_attention_mask=torch.ones(s.batch, s.text_len), num_frames=frames, height=height, width=width)
+                encoder_attention_mask=torch.ones(s.batch, s.text_len), num_frames=frames, height=height, width=width,
+                rope_interpolation_scale=(8 / 25, 32, 32))
 
 
 def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:

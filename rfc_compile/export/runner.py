@@ -300,6 +300,10 @@ class StatefulRunner:
                     f"input {name!r} has shape {list(shape)}, but the graph was exported for {list(exported)} "
                     f"(dynamic dims: {sorted(self._dims) or 'none'}; other sizes are static: export again with "
                     "example inputs of this shape, or name the dim in to_onnx's dynamic_dims)")
+            if np.issubdtype(numpy_dtype(desc.dtype), np.integer) and _has_fraction(value):
+                raise InputMismatchError(
+                    f"input {name!r} has fractional values but the graph takes {desc.dtype} (the cast would "
+                    "truncate them): export with a float example (flow-matching pipelines pass float timesteps)")
             feeds[name] = value
         constants = self.sidecar.constants
         for name, value in leaves.items():
@@ -372,6 +376,14 @@ class StatefulRunner:
 
     def _write_state(self, arrays: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+
+def _has_fraction(value: Any) -> bool:
+    """Whether a float tensor/array holds a non-integral value (an integer input would truncate it)."""
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and not torch.equal(value, value.trunc())
+    array = np.asarray(value)
+    return np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.trunc(array))
 
 
 def _jsonable(value: Any) -> Any:
