@@ -35,8 +35,10 @@ recompile once into a shape-generic graph, and from then on the backend builds (
 and compiles) one program per new concrete shape without dynamo recompiling; ``dynamic=True``
 gives that graph from the first call (dynamo then also passes modules' float attributes, a
 LayerNorm's ``eps``, as 0-d tensors: the backend folds their values into the program). Either
-way a shape never sees another shape's state. A graph without transformer blocks (a piece of a
-frame split by graph breaks) runs uncached, with a warning.
+way a shape never sees another shape's state. The branches of a step that a pipeline runs as
+separate calls (cond / uncond under diffusers' ``cache_context``, which the backend cannot see)
+get a cache each, by their order at one timestep (:class:`_BranchSessions`). A graph without
+transformer blocks (a piece of a frame split by graph breaks) runs uncached, with a warning.
 
 Options (``torch.compile(..., options={...})``):
     config: the :class:`RFCConfig` (default ``RFCConfig()``).
@@ -193,7 +195,7 @@ class RFCHandle:
     """
 
     def __init__(self) -> None:
-        self.sessions: list[Any] = []  # runtime.CacheSession, one per compiled graph
+        self.sessions: list[Any] = []  # runtime.CacheSession, one per compiled graph and branch (cond/uncond)
         self._last: Any = None
 
     @property
@@ -317,6 +319,14 @@ class _GraphPrograms:
         self._programs: dict[tuple, Any] = {}
         self._lock = threading.Lock()
 
+    def timestep_position(self) -> int | None:
+        """Where the frame's ``timestep`` (or ``t``) tensor is among the graph's arguments."""
+        for name in ("timestep", "t"):
+            for i in self._inputs:
+                if self._names[i] == name:
+                    return i
+        return None
+
     def has_blocks(self) -> bool:
         from .passes.patterns import BLOCK_PATTERNS
 
@@ -416,7 +426,6 @@ def rfc_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
     """The ``rfc`` dynamo backend (see module docstring for the options)."""
     from .config import RFCConfig
     from .passes.patterns import BLOCK_PATTERNS
-    from .runtime import CacheSession
 
     options = dict(options or {})
     unknown = sorted(set(options) - set(_OPTION_KEYS))
@@ -442,17 +451,49 @@ def rfc_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str
             return compile_fx(gm, example_inputs)
         return gm.forward
 
-    session = CacheSession(owner, options.get("auto_reset", True))
-    handle: RFCHandle | None = options.get("handle")
-    if handle is not None:
-        handle.sessions.append(session)
+    return _BranchSessions(owner, options.get("auto_reset", True), options.get("handle"))
 
-    def run(*args):
-        if handle is not None:
-            handle._last = session
+
+class _BranchSessions:
+    """The compiled callable: one cache per branch of a denoising step.
+
+    Pipelines that call the transformer separately for the conditional and unconditional
+    branches (WanPipeline with CFG, true CFG) make them consecutive calls at one timestep and
+    tell caches apart with diffusers' ``cache_context``, which a dynamo backend cannot see (the
+    pipeline enters it on the original module, outside the graph). So the k-th consecutive call
+    at one timestep uses cache k, as ``optimize()``'s ``cache_context`` gives them; a pipeline with
+    one call per step (CFG batched, or none) uses one cache.
+    """
+
+    def __init__(self, owner: _GraphPrograms, auto_reset: bool, handle: RFCHandle | None):
+        from .runtime import CacheSession
+
+        self._new_session = lambda: CacheSession(owner, auto_reset)
+        self._timestep_at = owner.timestep_position()
+        self._handle = handle
+        self._sessions: list[Any] = []
+        self._last_timestep: float | None = None
+        self._branch = 0
+        self._lock = threading.Lock()
+
+    def _session_for(self, args: tuple) -> Any:
+        with self._lock:
+            t = args[self._timestep_at] if self._timestep_at is not None else None
+            value = float(t.reshape(-1)[0]) if isinstance(t, Tensor) and t.numel() else None
+            same = value is not None and value == self._last_timestep
+            self._branch = self._branch + 1 if same else 0
+            self._last_timestep = value
+            while len(self._sessions) <= self._branch:
+                self._sessions.append(self._new_session())
+                if self._handle is not None:
+                    self._handle.sessions.append(self._sessions[-1])
+            return self._sessions[self._branch]
+
+    def __call__(self, *args):
+        session = self._session_for(args)
+        if self._handle is not None:
+            self._handle._last = session
         return session(*args)
-
-    return run
 
 
 def register() -> None:

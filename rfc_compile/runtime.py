@@ -135,8 +135,7 @@ class CacheSession:
                     f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two "
                     "denoising steps. If they are the conditional and unconditional branches of one step "
                     "(WanPipeline, true CFG), wrap each in cached.cache_context('cond' / 'uncond'), as diffusers "
-                    "pipelines do with rfc_compile.optimize(); the torch.compile backend 'rfc' cannot see "
-                    "cache_context: use rfc_compile.optimize(model, config, backend='inductor') for such pipelines.",
+                    "pipelines do.",
                     stacklevel=4)
         self._last_timestep = value
 

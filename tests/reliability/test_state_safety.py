@@ -225,8 +225,9 @@ def test_cache_context_keeps_cond_and_uncond_calls_apart():
 
 def test_two_calls_at_one_timestep_warn_unless_in_their_own_cache_context():
     """A second call at the same timestep (a pipeline's uncond branch called separately, outside
-    cache_context: the rfc torch.compile backend cannot see cache_context) shares the cache and is
-    counted as a step: warned about once; with cache_context per branch nothing is shared or warned."""
+    cache_context) shares the cache and is counted as a step: warned about once; with
+    cache_context per branch nothing is shared or warned (the rfc torch.compile backend, which
+    cannot see cache_context, splits such calls by their order: tests/test_compile.py)."""
     import warnings
 
     cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
