@@ -125,7 +125,9 @@ def calibrate(model: torch.nn.Module, sample_fn: Callable[[CachedModel], Any], t
 # --- `rfc-compile calibrate` ------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="dit-digits", help="zoo model: dit-digits or flux-digits")
+    from .zoo import MODELS
+
+    parser.add_argument("--model", default="dit-digits", choices=MODELS, help="zoo model")
     parser.add_argument("--target-nfc", type=float, required=True, help="average full steps wanted")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--order", type=int, default=None)
@@ -137,6 +139,11 @@ def run(args: argparse.Namespace) -> int:
     from . import zoo
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    base = RFCConfig(order=args.order) if args.order is not None else RFCConfig()
+    if not base.warmup_steps <= args.target_nfc <= args.steps:
+        print(f"rfc-compile calibrate: error: --target-nfc {args.target_nfc:g} must be between the warm-up steps "
+              f"({base.warmup_steps}, always full) and --steps ({args.steps})")
+        return 2
     bundle = zoo.load(args.model)
     labels = [int(c) for c in args.classes.split(",")]
 
@@ -144,7 +151,6 @@ def run(args: argparse.Namespace) -> int:
         for seed in range(args.seeds):
             bundle.sample(labels, num_inference_steps=args.steps, seed=seed, transformer=cached)
 
-    base = RFCConfig(order=args.order) if args.order is not None else None
     result = calibrate_threshold(bundle.transformer, sample_fn, args.target_nfc, base)
     print(f"threshold {result.config.threshold:.6g} gives average NFC {result.nfc:.2f} "
           f"of {args.steps} (target {args.target_nfc}); {len(result.trials)} trials")

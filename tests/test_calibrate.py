@@ -28,6 +28,20 @@ def test_target_below_warmup_is_rejected():
         rfc_compile.calibrate(make_tiny_dit(), _generations, 1)
 
 
+def test_cli_refuses_targets_it_cannot_reach(capsys):
+    """`rfc-compile calibrate`: a target NFC outside [warm-up steps, --steps] and an unknown zoo
+    model are one-line errors before any model is loaded (a traceback / a 19-trial search that
+    printed NFC 50 for a target of 60, before)."""
+    from rfc_compile.cli import main
+
+    assert main(["calibrate", "--target-nfc", "60", "--steps", "50"]) == 2
+    assert "between the warm-up steps (2, always full) and --steps (50)" in capsys.readouterr().out
+    assert main(["calibrate", "--target-nfc", "1"]) == 2
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", "nope", "--target-nfc", "5"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
 def test_calibration_chooses_the_best_scoring_options():
     model = make_tiny_dit(layers=1)
     full = ddim_generation(model, steps=16, cfg=True, seed=0)[0]

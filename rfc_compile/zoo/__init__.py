@@ -67,17 +67,17 @@ import torch.nn as nn
 
 from . import models
 
-__all__ = ["available", "load", "load_classifier", "DiTBundle", "FluxBundle", "DigitsClassifier",
+__all__ = ["MODELS", "available", "load", "load_classifier", "DiTBundle", "FluxBundle", "DigitsClassifier",
            "CHECKPOINT_DIR"]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
-_MODELS = ("dit-digits", "flux-digits")
+MODELS = ("dit-digits", "flux-digits")  # the models the zoo trains / loads
 
 
 def available(checkpoint_dir: str | Path | None = None) -> list[str]:
     """Names accepted by :func:`load` whose checkpoint is present."""
     d = Path(checkpoint_dir) if checkpoint_dir else CHECKPOINT_DIR
-    return [n for n in _MODELS if (d / f"{n}.safetensors").exists() and (d / f"{n}.json").exists()]
+    return [n for n in MODELS if (d / f"{n}.safetensors").exists() and (d / f"{n}.json").exists()]
 
 
 def _read(name: str, checkpoint_dir: str | Path | None):
@@ -233,8 +233,8 @@ def load(name: str, checkpoint_dir: str | Path | None = None):
     """Load a zoo model: a :class:`DiTBundle` or :class:`FluxBundle` (transformer in eval mode, fp32)."""
     import diffusers
 
-    if name not in _MODELS:
-        raise KeyError(f"unknown zoo model {name!r}; available: {list(_MODELS)}")
+    if name not in MODELS:
+        raise KeyError(f"unknown zoo model {name!r}; available: {list(MODELS)}")
     state, meta = _read(name, checkpoint_dir)
     sched = getattr(diffusers, meta["scheduler_class"])(**meta["scheduler_config"])
     common = dict(name=name, scheduler=sched, guidance_scale=float(meta["guidance_scale"]),
