@@ -125,13 +125,14 @@ def calibrate(model: torch.nn.Module, sample_fn: Callable[[CachedModel], Any], t
 # --- `rfc-compile calibrate` ------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .zoo import MODELS
+    from .zoo import MODELS, digit_classes
 
     parser.add_argument("--model", default="dit-digits", choices=MODELS, help="zoo model")
     parser.add_argument("--target-nfc", type=float, required=True, help="average full steps wanted")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--order", type=int, default=None)
-    parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9")
+    parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", type=digit_classes,
+                        help="comma-separated digit classes")
     parser.add_argument("--seeds", type=int, default=2, help="generations per trial (seed 0..n-1)")
 
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
               f"({base.warmup_steps}, always full) and --steps ({args.steps})")
         return 2
     bundle = zoo.load(args.model)
-    labels = [int(c) for c in args.classes.split(",")]
+    labels = args.classes
 
     def sample_fn(cached):
         for seed in range(args.seeds):

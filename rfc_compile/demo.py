@@ -23,13 +23,16 @@ DEFAULT_THRESHOLDS = {"dit-digits": 0.274}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="dit-digits", help="zoo model: dit-digits or flux-digits")
+    from .zoo import MODELS, digit_classes
+
+    parser.add_argument("--model", default="dit-digits", choices=MODELS, help="zoo model")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps")
     parser.add_argument("--mode", default="rfc", choices=MODES)
     parser.add_argument("--threshold", type=float, default=None, help="RCS threshold (default: calibrated for NFC 14 on the zoo model)")
     parser.add_argument("--interval", type=int, default=4, help="fixed interval N for fora/taylorseer/rfe")
     parser.add_argument("--order", type=int, default=None, help="Taylor order (default: RFCConfig's)")
-    parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", help="comma-separated digit classes")
+    parser.add_argument("--classes", default="0,1,2,3,4,5,6,7,8,9", type=digit_classes,
+                        help="comma-separated digit classes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="eager", choices=BACKENDS)
     parser.add_argument("--output", default="out/demo.png", help="where to write the PNG grid")
@@ -68,11 +71,15 @@ def save_grid(rows: list[torch.Tensor], labels: list[str], path: Path, scale: in
 def run(args: argparse.Namespace) -> int:
     from . import zoo
 
-    bundle = zoo.load(args.model)
-    labels = [int(c) for c in args.classes.split(",")]
+    labels = args.classes
     threshold = args.threshold if args.threshold is not None else DEFAULT_THRESHOLDS.get(args.model)
     overrides = {k: v for k, v in (("threshold", threshold), ("order", args.order)) if v is not None}
-    config = RFCConfig(mode=args.mode, interval=args.interval, **overrides)
+    try:
+        config = RFCConfig(mode=args.mode, interval=args.interval, **overrides)
+    except (TypeError, ValueError) as exc:
+        print(f"rfc-compile demo: error: {exc}")
+        return 2
+    bundle = zoo.load(args.model)
     cached = optimize(bundle.transformer, config, backend=args.backend)
 
     def sample(transformer=None, desc=""):

@@ -28,10 +28,10 @@ def test_target_below_warmup_is_rejected():
         rfc_compile.calibrate(make_tiny_dit(), _generations, 1)
 
 
-def test_cli_refuses_targets_it_cannot_reach(capsys):
+def test_digits_clis_refuse_bad_arguments_in_one_line(capsys):
     """`rfc-compile calibrate`: a target NFC outside [warm-up steps, --steps] and an unknown zoo
     model are one-line errors before any model is loaded (a traceback / a 19-trial search that
-    printed NFC 50 for a target of 60, before)."""
+    printed NFC 50 for a target of 60, before); so are `rfc-compile demo`'s."""
     from rfc_compile.cli import main
 
     assert main(["calibrate", "--target-nfc", "60", "--steps", "50"]) == 2
@@ -40,6 +40,15 @@ def test_cli_refuses_targets_it_cannot_reach(capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", "nope", "--target-nfc", "5"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+    # the demo's arguments too (tracebacks before): classes, model, config
+    for bad, message in ((["--classes", "3,x"], "not a comma-separated list of digits"),
+                         (["--classes", "12"], "the zoo models know the digits 0..9"),
+                         (["--model", "nope"], "invalid choice: 'nope'")):
+        with pytest.raises(SystemExit):
+            main(["demo", *bad])
+        assert message in capsys.readouterr().err
+    assert main(["demo", "--order", "99"]) == 2
+    assert "RFCConfig.order must be in [0, 8]" in capsys.readouterr().out
 
 
 def test_calibration_chooses_the_best_scoring_options():

@@ -67,11 +67,24 @@ import torch.nn as nn
 
 from . import models
 
-__all__ = ["MODELS", "available", "load", "load_classifier", "DiTBundle", "FluxBundle", "DigitsClassifier",
+__all__ = ["MODELS", "digit_classes", "available", "load", "load_classifier", "DiTBundle", "FluxBundle", "DigitsClassifier",
            "CHECKPOINT_DIR"]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 MODELS = ("dit-digits", "flux-digits")  # the models the zoo trains / loads
+
+
+def digit_classes(text: str) -> list[int]:
+    """``"0,3,7"`` -> [0, 3, 7]: the classes to sample (an ``argparse`` type for the CLIs)."""
+    import argparse
+
+    try:
+        labels = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of digits 0..9") from None
+    if not labels or any(not 0 <= c <= 9 for c in labels):
+        raise argparse.ArgumentTypeError(f"{text!r}: the zoo models know the digits 0..9")
+    return labels
 
 
 def available(checkpoint_dir: str | Path | None = None) -> list[str]:
