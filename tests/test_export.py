@@ -1053,6 +1053,10 @@ def test_cli_model_loading(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(wan.state_dict().values(), loaded.state_dict().values()))
     from rfc_compile.cli import main
 
+    # sizes the model cannot take exactly: one-line errors (an odd latent exported a 6x6 model; batch 0 a traceback)
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--height", "7", "--width", "7"]) == 2
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--batch", "0"]) == 2
+    assert not (tmp_path / "x.onnx").exists()
     # --dynamic-tokens only where TOKEN_DIMS says the model allows it: DiT's resolution is fixed
     assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--dynamic-tokens"]) == 2
     # a dynamic batch needs an example batch >= 2 (torch.export specializes 1): a message, not a traceback

@@ -184,6 +184,9 @@ def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 timestep=s.timestep(), encoder_attention_mask=torch.ones(s.batch, s.text_len))
 
 
+#: Latent patches a pipeline packs into tokens outside the model (FluxPipeline's 2x2).
+PACKED_PATCH = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2}
+
 #: The forward kwargs of one call, per model class (what its pipeline passes). Families left out
 #: (e.g. CogVideoX, whose pipeline computes rotary embeddings outside the model) export through
 #: ``to_onnx`` with example inputs of your own.
@@ -215,6 +218,14 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
     sample = cfg.get("sample_size") or 32
     shape = ExampleShape(batch=batch, height=height or sample, width=width or sample, frames=frames or 1,
                          text_len=text_len, generator=torch.Generator().manual_seed(seed))
+    for what, size in (("batch", shape.batch), ("frames", shape.frames), ("text length", shape.text_len)):
+        if size < 1:
+            raise ValueError(f"{what} must be >= 1, got {size}")
+    patch = PACKED_PATCH.get(name) or cfg.get("patch_size") or 1
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # Wan's (t, h, w)
+    if shape.height % patch or shape.width % patch:
+        raise ValueError(f"latent {shape.height}x{shape.width} is not a multiple of {name}'s patch size {patch} "
+                         "(the model would drop the remainder)")
     dtype = next(model.parameters()).dtype  # a float16 model is called with float16 latents and text states
     return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t,
                                 build(cfg, shape))
