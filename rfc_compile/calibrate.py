@@ -140,7 +140,11 @@ def run(args: argparse.Namespace) -> int:
     from . import zoo
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    base = RFCConfig(order=args.order) if args.order is not None else RFCConfig()
+    try:
+        base = RFCConfig(order=args.order) if args.order is not None else RFCConfig()
+    except (TypeError, ValueError) as exc:
+        print(f"rfc-compile calibrate: error: {exc}")
+        return 2
     if not base.warmup_steps <= args.target_nfc <= args.steps:
         print(f"rfc-compile calibrate: error: --target-nfc {args.target_nfc:g} must be between the warm-up steps "
               f"({base.warmup_steps}, always full) and --steps ({args.steps})")

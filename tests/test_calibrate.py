@@ -37,6 +37,7 @@ def test_digits_clis_refuse_bad_arguments_in_one_line(capsys):
     assert main(["calibrate", "--target-nfc", "60", "--steps", "50"]) == 2
     assert "between the warm-up steps (2, always full) and --steps (50)" in capsys.readouterr().out
     assert main(["calibrate", "--target-nfc", "1"]) == 2
+    assert main(["calibrate", "--target-nfc", "14", "--order", "99"]) == 2
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", "nope", "--target-nfc", "5"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
