@@ -355,7 +355,11 @@ def optimize(model: torch.nn.Module, config: RFCConfig | None = None, backend: s
     again whenever input shapes/dtypes change. ``backend`` is "eager" (the rewritten
     GraphModule) or "inductor" (``torch.compile(fullgraph=True)`` of it). With ``auto_reset``
     a timestep that goes back up starts a new generation; ``reset()`` does it explicitly.
+    An already optimized model is optimized again from the model it wraps (a new config).
     """
+    if isinstance(model, CachedModel):  # torch.export cannot trace through a CachedModel's own graph
+        logger.info("optimize(): given a CachedModel, optimizing the %s it wraps", type(model.model).__name__)
+        model = model.model
     cached = CachedModel(model, config, backend, compile_options, auto_reset)
     if example_inputs is not None:
         cached.prepare(**example_inputs)

@@ -148,6 +148,20 @@ def test_drop_in_attributes_and_return_type(tiny_dit):
     assert out.sample.shape == expected.sample.shape
 
 
+def test_optimizing_an_optimized_model_starts_from_the_model_it_wraps():
+    """optimize(cached, other_config) (e.g. trying another config in a notebook) re-optimizes the
+    wrapped model; before, torch.export failed inside the first CachedModel's graph
+    ("SymInt ... is not tracked with proxy")."""
+    model = make_tiny_dit()
+    first = rfc_compile.optimize(model, RFCConfig(mode="taylorseer", interval=3))
+    again = rfc_compile.optimize(first, RFCConfig(mode="fora", interval=4))
+    assert again.model is model and again.rfc_config.mode == "fora"
+    _, got = ddim_generation(again, steps=10)
+    _, expected = ddim_generation(rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="fora", interval=4)), steps=10)
+    assert again.stats.full_steps == [0, 1, 5, 9]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
 def test_unsupported_models_raise_naming_what_was_found():
     with pytest.raises(UnsupportedModelError, match="Linear|no nn.ModuleList"):
         rfc_compile.optimize(torch.nn.Sequential(torch.nn.Linear(4, 4)))
