@@ -1026,6 +1026,31 @@ def test_cli_exports_in_the_dtype_asked_for(tmp_path):
         x = x - 0.05 * expected[:, :4]
     assert runner.stats.full_steps == eager.stats.full_steps and runner.stats.nfc < 10
 
+    # Wan keeps modules in float32 when loaded in float16 (its first parameter among them): the
+    # example's latents still follow the model's dtype (float32 before: "Input type (float) and
+    # bias type (c10::Half)"), its timestep stays float32 as the pipelines pass it
+    from conftest import FAMILIES
+    from diffusers import WanTransformer3DModel
+
+    FAMILIES["wan"].build().save_pretrained(tmp_path / "wan")
+    path = tmp_path / "wan16.onnx"
+    assert main(["export", str(tmp_path / "wan"), "-o", str(path), "--dtype", "float16", "--mode", "rfe",
+                 "--frames", "2", "--height", "8", "--width", "8", "--text-len", "3", "--no-triton", "--no-engine"]) == 0
+    inputs = {i["name"]: i["dtype"] for i in json.loads((tmp_path / "wan16.onnx.rfc.json").read_text())["inputs"]}
+    assert inputs["hidden_states"] == "float16" and inputs["timestep"] == "float32"
+    runner = OnnxCachedModel(path)
+    eager = rfc_compile.optimize(WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.float16),
+                                 RFCConfig(mode="rfe"))
+    x = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0)).half()
+    text = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1)).half()
+    for t in torch.linspace(999.0, 100.0, 8):
+        step = dict(hidden_states=x, timestep=torch.full((2,), float(t)), encoder_hidden_states=text, return_dict=False)
+        with torch.no_grad():
+            expected = eager(**step)[0]
+        assert (runner(**step)[0].float() - expected.float()).abs().max() < 1e-2  # outputs ~1; measured 9.8e-4
+        x = (x.float() - 0.05 * expected.float()).half()
+    assert runner.stats.full_steps == eager.stats.full_steps == [0, 1, 5]
+
 
 def test_cli_model_loading(tmp_path):
     """`rfc-compile export` takes a built-in name or a diffusers model directory (class from config.json)."""

@@ -184,6 +184,10 @@ def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 timestep=s.timestep(), encoder_attention_mask=torch.ones(s.batch, s.text_len))
 
 
+#: Inputs left in float32 for a low-precision model: pipelines pass float32 timesteps (978.6,
+#: which float16 would round to 978.5) and the models' timestep embeddings compute in float32.
+FLOAT32_INPUTS = ("timestep", "guidance")
+
 #: Latent patches a pipeline packs into tokens outside the model (FluxPipeline's 2x2).
 PACKED_PATCH = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2}
 
@@ -226,6 +230,10 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
     if shape.height % patch or shape.width % patch:
         raise ValueError(f"latent {shape.height}x{shape.width} is not a multiple of {name}'s patch size {patch} "
                          "(the model would drop the remainder)")
-    dtype = next(model.parameters()).dtype  # a float16 model is called with float16 latents and text states
-    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t,
-                                build(cfg, shape))
+    # a float16 model is called with float16 latents and text states; diffusers' ``dtype`` skips the
+    # modules it keeps in float32 (Wan's scale_shift_table is its first parameter)
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    kwargs = build(cfg, shape)
+    return {name: value if name in FLOAT32_INPUTS else
+            pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, value)
+            for name, value in kwargs.items()}
