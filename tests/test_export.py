@@ -319,6 +319,19 @@ def test_truncated_or_corrupted_onnx_gives_clear_error(rfc_onnx, tmp_path):
         OnnxCachedModel(empty)
     with pytest.raises(ModelFileError, match="does not exist|no sidecar"):
         OnnxCachedModel(tmp_path / "missing.onnx")
+    # a graph whose weights live in <file>.data (as a > 2 GB export's do), copied without it
+    import onnx
+
+    split = _copy_pair(rfc_onnx, tmp_path, "split.onnx")
+    onnx.save_model(onnx.load(str(rfc_onnx)), str(split), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="split.onnx.data", size_threshold=0)
+    (tmp_path / "split.onnx.data").unlink()
+    with pytest.raises(ModelFileError, match=r"external weights file \(split\.onnx\.data"):
+        OnnxCachedModel(split)  # an older sidecar, without "external_data": from onnxruntime's error
+    sidecar = json.loads(split.with_name("split.onnx.rfc.json").read_text())
+    split.with_name("split.onnx.rfc.json").write_text(json.dumps(dict(sidecar, external_data="split.onnx.data")))
+    with pytest.raises(ModelFileError, match=r"keeps its weights in split\.onnx\.data, which is not next to it"):
+        OnnxCachedModel(split)
 
 
 def test_sidecar_that_does_not_match_the_graph_gives_clear_error(rfc_onnx, full_onnx, tmp_path):
@@ -928,9 +941,15 @@ def test_export_past_two_gigabytes_loads_and_matches_eager(tmp_path):
     config = RFCConfig(mode="rfe")
     result = to_onnx(model, tmp_path / "pixart.onnx", dict(kwargs, timestep=torch.tensor([999, 999])), config,
                      triton=tmp_path / "triton")
-    assert (tmp_path / "pixart.onnx.data").exists()
+    assert (tmp_path / "pixart.onnx.data").exists() and result.sidecar.raw["external_data"] == "pixart.onnx.data"
     assert (result.triton_model_dir / "1" / "model.onnx.data").stat().st_size > 2**31
     assert any(f.startswith("squeeze_axes") for f in result.sidecar.raw["fixups"])
+    moved = tmp_path / "moved"  # the graph copied without its weights file: said so, not "invalid graph"
+    moved.mkdir()
+    for name in ("pixart.onnx", "pixart.onnx.rfc.json"):
+        shutil.copy(tmp_path / name, moved / name)
+    with pytest.raises(ModelFileError, match=r"keeps its weights in pixart\.onnx\.data, which is not next to it"):
+        OnnxCachedModel(moved / "pixart.onnx")
     runner, eager = OnnxCachedModel(result.onnx_path), rfc_compile.optimize(model, config)
     for t in range(900, 0, -100):
         call = dict(kwargs, timestep=torch.tensor([t, t]), return_dict=False)

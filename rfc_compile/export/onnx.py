@@ -307,7 +307,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     if n_cse:
         fixups.append(f"branch_cse({n_cse})")
 
-    save_model(proto, path)
+    external = save_model(proto, path)
 
     graph_inputs = _value_info(proto.graph.input)
     graph_outputs = _value_info(proto.graph.output)
@@ -317,6 +317,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "format": FORMAT,
         "version": VERSION,
         "artifact": path.name,
+        "external_data": path.name + ".data" if external else None,  # the weights of a > 2 GB model
         "model": {"class": type(model).__name__, "module": type(model).__module__,
                   "family": model_family(model), "config": _model_config(model)},
         "rfc_config": config.to_dict(),

@@ -49,6 +49,9 @@ def open_session(path: Path, sidecar: Sidecar, providers: list | None = None,
         raise ModelFileError(f"ONNX file {path} does not exist")
     if path.stat().st_size == 0:
         raise ModelFileError(f"ONNX file {path} is empty")
+    weights = sidecar.raw.get("external_data")
+    if weights and not (path.parent / weights).is_file():
+        raise ModelFileError(f"{path} keeps its weights in {weights}, which is not next to it (copy both files)")
     try:
         session = ort.InferenceSession(str(path), sess_options=session_options,
                                        providers=providers or default_providers())
@@ -56,6 +59,8 @@ def open_session(path: Path, sidecar: Sidecar, providers: list | None = None,
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "INVALID_PROTOBUF" in first or "Protobuf parsing failed" in first:
             why = "the file is truncated, corrupted or not an ONNX model"
+        elif "External data" in first or "external data" in first:
+            why = f"its external weights file ({path.name}.data, next to it) is missing or does not match"
         else:
             why = "the graph is not valid for this onnxruntime (re-export it, or check the onnxruntime version)"
         raise ModelFileError(f"onnxruntime could not load {path}: {why} ({type(exc).__name__}: {first[:500]})") from None

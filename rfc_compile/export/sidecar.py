@@ -6,6 +6,7 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
     {
       "format": "rfc_compile.export", "version": 1,
       "artifact": "model.onnx",                       # the file it describes (basename)
+      "external_data": null,                          # or "model.onnx.data": the weights of a > 2 GB model
       "model": {"class": "DiTTransformer2DModel", "module": "diffusers...", "family": "dit",
                 "config": {...}},                     # the diffusers config (JSON-able values)
       "rfc_config": {"mode": "rfc", "threshold": 0.8, ...},

@@ -207,6 +207,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, p
     engine_path.write_bytes(bytes(serialized))
     raw = dict(sidecar.raw)
     raw["artifact"] = engine_path.name
+    raw["external_data"] = None  # the engine holds its weights
     raw["kept_on_skip"] = []  # built from the graph with the skip copies restored
     raw["engine"] = {"onnx": onnx_path.name, "precision": precision, "tensorrt": trt.__version__}
     if corners:  # the runner serves, and checks calls against, the profile's ranges
