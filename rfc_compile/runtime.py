@@ -71,6 +71,26 @@ def _input_key(call: dict[str, Any]) -> tuple:
     return (str(spec), tuple(key))
 
 
+def timestep_value(call: dict[str, Any]) -> float | None:
+    """The call's denoising timestep (first element of ``timestep`` / ``t``), or None."""
+    import numpy as np
+
+    t = call.get("timestep", call.get("t"))
+    if t is None:
+        return None
+    values = t.reshape(-1) if isinstance(t, Tensor) else np.asarray(t).reshape(-1)
+    return float(values[0]) if len(values) else None
+
+
+def warn_repeated_timestep(value: float, stacklevel: int) -> None:
+    """Two calls in a row at one timestep are most likely a pipeline's conditional and
+    unconditional branches called separately, which must not share a cache."""
+    warnings.warn(
+        f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two denoising "
+        "steps. If they are the conditional and unconditional branches of one step (WanPipeline, true CFG), "
+        "wrap each in cached.cache_context('cond' / 'uncond'), as diffusers pipelines do.", stacklevel=stacklevel)
+
+
 class CacheSession:
     """One generation's cache state, held by the caller (one per request in a server).
 
@@ -119,24 +139,17 @@ class CacheSession:
 
     def _follow_timestep(self, call: dict[str, Any]) -> None:
         """Denoising timesteps only go down: one going back up starts a new generation (with
-        ``auto_reset``). Two calls in a row at the same timestep are most likely a pipeline's
-        conditional and unconditional branches called separately, which must not share a cache:
-        warned about once per session (CachedModel keeps one cache per ``cache_context``)."""
-        t = call.get("timestep", call.get("t"))
-        if t is None or (isinstance(t, Tensor) and t.numel() == 0):
+        ``auto_reset``). Two calls in a row at the same timestep are warned about once per
+        session (:func:`warn_repeated_timestep`)."""
+        value = timestep_value(call)
+        if value is None:
             return
-        value = float(t.reshape(-1)[0]) if isinstance(t, Tensor) else float(t)
         if self._last_timestep is not None and self._history:
             if self.auto_reset and value > self._last_timestep:
                 self.reset()
             elif value == self._last_timestep and not self._warned_repeat:
                 self._warned_repeat = True
-                warnings.warn(
-                    f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two "
-                    "denoising steps. If they are the conditional and unconditional branches of one step "
-                    "(WanPipeline, true CFG), wrap each in cached.cache_context('cond' / 'uncond'), as diffusers "
-                    "pipelines do.",
-                    stacklevel=4)
+                warn_repeated_timestep(value, stacklevel=5)
         self._last_timestep = value
 
     def __call__(self, *args, **kwargs):

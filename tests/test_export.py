@@ -250,6 +250,27 @@ def test_runner_is_drop_in(rfc_onnx):
     assert torch.equal(runner(**kwargs, return_dict=False)[0], out.sample)
 
 
+def test_runner_warns_at_two_calls_at_one_timestep_unless_in_their_own_cache_context(rfc_onnx):
+    """As the torch cached model: a pipeline's cond and uncond calls outside cache_context would
+    share one cache (silently, before); warned once per cache. In their own contexts: no warning."""
+    import warnings
+
+    runner = OnnxCachedModel(rfc_onnx)
+    kwargs = dit_inputs()
+    with pytest.warns(UserWarning, match="two calls in a row at timestep 900") as caught:
+        for t in (900, 900, 500, 500):
+            runner(**dict(kwargs, timestep=torch.full((2,), t)), return_dict=False)
+    assert len([w for w in caught if "two calls in a row" in str(w.message)]) == 1
+    split = runner.new_session()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in (900, 700, 500):
+            for name in ("cond", "uncond"):
+                with split.cache_context(name):
+                    split(**dict(kwargs, timestep=torch.full((2,), t)), return_dict=False)
+    assert split._named_caches["cond"]["_history"] and len(split._named_caches["uncond"]["_history"]) == 3
+
+
 def test_runner_sessions_share_the_graph_never_the_cache(rfc_onnx):
     """new_session(): one cache per request over one InferenceSession (weights loaded once). Two
     generations run in two threads in lock-step (a barrier at every step) each equal the same

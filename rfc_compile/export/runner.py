@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime import RFCStats
+from ..runtime import RFCStats, timestep_value, warn_repeated_timestep
 from .errors import InputMismatchError
 from .graph import flatten_kwargs
 from .sidecar import BATCH_DIM, Sidecar, numpy_dtype
@@ -63,7 +63,7 @@ class StatefulRunner:
     and keep their state buffers in ``self._buffers`` (two sets, ping-pong) and ``self._current``."""
 
     #: What one cache is (swapped as a whole by ``cache_context``).
-    _CACHE_FIELDS = ("_buffers", "_current", "_history", "_last_timestep", "_dims")
+    _CACHE_FIELDS = ("_buffers", "_current", "_history", "_last_timestep", "_warned_repeat", "_dims")
 
     def __init__(self, sidecar: Sidecar, auto_reset: bool = True):
         self.graph_sidecar = sidecar  # as exported (named dims where the graph has dynamic ones)
@@ -74,6 +74,7 @@ class StatefulRunner:
         self._history: list[int] = []
         self._stats_history = self._history  # the cache the last call used (see cache_context)
         self._last_timestep: float | None = None
+        self._warned_repeat = False
         self._named_caches: dict[str, dict[str, Any]] = {}
         self._signature = self._model_signature()
 
@@ -103,9 +104,8 @@ class StatefulRunner:
         outer = self._take_cache()
         if name in self._named_caches:
             self._put_cache(self._named_caches[name])
-        else:  # new buffer lists: _zero_state fills them in place, the outer cache keeps its own
-            self._buffers, self._current = [{}, {}], 0
-            self._start_generation()
+        else:
+            self._new_cache()
         try:
             yield self
         finally:
@@ -120,11 +120,18 @@ class StatefulRunner:
         execution context and stream)."""
         session = copy.copy(self)
         session.auto_reset = self.auto_reset if auto_reset is None else auto_reset
-        session._buffers, session._current, session._named_caches = [{}, {}], 0, {}
+        session._named_caches = {}
         session._bind_dims(self.graph_sidecar.example_dims)
         session._new_backend_session()
-        session._start_generation()
+        session._new_cache()
         return session
+
+    def _new_cache(self) -> None:
+        """An empty cache of its own (new buffer lists: _zero_state fills them in place, and the
+        cache they replace keeps its own)."""
+        self._buffers, self._current = [{}, {}], 0
+        self._warned_repeat = False
+        self._start_generation()
 
     @property
     def rfc_config(self) -> dict[str, Any]:
@@ -184,8 +191,7 @@ class StatefulRunner:
             self._bind_dims(dims)
             self.reset()
         feeds = self._feeds(leaves)
-        if self.auto_reset:
-            self._detect_new_generation(call)
+        self._follow_timestep(call)
         outputs, last_full = self._step(feeds)
         self._history.append(last_full)
         self._stats_history = self._history
@@ -345,22 +351,18 @@ class StatefulRunner:
             value = value.detach().cpu().numpy()
         return np.asarray(value, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
 
-    def _detect_new_generation(self, call: dict[str, Any]) -> None:
-        """Denoising timesteps only go down; one going back up starts a new generation."""
-        t = call.get("timestep", call.get("t"))
-        if t is None:
+    def _follow_timestep(self, call: dict[str, Any]) -> None:
+        """Denoising timesteps only go down: one going back up starts a new generation (with
+        ``auto_reset``); two calls in a row at one timestep are warned about once per cache."""
+        value = timestep_value(call)
+        if value is None:
             return
-        if isinstance(t, torch.Tensor):
-            if t.numel() == 0:
-                return
-            value = float(t.reshape(-1)[0])
-        else:
-            array = np.asarray(t).reshape(-1)
-            if array.size == 0:
-                return
-            value = float(array[0])
-        if self._last_timestep is not None and value > self._last_timestep and self._history:
-            self.reset()
+        if self._last_timestep is not None and self._history:
+            if self.auto_reset and value > self._last_timestep:
+                self.reset()
+            elif value == self._last_timestep and not self._warned_repeat:
+                self._warned_repeat = True
+                warn_repeated_timestep(value, stacklevel=5)
         self._last_timestep = value
 
     # --- backend hooks -------------------------------------------------------------------
