@@ -3,7 +3,7 @@
     rfc-compile export tiny-dit -o out/dit.onnx --mode rfc --threshold 0.8
     rfc-compile export path/to/transformer -o out/pixart.onnx --batch 2 --height 64 --width 64
     rfc-compile export path/to/wan-transformer -o out/wan.onnx --frames 21 --height 60 --width 104 --text-len 512
-    rfc-compile export path/to/flux -o out/flux.onnx --dynamic-batch --dynamic-tokens \
+    rfc-compile export path/to/flux -o out/flux.onnx --dtype float16 --dynamic-batch --dynamic-tokens \
         --engine-dim batch=1:2:4 --engine-dim image_tokens=1024:4096:4096 --engine-dim text_tokens=1:512:512
 """
 
