@@ -67,8 +67,8 @@ import torch.nn as nn
 
 from . import models
 
-__all__ = ["MODELS", "digit_classes", "available", "load", "load_classifier", "DiTBundle", "FluxBundle", "DigitsClassifier",
-           "CHECKPOINT_DIR"]
+__all__ = ["MODELS", "digit_classes", "available", "load", "load_classifier", "DiTBundle", "FluxBundle",
+           "DigitsClassifier", "CHECKPOINT_DIR"]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 MODELS = ("dit-digits", "flux-digits")  # the models the zoo trains / loads
