@@ -82,13 +82,26 @@ def timestep_value(call: dict[str, Any]) -> float | None:
     return float(values[0]) if len(values) else None
 
 
-def warn_repeated_timestep(value: float, stacklevel: int) -> None:
-    """Two calls in a row at one timestep are most likely a pipeline's conditional and
-    unconditional branches called separately, which must not share a cache."""
-    warnings.warn(
-        f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two denoising "
-        "steps. If they are the conditional and unconditional branches of one step (WanPipeline, true CFG), "
-        "wrap each in cached.cache_context('cond' / 'uncond'), as diffusers pipelines do.", stacklevel=stacklevel)
+def follow_timestep(session: Any, call: dict[str, Any]) -> None:
+    """Denoising timesteps only go down: one going back up starts a new generation (with
+    ``session.auto_reset``). Two calls in a row at one timestep are most likely a pipeline's
+    conditional and unconditional branches called separately, which must not share a cache:
+    warned about once per cache. ``session``: a CacheSession or an export runner (both keep
+    ``_last_timestep``, ``_history``, ``_warned_repeat`` and ``auto_reset``, and have ``reset()``)."""
+    value = timestep_value(call)
+    if value is None:
+        return
+    if session._last_timestep is not None and session._history:
+        if session.auto_reset and value > session._last_timestep:
+            session.reset()
+        elif value == session._last_timestep and not session._warned_repeat:
+            session._warned_repeat = True
+            warnings.warn(
+                f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two denoising "
+                "steps. If they are the conditional and unconditional branches of one step (WanPipeline, true "
+                "CFG), wrap each in cached.cache_context('cond' / 'uncond'), as diffusers pipelines do.",
+                stacklevel=4)
+    session._last_timestep = value
 
 
 class CacheSession:
@@ -137,21 +150,6 @@ class CacheSession:
         """The current cache state (see state.py for names)."""
         return self._state
 
-    def _follow_timestep(self, call: dict[str, Any]) -> None:
-        """Denoising timesteps only go down: one going back up starts a new generation (with
-        ``auto_reset``). Two calls in a row at the same timestep are warned about once per
-        session (:func:`warn_repeated_timestep`)."""
-        value = timestep_value(call)
-        if value is None:
-            return
-        if self._last_timestep is not None and self._history:
-            if self.auto_reset and value > self._last_timestep:
-                self.reset()
-            elif value == self._last_timestep and not self._warned_repeat:
-                self._warned_repeat = True
-                warn_repeated_timestep(value, stacklevel=5)
-        self._last_timestep = value
-
     def __call__(self, *args, **kwargs):
         owner = self._owner
         call = owner._normalize(args, kwargs)
@@ -163,7 +161,7 @@ class CacheSession:
                 self._key, self._spec = key, program.state_spec
                 self._device = _device_of(call)
                 self.reset()
-            self._follow_timestep(call)
+            follow_timestep(self, call)
             with torch.no_grad():
                 out, new_state = program.run(kwargs=call, state=self._state)
             self._state = new_state

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime import RFCStats, timestep_value, warn_repeated_timestep
+from ..runtime import RFCStats, follow_timestep
 from .errors import InputMismatchError
 from .graph import flatten_kwargs
 from .sidecar import BATCH_DIM, Sidecar, numpy_dtype
@@ -191,7 +191,7 @@ class StatefulRunner:
             self._bind_dims(dims)
             self.reset()
         feeds = self._feeds(leaves)
-        self._follow_timestep(call)
+        follow_timestep(self, call)
         outputs, last_full = self._step(feeds)
         self._history.append(last_full)
         self._stats_history = self._history
@@ -350,20 +350,6 @@ class StatefulRunner:
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
         return np.asarray(value, dtype=dtype, order="C")  # keeps 0-d arrays 0-d
-
-    def _follow_timestep(self, call: dict[str, Any]) -> None:
-        """Denoising timesteps only go down: one going back up starts a new generation (with
-        ``auto_reset``); two calls in a row at one timestep are warned about once per cache."""
-        value = timestep_value(call)
-        if value is None:
-            return
-        if self._last_timestep is not None and self._history:
-            if self.auto_reset and value > self._last_timestep:
-                self.reset()
-            elif value == self._last_timestep and not self._warned_repeat:
-                self._warned_repeat = True
-                warn_repeated_timestep(value, stacklevel=5)
-        self._last_timestep = value
 
     # --- backend hooks -------------------------------------------------------------------
 
