@@ -1079,6 +1079,7 @@ def test_cli_exports_in_the_dtype_asked_for(tmp_path):
     inputs = {i["name"]: i["dtype"] for i in json.loads((tmp_path / "wan16.onnx.rfc.json").read_text())["inputs"]}
     assert inputs["hidden_states"] == "float16" and inputs["timestep"] == "float32"
     runner = OnnxCachedModel(path)
+    assert runner.dtype == torch.float16  # what a pipeline casts its latents to
     eager = rfc_compile.optimize(WanTransformer3DModel.from_pretrained(tmp_path / "wan", torch_dtype=torch.float16),
                                  RFCConfig(mode="rfe"))
     x = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0)).half()

@@ -90,10 +90,11 @@ class StatefulRunner:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the model's first floating-point input (``hidden_states``), as pipelines
-        read ``transformer.dtype`` to cast their inputs."""
-        floating = [d.dtype for d in self.graph_sidecar.inputs if d.dtype.startswith(("float", "bfloat"))]
-        return torch_dtype(floating[0]) if floating else torch.float32
+        """The dtype of ``hidden_states`` (else of the first floating-point input), as pipelines read
+        ``transformer.dtype`` to cast their latents; a float16 graph's timestep stays float32."""
+        floating = [d for d in self.graph_sidecar.inputs if d.dtype.startswith(("float", "bfloat"))]
+        floating.sort(key=lambda d: d.name != "hidden_states")
+        return torch_dtype(floating[0].dtype) if floating else torch.float32
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **_context_kwargs: Any) -> Iterator["StatefulRunner"]:
