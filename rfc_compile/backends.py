@@ -320,12 +320,10 @@ class _GraphPrograms:
         self._lock = threading.Lock()
 
     def timestep_position(self) -> int | None:
-        """Where the frame's ``timestep`` (or ``t``) tensor is among the graph's arguments."""
-        for name in ("timestep", "t"):
-            for i in self._inputs:
-                if self._names[i] == name:
-                    return i
-        return None
+        """Where the frame's timestep tensor (runtime.TIMESTEP_NAMES) is among the graph's arguments."""
+        from .runtime import TIMESTEP_NAMES
+
+        return next((i for name in TIMESTEP_NAMES for i in self._inputs if self._names[i] == name), None)
 
     def has_blocks(self) -> bool:
         from .passes.patterns import BLOCK_PATTERNS
@@ -466,9 +464,10 @@ class _BranchSessions:
     """
 
     def __init__(self, owner: _GraphPrograms, auto_reset: bool, handle: RFCHandle | None):
-        from .runtime import CacheSession
+        from .runtime import CacheSession, timestep_value
 
         self._new_session = lambda: CacheSession(owner, auto_reset)
+        self._timestep_value = timestep_value
         self._timestep_at = owner.timestep_position()
         self._handle = handle
         self._sessions: list[Any] = []
@@ -478,8 +477,7 @@ class _BranchSessions:
 
     def _session_for(self, args: tuple) -> Any:
         with self._lock:
-            t = args[self._timestep_at] if self._timestep_at is not None else None
-            value = float(t.reshape(-1)[0]) if isinstance(t, Tensor) and t.numel() else None
+            value = self._timestep_value(args[self._timestep_at] if self._timestep_at is not None else None)
             same = value is not None and value == self._last_timestep
             self._branch = self._branch + 1 if same else 0
             self._last_timestep = value

@@ -71,11 +71,14 @@ def _input_key(call: dict[str, Any]) -> tuple:
     return (str(spec), tuple(key))
 
 
-def timestep_value(call: dict[str, Any]) -> float | None:
-    """The call's denoising timestep (first element of ``timestep`` / ``t``), or None."""
+#: The names a model's denoising timestep argument goes by (diffusers: ``timestep``).
+TIMESTEP_NAMES = ("timestep", "t")
+
+
+def timestep_value(t: Any) -> float | None:
+    """A call's denoising timestep (its first element: a batch shares one), or None."""
     import numpy as np
 
-    t = call.get("timestep", call.get("t"))
     if t is None:
         return None
     values = t.reshape(-1) if isinstance(t, Tensor) else np.asarray(t).reshape(-1)
@@ -88,7 +91,7 @@ def follow_timestep(session: Any, call: dict[str, Any]) -> None:
     conditional and unconditional branches called separately, which must not share a cache:
     warned about once per cache. ``session``: a CacheSession or an export runner (both keep
     ``_last_timestep``, ``_history``, ``_warned_repeat`` and ``auto_reset``, and have ``reset()``)."""
-    value = timestep_value(call)
+    value = timestep_value(next((call[n] for n in TIMESTEP_NAMES if n in call), None))
     if value is None:
         return
     if session._last_timestep is not None and session._history:

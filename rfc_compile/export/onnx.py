@@ -317,7 +317,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "format": FORMAT,
         "version": VERSION,
         "artifact": path.name,
-        "external_data": path.name + ".data" if external else None,  # the weights of a > 2 GB model
+        "external_data": external.name if external else None,  # the weights of a > 2 GB model
         "model": {"class": type(model).__name__, "module": type(model).__module__,
                   "family": model_family(model), "config": _model_config(model)},
         "rfc_config": config.to_dict(),

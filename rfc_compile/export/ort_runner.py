@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import ModelFileError
+from .proto import external_data_path
 from .runner import StatefulRunner, torch_dtype
 from .sidecar import Sidecar, numpy_dtype
 
@@ -60,7 +61,8 @@ def open_session(path: Path, sidecar: Sidecar, providers: list | None = None,
         if "INVALID_PROTOBUF" in first or "Protobuf parsing failed" in first:
             why = "the file is truncated, corrupted or not an ONNX model"
         elif "External data" in first or "external data" in first:
-            why = f"its external weights file ({path.name}.data, next to it) is missing or does not match"
+            data_file = external_data_path(path).name
+            why = f"its external weights file ({data_file}, next to it) is missing or does not match"
         else:
             why = "the graph is not valid for this onnxruntime (re-export it, or check the onnxruntime version)"
         raise ModelFileError(f"onnxruntime could not load {path}: {why} ({type(exc).__name__}: {first[:500]})") from None

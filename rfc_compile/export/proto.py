@@ -70,23 +70,27 @@ def check_model(model_proto) -> None:
         onnx.checker.check_model(model_proto)
 
 
-def save_model(model_proto, path: str | os.PathLike) -> bool:
-    """Save ``model_proto`` to ``path``, its weights in ``<path>.data`` when it does not fit
-    one protobuf message; returns whether it did. A stale data file is removed first (onnx
-    appends to an existing one)."""
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_model` puts the weights of a model too large for one message: ``<path>.data``."""
+    return Path(str(path) + ".data")
+
+
+def save_model(model_proto, path: str | os.PathLike) -> Path | None:
+    """Save ``model_proto`` to ``path``, its weights in :func:`external_data_path` when it does not
+    fit one protobuf message; returns that file, or None. A stale data file is removed first
+    (onnx appends to an existing one)."""
     import onnx
 
-    path = Path(path)
-    big = not fits_one_message(model_proto)
-    for stale in (path, Path(str(path) + ".data")):
+    path, data = Path(path), external_data_path(path)
+    for stale in (path, data):
         if stale.exists():
             stale.unlink()
-    if big:
-        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data")
-    else:
+    if fits_one_message(model_proto):
         onnx.save_model(model_proto, str(path))
-    return big
+        return None
+    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name)
+    return data
 
 
 def infer_shapes(model_proto, max_initializer_bytes: int = INFERENCE_MAX_INITIALIZER_BYTES, **options):

@@ -326,13 +326,13 @@ class StatefulRunner:
                     raise InputMismatchError(f"argument {name!r}={value!r} differs from the exported value "
                                              f"{constants[name]!r} (non-tensor arguments are baked into the graph)")
             elif not self._is_default(name, value):  # e.g. joint_attention_kwargs={"scale": 0.5}, exported None
-                exported = {k: v for k, v in constants.items() if k.split(".")[0] == name.split(".")[0]}
+                exported = {k: v for k, v in constants.items() if _argument(k) == _argument(name)}
                 raise InputMismatchError(f"argument {name!r}={value!r} was not given at export (exported: "
                                          f"{exported or 'not passed'}); non-tensor arguments are baked into the "
                                          "graph: export again with it")
+        passed = {_argument(leaf) for leaf in leaves}
         missing = [name for name, value in constants.items()
-                   if name != "return_dict" and name not in leaves and not self._is_default(name, value)
-                   and not any(leaf.split(".")[0] == name.split(".")[0] for leaf in leaves)]
+                   if name != "return_dict" and _argument(name) not in passed and not self._is_default(name, value)]
         if missing:
             raise InputMismatchError(f"arguments {missing} were {[constants[n] for n in missing]} at export and are "
                                      "baked into the graph; pass them (or export again without them)")
@@ -365,6 +365,12 @@ class StatefulRunner:
 
     def _write_state(self, arrays: dict[str, np.ndarray]) -> None:
         raise NotImplementedError
+
+
+def _argument(leaf: str) -> str:
+    """The forward argument a flattened leaf belongs to (``joint_attention_kwargs.scale`` ->
+    ``joint_attention_kwargs``)."""
+    return leaf.split(".")[0]
 
 
 def _has_fraction(value: Any) -> bool:
