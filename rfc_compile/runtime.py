@@ -26,6 +26,7 @@ from .backends import BACKENDS, make_runner
 from .config import RFCConfig
 from .passes import capture, check_supported, find_regions, rewrite
 from .state import StateSpec
+from .watch import ModelWatch
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def follow_timestep(session: Any, call: dict[str, Any]) -> None:
     conditional and unconditional branches called separately, which must not share a cache:
     warned about once per cache. ``session``: a CacheSession or an export runner (both keep
     ``_last_timestep``, ``_history``, ``_warned_repeat`` and ``auto_reset``, and have ``reset()``)."""
-    value = timestep_value(next((call[n] for n in TIMESTEP_NAMES if n in call), None))
+    value = timestep_value(_timestep_of(call))
     if value is None:
         return
     if session._last_timestep is not None and session._history:
@@ -114,7 +115,16 @@ class CacheSession:
     optimized model with this session's state. Sessions of one model share its graphs and
     weights but never their state, so requests at different steps can be interleaved, from
     different threads too (each session has its own lock; the graphs are pure functions).
+
+    Each input signature (shapes, dtypes, non-tensor arguments) has a cache of its own. A
+    pipeline that calls the model twice per step with different inputs (SD3's skip-layer
+    guidance: a batch-1 call with ``skip_layers`` after the CFG batch) keeps one cache per call
+    kind: the cache of the other kind is set aside and resumed if it missed no denoising step
+    (every call in between was at its last timestep or at this one), else it starts empty.
     """
+
+    #: What one signature's cache is (set aside and resumed as a whole).
+    _CACHE_FIELDS = ("_key", "_spec", "_device", "_state", "_history", "_last_timestep", "_warned_repeat")
 
     def __init__(self, owner: "CachedModel", auto_reset: bool = True):
         self._owner = owner
@@ -127,26 +137,56 @@ class CacheSession:
         self._history: list[Tensor] = []  # last_full after each step (0-d tensors, read lazily)
         self._last_timestep: float | None = None
         self._warned_repeat = False
+        # other signatures' caches: key -> (cache fields, timesteps called since, other than its last)
+        self._set_aside: dict[tuple, tuple[dict[str, Any], set]] = {}
         self.finished: list[RFCStats] = []
 
     def reset(self) -> None:
-        """Start a new generation: the next call is step 0 with an empty cache."""
-        if self._history:
-            self.finished.append(self.stats)
+        """Start a new generation: the next call is step 0 with an empty cache (for every
+        input signature)."""
+        for cache, _ in self._set_aside.values():
+            self._finish(cache["_history"])
+        self._set_aside.clear()
+        self._finish(self._history)
+        self._empty_cache()
+
+    def _finish(self, history: list[Tensor]) -> None:
+        if history:
+            self.finished.append(_stats(history))
             del self.finished[:-_KEEP_FINISHED]
+
+    def _empty_cache(self) -> None:
         self._state = self._spec.init(self._device) if self._spec is not None else None
         self._history = []
         self._last_timestep = None
 
+    def _switch_signature(self, key: tuple, program: _Program, call: dict[str, Any], now: float | None) -> None:
+        """Set the current cache aside and take ``key``'s: resumed if it missed no step, else empty."""
+        if self._key is not None and self._history:
+            self._set_aside[self._key] = ({f: getattr(self, f) for f in self._CACHE_FIELDS}, set())
+        cache, seen = self._set_aside.pop(key, (None, set()))
+        if cache is not None and now is not None and seen <= {now}:
+            for field, value in cache.items():
+                setattr(self, field, value)
+            return
+        if cache is not None:
+            self._finish(cache["_history"])
+        if self._key is not None:
+            logger.info("input signature changed: a fresh cache for the new one (step 0)")
+        self._key, self._spec, self._device = key, program.state_spec, _device_of(call)
+        self._warned_repeat = False
+        self._empty_cache()
+
     @property
     def generations(self) -> list[RFCStats]:
-        """Stats of the finished generations (the last 1000) and of the current one."""
-        return self.finished + ([self.stats] if self._history else [])
+        """Stats of the finished generations (the last 1000), then of the ones in progress: other
+        input signatures' caches set aside, and the current one."""
+        in_progress = [_stats(cache["_history"]) for cache, _ in self._set_aside.values()]
+        return self.finished + in_progress + ([self.stats] if self._history else [])
 
     @property
     def stats(self) -> RFCStats:
-        last_full = [int(t) for t in self._history]
-        return RFCStats(steps=len(last_full), full_steps=[n for n, lf in enumerate(last_full) if lf == n])
+        return _stats(self._history)
 
     @property
     def state(self) -> dict[str, Tensor] | None:
@@ -158,18 +198,35 @@ class CacheSession:
         call = owner._normalize(args, kwargs)
         with self._lock:
             key, program = owner._program_for(call)
+            now = timestep_value(_timestep_of(call))
             if key != self._key:
-                if self._key is not None:
-                    logger.info("input signature changed: new generation with a fresh cache")
-                self._key, self._spec = key, program.state_spec
-                self._device = _device_of(call)
-                self.reset()
+                self._switch_signature(key, program, call, now)
             follow_timestep(self, call)
             with torch.no_grad():
                 out, new_state = program.run(kwargs=call, state=self._state)
             self._state = new_state
             self._history.append(new_state["last_full"])
+            self._note_call_elsewhere(now)
         return out
+
+    def _note_call_elsewhere(self, now: float | None) -> None:
+        """Record a call at ``now`` for the caches set aside; one that has seen two other
+        timesteps than its last has missed a step whatever comes next: finished now."""
+        for key, (cache, seen) in list(self._set_aside.items()):
+            if now != cache["_last_timestep"]:
+                seen.add(now)
+            if len(seen) > 1 or None in seen:
+                self._finish(cache["_history"])
+                del self._set_aside[key]
+
+
+def _timestep_of(call: dict[str, Any]) -> Any:
+    return next((call[n] for n in TIMESTEP_NAMES if n in call), None)
+
+
+def _stats(history: list[Tensor]) -> RFCStats:
+    last_full = [int(t) for t in history]
+    return RFCStats(steps=len(last_full), full_steps=[n for n, lf in enumerate(last_full) if lf == n])
 
 
 class CachedModel(torch.nn.Module):
@@ -191,7 +248,7 @@ class CachedModel(torch.nn.Module):
         self._signature = inspect.signature(model.forward)
         self._programs: dict[tuple, _Program] = {}
         self._programs_lock = threading.Lock()
-        self._weights = _weights_fingerprint(model)
+        self._watch = ModelWatch(model)
         self._key: tuple | None = None
         self._default_session = CacheSession(self, auto_reset)
         self._named_sessions: dict[str, CacheSession] = {}
@@ -257,7 +314,7 @@ class CachedModel(torch.nn.Module):
 
     @property
     def generations(self) -> list[RFCStats]:
-        """Stats of every generation of the default session (finished ones, then the current)."""
+        """Stats of every generation of the cache used last (finished ones, then those in progress)."""
         return self._last_session.generations
 
     @property
@@ -322,14 +379,17 @@ class CachedModel(torch.nn.Module):
         return _Program(run, step.state_spec, gm, len(plan.regions) if plan else 0)
 
     def _program_for(self, call: dict[str, Any]) -> tuple[tuple, _Program]:
-        key = _input_key(call)
+        """The graph for this call: one per input signature and attention processors/hooks (all
+        dropped, freeing old weights, when the model's tensors or modules are replaced)."""
         with self._programs_lock:
-            weights = _weights_fingerprint(self.model)
-            if weights != self._weights:
-                logger.warning("the model's parameters were replaced after optimize(); re-capturing")
+            replaced, settings = self._watch.check()
+            if replaced:
+                logger.warning("the model's parameters or modules were replaced after optimize(); re-capturing")
                 self._programs.clear()
-                self._weights = weights
+            key = (settings, _input_key(call))
             if key not in self._programs:
+                if any(k[1] == key[1] for k in self._programs):
+                    logger.info("the model's attention processors or hooks changed: capturing it with them")
                 self._programs[key] = self._build(call)
             self._key = key
             return key, self._programs[key]
@@ -345,12 +405,6 @@ class CachedModel(torch.nn.Module):
 
 def _device_of(call: dict[str, Any]) -> torch.device:
     return next((t.device for t in pytree.tree_leaves(call) if isinstance(t, Tensor)), torch.device("cpu"))
-
-
-def _weights_fingerprint(model: torch.nn.Module) -> tuple[int, ...]:
-    """Identity of every parameter/buffer object: changes when modules or tensors are swapped
-    (PEFT adapters, load_state_dict(assign=True)); in-place updates are seen through sharing."""
-    return tuple(id(t) for t in itertools.chain(model.parameters(), model.buffers()))
 
 
 def _check_weights_materialized(model: torch.nn.Module) -> None:

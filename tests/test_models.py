@@ -12,6 +12,7 @@ optimize(...)`` and start a new cache per generation on their own (the timestep 
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -185,6 +186,70 @@ def test_pipeline_drop_in_with_automatic_new_generation(name):
     assert (first - original).abs().max() <= 0.05 * original.abs().max()
     if name == "flux":  # FluxPipeline passes timestep / 1000: floats in (0, 1]
         assert max(timesteps) <= 1.0
+
+
+def test_sd3_skip_layer_guidance_keeps_one_cache_per_call_kind():
+    """StableDiffusion3Pipeline's skip-layer guidance calls the transformer a second time per step
+    (batch 1, ``skip_layers``) in a window of steps. Each call kind gets a cache of its own, the
+    CFG one resumed after each skip-layer call: the same latents as two separate sessions routed
+    by hand, and the CFG cache's schedule is the one without skip-layer guidance. (Before, each
+    change of input signature started a fresh cache: every step in the window ran in full and
+    ``stats`` reported only the steps after it.)"""
+    pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
+    config = RFCConfig(mode="rfe", interval=3)
+    pipe, kwargs = build_pipeline("sd3")
+    reference = rfc_compile.optimize(copy.deepcopy(pipe.transformer), config)
+    main, skip = reference.new_session(), reference.new_session()
+    reference.forward = lambda *args, **kw: (skip if kw.get("skip_layers") else main)(*args, **kw)
+    kwargs = dict(kwargs, skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=0.5)
+    transformer = pipe.transformer
+    pipe.transformer = reference
+    expected = pipeline_latents(pipe, kwargs, STEPS)
+    assert main.stats.steps == STEPS and 0 < skip.stats.steps < STEPS
+
+    pipe.transformer = cached = rfc_compile.optimize(transformer, config)
+    assert torch.equal(pipeline_latents(pipe, kwargs, STEPS), expected)
+    assert cached.stats == main.stats  # the last call was a CFG call
+    assert [g.steps for g in cached.generations] == [skip.stats.steps, STEPS]
+    plain = rfc_compile.optimize(transformer, config)
+    pipe.transformer = plain
+    pipeline_latents(pipe, {k: v for k, v in kwargs.items() if "skip" not in k}, STEPS)
+    assert main.stats.full_steps == plain.stats.full_steps
+
+
+def test_attention_processors_swapped_by_pag_pipelines_are_captured():
+    """diffusers' PAG pipelines swap the attention processors of their ``pag_applied_layers`` for a
+    generation and restore them after. A graph captured under one set must not serve another:
+    with caching off, two PAG pipelines sharing one optimized transformer each equal the original
+    (before, the second silently reused the first's graph: latents 0.05 off), and going back
+    to the first captures nothing new."""
+    pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
+    from conftest import _embeds, randomize
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3PAGPipeline
+
+    # diffusers' PAG processors fit neither SD3.5's dual-attention blocks nor the context_pre_only last one
+    transformer = randomize(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+        pos_embed_max_size=8), seed=0)
+
+    def pag_latents(model, layer):
+        pipe = StableDiffusion3PAGPipeline(
+            transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, pag_applied_layers=[layer])
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), pooled_prompt_embeds=_embeds(1, 1, 16, 3)[:, 0],
+                      negative_prompt_embeds=_embeds(1, 3, 16, 2),
+                      negative_pooled_prompt_embeds=_embeds(1, 1, 16, 4)[:, 0], height=64, width=64, pag_scale=3.0)
+        return pipeline_latents(pipe, kwargs, 4)
+
+    layers = ("transformer_blocks.0", "transformer_blocks.1")
+    expected = {layer: pag_latents(transformer, layer) for layer in layers}
+    assert not torch.equal(*expected.values())
+    cached = rfc_compile.optimize(transformer, RFCConfig(mode="full"))
+    for layer in layers + layers:
+        assert torch.equal(pag_latents(cached, layer), expected[layer]), layer
+    assert len(cached._programs) == 2
 
 
 #: families whose own code fixes the batch size (Chroma: ``torch.tensor([0] * batch_size)``;

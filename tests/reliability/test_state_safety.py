@@ -172,6 +172,25 @@ def test_replaced_modules_are_detected_and_recaptured(caplog):
     assert torch.allclose(got, _call(model, x), atol=1e-6)
 
 
+def test_hooks_and_attention_processors_added_later_are_captured():
+    """A forward hook or another attention processor set after optimize() changes what the model
+    computes: the next call captures it (caching off equals the original), and removing it again
+    goes back to the first graph without capturing."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = make_tiny_dit()
+    cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
+    x = torch.randn(1, 4, 8, 8)
+    first = _call(cached, x)
+    handle = model.transformer_blocks[0].ff.register_forward_hook(lambda module, args, out: out * 2)
+    assert torch.equal(_call(cached, x), _call(model, x))
+    handle.remove()
+    assert torch.equal(_call(cached, x), first) and len(cached._programs) == 2
+    model.transformer_blocks[0].attn1.set_processor(AttnProcessor())  # the math-only processor
+    assert torch.allclose(_call(cached, x), first, atol=1e-5)
+    assert len(cached._programs) == 3
+
+
 def test_train_mode_is_captured_in_eval_mode_with_a_warning():
     model = make_tiny_dit().train()
     cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
@@ -247,3 +266,29 @@ def test_two_calls_at_one_timestep_warn_unless_in_their_own_cache_context():
                     _call(split, x, t=t)
     with split.cache_context("cond"):
         assert split.stats.steps == 3
+
+
+def test_each_signature_keeps_its_cache_while_it_misses_no_step():
+    """Two call kinds at the same timesteps (SD3's skip-layer guidance: the CFG batch, then one
+    sample) each keep a cache of their own, as two sessions would; a cache that missed a denoising
+    step while set aside (two other timesteps called) starts again at step 0."""
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    reference = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    batch2, batch1 = reference.new_session(), reference.new_session()
+    x = torch.randn(2, 4, 8, 8)
+    for n in range(STEPS):
+        t, xs = 900 - 100 * n, x * (1 - 0.05 * n)
+        assert torch.equal(_call(cached, xs, t), _call(batch2, xs, t))
+        assert torch.equal(_call(cached, xs[:1], t), _call(batch1, xs[:1], t))
+    assert cached.stats == batch1.stats and batch1.stats.steps == STEPS
+    assert 1 < batch1.stats.nfc < STEPS
+    _call(cached, x, 100)
+    assert cached.stats.steps == STEPS + 1  # the batch-2 cache resumed
+    _call(cached, x, 50)  # the batch-1 cache has now missed two steps (100 and 50)
+    _call(cached, x[:1], 50)
+    assert cached.stats.steps == 1 and cached.stats.full_steps == [0]
+    assert [g.steps for g in cached.generations] == [STEPS, STEPS + 2, 1]
+    _call(cached, x, 999)  # a new generation: every signature's cache starts empty
+    assert cached.stats.steps == 1
+    _call(cached, x[:1], 999)
+    assert cached.stats.steps == 1
