@@ -191,6 +191,42 @@ def test_hooks_and_attention_processors_added_later_are_captured():
     assert len(cached._programs) == 3
 
 
+def test_lora_changes_after_optimize_are_captured():
+    """diffusers' LoRA API on an optimized model (caching off, so each call must equal the
+    original): adding an adapter replaces modules (re-captured); ``set_adapters`` weights,
+    ``disable_adapters`` and ``fuse_lora`` change PEFT's settings, which a graph bakes in (before,
+    all three silently kept the earlier graph: outputs 0.57-0.83 off); settings seen before reuse
+    their graph."""
+    from conftest import FAMILIES
+    from peft import LoraConfig
+
+    family = FAMILIES["flux"]
+    model, example = family.build(), family.example()
+    cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
+
+    def same_as_original():
+        with torch.no_grad():
+            return torch.equal(cached(**example, return_dict=False)[0], model(**example, return_dict=False)[0])
+
+    assert same_as_original()
+    torch.manual_seed(0)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "proj_out"],
+                                 init_lora_weights=False))
+    assert same_as_original()
+    model.set_adapters(["default"], weights=[0.3])
+    assert same_as_original()
+    model.disable_adapters()
+    assert same_as_original()
+    graphs = len(cached._programs)
+    model.enable_adapters()
+    assert same_as_original() and len(cached._programs) == graphs  # the scale-0.3 graph again
+    model.fuse_lora(lora_scale=1.0)
+    assert same_as_original()
+    model.unfuse_lora()
+    model.delete_adapters("default")
+    assert same_as_original()
+
+
 def test_train_mode_is_captured_in_eval_mode_with_a_warning():
     model = make_tiny_dit().train()
     cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
