@@ -113,10 +113,24 @@ def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
     return shapes
 
 
+def diffusers_hooks(model: torch.nn.Module) -> list[str]:
+    """Names of the diffusers hooks (``diffusers.hooks.HookRegistry``) registered on the model's modules."""
+    names: dict[str, None] = {}
+    for module in model.modules():
+        registry = module.__dict__.get("_diffusers_hook")
+        names.update(dict.fromkeys(getattr(registry, "hooks", {})))
+    return list(names)
+
+
 def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False,
             dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
     start = time.perf_counter()
+    diffusers_cache = getattr(model, "_cache_config", None)  # diffusers' CacheMixin.enable_cache
+    if diffusers_cache is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has diffusers' {type(diffusers_cache).__name__} enabled: its hooks decide in "
+            "Python and would be traced once, then mix with this cache; call model.disable_cache() first")
     unbatched = unbatched_inputs_for(type(model).__name__)
     dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched)
     with torch.no_grad():
@@ -128,6 +142,16 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
             why = "\n".join(str(exc).splitlines()[:4])
             raise UnsupportedModelError(f"{type(model).__name__} cannot be captured with these dynamic dims: "
                                         f"the model's code fixes them ({why})") from exc
+        except Exception as exc:
+            hooks = diffusers_hooks(model)
+            if not hooks:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedModelError(
+                f"{type(model).__name__} carries diffusers hooks ({', '.join(hooks)}) and torch.export could not "
+                f"trace it ({type(exc).__name__}: {first[:300]}). Hooks that change modules in forward (layerwise "
+                "casting, group offloading, diffusers' own caches) cannot be captured: optimize a model without them"
+            ) from exc
     gm = exported.module()
     info = gm.graph._codegen.pytree_info
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

@@ -227,6 +227,25 @@ def test_lora_changes_after_optimize_are_captured():
     assert same_as_original()
 
 
+def test_diffusers_caches_and_forward_changing_hooks_are_refused_clearly():
+    """diffusers' own cache (enable_cache) decides in Python: traced once it would silently mix with
+    ours (before, FirstBlockCache + optimize() ran without a word). Layerwise casting moves weights
+    in forward, which torch.export cannot trace (before: "_apply(): Couldn't swap Linear.weight")."""
+    from conftest import FAMILIES
+    from diffusers import FirstBlockCacheConfig
+
+    family = FAMILIES["flux"]
+    model, example = family.build(), family.example()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(rfc_compile.UnsupportedModelError, match=r"FirstBlockCacheConfig.*disable_cache\(\)"):
+        rfc_compile.optimize(model, example_inputs=example)
+    model.disable_cache()
+    cached = rfc_compile.optimize(model, RFCConfig(mode="full"), example_inputs=example)
+    model.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    with pytest.raises(rfc_compile.UnsupportedModelError, match="hooks \\(layerwise_casting\\)"):
+        cached(**example)
+
+
 def test_train_mode_is_captured_in_eval_mode_with_a_warning():
     model = make_tiny_dit().train()
     cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
