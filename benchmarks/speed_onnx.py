@@ -4,8 +4,9 @@ DiTTransformer2DModel with hidden 384 (6 heads x 64), depth 12, 4x32x32 latent, 
 (256 tokens), batch 2 (one class + CFG's null class), random weights; 50 DDIM steps.
 The cached graphs use fixed schedules (TaylorSeer ``taylorseer`` and ``rfe``, Taylor order 2,
 warm-up 2, interval 4: full steps 0, 1, 5, ..., 49 -> NFC 14 of 50, the paper's DiT setting),
-so every repeat does the same work; one more row turns off the in-graph non-finite guard
-(``guard_nonfinite=False``) to show its cost. Each variant is timed over whole generations;
+so every repeat does the same work, and RFC itself (``rfc``: RFE + RCS, its threshold calibrated
+by bisection over eager generations to the same NFC, or given with ``--threshold``); one more row
+turns off the in-graph non-finite guard (``guard_nonfinite=False``) to show its cost. Each variant is timed over whole generations;
 the table reports the median (and min) of ``--repeats`` runs, variants interleaved.
 
     python benchmarks/speed_onnx.py                      # writes its section of RESULTS_ONNX.md
@@ -118,11 +119,30 @@ def export_dit_s(model, config: RFCConfig, workdir: Path, dynamic_batch: bool = 
     return path
 
 
+def fixed_schedule_nfc(steps: int, warmup: int, interval: int) -> int:
+    """NFC of the fixed schedule (RFC_METHOD.md): steps 0..warmup-1, then every interval-th."""
+    return warmup + len(range(warmup - 1 + interval, steps, interval))
+
+
+def calibrated_threshold(model, steps: int, target_nfc: int, config: RFCConfig) -> float:
+    """The RCS threshold whose generation (this script's) has ``target_nfc`` full steps in eager."""
+    from rfc_compile.calibrate import calibrate_threshold
+
+    t0 = time.perf_counter()
+    result = calibrate_threshold(model, lambda cached: generation(cached, steps), target_nfc, config)
+    print(f"rfc threshold {result.config.threshold:.5g}: eager NFC {result.nfc:g} (target {target_nfc}), "
+          f"{len(result.trials)} trials in {time.perf_counter() - t0:.0f}s", flush=True)
+    return result.config.threshold
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", default="taylorseer,rfe", help="fixed-interval modes to time (comma-separated)")
+    parser.add_argument("--modes", default="taylorseer,rfe,rfc",
+                        help="modes to time (comma-separated): fixed-interval ones and rfc (RCS, calibrated)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="RCS threshold of the rfc row (default: calibrated to the fixed schedule's NFC)")
     parser.add_argument("--interval", type=int, default=4)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--order", type=int, default=2)
@@ -147,9 +167,15 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     model = dit_s()
     variants: dict[str, RFCConfig] = {"full": RFCConfig(mode="full")}
+    target_nfc = fixed_schedule_nfc(args.steps, args.warmup_steps, args.interval)
+    threshold = args.threshold
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        variants[f"{mode} m={args.order}"] = RFCConfig(mode=mode, interval=args.interval,
-                                                       warmup_steps=args.warmup_steps, order=args.order)
+        config = RFCConfig(mode=mode, interval=args.interval, warmup_steps=args.warmup_steps, order=args.order)
+        if mode == "rfc":
+            if threshold is None:
+                threshold = calibrated_threshold(model, args.steps, target_nfc, config)
+            config = config.replace(threshold=threshold)
+        variants[f"{mode} m={args.order}"] = config
     last_label, last_config = list(variants.items())[-1]  # the last mode, before the extra rows
     if not args.no_guard_row and len(variants) > 1:
         label, config = list(variants.items())[1]
@@ -204,7 +230,9 @@ def main(argv=None) -> int:
         f"CPUExecutionProvider, torch {torch.__version__}; ORT intra-op threads: {args.threads or 'default'}.",
         f"Model: DiTTransformer2DModel hidden 384 (6x64), depth 12, 4x32x32 latent, patch 2 (256 tokens), "
         f"batch 2 (CFG), random weights; {args.steps} DDIM steps. Cached rows: fixed interval {args.interval}, "
-        f"warm-up {args.warmup_steps}, Taylor order {args.order} (full steps 0, 1, 5, 9, ...). "
+        f"warm-up {args.warmup_steps}, Taylor order {args.order} (full steps 0, 1, 5, 9, ...)"
+        + (f"; `rfc`: RCS with threshold {threshold:.4g}, calibrated (bisection over eager generations) to the "
+           f"fixed schedule's NFC {target_nfc}. " if threshold is not None else ". ") +
         f"{args.repeats} whole generations per variant, variants interleaved.",
         "",
         "Speed-up (CPU) compares the medians of process CPU time, which with one thread is what the "
@@ -249,6 +277,7 @@ def main(argv=None) -> int:
         "",
         f"Command: `python benchmarks/speed_onnx.py --steps {args.steps} --repeats {args.repeats} "
         f"--modes {args.modes} --interval {args.interval} --order {args.order} --threads {args.threads}"
+        f"{f' --threshold {args.threshold:g}' if args.threshold is not None else ''}"
         f"{' --dynamic-batch' if args.dynamic_batch else ''}`",
         END,
     ]

@@ -66,7 +66,15 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
   the previous one's last timestep (e.g. two 1-step generations), or pass `auto_reset=False` to
   `optimize` and reset by hand.
 * **A new input shape** (resolution, frames, batch, prompt length) builds a new graph and starts
-  a fresh cache; the first call at a shape pays the capture (seconds on these tiny models).
+  a cache of its own; the first call at a shape pays the capture (seconds on these tiny models).
+  StableDiffusion3Pipeline's skip-layer guidance (`skip_guidance_layers`) calls the transformer a
+  second time per step, at batch 1 with `skip_layers`, in a window of steps: each call kind keeps
+  its own cache, the CFG one going on across the window (tests/test_models.py).
+* **Changing the model between generations** is seen on the next call: diffusers' LoRA API
+  (`load_lora_weights`/`add_adapter`, `set_adapters` weights, `disable_adapters`, `fuse_lora`),
+  `set_attn_processor`, and the PAG pipelines (they swap attention processors for a generation)
+  each get a graph captured with them. A model with diffusers' own cache enabled (`enable_cache`)
+  is refused: two caches would mix.
 * **Classifier-free guidance.** SD3, PixArt, LTX-Video and CogVideoX pipelines batch the
   conditional and unconditional halves into one call: each half gets its own norms and ratios.
   WanPipeline (guidance_scale > 1), FluxPipeline with `true_cfg_scale > 1` and a negative prompt,
