@@ -354,8 +354,24 @@ def mochi_conditions(batch, gen):
     return dict(encoder_hidden_states=_text(batch, gen, 3, 16), encoder_attention_mask=torch.ones(batch, 3))
 
 
+def build_qwenimage():
+    from diffusers import QwenImageTransformer2DModel
+
+    # packed latents: 4x4 tokens of 2x2 patches of 4 channels (16), as QwenImagePipeline packs them
+    return randomize(QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4)), seed=0)
+
+
+def qwenimage_conditions(batch, gen, text=3):
+    # QwenImagePipeline passes the latent grid per sample ((frames, height, width) in tokens) for RoPE
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), encoder_hidden_states_mask=torch.ones(batch, text),
+                img_shapes=[[(1, 4, 4)]] * batch)
+
+
 FAMILIES.update({f.name: f for f in (
     Family("chroma", build_chroma, (16, 4), chroma_conditions, threshold=0.3, timestep_scale=1.0),
     Family("skyreels_v2", build_skyreels_v2, (4, 2, 4, 4), wan_conditions, threshold=0.2),
     Family("mochi", build_mochi, (4, 2, 4, 4), mochi_conditions, threshold=0.1),
+    Family("qwenimage", build_qwenimage, (16, 16), qwenimage_conditions, threshold=0.3, timestep_scale=1.0),
 )})

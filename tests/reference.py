@@ -359,9 +359,18 @@ def mochi_regions(model) -> list:
     return regions
 
 
+def qwenimage_regions(model) -> list:
+    """Qwen-Image: joint attention (image and text inputs and outputs), then each stream's MLP."""
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"{i}.attn", block.attn, _JOINT), (f"{i}.img_mlp", block.img_mlp, [0]),
+                    (f"{i}.txt_mlp", block.txt_mlp, [0])]
+    return regions
+
+
 #: family name (tests/conftest.py FAMILIES) -> region list builder
 FAMILY_REGIONS = {
     "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
     "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
-    "chroma": chroma_regions, "skyreels_v2": wan_regions, "mochi": mochi_regions,
+    "chroma": chroma_regions, "skyreels_v2": wan_regions, "mochi": mochi_regions, "qwenimage": qwenimage_regions,
 }

@@ -1137,6 +1137,19 @@ def test_cli_model_loading(tmp_path):
     assert (tmp_path / "x.onnx").exists()  # the export is done; the engine's profile is what was refused
 
 
+def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
+    """Qwen-Image builds its rotary embedding from complex64 tables, for which torch.onnx has no
+    functions (the plain model does not export either; optimize() and torch.compile run it). The
+    error carries the cause, not only torch.onnx's generic "next steps"."""
+    from conftest import FAMILIES
+
+    from rfc_compile.export import ExportError
+
+    family = FAMILIES["qwenimage"]
+    with pytest.raises(ExportError, match="QwenImageTransformer2DModel failed: .* <- DispatchError: .*complex-valued"):
+        to_onnx(family.build(), tmp_path / "qwenimage.onnx", family.example(), RFCConfig(mode="rfc"))
+
+
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
                                     "skyreels_v2", "mochi"])
 def test_cli_example_inputs_fit_each_family(family):

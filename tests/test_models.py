@@ -45,6 +45,8 @@ EXPECTED_REGIONS = {
     "mochi": {"transformer_blocks_0_attn1": _JOINT, "transformer_blocks_0_ff": _ONE,
               "transformer_blocks_0_ff_context": _ONE, "transformer_blocks_1_attn1": (2, 1),
               "transformer_blocks_1_ff": _ONE},
+    "qwenimage": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_img_mlp": _ONE,
+                  "transformer_blocks_0_txt_mlp": _ONE},
 }
 assert set(EXPECTED_REGIONS) == set(FAMILIES)
 

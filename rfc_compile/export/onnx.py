@@ -211,6 +211,21 @@ def fix_squeeze(model_proto) -> int:
     return changed
 
 
+def _cause_chain(exc: BaseException) -> str:
+    """The first line of each exception down the cause chain: torch.onnx's own is a generic list of
+    next steps, the cause (e.g. "No ONNX function found for aten.split_with_sizes ... complex-valued
+    input") is what says why."""
+    lines: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        lines.append(f"{type(current).__name__}: {text.splitlines()[0] if text else ''}")
+        current = current.__cause__ or current.__context__
+    return " <- ".join(lines)
+
+
 def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dict[str, Any],
             config: RFCConfig | None = None, *, opset: int | None = None, check: bool = True,
             triton: bool | str | os.PathLike = False, triton_model_name: str | None = None,
@@ -273,7 +288,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
                     dynamic_shapes=program.dynamic_shapes())
         except Exception as exc:
             raise ExportError(f"torch.onnx.export of the cached {type(model).__name__} failed: "
-                              f"{type(exc).__name__}: {str(exc)[:2000]}") from exc
+                              f"{_cause_chain(exc)[:2000]}") from exc
         finally:
             registration_log.setLevel(level)
     proto = onnx_program.model_proto

@@ -134,6 +134,15 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
                 RegionPattern("ffn", ("ffn",)),
             ),
         ),
+        # Qwen-Image: joint attention over image + text (two outputs), then each stream's MLP
+        BlockPattern(
+            "QwenImageTransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("img_mlp", ("img_mlp",)),
+                RegionPattern("txt_mlp", ("txt_mlp",)),
+            ),
+        ),
         # Mochi: joint attention, ff, ff_context (not in the last, context_pre_only block)
         BlockPattern(
             "MochiTransformerBlock",

@@ -113,6 +113,42 @@ def _pull_symbolic(span: list[fx.Node], before: set[fx.Node], order: dict[fx.Nod
     return sorted(pulled, key=order.__getitem__)
 
 
+#: ops that only view their input (no arithmetic): free to run before the cond. The names as
+#: torch.export's aten graphs, dynamo's graphs (the rfc backend: torch functions, tensor methods)
+#: and Python (getitem on tuples and tensors) spell them.
+_VIEW_NAMES = ("unsqueeze", "squeeze", "view", "reshape", "permute", "expand", "transpose", "chunk", "split",
+               "narrow", "select", "unbind")
+_VIEW_OPS = {operator.getitem, torch.ops.aten.t.default, torch.ops.aten.alias.default,
+             torch.ops.aten.slice.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.squeeze.dim,
+             torch.ops.aten.select.int, torch.ops.aten.transpose.int, torch.ops.aten.split.Tensor,
+             torch.ops.aten.unbind.int} | {
+    overload for name in _VIEW_NAMES if hasattr(torch.ops.aten, name)
+    for overload in [getattr(getattr(torch.ops.aten, name), "default", None)] if overload is not None} | {
+    getattr(torch, name) for name in _VIEW_NAMES if hasattr(torch, name)}
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_NAMES
+    return node.op == "call_function" and node.target in _VIEW_OPS
+
+
+def _hoist_views(span: list[fx.Node], before: set[fx.Node], regions: list[Region]) -> list[fx.Node]:
+    """Span nodes outside every region that only view values from before the span (the chunks of
+    the first block's adaLN modulation): computed before the cond, so they enter it as operands
+    and never leave it. Left inside, a chunk of a pre-span operand that the step's remaining
+    code reads (Qwen-Image's one-block gate) leaves the cond as a copy whose strides torch.cond
+    cannot prove row-major (symbolic ``Max(1, size)``) and the rewrite failed."""
+    in_region = {n for r in regions for n in r.nodes}
+    hoisted: list[fx.Node] = []
+    available = set(before)
+    for node in span:
+        if _is_view(node) and node not in in_region and all(arg in available for arg in node.all_input_nodes):
+            hoisted.append(node)
+            available.add(node)
+    return hoisted
+
+
 def _region_state_groups(region: Region, config: RFCConfig) -> list[tuple[str, int]]:
     """A region's state tensors as ordered (kind, count) groups: the one place that says which
     exist for a config (the state names, the spec and the branch modules' arguments follow it)."""
@@ -370,6 +406,11 @@ class CachedStep(torch.nn.Module):
         self._prefix = nodes[: plan.span_start]
         span = nodes[plan.span_start : plan.span_end + 1]
         self._suffix = nodes[plan.span_end + 1 :]
+        hoisted = _hoist_views(span, set(self._prefix), plan.regions)
+        if hoisted:
+            logger.debug("rewrite: %d view nodes of pre-span values run before the cond", len(hoisted))
+            self._prefix += hoisted
+            span = [n for n in span if n not in set(hoisted)]
         before = set(self._prefix)
         pulled = _pull_symbolic(span, before, {n: i for i, n in enumerate(nodes)})
         outputs_of = set(span)  # the pulled sizes stay computed before the cond too
