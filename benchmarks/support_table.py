@@ -78,7 +78,7 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
 * **Classifier-free guidance.** SD3, PixArt, LTX-Video and CogVideoX pipelines batch the
   conditional and unconditional halves into one call: each half gets its own norms and ratios.
   WanPipeline (guidance_scale > 1), FluxPipeline with `true_cfg_scale > 1` and a negative prompt,
-  and HunyuanVideoPipeline with true CFG call the transformer *twice* per step, inside
+  HunyuanVideoPipeline and QwenImagePipeline with true CFG call the transformer *twice* per step, inside
   `transformer.cache_context("cond" / "uncond")`: the optimized transformer keeps one cache per
   context name, so the two never mix (see the "WanPipeline (CFG 5)" row: its steps count the
   calls of the "cond" context).
@@ -317,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             row = pipeline_row(name, guidance)
             print(f"{row['pipeline']}: steps {row['steps']} nfc {row['nfc']} reset ok {row['reset_ok']}", flush=True)
             pipelines.append(row)
-        note = ("The \"WanPipeline (CFG 5)\" row calls the transformer twice per step, once per cache "
-                "context; each context keeps its own cache.")
+        note = ("The \"WanPipeline (CFG 5)\" and QwenImagePipeline (`true_cfg_scale=4`) rows call the transformer "
+                "twice per step, once per cache context; each context keeps its own cache.")
 
     exports, export_note = [], ""
     if args.no_export:

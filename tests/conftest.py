@@ -248,7 +248,7 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
-PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan")
+PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage")
 
 
 def _embeds(batch: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -303,6 +303,14 @@ def build_pipeline(name: str):
         kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), prompt_attention_mask=torch.ones(1, 3),
                       negative_prompt_embeds=_embeds(1, 3, 16, 2), negative_prompt_attention_mask=torch.ones(1, 3),
                       height=64, width=64, num_frames=9)
+    elif name == "qwenimage":
+        pipe = d.QwenImagePipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                   tokenizer=None, transformer=build_qwenimage())
+        # true_cfg_scale > 1: cond and uncond are two calls per step, each in its own cache_context
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), prompt_embeds_mask=torch.ones(1, 3, dtype=torch.long),
+                      negative_prompt_embeds=_embeds(1, 3, 16, 2),
+                      negative_prompt_embeds_mask=torch.ones(1, 3, dtype=torch.long), height=64, width=64,
+                      true_cfg_scale=4.0)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)

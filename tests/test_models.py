@@ -169,7 +169,7 @@ def test_unsupported_models_raise_naming_block_types():
 # --- drop-in pipelines ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
-                                  "pixart_sigma", "wan"])
+                                  "pixart_sigma", "wan", "qwenimage"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
     pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
     pipe, kwargs = build_pipeline(name)
