@@ -118,13 +118,12 @@ def _pull_symbolic(span: list[fx.Node], before: set[fx.Node], order: dict[fx.Nod
 #: and Python (getitem on tuples and tensors) spell them.
 _VIEW_NAMES = ("unsqueeze", "squeeze", "view", "reshape", "permute", "expand", "transpose", "chunk", "split",
                "narrow", "select", "unbind")
-_VIEW_OPS = {operator.getitem, torch.ops.aten.t.default, torch.ops.aten.alias.default,
-             torch.ops.aten.slice.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.squeeze.dim,
-             torch.ops.aten.select.int, torch.ops.aten.transpose.int, torch.ops.aten.split.Tensor,
-             torch.ops.aten.unbind.int} | {
-    overload for name in _VIEW_NAMES if hasattr(torch.ops.aten, name)
-    for overload in [getattr(getattr(torch.ops.aten, name), "default", None)] if overload is not None} | {
-    getattr(torch, name) for name in _VIEW_NAMES if hasattr(torch, name)}
+_aten = torch.ops.aten
+_VIEW_OPS = {operator.getitem} | {getattr(torch, name) for name in _VIEW_NAMES if hasattr(torch, name)} | {
+    _aten.unsqueeze.default, _aten.squeeze.default, _aten.squeeze.dim, _aten.view.default, _aten.reshape.default,
+    _aten.permute.default, _aten.expand.default, _aten.transpose.int, _aten.t.default, _aten.alias.default,
+    _aten.chunk.default, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.narrow.default,
+    _aten.select.int, _aten.slice.Tensor, _aten.unbind.int}
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -410,7 +409,8 @@ class CachedStep(torch.nn.Module):
         if hoisted:
             logger.debug("rewrite: %d view nodes of pre-span values run before the cond", len(hoisted))
             self._prefix += hoisted
-            span = [n for n in span if n not in set(hoisted)]
+            moved = set(hoisted)
+            span = [n for n in span if n not in moved]
         before = set(self._prefix)
         pulled = _pull_symbolic(span, before, {n: i for i, n in enumerate(nodes)})
         outputs_of = set(span)  # the pulled sizes stay computed before the cond too
