@@ -31,6 +31,7 @@ from .watch import ModelWatch
 logger = logging.getLogger(__name__)
 
 _KEEP_FINISHED = 1000  # finished generations whose stats a session keeps
+_MANY_SETTINGS = 8  # graphs for one input signature under different model settings: warned about
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,9 +389,19 @@ class CachedModel(torch.nn.Module):
                 self._programs.clear()
             key = (settings, _input_key(call))
             if key not in self._programs:
-                if any(k[1] == key[1] for k in self._programs):
-                    logger.info("the model's attention processors or hooks changed: capturing it with them")
+                variants = sum(k[1] == key[1] for k in self._programs)
+                if variants:
+                    (logger.warning if variants == _MANY_SETTINGS else logger.info)(
+                        "the model's settings, hooks or attention processors changed: capturing it with them "
+                        "(%d graphs for these inputs%s)", variants + 1,
+                        "; do its modules change a plain attribute in forward?" if variants >= _MANY_SETTINGS else "")
                 self._programs[key] = self._build(call)
+                _, after = self._watch.check()
+                if after != key[0]:  # the trace itself ran code that sets attributes (a counting hook)
+                    logger.warning("capturing %s changed plain attributes of its modules (Python code in forward or "
+                                   "a hook sets them); the graph does not run that code", type(self.model).__name__)
+                    self._programs[(after, key[1])] = self._programs[key]
+                    key = (after, key[1])
             self._key = key
             return key, self._programs[key]
 

@@ -191,6 +191,22 @@ def test_hooks_and_attention_processors_added_later_are_captured():
     assert len(cached._programs) == 3
 
 
+def test_attributes_set_while_capturing_do_not_recapture_every_call(caplog):
+    """A hook that sets a plain attribute (a call counter) runs when torch.export traces the model,
+    not in the graph: the capture itself changes the model's settings. That is warned about once
+    and the graph is kept for the settings after the capture (else every call would capture again)."""
+    model = make_tiny_dit()
+    model.transformer_blocks[0].ff.register_forward_pre_hook(
+        lambda module, args: setattr(module, "calls", getattr(module, "calls", 0) + 1))
+    cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
+    x = torch.randn(1, 4, 8, 8)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            _call(cached, x)
+    assert caplog.text.count("changed plain attributes") == 1
+    assert len({id(program) for program in cached._programs.values()}) == 1
+
+
 def test_lora_changes_after_optimize_are_captured():
     """diffusers' LoRA API on an optimized model (caching off, so each call must equal the
     original): adding an adapter replaces modules (re-captured); ``set_adapters`` weights,
