@@ -380,7 +380,7 @@ class CachedModel(torch.nn.Module):
         return _Program(run, step.state_spec, gm, len(plan.regions) if plan else 0)
 
     def _program_for(self, call: dict[str, Any]) -> tuple[tuple, _Program]:
-        """The graph for this call: one per input signature and attention processors/hooks (all
+        """The graph for this call: one per input signature and model settings (watch.py; all
         dropped, freeing old weights, when the model's tensors or modules are replaced)."""
         with self._programs_lock:
             replaced, settings = self._watch.check()
