@@ -87,13 +87,19 @@ def timestep_value(t: Any) -> float | None:
     return float(values[0]) if len(values) else None
 
 
-def follow_timestep(session: Any, call: dict[str, Any]) -> None:
-    """Denoising timesteps only go down: one going back up starts a new generation (with
-    ``session.auto_reset``). Two calls in a row at one timestep are most likely a pipeline's
-    conditional and unconditional branches called separately, which must not share a cache:
-    warned about once per cache. ``session``: a CacheSession or an export runner (both keep
-    ``_last_timestep``, ``_history``, ``_warned_repeat`` and ``auto_reset``, and have ``reset()``)."""
-    value = timestep_value(_timestep_of(call))
+def call_timestep(call: dict[str, Any]) -> float | None:
+    """The denoising timestep of a call's (normalized) keyword arguments, or None. Read once per
+    call: a CUDA timestep's value is a device sync."""
+    return timestep_value(next((call[n] for n in TIMESTEP_NAMES if n in call), None))
+
+
+def follow_timestep(session: Any, value: float | None) -> None:
+    """Denoising timesteps only go down: one going back up (``value``, the call's
+    :func:`call_timestep`) starts a new generation (with ``session.auto_reset``). Two calls in a
+    row at one timestep are most likely a pipeline's conditional and unconditional branches called
+    separately, which must not share a cache: warned about once per cache. ``session``: a
+    CacheSession or an export runner (both keep ``_last_timestep``, ``_history``,
+    ``_warned_repeat`` and ``auto_reset``, and have ``reset()``)."""
     if value is None:
         return
     if session._last_timestep is not None and session._history:
@@ -199,10 +205,10 @@ class CacheSession:
         call = owner._normalize(args, kwargs)
         with self._lock:
             key, program = owner._program_for(call)
-            now = timestep_value(_timestep_of(call))
+            now = call_timestep(call)
             if key != self._key:
                 self._switch_signature(key, program, call, now)
-            follow_timestep(self, call)
+            follow_timestep(self, now)
             with torch.no_grad():
                 out, new_state = program.run(kwargs=call, state=self._state)
             self._state = new_state
@@ -219,10 +225,6 @@ class CacheSession:
             if len(seen) > 1 or None in seen:
                 self._finish(cache["_history"])
                 del self._set_aside[key]
-
-
-def _timestep_of(call: dict[str, Any]) -> Any:
-    return next((call[n] for n in TIMESTEP_NAMES if n in call), None)
 
 
 def _stats(history: list[Tensor]) -> RFCStats:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime import RFCStats, follow_timestep
+from ..runtime import RFCStats, call_timestep, follow_timestep
 from .errors import InputMismatchError
 from .graph import flatten_kwargs
 from .sidecar import BATCH_DIM, Sidecar, numpy_dtype
@@ -192,7 +192,7 @@ class StatefulRunner:
             self._bind_dims(dims)
             self.reset()
         feeds = self._feeds(leaves)
-        follow_timestep(self, call)
+        follow_timestep(self, call_timestep(call))
         outputs, last_full = self._step(feeds)
         self._history.append(last_full)
         self._stats_history = self._history

@@ -135,9 +135,10 @@ def _is_view(node: fx.Node) -> bool:
 def _hoist_views(span: list[fx.Node], before: set[fx.Node], regions: list[Region]) -> list[fx.Node]:
     """Span nodes outside every region that only view values from before the span (the chunks of
     the first block's adaLN modulation; not views of weights, which the branches read directly at
-    their static sizes): computed before the cond, so they enter it as operands and never leave it. Left inside, a chunk of a pre-span operand that the step's remaining
-    code reads (Qwen-Image's one-block gate) leaves the cond as a copy whose strides torch.cond
-    cannot prove row-major (symbolic ``Max(1, size)``) and the rewrite failed."""
+    their static sizes): computed before the cond, so they enter it as operands and never leave
+    it. Left inside, a chunk of a pre-span operand that the step's remaining code reads
+    (Qwen-Image's one-block gate) leaves the cond as a copy whose strides torch.cond cannot prove
+    row-major (symbolic ``Max(1, size)``) and the rewrite failed."""
     in_region = {n for r in regions for n in r.nodes}
     hoisted: list[fx.Node] = []
     available = {n for n in before if n.op != "get_attr"}  # weights stay read inside, at their static sizes
