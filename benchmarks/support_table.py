@@ -196,17 +196,16 @@ def export_row(name: str, workdir: pathlib.Path) -> dict:
 
 
 def unsupported_rows() -> list[tuple[str, str, str]]:
-    from diffusers import SanaTransformer2DModel, UNet2DModel
+    from diffusers import LuminaNextDiT2DModel, UNet2DModel
 
     models = {
         "UNet2DModel": (lambda: UNet2DModel(
             sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
             down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
             norm_num_groups=4), "not a transformer"),
-        "SanaTransformer2DModel": (lambda: SanaTransformer2DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4, num_layers=1,
-            num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
-            sample_size=8), "no pattern yet"),
+        "LuminaNextDiT2DModel": (lambda: LuminaNextDiT2DModel(
+            sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1, num_attention_heads=2,
+            num_kv_heads=2, cross_attention_dim=8), "no pattern yet"),
     }
     rows = []
     for name, (build, why) in models.items():

@@ -318,6 +318,10 @@ class _GraphPrograms:
         self._scalar_args: dict[str, Tensor] = {}
         self._programs: dict[tuple, Any] = {}
         self._lock = threading.Lock()
+        from .passes.patterns import timestep_rises
+
+        #: auto-reset's direction (CacheSession reads it), from the blocks the graph calls
+        self.timestep_rises = timestep_rises(self._module_classes())
 
     def timestep_position(self) -> int | None:
         """Where the frame's timestep tensor (runtime.TIMESTEP_NAMES) is among the graph's arguments."""
@@ -325,14 +329,15 @@ class _GraphPrograms:
 
         return next((i for name in TIMESTEP_NAMES for i in self._inputs if self._names[i] == name), None)
 
+    def _module_classes(self) -> set[str]:
+        """Class names of the modules the graph's nodes were called in."""
+        return {(cls if isinstance(cls, str) else cls.__name__).rsplit(".", 1)[-1]
+                for node in self.source.graph.nodes for _, cls in (node.meta.get("nn_module_stack") or {}).values()}
+
     def has_blocks(self) -> bool:
         from .passes.patterns import BLOCK_PATTERNS
 
-        for node in self.source.graph.nodes:
-            for _, cls in (node.meta.get("nn_module_stack") or {}).values():
-                if (cls if isinstance(cls, str) else cls.__name__).rsplit(".", 1)[-1] in BLOCK_PATTERNS:
-                    return True
-        return False
+        return bool(self._module_classes() & set(BLOCK_PATTERNS))
 
     def _bind(self, attrs: list[Any]) -> None:
         """Copy the graph with these weights as attributes (again if dynamo passes new ones)."""

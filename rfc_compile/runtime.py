@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from .backends import BACKENDS, make_runner
 from .config import RFCConfig
 from .passes import capture, check_supported, find_regions, rewrite
+from .passes.patterns import timestep_rises
 from .state import StateSpec
 from .watch import ModelWatch
 
@@ -94,16 +95,18 @@ def call_timestep(call: dict[str, Any]) -> float | None:
 
 
 def follow_timestep(session: Any, value: float | None) -> None:
-    """Denoising timesteps only go down: one going back up (``value``, the call's
-    :func:`call_timestep`) starts a new generation (with ``session.auto_reset``). Two calls in a
-    row at one timestep are most likely a pipeline's conditional and unconditional branches called
-    separately, which must not share a cache: warned about once per cache. ``session``: a
-    CacheSession or an export runner (both keep ``_last_timestep``, ``_history``,
-    ``_warned_repeat`` and ``auto_reset``, and have ``reset()``)."""
+    """Denoising timesteps only go down (up for the models of patterns.RISING_TIMESTEP_BLOCKS:
+    ``session.timestep_rises``): one going back (``value``, the call's :func:`call_timestep`)
+    starts a new generation (with ``session.auto_reset``). Two calls in a row at one timestep are
+    most likely a pipeline's conditional and unconditional branches called separately, which must
+    not share a cache: warned about once per cache. ``session``: a CacheSession or an export runner
+    (both keep ``_last_timestep``, ``_history``, ``_warned_repeat``, ``auto_reset`` and
+    ``timestep_rises``, and have ``reset()``)."""
     if value is None:
         return
     if session._last_timestep is not None and session._history:
-        if session.auto_reset and value > session._last_timestep:
+        went_back = value < session._last_timestep if session.timestep_rises else value > session._last_timestep
+        if session.auto_reset and went_back:
             session.reset()
         elif value == session._last_timestep and not session._warned_repeat:
             session._warned_repeat = True
@@ -136,6 +139,7 @@ class CacheSession:
     def __init__(self, owner: "CachedModel", auto_reset: bool = True):
         self._owner = owner
         self.auto_reset = auto_reset
+        self.timestep_rises = owner.timestep_rises
         self._lock = threading.Lock()
         self._key: tuple | None = None
         self._spec: StateSpec | None = None
@@ -252,6 +256,8 @@ class CachedModel(torch.nn.Module):
         self._programs: dict[tuple, _Program] = {}
         self._programs_lock = threading.Lock()
         self._watch = ModelWatch(model)
+        #: the model's timestep counts up over a generation (Z-Image): auto-reset's direction
+        self.timestep_rises = timestep_rises(type(m).__name__ for m in model.modules())
         self._key: tuple | None = None
         self._default_session = CacheSession(self, auto_reset)
         self._named_sessions: dict[str, CacheSession] = {}

@@ -64,6 +64,7 @@ def ddim_generation(transformer, steps: int = 20, batch: int = 1, cfg: bool = Fa
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 
 def randomize(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
@@ -73,6 +74,14 @@ def randomize(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * scale)
     return model.eval()
+
+
+def _hidden_states_and_timestep(latents: torch.Tensor, t: torch.Tensor) -> dict:
+    return dict(hidden_states=latents, timestep=t)
+
+
+def _as_is(output: Any) -> torch.Tensor:
+    return output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +98,22 @@ class Family:
     conditions: Callable[[int, torch.Generator], dict]
     threshold: float  # RCS tau giving both full and skipped steps in 10 steps
     timestep_scale: float = 1000.0
+    rising_timestep: bool = False  # the pipeline passes 1 - sigma (Z-Image), not sigma x scale
+    #: the call's latent and timestep arguments (diffusers' names unless a model has its own)
+    call_inputs: Callable[[torch.Tensor, torch.Tensor], dict] = _hidden_states_and_timestep
+    #: the model's output ``(return_dict=False)[0]`` as one batched tensor
+    batched_output: Callable[[Any], torch.Tensor] = _as_is
+
+    def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
+        """What the pipeline passes as the timestep at noise level ``sigma`` (1 -> 0)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        return 1.0 - sigma if self.rising_timestep else sigma * self.timestep_scale
 
     def example(self, batch: int = 2, seed: int = 0) -> dict:
         """One call's kwargs at the first timestep (e.g. the example inputs of a capture or export)."""
         gen = torch.Generator().manual_seed(seed)
-        return dict(hidden_states=torch.randn(batch, *self.latent_shape, generator=gen),
-                    timestep=torch.full((batch,), self.timestep_scale), **self.conditions(batch, gen))
+        latents = torch.randn(batch, *self.latent_shape, generator=gen)
+        return dict(self.call_inputs(latents, self.timestep(1.0).repeat(batch)), **self.conditions(batch, gen))
 
 
 def _text(batch, gen, tokens, dim):
@@ -238,9 +257,9 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
     for n in range(steps):
         if on_step is not None:
             on_step(n)
-        t = (sigmas[n] * family.timestep_scale).expand(batch)
+        t = family.timestep(sigmas[n]).expand(batch)
         with torch.no_grad():
-            out = transformer(hidden_states=latents, timestep=t, return_dict=False, **cond)[0]
+            out = family.batched_output(transformer(**family.call_inputs(latents, t), return_dict=False, **cond)[0])
         outputs.append(out.clone())
         latents = latents + (sigmas[n + 1] - sigmas[n]) * out
     return latents, outputs
@@ -248,7 +267,7 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
-PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage")
+PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage")
 
 
 def _embeds(batch: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -311,6 +330,22 @@ def build_pipeline(name: str):
                       negative_prompt_embeds=_embeds(1, 3, 16, 2),
                       negative_prompt_embeds_mask=torch.ones(1, 3, dtype=torch.long), height=64, width=64,
                       true_cfg_scale=4.0)
+    elif name == "flux2":
+        pipe = d.Flux2Pipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                               tokenizer=None, transformer=build_flux2())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), height=64, width=64)
+    elif name == "sana":
+        pipe = d.SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=build_sana(),
+                              scheduler=d.FlowMatchEulerDiscreteScheduler())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), prompt_attention_mask=torch.ones(1, 3), negative_prompt=None,
+                      negative_prompt_embeds=_embeds(1, 3, 16, 2), negative_prompt_attention_mask=torch.ones(1, 3),
+                      height=256, width=256, use_resolution_binning=False)
+    elif name == "zimage":
+        # CFG batched (one call per step); the timestep counts up: (1000 - t) / 1000
+        pipe = d.ZImagePipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                tokenizer=None, transformer=build_zimage())
+        kwargs = dict(prompt_embeds=[_embeds(1, 5, 16, 1)[0]], negative_prompt_embeds=[_embeds(1, 3, 16, 2)[0]],
+                      height=64, width=64, guidance_scale=4.0)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)
@@ -382,4 +417,67 @@ FAMILIES.update({f.name: f for f in (
     Family("skyreels_v2", build_skyreels_v2, (4, 2, 4, 4), wan_conditions, threshold=0.2),
     Family("mochi", build_mochi, (4, 2, 4, 4), mochi_conditions, threshold=0.1),
     Family("qwenimage", build_qwenimage, (16, 16), qwenimage_conditions, threshold=0.3, timestep_scale=1.0),
+)})
+
+
+def build_flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    return randomize(Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2), guidance_embeds=True),
+        seed=0)
+
+
+def flux2_conditions(batch, gen, height=4, width=4, text=3):
+    # Flux2Pipeline passes batched 4-axis position ids (T, H, W, L) and the guidance scale
+    img_ids = torch.zeros(height * width, 4)
+    img_ids[:, 1] = (torch.arange(height * width) // width).float()
+    img_ids[:, 2] = (torch.arange(height * width) % width).float()
+    txt_ids = torch.zeros(text, 4)
+    txt_ids[:, 3] = torch.arange(text).float()
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), img_ids=img_ids.expand(batch, -1, -1).clone(),
+                txt_ids=txt_ids.expand(batch, -1, -1).clone(), guidance=torch.full((batch,), 4.0))
+
+
+def build_sana():
+    from diffusers import SanaTransformer2DModel
+
+    return randomize(SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8, patch_size=2), seed=0)
+
+
+def sana_conditions(batch, gen, text=3):
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), encoder_attention_mask=torch.ones(batch, text))
+
+
+def build_zimage():
+    from diffusers import ZImageTransformer2DModel
+
+    return randomize(ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[64, 32, 32]), seed=0)
+
+
+def zimage_conditions(batch, gen):
+    # ZImagePipeline passes one caption per sample, unpadded: lengths differ (the model pads them)
+    return dict(cap_feats=[torch.randn(5 - i % 2 * 2, 16, generator=gen) for i in range(batch)])
+
+
+def _zimage_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict:
+    # ZImagePipeline: one (C, frames, H, W) tensor per sample, timestep 1 - sigma
+    return dict(x=list(latents.unbind(0)), t=t)
+
+
+def _stacked(outputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(list(outputs))
+
+
+FAMILIES.update({f.name: f for f in (
+    Family("flux2", build_flux2, (16, 4), flux2_conditions, threshold=0.3, timestep_scale=1.0),
+    Family("sana", build_sana, (4, 8, 8), sana_conditions, threshold=0.3),
+    Family("zimage", build_zimage, (4, 1, 8, 8), zimage_conditions, threshold=2.0, rising_timestep=True,
+           call_inputs=_zimage_inputs, batched_output=_stacked),
 )})

@@ -374,3 +374,36 @@ FAMILY_REGIONS = {
     "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
     "chroma": chroma_regions, "skyreels_v2": wan_regions, "mochi": mochi_regions, "qwenimage": qwenimage_regions,
 }
+
+
+def flux2_regions(model) -> list:
+    """FLUX.2: FLUX's double blocks; a single block's parallel MLP + attention + proj_out is one module."""
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"d{i}.attn", block.attn, _JOINT), (f"d{i}.ff", block.ff, [0]),
+                    (f"d{i}.ff_context", block.ff_context, [0])]
+    for i, block in enumerate(model.single_transformer_blocks):
+        regions.append((f"s{i}.attn", block.attn, ["hidden_states"]))
+    return regions
+
+
+def sana_regions(model) -> list:
+    """Sana: attn1, attn2 (its input is the block's un-normalized hidden state), ff (on the NCHW view)."""
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions += [(f"{i}.attn1", block.attn1, [0]), (f"{i}.attn2", block.attn2, [0]), (f"{i}.ff", block.ff, [0])]
+    return regions
+
+
+def zimage_regions(model) -> list:
+    """Z-Image: attention and feed_forward of the noise refiner's and the main layers' blocks; the
+    context refiner's (caption only, the same at every step) are not cached."""
+    regions = []
+    for part in ("noise_refiner", "layers"):
+        for i, block in enumerate(getattr(model, part)):
+            regions += [(f"{part}{i}.attention", block.attention, [0]),
+                        (f"{part}{i}.feed_forward", block.feed_forward, [0])]
+    return regions
+
+
+FAMILY_REGIONS.update({"flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions})

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, build_pipeline, flow_generation, pipeline_latents
+from conftest import FAMILIES, build_pipeline, flow_generation, make_tiny_dit, pipeline_latents
 from reference import FAMILY_REGIONS, ReferenceRFC
 
 import rfc_compile
@@ -47,6 +47,11 @@ EXPECTED_REGIONS = {
               "transformer_blocks_1_ff": _ONE},
     "qwenimage": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_img_mlp": _ONE,
                   "transformer_blocks_0_txt_mlp": _ONE},
+    "flux2": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
+              "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_attn": _ONE},
+    "sana": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
+    # the context refiner's blocks run on the caption alone: not cached
+    "zimage": {f"{part}_0_{r}": _ONE for part in ("noise_refiner", "layers") for r in ("attention", "feed_forward")},
 }
 assert set(EXPECTED_REGIONS) == set(FAMILIES)
 
@@ -157,27 +162,30 @@ def test_unsupported_models_raise_naming_block_types():
     with pytest.raises(UnsupportedModelError, match="DownBlock2D.*UpBlock2D"):
         rfc_compile.optimize(unet)
 
-    from diffusers import SanaTransformer2DModel
+    from diffusers import LuminaNextDiT2DModel
 
-    sana = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
-                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=4,
-                                  cross_attention_dim=8, caption_channels=8, sample_size=8)
-    with pytest.raises(UnsupportedModelError, match="SanaTransformerBlock x1"):
-        rfc_compile.optimize(sana)
+    lumina = LuminaNextDiT2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1,
+                                  num_attention_heads=2, num_kv_heads=2, cross_attention_dim=8)
+    with pytest.raises(UnsupportedModelError, match="LuminaNextDiTBlock x1"):
+        rfc_compile.optimize(lumina)
 
 
 # --- drop-in pipelines ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
-                                  "pixart_sigma", "wan", "qwenimage"])
+                                  "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
+    """ZImagePipeline's timestep counts up (1 - sigma): a new generation is the timestep going
+    back down (before, every step started a new generation and ran in full)."""
     pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
     pipe, kwargs = build_pipeline(name)
     original = pipeline_latents(pipe, kwargs, STEPS)
-    pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode="rfc", threshold=0.3))
+    threshold = {"zimage": FAMILIES["zimage"].threshold}.get(name, 0.3)
+    pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode="rfc", threshold=threshold))
     timesteps = []
-    pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: timesteps.append(float(kw["timestep"].reshape(-1)[0])), with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(  # ZImagePipeline passes (x, t, cap_feats) positionally
+        lambda m, a, kw: timesteps.append(float(kw.get("timestep", a[1] if len(a) > 1 else None).reshape(-1)[0])),
+        with_kwargs=True)
     first = pipeline_latents(pipe, kwargs, STEPS)
     stats = pipe.transformer.stats
     second = pipeline_latents(pipe, kwargs, STEPS)  # no reset(): the timestep going back up starts a new generation
@@ -188,6 +196,8 @@ def test_pipeline_drop_in_with_automatic_new_generation(name):
     assert (first - original).abs().max() <= 0.05 * original.abs().max()
     if name == "flux":  # FluxPipeline passes timestep / 1000: floats in (0, 1]
         assert max(timesteps) <= 1.0
+    if name == "zimage":
+        assert timesteps[:STEPS] == sorted(timesteps[:STEPS]) and timesteps[0] < timesteps[1]
 
 
 def test_sd3_skip_layer_guidance_keeps_one_cache_per_call_kind():
@@ -255,9 +265,9 @@ def test_attention_processors_swapped_by_pag_pipelines_are_captured():
 
 
 #: families whose own code fixes the batch size (Chroma: ``torch.tensor([0] * batch_size)``;
-#: Mochi: a Python loop over the samples of its text mask): capture with dynamic_batch refuses
-#: them with UnsupportedModelError
-BATCH_FIXED_BY_MODEL = ("chroma", "mochi")
+#: Mochi: a Python loop over the samples of its text mask; Z-Image: a Python list of samples):
+#: capture with dynamic_batch refuses them with UnsupportedModelError
+BATCH_FIXED_BY_MODEL = ("chroma", "mochi", "zimage")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -295,3 +305,21 @@ def test_rewrite_is_independent_of_earlier_rewrites():
     assert program.dynamic_axes == {"batch": 2}
     shapes = dict(zip(program.state_spec.names(), program.state_shapes))
     assert program.inputs[0].shape[0] == "batch" and shapes["rcs_acc"] == ("batch",)
+
+
+def test_a_model_whose_latents_go_by_another_name_is_refused_clearly():
+    """Feature inputs are the values that depend on the model inputs that change between steps
+    (patterns.DEFAULT_VARYING_INPUTS). Regions whose inputs do not (Z-Image's context refiner, on
+    the caption alone) are left uncached; if no region has one, the latents went by another name
+    and caching would predict nothing right: a clear error naming the expected inputs."""
+
+    class Renamed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dit = make_tiny_dit()
+
+        def forward(self, noisy, step, labels):
+            return self.dit(hidden_states=noisy, timestep=step, class_labels=labels, return_dict=False)[0]
+
+    with pytest.raises(UnsupportedModelError, match=r"depends on the denoising state.*'hidden_states'"):
+        rfc_compile.optimize(Renamed())(torch.randn(1, 4, 8, 8), torch.tensor([999]), torch.tensor([1]))

@@ -68,6 +68,7 @@ class StatefulRunner:
     def __init__(self, sidecar: Sidecar, auto_reset: bool = True):
         self.graph_sidecar = sidecar  # as exported (named dims where the graph has dynamic ones)
         self.auto_reset = auto_reset
+        self.timestep_rises = sidecar.timestep_rises  # auto-reset's direction (runtime.follow_timestep)
         self._bind_dims(sidecar.example_dims)
         self._buffers: list[dict[str, Any]] = [{}, {}]
         self._current = 0

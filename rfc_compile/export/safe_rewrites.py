@@ -1,6 +1,8 @@
-"""Keep onnxscript's unsound reshape-around-MatMul rewrites out of ``torch.onnx.export(optimize=True)``.
+"""Keep onnxscript's unsound rewrites out of ``torch.onnx.export(optimize=True)``.
 
-The exporter's optimizer (onnxscript's default rewrite rules) replaces
+Two kinds (onnxscript 0.7.2), both left out of every export:
+
+1. Reshapes around a MatMul. The exporter's optimizer (onnxscript's default rewrite rules) replaces
 ``Reshape(MatMul(Reshape(a), Reshape(b)))`` by ``MatMul(a, b)`` whenever the *shapes* agree
 (onnxscript 0.7.2, ``rules/common/_broadcast_to_matmul.py``: ``two_reshapes_matmul_reshape_rule``,
 ``one_reshape_matmul_reshape_rule``). It never checks that the reshapes keep the contracted
@@ -11,6 +13,13 @@ order 2 in a FLUX prompt) ``MatMul(coeffs, ladder)`` has the same shape but cont
 tokens: the RCS estimate went wrong and the exported FLUX graph took other full steps than the
 torch model. The model's own code may have the same pattern, so the rules are left out of every
 export rather than the pattern avoided in rfc.py.
+
+2. "No-op" arithmetic (``rules/common/_no_op.py``: ``x + 0``, ``x - 0``, ``x * 1``, ``x / 1`` -> ``x``).
+Its pattern constants match any constant *close to* 0 or 1 (abs_tol 1e-8, rel_tol 1e-5), so a
+model's epsilon vanishes: Sana's linear attention ``num / (den + 1e-15)`` became ``num / den``, and
+0 / 0 gave NaN wherever a query row is all zero after its ReLU (the tiny Sana in onnxruntime: NaN in
+every step at batch 2). onnxruntime's own no-op elimination compares exactly, so an exact ``+ 0``
+left in the graph is still removed when the session loads it.
 """
 
 from __future__ import annotations
@@ -30,7 +39,20 @@ def unsound_rules() -> tuple:
         from onnxscript.rewriter.rules import common
     except ImportError:
         return ()
-    return tuple(getattr(common, name) for name in _UNSOUND_RULE_NAMES if hasattr(common, name))
+    matmul = tuple(getattr(common, name) for name in _UNSOUND_RULE_NAMES if hasattr(common, name))
+    return matmul + _approximate_no_op_rules()
+
+
+def _approximate_no_op_rules() -> tuple:
+    """The no-op rules that match constants near 0 or 1 (all of ``_no_op``'s but the Dropout ones;
+    their commuted forms are separate objects, so they are taken from the rule set itself)."""
+    try:
+        from onnxscript.rewriter.rules.common import _no_op
+    except ImportError:
+        return ()
+    dropout = [getattr(_no_op, name, None) for name in ("dropout_zero_rule", "dropout_inference_rule")]
+    return tuple(rule for rule in getattr(getattr(_no_op, "rules", None), "rules", ())
+                 if not any(rule is d for d in dropout))
 
 
 @contextlib.contextmanager

@@ -8,7 +8,8 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
       "artifact": "model.onnx",                       # the file it describes (basename)
       "external_data": null,                          # or "model.onnx.data": the weights of a > 2 GB model
       "model": {"class": "DiTTransformer2DModel", "module": "diffusers...", "family": "dit",
-                "config": {...}},                     # the diffusers config (JSON-able values)
+                "config": {...},                      # the diffusers config (JSON-able values)
+                "timestep_rises": false},             # optional: timestep counts up (Z-Image)
       "rfc_config": {"mode": "rfc", "threshold": 0.8, ...},
       "inputs":  [{"name": "hidden_states", "shape": [2, 4, 32, 32], "dtype": "float32"}, ...],
       "outputs": [{"name": "sample", "shape": [...], "dtype": "float32"}],
@@ -191,6 +192,11 @@ class Sidecar:
     @property
     def model_class(self) -> str:
         return str(self.raw.get("model", {}).get("class", "?"))
+
+    @property
+    def timestep_rises(self) -> bool:
+        """The model's timestep counts up over a generation (Z-Image; absent: it counts down)."""
+        return bool(self.raw.get("model", {}).get("timestep_rises", False))
 
     @property
     def rfc_config(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Everything that is per-model lives here; the other passes read only this table.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,34 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
                 RegionPattern("txt_mlp", ("txt_mlp",)),
             ),
         ),
+        # FLUX.2: FLUX's double block; the single block's parallel MLP + attention + output
+        # projection is one module (Flux2ParallelSelfAttention)
+        BlockPattern(
+            "Flux2TransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("ff", ("ff",)),
+                RegionPattern("ff_context", ("ff_context",)),
+            ),
+        ),
+        BlockPattern("Flux2SingleTransformerBlock", (RegionPattern("attn", ("attn",)),)),
+        # Sana: linear self-attention, cross-attention (ungated), GLUMBConv feed-forward
+        BlockPattern(
+            "SanaTransformerBlock",
+            (
+                RegionPattern("attn1", ("attn1",)),
+                RegionPattern("attn2", ("attn2",), optional=True),
+                RegionPattern("ff", ("ff",)),
+            ),
+        ),
+        # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
+        BlockPattern(
+            "ZImageTransformerBlock",
+            (
+                RegionPattern("attention", ("attention",)),
+                RegionPattern("feed_forward", ("feed_forward",)),
+            ),
+        ),
         # Mochi: joint attention, ff, ff_context (not in the last, context_pre_only block)
         BlockPattern(
             "MochiTransformerBlock",
@@ -158,6 +187,17 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
 
 def block_pattern_for(class_name: str) -> BlockPattern | None:
     return BLOCK_PATTERNS.get(class_name)
+
+
+#: Blocks of models whose timestep argument counts *up* over a generation (Z-Image's pipeline
+#: passes 1 - sigma). Auto-reset starts a new generation when the timestep moves back the
+#: other way; for every other model that is when it goes back up.
+RISING_TIMESTEP_BLOCKS: frozenset[str] = frozenset({"ZImageTransformerBlock"})
+
+
+def timestep_rises(block_classes: Iterable[str]) -> bool:
+    """Whether a model holding these block classes takes a rising timestep."""
+    return any(c in RISING_TIMESTEP_BLOCKS for c in block_classes)
 
 
 #: Token counts that may change between calls of one exported graph (``to_onnx``'s

@@ -164,6 +164,7 @@ def find_regions(gm: fx.GraphModule, varying_inputs: Iterable[str] = DEFAULT_VAR
         )
 
     regions: list[Region] = []
+    constant: list[str] = []  # regions whose inputs do not change across steps
     for block_path, pattern in patterns.items():
         for rp in pattern.regions:
             region_members = members.get((block_path, rp.name))
@@ -174,8 +175,20 @@ def find_regions(gm: fx.GraphModule, varying_inputs: Iterable[str] = DEFAULT_VAR
                     f"{block_path} ({pattern.block_class}): region {rp.name!r} "
                     f"(submodules {rp.members}) not found in the graph"
                 )
-            regions.append(_build_region(f"{block_path}.{rp.name}", block_path, region_members,
-                                         nodes, position, varying))
+            region = _build_region(f"{block_path}.{rp.name}", block_path, region_members, nodes, position, varying)
+            if region.feature_inputs:
+                regions.append(region)
+            else:
+                constant.append(region.name)
+    if constant:
+        # e.g. Z-Image's context refiner, which runs on the caption alone: its output is the same
+        # at every step, and runs on every step like the block's other uncached ops
+        logger.info("not cached, no input depends on the denoising state: %s", ", ".join(constant))
+    if not regions:
+        raise UnsupportedModelError(
+            f"no input of any cached region ({', '.join(constant)}) depends on the denoising state: the "
+            f"model's inputs named {sorted(set(varying_inputs))} (those that change between steps) were not "
+            f"found or are not used")
     regions.sort(key=lambda r: position[r.nodes[0]])
     _check_disjoint_ranges(regions, position)
 
@@ -220,8 +233,6 @@ def _build_region(name: str, block: str, region_members: list[fx.Node], nodes: l
     if bad or not outputs:
         raise UnsupportedModelError(f"region {name}: outputs {bad or 'none'} are not tensors")
     feature_inputs = [a for a in inputs if a in varying and _tensor_valued(a)]
-    if not feature_inputs:
-        raise UnsupportedModelError(f"region {name}: no input depends on the denoising state")
     side_inputs = [a for a in inputs if a not in feature_inputs]
     return Region(name, block, body, feature_inputs, side_inputs, outputs)
 

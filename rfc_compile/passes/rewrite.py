@@ -241,7 +241,7 @@ class RegionUpdate(torch.nn.Module):
         sizes = [self.n_inputs, self.n_outputs] + self.state_sizes
         if not cfg.uses_rfe:
             _, ys, ladders = _split(args, sizes)
-            return tuple(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
+            return _row_major(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
         xs, ys, ladders, ratios, _, _, x_last = _split(args, sizes)
         new_rows = [rfc.ladder_rows(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys)]
         new_ladders = tuple(torch.stack(rows, dim=1) for rows in new_rows)
@@ -260,7 +260,7 @@ class RegionUpdate(torch.nn.Module):
             new_cos = tuple(rfc.direction_agreement(rfc.taylor_term(ladder, gap, seen), y.float() - ladder[:, 0].float(),
                                                     cfg.eps)
                             for y, ladder in zip(ys, ladders))
-        return new_ladders + new_ratios + new_cos + new_grams + tuple(x.clone() for x in xs)
+        return _row_major(new_ladders + new_ratios + new_cos + new_grams + tuple(x.clone() for x in xs))
 
 
 class WatchUpdate(torch.nn.Module):
@@ -270,7 +270,23 @@ class WatchUpdate(torch.nn.Module):
         n = (len(args) - 3) // 2
         xs, ladders = args[:n], args[n : 2 * n]
         gap, _, seen_after = args[-3:]
-        return tuple(rfc.update_ladder(ladder, x, gap, seen_after) for ladder, x in zip(ladders, xs))
+        return _row_major(rfc.update_ladder(ladder, x, gap, seen_after) for ladder, x in zip(ladders, xs))
+
+
+def _row_major(tensors) -> tuple[Tensor, ...]:
+    """The cache as the skip branch passes it on: row-major, size-1 dims included. A region whose
+    input or output is laid out otherwise (Sana's feed-forward runs on a permuted, channels-last
+    view) would leave the two branches with different strides, which torch.cond rejects. Copied
+    only where the layout is not row-major already (plain Python: torch.cond traces this)."""
+    def row_major(shape) -> tuple:
+        strides, step = [], 1
+        for size in reversed(shape):
+            strides.append(step)
+            step = step * size
+        return tuple(reversed(strides))
+
+    return tuple(t if tuple(t.stride()) == row_major(t.shape) else t.clone(memory_format=torch.contiguous_format)
+                 for t in tensors)
 
 
 def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
@@ -291,9 +307,10 @@ class _BranchBuilder:
         self.operand_inputs = [n for n in span_inputs if n.op != "get_attr"]
 
     def _root(self) -> torch.nn.Module:
-        """A module holding the span's weights under their captured names."""
+        """A module holding the span's weights (and the subgraphs of higher-order ops inside it,
+        e.g. Z-Image's ``autocast(enabled=False)`` rotary code) under their captured names."""
         root = torch.nn.Module()
-        for node in self.span_inputs:
+        for node in self.span_inputs + self.span:
             if node.op == "get_attr":
                 *path, leaf = node.target.split(".")
                 owner, src = root, self.gm
@@ -303,8 +320,12 @@ class _BranchBuilder:
                         owner.add_module(part, torch.nn.Module())
                     owner = getattr(owner, part)
                 value = getattr(src, leaf)
+                if hasattr(owner, leaf):
+                    continue
                 if isinstance(value, torch.nn.Parameter):
                     owner.register_parameter(leaf, value)
+                elif isinstance(value, torch.nn.Module):
+                    owner.add_module(leaf, value)
                 else:
                     owner.register_buffer(leaf, value)
         return root

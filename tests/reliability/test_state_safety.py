@@ -148,6 +148,29 @@ def test_timestep_going_back_up_starts_a_new_generation():
     assert cached.stats.steps == 5
 
 
+def test_a_rising_timestep_starts_a_new_generation_when_it_goes_back_down():
+    """Z-Image's pipeline passes 1 - sigma, counting up (patterns.RISING_TIMESTEP_BLOCKS): its
+    generation restarts when the timestep goes back *down*; going up is the next step. (Before,
+    every step of it started a new generation: all steps full.) Export runners take the
+    direction from the sidecar."""
+    from conftest import FAMILIES
+
+    from rfc_compile.export.sidecar import Sidecar
+
+    family = FAMILIES["zimage"]
+    cached = rfc_compile.optimize(family.build(), RFCConfig(mode="fora", interval=10))
+    assert cached.timestep_rises and not rfc_compile.optimize(make_tiny_dit()).timestep_rises
+    call = family.example(batch=1)
+    for t in (0.0, 0.1, 0.2):
+        cached(**dict(call, t=torch.tensor([t])))
+    assert cached.stats.steps == 3 and cached.stats.full_steps == [0, 1]
+    cached(**dict(call, t=torch.tensor([0.0])))
+    assert cached.stats.steps == 1 and len(cached.generations) == 2
+    raw = {"model": {"class": "ZImageTransformer2DModel", "timestep_rises": True}}
+    assert Sidecar(raw, [], [], [], {}, "").timestep_rises
+    assert not Sidecar({"model": {"class": "DiTTransformer2DModel"}}, [], [], [], {}, "").timestep_rises
+
+
 def test_weights_changed_in_place_are_seen():
     model = make_tiny_dit()
     cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
