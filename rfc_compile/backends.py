@@ -334,6 +334,21 @@ class _GraphPrograms:
         return {(cls if isinstance(cls, str) else cls.__name__).rsplit(".", 1)[-1]
                 for node in self.source.graph.nodes for _, cls in (node.meta.get("nn_module_stack") or {}).values()}
 
+    def _check_latents_are_inputs(self) -> None:
+        """A graph holding blocks but not the model's latents or timestep among its inputs is a piece
+        of the forward after a graph break: nothing in it can tell what changes between steps."""
+        from .errors import UnsupportedModelError
+        from .passes.patterns import DEFAULT_VARYING_INPUTS
+
+        names = [self._names[i] for i in self._inputs]
+        if not any(name in DEFAULT_VARYING_INPUTS for name in names):
+            raise UnsupportedModelError(
+                f"the rfc torch.compile backend got a graph whose inputs ({', '.join(names) or 'none'}) include "
+                f"neither the latents nor the timestep ({', '.join(DEFAULT_VARYING_INPUTS)}): dynamo split the "
+                "model's forward at a graph break before its blocks (torch._dynamo.explain(model)(...) says where; "
+                "compile with fullgraph=True to see it as an error). rfc_compile.optimize(model, config, "
+                "backend='inductor') captures the whole forward with torch.export instead")
+
     def has_blocks(self) -> bool:
         from .passes.patterns import BLOCK_PATTERNS
 
@@ -416,6 +431,7 @@ class _GraphPrograms:
         outputs = next(iter(gm.graph.find_nodes(op="output"))).args[0]
         captured = CapturedGraph(gm, pytree.tree_structure(((), call)),
                                  pytree.tree_structure(tuple(range(len(outputs)))), list(call))
+        self._check_latents_are_inputs()
         plan = find_regions(gm)
         if self.config.mode == "full":
             plan = None

@@ -430,12 +430,12 @@ def build_flux2():
 
 
 def flux2_conditions(batch, gen, height=4, width=4, text=3):
-    # Flux2Pipeline passes batched 4-axis position ids (T, H, W, L) and the guidance scale
-    img_ids = torch.zeros(height * width, 4)
-    img_ids[:, 1] = (torch.arange(height * width) // width).float()
-    img_ids[:, 2] = (torch.arange(height * width) % width).float()
-    txt_ids = torch.zeros(text, 4)
-    txt_ids[:, 3] = torch.arange(text).float()
+    # Flux2Pipeline passes batched int64 4-axis position ids (T, H, W, L) and the guidance scale
+    img_ids = torch.zeros(height * width, 4, dtype=torch.long)
+    img_ids[:, 1] = torch.arange(height * width) // width
+    img_ids[:, 2] = torch.arange(height * width) % width
+    txt_ids = torch.zeros(text, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(text)
     return dict(encoder_hidden_states=_text(batch, gen, text, 16), img_ids=img_ids.expand(batch, -1, -1).clone(),
                 txt_ids=txt_ids.expand(batch, -1, -1).clone(), guidance=torch.full((batch,), 4.0))
 

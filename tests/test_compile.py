@@ -231,3 +231,19 @@ def test_rfc_backend_refuses_data_dependent_shapes_clearly():
                              options={"config": RFCConfig(mode="rfc", threshold=spec.threshold), "backend": "eager"})
     with pytest.raises(UnsupportedModelError, match=r"data-dependent shapes .*rfc_compile\.optimize"):
         flow_generation(compiled, spec, steps=2)
+
+
+def test_rfc_backend_refuses_a_piece_of_the_model_clearly():
+    """Z-Image's forward enters a ``torch.device`` context, where dynamo breaks the graph: the
+    blocks reach the backend in a graph whose inputs are intermediate values, not the latents or
+    timestep. Refused, naming the graph break and what works instead (it said only "no input of
+    any cached region depends on the denoising state" before); optimize() runs it."""
+    from conftest import FAMILIES, flow_generation
+
+    from rfc_compile import UnsupportedModelError
+
+    spec = FAMILIES["zimage"]
+    compiled = torch.compile(spec.build(), backend="rfc",
+                             options={"config": RFCConfig(mode="rfc", threshold=spec.threshold), "backend": "eager"})
+    with pytest.raises(UnsupportedModelError, match=r"graph break .*rfc_compile\.optimize"):
+        flow_generation(compiled, spec, steps=2)

@@ -721,6 +721,35 @@ def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(flux_to
         runner(**call)
 
 
+def test_dynamic_tokens_flux2_serves_other_resolutions_and_prompt_lengths(workdir):
+    """FLUX.2 (TOKEN_DIMS: its position ids are batched, tokens in dim 1) exported once runs
+    generations at another latent grid, prompt length and batch, equal to the eager cached model."""
+    import dataclasses
+    import functools
+
+    from conftest import FAMILIES, flow_generation, flux2_conditions
+
+    from rfc_compile.passes.patterns import TOKEN_DIMS
+
+    family = FAMILIES["flux2"]
+    config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
+    export = to_onnx(family.build(), workdir / "flux2_rfc_tokens.onnx", family.example(), config, dynamic_batch=True,
+                     dynamic_dims=TOKEN_DIMS["Flux2Transformer2DModel"])
+    shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
+    assert shapes["img_ids"] == ("batch", "image_tokens", 4)
+    assert shapes["single_transformer_blocks_0_attn.ladder.0"] == ("batch", 2, "image_tokens + text_tokens", 16)
+    runner = OnnxCachedModel(export.onnx_path)
+    for height, width, text, batch in ((4, 4, 3, 2), (4, 5, 7, 3)):
+        at = dataclasses.replace(family, latent_shape=(height * width, 4),
+                                 conditions=functools.partial(flux2_conditions, height=height, width=width, text=text))
+        eager = rfc_compile.optimize(family.build(), config)
+        _, expected = flow_generation(eager, at, steps=10, batch=batch)
+        _, got = flow_generation(runner, at, steps=10, batch=batch)
+        assert runner.dims == {"batch": batch, "image_tokens": height * width, "text_tokens": text}
+        assert runner.stats.full_steps == eager.stats.full_steps and 2 < runner.stats.nfc < 10
+        assert _max_diff(got, expected) < ATOL
+
+
 @pytest.mark.parametrize("name", ["sd3", "pixart"])
 def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
     """SD3 and PixArt (TOKEN_DIMS: prompt length only) exported once at one prompt length and batch
@@ -1151,7 +1180,7 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
-                                    "skyreels_v2", "mochi"])
+                                    "skyreels_v2", "mochi", "flux2", "sana"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1168,10 +1197,13 @@ def test_cli_example_inputs_fit_each_family(family):
         assert out.shape[2:] == (2, 8, 8)
     elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1
         assert out.shape[1] == 2 * 8 * 8
+    elif family == "flux2":  # 2x2-packed: 4 x 4 tokens
+        assert out.shape[1] == 4 * 4
 
 
 @pytest.mark.parametrize("name, shape", [("flux", {}), ("sd3", {}), ("wan", {}), ("pixart_sigma", {}),
-                                         ("ltx_video", dict(frames=2, height=2, width=2))])  # 9 frames, 64x64
+                                         ("ltx_video", dict(frames=2, height=2, width=2)),  # 9 frames, 64x64
+                                         ("flux2", dict(height=8, width=8)), ("sana", dict(height=8, width=8))])
 def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
     must be what the family's pipeline passes: the same non-tensor values (LTX's default rotary

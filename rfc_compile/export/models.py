@@ -133,6 +133,21 @@ def _flux(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return kwargs
 
 
+def _flux2(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """Flux2Pipeline's call: 2x2-packed latents, batched int64 position ids (T, H, W, L) for the
+    image tokens and (0, 0, 0, l) for the text's, ``t / 1000`` and the guidance scale."""
+    hp, wp = s.height // 2, s.width // 2
+    one = torch.arange(1)
+    img_ids = torch.cartesian_prod(one, torch.arange(hp), torch.arange(wp), one)
+    txt_ids = torch.cartesian_prod(one, one, one, torch.arange(s.text_len))
+    kwargs = dict(hidden_states=s.randn(s.batch, hp * wp, cfg["in_channels"]),
+                  encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch),
+                  img_ids=img_ids.expand(s.batch, -1, -1).clone(), txt_ids=txt_ids.expand(s.batch, -1, -1).clone())
+    if cfg.get("guidance_embeds"):
+        kwargs["guidance"] = torch.full((s.batch,), 4.0)
+    return kwargs
+
+
 def _chroma(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     """FLUX's inputs without the pooled projection; the mask covers text then image tokens."""
     ids = _flux_ids(s)
@@ -146,6 +161,12 @@ def _sd3(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
                 encoder_hidden_states=s.text(cfg["joint_attention_dim"]),
                 pooled_projections=s.randn(s.batch, cfg["pooled_projection_dim"]), timestep=s.timestep())
+
+
+def _sana(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
+                encoder_hidden_states=s.text(cfg["caption_channels"]), encoder_attention_mask=torch.ones(s.batch, s.text_len),
+                timestep=s.timestep())  # flow-matching sigma x 1000 (x timestep_scale): float
 
 
 def _video(cfg: dict, s: ExampleShape) -> torch.Tensor:
@@ -189,17 +210,19 @@ def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
 FLOAT32_INPUTS = ("timestep", "guidance")
 
 #: Latent patches a pipeline packs into tokens outside the model (FluxPipeline's 2x2).
-PACKED_PATCH = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2}
+PACKED_PATCH = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2, "Flux2Transformer2DModel": 2}
 
 #: The forward kwargs of one call, per model class (what its pipeline passes). Families left out
-#: (e.g. CogVideoX, whose pipeline computes rotary embeddings outside the model) export through
-#: ``to_onnx`` with example inputs of your own.
+#: (CogVideoX, whose pipeline computes rotary embeddings outside the model; Qwen-Image and Z-Image,
+#: which torch.onnx cannot convert) export through ``to_onnx`` with example inputs of your own.
 EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "DiTTransformer2DModel": _dit,
     "PixArtTransformer2DModel": _pixart,
     "FluxTransformer2DModel": _flux,
+    "Flux2Transformer2DModel": _flux2,
     "ChromaTransformer2DModel": _chroma,
     "SD3Transformer2DModel": _sd3,
+    "SanaTransformer2DModel": _sana,
     "WanTransformer3DModel": _wan,
     "SkyReelsV2Transformer3DModel": _wan,
     "HunyuanVideoTransformer3DModel": _hunyuan_video,

@@ -202,14 +202,19 @@ def timestep_rises(block_classes: Iterable[str]) -> bool:
 
 #: Token counts that may change between calls of one exported graph (``to_onnx``'s
 #: ``dynamic_dims``), per model class: ``{input: {dim index: dim name}}``. Only sizes the model
-#: computes with as sizes: FLUX takes packed latents ``(B, image tokens, C)`` with their position
-#: ids, and text states with theirs; SD3 and PixArt take any prompt length (PixArt with its mask).
+#: computes with as sizes: FLUX and FLUX.2 take packed latents ``(B, image tokens, C)`` with their
+#: position ids, and text states with theirs; SD3 and PixArt take any prompt length (PixArt with its mask).
 #: Their latent height and width are fixed (the patch embedding compares them with the configured
 #: sample size or crops a fixed position table), as DiT's are.
 TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
     "FluxTransformer2DModel": {
         "hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"},
         "encoder_hidden_states": {1: "text_tokens"}, "txt_ids": {0: "text_tokens"},
+    },
+    # FLUX.2's pipeline passes batched 4-axis position ids: (B, tokens, 4)
+    "Flux2Transformer2DModel": {
+        "hidden_states": {1: "image_tokens"}, "img_ids": {1: "image_tokens"},
+        "encoder_hidden_states": {1: "text_tokens"}, "txt_ids": {1: "text_tokens"},
     },
     "SD3Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
     "PixArtTransformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}, "encoder_attention_mask": {1: "text_tokens"}},
