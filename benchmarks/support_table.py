@@ -31,7 +31,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 import diffusers  # noqa: E402
-from conftest import FAMILIES, PIPELINES, build_pipeline, flow_generation, pipeline_latents  # noqa: E402
+from conftest import (FAMILIES, PIPELINE_THRESHOLD, PIPELINES, build_pipeline, called_timestep,  # noqa: E402
+                      flow_generation, pipeline_latents, pipeline_threshold)
 from reference import FAMILY_REGIONS, ReferenceRFC  # noqa: E402
 
 import rfc_compile  # noqa: E402
@@ -39,7 +40,6 @@ from rfc_compile import RFCConfig, UnsupportedModelError  # noqa: E402
 from rfc_compile.passes import capture, find_regions  # noqa: E402
 
 STEPS = 10
-PIPELINE_THRESHOLD = 0.3
 
 HEADER = """# Supported model families
 
@@ -148,10 +148,10 @@ def pipeline_row(name: str, guidance: float | None = None) -> dict:
     if guidance is not None:
         kwargs = dict(kwargs, guidance_scale=guidance, negative_prompt_embeds=kwargs["prompt_embeds"] * 0.5)
     original = pipeline_latents(pipe, kwargs, STEPS)
-    pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode="rfc", threshold=PIPELINE_THRESHOLD))
+    pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode="rfc", threshold=pipeline_threshold(name)))
     timesteps: list[float] = []
-    pipe.transformer.register_forward_pre_hook(
-        lambda m, a, kw: timesteps.append(float(kw["timestep"].reshape(-1)[0])), with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: timesteps.append(called_timestep(a, kw)),
+                                               with_kwargs=True)
     first = pipeline_latents(pipe, kwargs, STEPS)
     stats = pipe.transformer.stats
     calls = len(timesteps)
@@ -236,11 +236,14 @@ def render(families: list[dict], pipelines: list[dict], pipeline_note: str, expo
     lines.append("\nEvery region of every block sits behind one `torch.cond` per step. Single-stream blocks "
                  "(FLUX, HunyuanVideo, Chroma) are one region from the modulated input through `proj_mlp`, `attn` and "
                  "`proj_out`: a skipped step runs the block's norm (gate and modulation) but not `proj_out` "
-                 "(checked on the predict branch's graph in `tests/test_models.py`).\n")
+                 "(checked on the predict branch's graph in `tests/test_models.py`); FLUX.2's single block has them "
+                 "in one module (`attn`). Z-Image's context refiner runs on the caption alone, the same at every "
+                 "step: its blocks are left uncached.\n")
     lines.append("## Drop-in pipelines\n")
     if pipelines:
         lines.append(f"`pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode=\"rfc\", "
-                     f"threshold={PIPELINE_THRESHOLD}))`, {STEPS} inference steps, `output_type=\"latent\"`, "
+                     f"threshold={PIPELINE_THRESHOLD}))` (ZImagePipeline: {pipeline_threshold('zimage'):g}), "
+                     f"{STEPS} inference steps, `output_type=\"latent\"`, "
                      "prompt embeddings passed in (no text encoder, tokenizer or VAE), the same pipeline "
                      "called twice with the same seed and no `reset()`.\n")
         lines.append("| pipeline | transformer calls | timesteps seen | steps counted | NFC | 2nd call identical "
@@ -317,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['pipeline']}: steps {row['steps']} nfc {row['nfc']} reset ok {row['reset_ok']}", flush=True)
             pipelines.append(row)
         note = ("The \"WanPipeline (CFG 5)\" and QwenImagePipeline (`true_cfg_scale=4`) rows call the transformer "
-                "twice per step, once per cache context; each context keeps its own cache.")
+                "twice per step, once per cache context; each context keeps its own cache. ZImagePipeline passes "
+                "1 - sigma, a timestep that counts up: its generations restart when it goes back down "
+                "(`passes/patterns.py`'s `RISING_TIMESTEP_BLOCKS`).")
 
     exports, export_note = [], ""
     if args.no_export:

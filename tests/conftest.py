@@ -352,6 +352,22 @@ def build_pipeline(name: str):
     return pipe, kwargs
 
 
+#: RCS threshold giving both full and skipped steps in a 10-step run of each tiny pipeline
+PIPELINE_THRESHOLD = 0.3
+_PIPELINE_THRESHOLDS = {"zimage": 2.0}  # its tiny model's input moves more per step
+
+
+def pipeline_threshold(name: str) -> float:
+    return _PIPELINE_THRESHOLDS.get(name, PIPELINE_THRESHOLD)
+
+
+def called_timestep(args: tuple, kwargs: dict) -> float:
+    """The timestep of one transformer call (a forward pre-hook's arguments): ZImagePipeline
+    passes ``(x, t, cap_feats)`` positionally, the others ``timestep=`` by keyword."""
+    t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+    return float(t.reshape(-1)[0])
+
+
 def pipeline_latents(pipe, kwargs, steps: int = 10, seed: int = 0) -> torch.Tensor:
     """Run the pipeline to latents (no VAE) and return them."""
     out = pipe(**kwargs, num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(seed))

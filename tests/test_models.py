@@ -16,7 +16,8 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, build_pipeline, flow_generation, make_tiny_dit, pipeline_latents
+from conftest import (FAMILIES, build_pipeline, called_timestep, flow_generation, make_tiny_dit, pipeline_latents,
+                      pipeline_threshold)
 from reference import FAMILY_REGIONS, ReferenceRFC
 
 import rfc_compile
@@ -180,12 +181,10 @@ def test_pipeline_drop_in_with_automatic_new_generation(name):
     pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
     pipe, kwargs = build_pipeline(name)
     original = pipeline_latents(pipe, kwargs, STEPS)
-    threshold = {"zimage": FAMILIES["zimage"].threshold}.get(name, 0.3)
-    pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode="rfc", threshold=threshold))
+    pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode="rfc", threshold=pipeline_threshold(name)))
     timesteps = []
-    pipe.transformer.register_forward_pre_hook(  # ZImagePipeline passes (x, t, cap_feats) positionally
-        lambda m, a, kw: timesteps.append(float(kw.get("timestep", a[1] if len(a) > 1 else None).reshape(-1)[0])),
-        with_kwargs=True)
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: timesteps.append(called_timestep(a, kw)),
+                                               with_kwargs=True)
     first = pipeline_latents(pipe, kwargs, STEPS)
     stats = pipe.transformer.stats
     second = pipeline_latents(pipe, kwargs, STEPS)  # no reset(): the timestep going back up starts a new generation
@@ -323,3 +322,23 @@ def test_a_model_whose_latents_go_by_another_name_is_refused_clearly():
 
     with pytest.raises(UnsupportedModelError, match=r"depends on the denoising state.*'hidden_states'"):
         rfc_compile.optimize(Renamed())(torch.randn(1, 4, 8, 8), torch.tensor([999]), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("grid", [4, 2])
+def test_a_region_on_a_permuted_view_is_cached(grid):
+    """Sana's feed-forward runs on the (B, C, H, W) permutation of its tokens (channels-last in
+    memory), so its ladder was stacked channels-last while the skip branch passes the cache on
+    row-major: torch.cond refused the two branches' strides (and at a 1x1 token grid the strides
+    of the size-1 dims alone differed). The cache now leaves the recompute branch row-major; the
+    steps equal the reference's."""
+    import dataclasses
+
+    family = dataclasses.replace(FAMILIES["sana"], latent_shape=(4, grid, grid))
+    kwargs = dict(mode="rfc", order=2, threshold=family.threshold, warmup_steps=2)
+    reference_model = family.build()
+    reference = ReferenceRFC(FAMILY_REGIONS["sana"](reference_model), **kwargs)
+    _, expected = flow_generation(reference_model, family, steps=STEPS, on_step=lambda n: reference.begin_step())
+    cached = rfc_compile.optimize(family.build(), RFCConfig(**kwargs))
+    _, got = flow_generation(cached, family, steps=STEPS)
+    assert cached.stats.full_steps == reference.full_steps and cached.stats.nfc < STEPS
+    assert max_diff(got, expected) < 1e-5

@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -212,12 +213,14 @@ def fix_squeeze(model_proto) -> int:
     return changed
 
 
-def _cause_chain(exc: BaseException) -> str:
+def _cause_chain(exc: BaseException, handled: BaseException | None = None) -> str:
     """The first line of each exception down the cause chain: torch.onnx's own is a generic list of
     next steps, the cause (e.g. "No ONNX function found for aten.split_with_sizes ... complex-valued
-    input") is what says why."""
+    input") is what says why. ``handled``: the exception the caller was handling when it called
+    ``to_onnx`` (a fallback export in an ``except`` block): every exception raised inside has it as
+    context, and it is not a cause."""
     lines: list[str] = []
-    seen: set[int] = set()
+    seen: set[int] = {id(handled)} if handled is not None else set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
@@ -263,6 +266,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
 
     from ..runtime import CachedModel
 
+    handled = sys.exc_info()[1]  # called from an except block: not a cause of what fails here
     if isinstance(model, CachedModel):  # rfc_compile.optimize(...) output: export what it wraps
         config = config if config is not None else model.rfc_config
         model = model.model
@@ -289,7 +293,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
                     dynamic_shapes=program.dynamic_shapes())
         except Exception as exc:
             raise ExportError(f"torch.onnx.export of the cached {type(model).__name__} failed: "
-                              f"{_cause_chain(exc)[:2000]}") from exc
+                              f"{_cause_chain(exc, handled)[:2000]}") from exc
         finally:
             registration_log.setLevel(level)
     proto = onnx_program.model_proto

@@ -277,16 +277,18 @@ def _row_major(tensors) -> tuple[Tensor, ...]:
     """The cache as the skip branch passes it on: row-major, size-1 dims included. A region whose
     input or output is laid out otherwise (Sana's feed-forward runs on a permuted, channels-last
     view) would leave the two branches with different strides, which torch.cond rejects. Copied
-    only where the layout is not row-major already (plain Python: torch.cond traces this)."""
-    def row_major(shape) -> tuple:
-        strides, step = [], 1
-        for size in reversed(shape):
-            strides.append(step)
-            step = step * size
-        return tuple(reversed(strides))
-
-    return tuple(t if tuple(t.stride()) == row_major(t.shape) else t.clone(memory_format=torch.contiguous_format)
+    only where the layout is not row-major already."""
+    return tuple(t if tuple(t.stride()) == _row_major_strides(t.shape) else t.clone(memory_format=torch.contiguous_format)
                  for t in tensors)
+
+
+def _row_major_strides(shape) -> tuple:
+    """Plain Python (torch.cond traces it; torch._prims_common's version is skipped by dynamo)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step = step * size
+    return tuple(reversed(strides))
 
 
 def _region_state_names(region: Region, config: RFCConfig) -> list[str]:
