@@ -342,3 +342,24 @@ def test_a_region_on_a_permuted_view_is_cached(grid):
     _, got = flow_generation(cached, family, steps=STEPS)
     assert cached.stats.full_steps == reference.full_steps and cached.stats.nfc < STEPS
     assert max_diff(got, expected) < 1e-5
+
+
+def test_calls_that_keep_python_state_are_refused_clearly():
+    """FLUX.2's KV-cache mode (Flux2KleinKVPipeline) returns a Flux2KVCache object on its first
+    step and takes it back on the next ones: neither can be a graph input or output. Both calls
+    are refused naming the object (torch.export said only "Found <class ...> in output, which is
+    not a known type ... register a pytree")."""
+    family = FAMILIES["flux2"]
+    model = family.build()
+    example = family.example()
+    ref = 4  # reference-image tokens in front of the latents
+    call = dict(example, hidden_states=torch.cat([torch.randn(2, ref, 4), example["hidden_states"]], 1),
+                img_ids=torch.cat([example["img_ids"][:, :ref] + torch.tensor([10, 0, 0, 0]), example["img_ids"]], 1),
+                num_ref_tokens=ref, return_dict=False)
+    with torch.no_grad():
+        _, kv_cache = model(**call, kv_cache_mode="extract")
+    cached = rfc_compile.optimize(model, RFCConfig(mode="rfc"))
+    with pytest.raises(UnsupportedModelError, match="returns .*Flux2KVCache.* cannot be cached"):
+        cached(**call, kv_cache_mode="extract")
+    with pytest.raises(UnsupportedModelError, match=r"kv_cache \(Flux2KVCache\).* cannot be cached"):
+        cached(**call, kv_cache=kv_cache, kv_cache_mode="cached")

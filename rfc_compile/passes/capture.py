@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import time
 from typing import Any, Mapping
 
@@ -122,6 +123,20 @@ def diffusers_hooks(model: torch.nn.Module) -> list[str]:
     return list(names)
 
 
+#: What a captured call's arguments may hold besides tensors (baked into the graph as constants).
+_PLAIN_VALUES = (torch.Tensor, numbers.Number, str, type(None), torch.dtype, torch.device)
+
+_STATEFUL_CALLS = ("a graph's inputs and outputs are tensors and constants; a model that keeps Python state "
+                   "between calls (FLUX.2's kv_cache_mode, which Flux2KleinKVPipeline uses) cannot be cached: "
+                   "run such calls with the original model")
+
+
+def _opaque_arguments(kwargs: dict[str, Any]) -> list[str]:
+    """Arguments holding objects that are neither tensors nor plain constants."""
+    return [f"{name} ({type(leaf).__name__})" for name, value in kwargs.items()
+            for leaf in pytree.tree_leaves(value) if not isinstance(leaf, _PLAIN_VALUES)]
+
+
 def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False,
             dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
@@ -131,6 +146,9 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
         raise UnsupportedModelError(
             f"{type(model).__name__} has diffusers' {type(diffusers_cache).__name__} enabled: its hooks decide in "
             "Python and would be traced once, then mix with this cache; call model.disable_cache() first")
+    opaque = _opaque_arguments(kwargs)
+    if opaque:
+        raise UnsupportedModelError(f"{type(model).__name__} called with {', '.join(opaque)}: {_STATEFUL_CALLS}")
     unbatched = unbatched_inputs_for(type(model).__name__)
     dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched)
     with torch.no_grad():
@@ -143,6 +161,10 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
             raise UnsupportedModelError(f"{type(model).__name__} cannot be captured with these dynamic dims: "
                                         f"the model's code fixes them ({why})") from exc
         except Exception as exc:
+            if "in output, which is not a known type" in str(exc):  # torch.export's words
+                returned = str(exc).split("Found ", 1)[-1].split(" in output", 1)[0]
+                raise UnsupportedModelError(f"{type(model).__name__} returns {returned} beside its tensors: "
+                                            f"{_STATEFUL_CALLS}") from exc
             hooks = diffusers_hooks(model)
             if not hooks:
                 raise
