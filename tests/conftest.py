@@ -491,7 +491,24 @@ def _stacked(outputs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(outputs))
 
 
+def build_wan_vace():
+    from diffusers import WanVACETransformer3DModel
+
+    return randomize(WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1],
+        vace_in_channels=6), seed=0)
+
+
+def wan_vace_conditions(batch, gen):
+    # WanVACEPipeline: the control video's latents (constant over a generation), one scale per VACE layer
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16),
+                control_hidden_states=torch.randn(batch, 6, 2, 4, 4, generator=gen),
+                control_hidden_states_scale=torch.tensor([1.0, 0.5]))
+
+
 FAMILIES.update({f.name: f for f in (
+    Family("wan_vace", build_wan_vace, (4, 2, 4, 4), wan_vace_conditions, threshold=0.2),
     Family("flux2", build_flux2, (16, 4), flux2_conditions, threshold=0.3, timestep_scale=1.0),
     Family("sana", build_sana, (4, 8, 8), sana_conditions, threshold=0.3),
     Family("zimage", build_zimage, (4, 1, 8, 8), zimage_conditions, threshold=2.0, rising_timestep=True,

@@ -406,4 +406,13 @@ def zimage_regions(model) -> list:
     return regions
 
 
-FAMILY_REGIONS.update({"flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions})
+def wan_vace_regions(model) -> list:
+    """Wan VACE: the control blocks run first (their hints are added to the Wan blocks), Wan's regions each."""
+    regions = []
+    for i, block in enumerate(model.vace_blocks):
+        regions += [(f"vace{i}.attn1", block.attn1, [0]), (f"vace{i}.attn2", block.attn2, [0]),
+                    (f"vace{i}.ffn", block.ffn, [0])]
+    return regions + wan_regions(model)
+
+
+FAMILY_REGIONS.update({"wan_vace": wan_vace_regions, "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions})

@@ -180,6 +180,13 @@ def _wan(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return kwargs
 
 
+def _wan_vace(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """Wan's inputs and the control video's latents, one conditioning scale per VACE layer."""
+    vace_layers = cfg.get("vace_layers") or [0]
+    return dict(_wan(cfg, s), control_hidden_states=s.randn(s.batch, cfg["vace_in_channels"], s.frames, s.height, s.width),
+                control_hidden_states_scale=torch.ones(len(vace_layers)))
+
+
 def _hunyuan_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     kwargs = dict(hidden_states=_video(cfg, s), timestep=s.timestep(), encoder_hidden_states=s.text(cfg["text_embed_dim"]),
                   encoder_attention_mask=torch.ones(s.batch, s.text_len),
@@ -225,6 +232,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "SanaTransformer2DModel": _sana,
     "WanTransformer3DModel": _wan,
     "SkyReelsV2Transformer3DModel": _wan,
+    "WanVACETransformer3DModel": _wan_vace,
     "HunyuanVideoTransformer3DModel": _hunyuan_video,
     "LTXVideoTransformer3DModel": _ltx_video,
     "MochiTransformer3DModel": _mochi,

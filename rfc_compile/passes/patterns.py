@@ -96,6 +96,15 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
                 RegionPattern("ffn", ("ffn",)),
             ),
         ),
+        # Wan VACE's control blocks (the hints added to the Wan blocks they precede): Wan's regions
+        BlockPattern(
+            "WanVACETransformerBlock",
+            (
+                RegionPattern("attn1", ("attn1",)),
+                RegionPattern("attn2", ("attn2",)),
+                RegionPattern("ffn", ("ffn",)),
+            ),
+        ),
         # CogVideoX: joint attention over text + video tokens, one FF over both
         BlockPattern(
             "CogVideoXBlock",
@@ -230,6 +239,7 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 #: whenever the token count equals the batch (e.g. a 2-token prompt at batch 2).
 UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
     "FluxTransformer2DModel": ("img_ids", "txt_ids"),
+    "WanVACETransformer3DModel": ("control_hidden_states_scale",),  # one scale per VACE layer
 }
 
 
