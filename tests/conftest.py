@@ -507,7 +507,22 @@ def wan_vace_conditions(batch, gen):
                 control_hidden_states_scale=torch.tensor([1.0, 0.5]))
 
 
+def build_auraflow():
+    from diffusers import AuraFlowTransformer2DModel
+
+    return randomize(AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16), seed=0)
+
+
+def auraflow_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16))
+
+
 FAMILIES.update({f.name: f for f in (
+    # AuraFlowPipeline passes t / 1000
+    Family("auraflow", build_auraflow, (4, 8, 8), auraflow_conditions, threshold=0.3, timestep_scale=1.0),
     Family("wan_vace", build_wan_vace, (4, 2, 4, 4), wan_vace_conditions, threshold=0.2),
     Family("flux2", build_flux2, (16, 4), flux2_conditions, threshold=0.3, timestep_scale=1.0),
     Family("sana", build_sana, (4, 8, 8), sana_conditions, threshold=0.3),

@@ -415,4 +415,15 @@ def wan_vace_regions(model) -> list:
     return regions + wan_regions(model)
 
 
-FAMILY_REGIONS.update({"wan_vace": wan_vace_regions, "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions})
+def auraflow_regions(model) -> list:
+    """AuraFlow: joint blocks' attn (both streams), ff, ff_context; single blocks' attn and ff."""
+    regions = []
+    for i, block in enumerate(model.joint_transformer_blocks):
+        regions += [(f"j{i}.attn", block.attn, _JOINT), (f"j{i}.ff", block.ff, [0]),
+                    (f"j{i}.ff_context", block.ff_context, [0])]
+    for i, block in enumerate(model.single_transformer_blocks):
+        regions += [(f"s{i}.attn", block.attn, ["hidden_states"]), (f"s{i}.ff", block.ff, [0])]
+    return regions
+
+
+FAMILY_REGIONS.update({"auraflow": auraflow_regions, "wan_vace": wan_vace_regions, "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions})

@@ -1192,7 +1192,7 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path, name):
 
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
-                                    "skyreels_v2", "mochi", "flux2", "sana", "wan_vace"])
+                                    "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1378,7 +1378,8 @@ def test_bool_where_fixup_keeps_the_function():
 
 
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
-                                  "flux2", "sana", pytest.param("wan_vace", marks=pytest.mark.slow)])
+                                  "flux2", "sana", pytest.param("wan_vace", marks=pytest.mark.slow),
+                                  pytest.param("auraflow", marks=pytest.mark.slow)])
 def test_other_families_ort_generation_matches_eager(workdir, name):
     """The video families, Chroma, FLUX.2 and Sana (DiT, FLUX, SD3, PixArt and Wan have their own
     tests above): one RFC export each, a 10-step generation in onnxruntime with the eager cached

@@ -48,6 +48,9 @@ EXPECTED_REGIONS = {
               "transformer_blocks_1_ff": _ONE},
     "qwenimage": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_img_mlp": _ONE,
                   "transformer_blocks_0_txt_mlp": _ONE},
+    "auraflow": {"joint_transformer_blocks_0_attn": _JOINT, "joint_transformer_blocks_0_ff": _ONE,
+                 "joint_transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_attn": _ONE,
+                 "single_transformer_blocks_0_ff": _ONE},
     "wan_vace": {f"{part}_{i}_{r}": _ONE for part in ("vace_blocks", "blocks") for i in (0, 1)
                  for r in ("attn1", "attn2", "ffn")},
     "flux2": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
@@ -70,7 +73,7 @@ def regions_of(cached) -> dict[str, tuple[int, int]]:
 
 
 #: the lowest-priority families run only in `make test-all` (keeps the default run ~1.5 min)
-SLOW_FAMILIES = ("cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi", "wan_vace")
+SLOW_FAMILIES = ("cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi", "wan_vace", "auraflow")
 FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f for f in FAMILIES]
 
 

@@ -163,6 +163,11 @@ def _sd3(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 pooled_projections=s.randn(s.batch, cfg["pooled_projection_dim"]), timestep=s.timestep())
 
 
+def _auraflow(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
+                encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch))  # t / 1000
+
+
 def _sana(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
                 encoder_hidden_states=s.text(cfg["caption_channels"]), encoder_attention_mask=torch.ones(s.batch, s.text_len),
@@ -230,6 +235,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "ChromaTransformer2DModel": _chroma,
     "SD3Transformer2DModel": _sd3,
     "SanaTransformer2DModel": _sana,
+    "AuraFlowTransformer2DModel": _auraflow,
     "WanTransformer3DModel": _wan,
     "SkyReelsV2Transformer3DModel": _wan,
     "WanVACETransformer3DModel": _wan_vace,

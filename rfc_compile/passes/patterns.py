@@ -181,6 +181,22 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
                 RegionPattern("feed_forward", ("feed_forward",)),
             ),
         ),
+        # AuraFlow: MMDiT joint blocks, then single blocks (attention, then MLP, each a region)
+        BlockPattern(
+            "AuraFlowJointTransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("ff", ("ff",)),
+                RegionPattern("ff_context", ("ff_context",)),
+            ),
+        ),
+        BlockPattern(
+            "AuraFlowSingleTransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("ff", ("ff",)),
+            ),
+        ),
         # Mochi: joint attention, ff, ff_context (not in the last, context_pre_only block)
         BlockPattern(
             "MochiTransformerBlock",
