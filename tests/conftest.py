@@ -520,7 +520,20 @@ def auraflow_conditions(batch, gen):
     return dict(encoder_hidden_states=_text(batch, gen, 3, 16))
 
 
+def build_hunyuan_image():
+    from diffusers import HunyuanImageTransformer2DModel
+
+    return randomize(HunyuanImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16, rope_axes_dim=(4, 4)), seed=0)
+
+
+def hunyuan_image_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), encoder_attention_mask=torch.ones(batch, 3))
+
+
 FAMILIES.update({f.name: f for f in (
+    Family("hunyuan_image", build_hunyuan_image, (4, 4, 4), hunyuan_image_conditions, threshold=0.3),
     # AuraFlowPipeline passes t / 1000
     Family("auraflow", build_auraflow, (4, 8, 8), auraflow_conditions, threshold=0.3, timestep_scale=1.0),
     Family("wan_vace", build_wan_vace, (4, 2, 4, 4), wan_vace_conditions, threshold=0.2),

@@ -426,4 +426,4 @@ def auraflow_regions(model) -> list:
     return regions
 
 
-FAMILY_REGIONS.update({"auraflow": auraflow_regions, "wan_vace": wan_vace_regions, "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions})
+FAMILY_REGIONS.update({"hunyuan_image": hunyuan_video_regions, "auraflow": auraflow_regions, "wan_vace": wan_vace_regions, "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions})

@@ -1379,7 +1379,8 @@ def test_bool_where_fixup_keeps_the_function():
 
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
                                   "flux2", "sana", pytest.param("wan_vace", marks=pytest.mark.slow),
-                                  pytest.param("auraflow", marks=pytest.mark.slow)])
+                                  pytest.param("auraflow", marks=pytest.mark.slow),
+                                  pytest.param("hunyuan_image", marks=pytest.mark.slow)])
 def test_other_families_ort_generation_matches_eager(workdir, name):
     """The video families, Chroma, FLUX.2 and Sana (DiT, FLUX, SD3, PixArt and Wan have their own
     tests above): one RFC export each, a 10-step generation in onnxruntime with the eager cached

@@ -48,6 +48,8 @@ EXPECTED_REGIONS = {
               "transformer_blocks_1_ff": _ONE},
     "qwenimage": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_img_mlp": _ONE,
                   "transformer_blocks_0_txt_mlp": _ONE},
+    "hunyuan_image": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
+                      "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_mlp_attn": _ONE},
     "auraflow": {"joint_transformer_blocks_0_attn": _JOINT, "joint_transformer_blocks_0_ff": _ONE,
                  "joint_transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_attn": _ONE,
                  "single_transformer_blocks_0_ff": _ONE},
@@ -73,7 +75,7 @@ def regions_of(cached) -> dict[str, tuple[int, int]]:
 
 
 #: the lowest-priority families run only in `make test-all` (keeps the default run ~1.5 min)
-SLOW_FAMILIES = ("cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi", "wan_vace", "auraflow")
+SLOW_FAMILIES = ("cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi", "wan_vace", "auraflow", "hunyuan_image")
 FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f for f in FAMILIES]
 
 
@@ -143,7 +145,8 @@ def _linear_weights_per_branch(cached, model) -> dict[str, set[str]]:
     return result
 
 
-@pytest.mark.parametrize("family", ["flux", "hunyuan_video", pytest.param("chroma", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video", pytest.param("chroma", marks=pytest.mark.slow),
+                                    pytest.param("hunyuan_image", marks=pytest.mark.slow)])
 def test_single_stream_skipped_step_runs_gate_not_proj_out(family):
     """A skipped step runs the single block's norm (gate, modulation) but not proj_mlp/attn/proj_out."""
     cached, *_ = rfc_run(family)

@@ -87,6 +87,19 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
             "HunyuanVideoSingleTransformerBlock",
             (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
         ),
+        # HunyuanImage 2.1: HunyuanVideo's double and single blocks
+        BlockPattern(
+            "HunyuanImageTransformerBlock",
+            (
+                RegionPattern("attn", ("attn",)),
+                RegionPattern("ff", ("ff",)),
+                RegionPattern("ff_context", ("ff_context",)),
+            ),
+        ),
+        BlockPattern(
+            "HunyuanImageSingleTransformerBlock",
+            (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
+        ),
         # Wan 2.1 / 2.2: self-attention, cross-attention to text, FFN
         BlockPattern(
             "WanTransformerBlock",
