@@ -320,19 +320,18 @@ class _GraphPrograms:
         self._lock = threading.Lock()
         from .passes.patterns import timestep_rises
 
+        #: class names of the modules the graph's nodes were called in
+        self._module_classes = {(cls if isinstance(cls, str) else cls.__name__).rsplit(".", 1)[-1]
+                                for node in gm.graph.nodes
+                                for _, cls in (node.meta.get("nn_module_stack") or {}).values()}
         #: auto-reset's direction (CacheSession reads it), from the blocks the graph calls
-        self.timestep_rises = timestep_rises(self._module_classes())
+        self.timestep_rises = timestep_rises(self._module_classes)
 
     def timestep_position(self) -> int | None:
         """Where the frame's timestep tensor (runtime.TIMESTEP_NAMES) is among the graph's arguments."""
         from .runtime import TIMESTEP_NAMES
 
         return next((i for name in TIMESTEP_NAMES for i in self._inputs if self._names[i] == name), None)
-
-    def _module_classes(self) -> set[str]:
-        """Class names of the modules the graph's nodes were called in."""
-        return {(cls if isinstance(cls, str) else cls.__name__).rsplit(".", 1)[-1]
-                for node in self.source.graph.nodes for _, cls in (node.meta.get("nn_module_stack") or {}).values()}
 
     def _check_latents_are_inputs(self) -> None:
         """A graph holding blocks but not the model's latents or timestep among its inputs is a piece
@@ -352,7 +351,7 @@ class _GraphPrograms:
     def has_blocks(self) -> bool:
         from .passes.patterns import BLOCK_PATTERNS
 
-        return bool(self._module_classes() & set(BLOCK_PATTERNS))
+        return bool(self._module_classes & set(BLOCK_PATTERNS))
 
     def _bind(self, attrs: list[Any]) -> None:
         """Copy the graph with these weights as attributes (again if dynamo passes new ones)."""

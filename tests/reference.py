@@ -258,12 +258,23 @@ def _patch_hunyuan_single(block) -> torch.nn.Module:
 _JOINT = ["hidden_states", "encoder_hidden_states"]
 
 
+def _double_stream(blocks, prefix: str = "d") -> list:
+    """FLUX-style double-stream blocks: joint attn (X = both streams), ff, ff_context."""
+    return [region for i, block in enumerate(blocks)
+            for region in ((f"{prefix}{i}.attn", block.attn, _JOINT), (f"{prefix}{i}.ff", block.ff, [0]),
+                           (f"{prefix}{i}.ff_context", block.ff_context, [0]))]
+
+
+def _wan_blocks(blocks, prefix: str = "") -> list:
+    """Wan-style blocks: attn1, attn2, ffn, each with X = its first argument."""
+    return [region for i, block in enumerate(blocks)
+            for region in ((f"{prefix}{i}.attn1", block.attn1, [0]), (f"{prefix}{i}.attn2", block.attn2, [0]),
+                           (f"{prefix}{i}.ffn", block.ffn, [0]))]
+
+
 def flux_regions(model) -> list:
     """FLUX: double blocks' joint attn (X = both streams), ff, ff_context; single blocks' fused region."""
-    regions = []
-    for i, block in enumerate(model.transformer_blocks):
-        regions += [(f"d{i}.attn", block.attn, _JOINT), (f"d{i}.ff", block.ff, [0]),
-                    (f"d{i}.ff_context", block.ff_context, [0])]
+    regions = _double_stream(model.transformer_blocks)
     for i, block in enumerate(model.single_transformer_blocks):
         regions.append((f"s{i}.mlp_attn", _patch_flux_single(block), [0]))
     return regions
@@ -271,10 +282,7 @@ def flux_regions(model) -> list:
 
 def hunyuan_video_regions(model) -> list:
     """HunyuanVideo: FLUX-like double and single blocks (the token refiner is not cached)."""
-    regions = []
-    for i, block in enumerate(model.transformer_blocks):
-        regions += [(f"d{i}.attn", block.attn, _JOINT), (f"d{i}.ff", block.ff, [0]),
-                    (f"d{i}.ff_context", block.ff_context, [0])]
+    regions = _double_stream(model.transformer_blocks)
     for i, block in enumerate(model.single_transformer_blocks):
         regions.append((f"s{i}.mlp_attn", _patch_hunyuan_single(block), [0]))
     return regions
@@ -294,10 +302,7 @@ def sd3_regions(model) -> list:
 
 
 def wan_regions(model) -> list:
-    regions = []
-    for i, block in enumerate(model.blocks):
-        regions += [(f"{i}.attn1", block.attn1, [0]), (f"{i}.attn2", block.attn2, [0]), (f"{i}.ffn", block.ffn, [0])]
-    return regions
+    return _wan_blocks(model.blocks)
 
 
 def cogvideox_regions(model) -> list:
@@ -341,10 +346,7 @@ def _patch_chroma_single(block) -> torch.nn.Module:
 
 
 def chroma_regions(model) -> list:
-    regions = []
-    for i, block in enumerate(model.transformer_blocks):
-        regions += [(f"d{i}.attn", block.attn, _JOINT), (f"d{i}.ff", block.ff, [0]),
-                    (f"d{i}.ff_context", block.ff_context, [0])]
+    regions = _double_stream(model.transformer_blocks)
     for i, block in enumerate(model.single_transformer_blocks):
         regions.append((f"s{i}.mlp_attn", _patch_chroma_single(block), [0]))
     return regions
@@ -368,20 +370,9 @@ def qwenimage_regions(model) -> list:
     return regions
 
 
-#: family name (tests/conftest.py FAMILIES) -> region list builder
-FAMILY_REGIONS = {
-    "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
-    "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
-    "chroma": chroma_regions, "skyreels_v2": wan_regions, "mochi": mochi_regions, "qwenimage": qwenimage_regions,
-}
-
-
 def flux2_regions(model) -> list:
     """FLUX.2: FLUX's double blocks; a single block's parallel MLP + attention + proj_out is one module."""
-    regions = []
-    for i, block in enumerate(model.transformer_blocks):
-        regions += [(f"d{i}.attn", block.attn, _JOINT), (f"d{i}.ff", block.ff, [0]),
-                    (f"d{i}.ff_context", block.ff_context, [0])]
+    regions = _double_stream(model.transformer_blocks)
     for i, block in enumerate(model.single_transformer_blocks):
         regions.append((f"s{i}.attn", block.attn, ["hidden_states"]))
     return regions
@@ -408,22 +399,22 @@ def zimage_regions(model) -> list:
 
 def wan_vace_regions(model) -> list:
     """Wan VACE: the control blocks run first (their hints are added to the Wan blocks), Wan's regions each."""
-    regions = []
-    for i, block in enumerate(model.vace_blocks):
-        regions += [(f"vace{i}.attn1", block.attn1, [0]), (f"vace{i}.attn2", block.attn2, [0]),
-                    (f"vace{i}.ffn", block.ffn, [0])]
-    return regions + wan_regions(model)
+    return _wan_blocks(model.vace_blocks, "vace") + _wan_blocks(model.blocks)
 
 
 def auraflow_regions(model) -> list:
     """AuraFlow: joint blocks' attn (both streams), ff, ff_context; single blocks' attn and ff."""
-    regions = []
-    for i, block in enumerate(model.joint_transformer_blocks):
-        regions += [(f"j{i}.attn", block.attn, _JOINT), (f"j{i}.ff", block.ff, [0]),
-                    (f"j{i}.ff_context", block.ff_context, [0])]
+    regions = _double_stream(model.joint_transformer_blocks, "j")
     for i, block in enumerate(model.single_transformer_blocks):
         regions += [(f"s{i}.attn", block.attn, ["hidden_states"]), (f"s{i}.ff", block.ff, [0])]
     return regions
 
 
-FAMILY_REGIONS.update({"hunyuan_image": hunyuan_video_regions, "auraflow": auraflow_regions, "wan_vace": wan_vace_regions, "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions})
+#: family name (tests/conftest.py FAMILIES) -> region list builder
+FAMILY_REGIONS = {
+    "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
+    "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
+    "chroma": chroma_regions, "skyreels_v2": wan_regions, "mochi": mochi_regions, "qwenimage": qwenimage_regions,
+    "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions, "wan_vace": wan_vace_regions,
+    "auraflow": auraflow_regions, "hunyuan_image": hunyuan_video_regions,
+}

@@ -36,33 +36,27 @@ class BlockPattern:
 #: (encoder states, rotary embeddings, masks) is a constant side input.
 DEFAULT_VARYING_INPUTS: tuple[str, ...] = ("hidden_states", "timestep", "sample", "x", "t")
 
+#: Region sets that several block classes share.
+#: DiT-style block: self-attention, cross-attention where the block has one, feed-forward.
+_DIT = (RegionPattern("attn1", ("attn1",)), RegionPattern("attn2", ("attn2",), optional=True),
+        RegionPattern("ff", ("ff",)))
+#: FLUX-style double-stream block: joint attention (image + text outputs), then each stream's MLP.
+_DOUBLE_STREAM = (RegionPattern("attn", ("attn",)), RegionPattern("ff", ("ff",)),
+                  RegionPattern("ff_context", ("ff_context",)))
+#: FLUX-style single-stream block: MLP and attention in parallel, fused by proj_out, as ONE region
+#: (the concat between them is on the data path); the gate and residual stay outside.
+_SINGLE_STREAM = (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),)
+#: Wan-style block: self-attention, cross-attention to text, FFN.
+_WAN = (RegionPattern("attn1", ("attn1",)), RegionPattern("attn2", ("attn2",)), RegionPattern("ffn", ("ffn",)))
+
 BLOCK_PATTERNS: dict[str, BlockPattern] = {
     p.block_class: p
     for p in (
         # DiT, PixArt (diffusers.models.attention.BasicTransformerBlock)
-        BlockPattern(
-            "BasicTransformerBlock",
-            (
-                RegionPattern("attn1", ("attn1",)),
-                RegionPattern("attn2", ("attn2",), optional=True),
-                RegionPattern("ff", ("ff",)),
-            ),
-        ),
-        # FLUX double-stream block: joint attention (image + text outputs), then each stream's MLP
-        BlockPattern(
-            "FluxTransformerBlock",
-            (
-                RegionPattern("attn", ("attn",)),
-                RegionPattern("ff", ("ff",)),
-                RegionPattern("ff_context", ("ff_context",)),
-            ),
-        ),
-        # FLUX single-stream block: MLP and attention in parallel, fused by proj_out, as ONE region
-        # (the concat between them is on the data path); the gate and residual stay outside.
-        BlockPattern(
-            "FluxSingleTransformerBlock",
-            (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
-        ),
+        BlockPattern("BasicTransformerBlock", _DIT),
+        # FLUX: double- and single-stream blocks
+        BlockPattern("FluxTransformerBlock", _DOUBLE_STREAM),
+        BlockPattern("FluxSingleTransformerBlock", _SINGLE_STREAM),
         # SD3 / SD3.5 MMDiT block; the last block (context_pre_only) has no ff_context and its
         # attention's text output is unused; SD3.5's dual-attention blocks add attn2.
         BlockPattern(
@@ -75,49 +69,15 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
             ),
         ),
         # HunyuanVideo: FLUX-like double- and single-stream blocks
-        BlockPattern(
-            "HunyuanVideoTransformerBlock",
-            (
-                RegionPattern("attn", ("attn",)),
-                RegionPattern("ff", ("ff",)),
-                RegionPattern("ff_context", ("ff_context",)),
-            ),
-        ),
-        BlockPattern(
-            "HunyuanVideoSingleTransformerBlock",
-            (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
-        ),
+        BlockPattern("HunyuanVideoTransformerBlock", _DOUBLE_STREAM),
+        BlockPattern("HunyuanVideoSingleTransformerBlock", _SINGLE_STREAM),
         # HunyuanImage 2.1: HunyuanVideo's double and single blocks
-        BlockPattern(
-            "HunyuanImageTransformerBlock",
-            (
-                RegionPattern("attn", ("attn",)),
-                RegionPattern("ff", ("ff",)),
-                RegionPattern("ff_context", ("ff_context",)),
-            ),
-        ),
-        BlockPattern(
-            "HunyuanImageSingleTransformerBlock",
-            (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
-        ),
+        BlockPattern("HunyuanImageTransformerBlock", _DOUBLE_STREAM),
+        BlockPattern("HunyuanImageSingleTransformerBlock", _SINGLE_STREAM),
         # Wan 2.1 / 2.2: self-attention, cross-attention to text, FFN
-        BlockPattern(
-            "WanTransformerBlock",
-            (
-                RegionPattern("attn1", ("attn1",)),
-                RegionPattern("attn2", ("attn2",)),
-                RegionPattern("ffn", ("ffn",)),
-            ),
-        ),
+        BlockPattern("WanTransformerBlock", _WAN),
         # Wan VACE's control blocks (the hints added to the Wan blocks they precede): Wan's regions
-        BlockPattern(
-            "WanVACETransformerBlock",
-            (
-                RegionPattern("attn1", ("attn1",)),
-                RegionPattern("attn2", ("attn2",)),
-                RegionPattern("ffn", ("ffn",)),
-            ),
-        ),
+        BlockPattern("WanVACETransformerBlock", _WAN),
         # CogVideoX: joint attention over text + video tokens, one FF over both
         BlockPattern(
             "CogVideoXBlock",
@@ -136,27 +96,10 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
             ),
         ),
         # Chroma: FLUX's double / single blocks with per-block modulation and a text mask
-        BlockPattern(
-            "ChromaTransformerBlock",
-            (
-                RegionPattern("attn", ("attn",)),
-                RegionPattern("ff", ("ff",)),
-                RegionPattern("ff_context", ("ff_context",)),
-            ),
-        ),
-        BlockPattern(
-            "ChromaSingleTransformerBlock",
-            (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),),
-        ),
+        BlockPattern("ChromaTransformerBlock", _DOUBLE_STREAM),
+        BlockPattern("ChromaSingleTransformerBlock", _SINGLE_STREAM),
         # SkyReels-V2: Wan's block
-        BlockPattern(
-            "SkyReelsV2TransformerBlock",
-            (
-                RegionPattern("attn1", ("attn1",)),
-                RegionPattern("attn2", ("attn2",)),
-                RegionPattern("ffn", ("ffn",)),
-            ),
-        ),
+        BlockPattern("SkyReelsV2TransformerBlock", _WAN),
         # Qwen-Image: joint attention over image + text (two outputs), then each stream's MLP
         BlockPattern(
             "QwenImageTransformerBlock",
@@ -168,24 +111,10 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         ),
         # FLUX.2: FLUX's double block; the single block's parallel MLP + attention + output
         # projection is one module (Flux2ParallelSelfAttention)
-        BlockPattern(
-            "Flux2TransformerBlock",
-            (
-                RegionPattern("attn", ("attn",)),
-                RegionPattern("ff", ("ff",)),
-                RegionPattern("ff_context", ("ff_context",)),
-            ),
-        ),
+        BlockPattern("Flux2TransformerBlock", _DOUBLE_STREAM),
         BlockPattern("Flux2SingleTransformerBlock", (RegionPattern("attn", ("attn",)),)),
         # Sana: linear self-attention, cross-attention (ungated), GLUMBConv feed-forward
-        BlockPattern(
-            "SanaTransformerBlock",
-            (
-                RegionPattern("attn1", ("attn1",)),
-                RegionPattern("attn2", ("attn2",), optional=True),
-                RegionPattern("ff", ("ff",)),
-            ),
-        ),
+        BlockPattern("SanaTransformerBlock", _DIT),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
@@ -195,14 +124,7 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
             ),
         ),
         # AuraFlow: MMDiT joint blocks, then single blocks (attention, then MLP, each a region)
-        BlockPattern(
-            "AuraFlowJointTransformerBlock",
-            (
-                RegionPattern("attn", ("attn",)),
-                RegionPattern("ff", ("ff",)),
-                RegionPattern("ff_context", ("ff_context",)),
-            ),
-        ),
+        BlockPattern("AuraFlowJointTransformerBlock", _DOUBLE_STREAM),
         BlockPattern(
             "AuraFlowSingleTransformerBlock",
             (

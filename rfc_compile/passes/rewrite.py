@@ -52,11 +52,7 @@ def _meta(node: fx.Node) -> Tensor:
 
 def _dense(t: Tensor) -> bool:
     """Row-major strides exactly (cond rejects views such as adaLN chunks, even of size-1 dims)."""
-    expected, acc = [], 1
-    for size in reversed(t.shape):
-        expected.append(acc)
-        acc *= max(int(size), 1)
-    return tuple(t.stride()) == tuple(reversed(expected))
+    return tuple(t.stride()) == _row_major_strides([max(int(size), 1) for size in t.shape])
 
 
 def _copied_operands(nodes: list[fx.Node]) -> set[fx.Node]:
@@ -283,7 +279,8 @@ def _row_major(tensors) -> tuple[Tensor, ...]:
 
 
 def _row_major_strides(shape) -> tuple:
-    """Plain Python (torch.cond traces it; torch._prims_common's version is skipped by dynamo)."""
+    """The strides of a row-major tensor of ``shape``. Plain Python: torch.cond traces it (in
+    :func:`_row_major`, with symbolic sizes), and dynamo skips torch._prims_common's version."""
     strides, step = [], 1
     for size in reversed(shape):
         strides.append(step)
