@@ -6,6 +6,7 @@ graph is exported once per session and shared between tests.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -369,6 +370,14 @@ def test_sidecar_that_does_not_match_the_graph_gives_clear_error(rfc_onnx, full_
     edited.with_name(edited.name + ".rfc.json").write_text(json.dumps(raw))
     with pytest.raises(SidecarMismatchError, match=raw["state"][-1]["input"].replace(".", r"\.")):
         OnnxCachedModel(edited)
+    # an output nesting that does not place the graph's one output exactly once
+    nested = _copy_pair(rfc_onnx, tmp_path, "nested.onnx")
+    raw = json.loads(nested.with_name(nested.name + ".rfc.json").read_text())
+    assert raw["output_tree"] == [0]
+    for tree in ([0, 0], [[1]], [], ["sample"]):
+        nested.with_name(nested.name + ".rfc.json").write_text(json.dumps(dict(raw, output_tree=tree)))
+        with pytest.raises(ModelFileError, match=r"output_tree .* does not place each of its 1 outputs once"):
+            OnnxCachedModel(nested)
     # no sidecar / not a sidecar
     lonely = tmp_path / "lonely.onnx"
     shutil.copy(rfc_onnx, lonely)
@@ -535,26 +544,29 @@ def test_flux_ort_generation_matches_eager(workdir, order):
     assert _max_diff(got, expected) < ATOL
 
 
-@pytest.mark.parametrize("name", ["flux", "wan"])
+@pytest.mark.parametrize("name", ["flux", "wan", "qwenimage", "zimage"])
 def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
     """``pipe.transformer = OnnxCachedModel(...)``: the pipeline reads its config and dtype and calls
     it like the torch model; latents and full steps equal the eager cached model's in the same
-    pipeline, a second run starts a new generation. Wan with CFG calls the transformer for the
-    conditional and unconditional branches under ``cache_context``: two caches, as eager. FLUX is
-    exported with dynamic token counts: the one graph also serves another resolution and prompt."""
+    pipeline, a second run starts a new generation. Wan with CFG and Qwen-Image with true CFG call
+    the transformer for the conditional and unconditional branches under ``cache_context``: two
+    caches, as eager. FLUX is exported with dynamic token counts: the one graph also serves another
+    resolution and prompt. Z-Image takes and returns lists of per-image latents, positionally, its
+    timestep counting up; its rotary tables and Qwen-Image's are complex (complex_as_real.py)."""
     pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
-    from conftest import build_pipeline, pipeline_latents
+    from conftest import build_pipeline, pipeline_latents, pipeline_threshold
 
     from rfc_compile.passes.patterns import TOKEN_DIMS
 
     pipe, kwargs = build_pipeline(name)
     if name == "wan":
         kwargs = dict(kwargs, guidance_scale=5.0, negative_prompt_embeds=0.5 * kwargs["prompt_embeds"])
-    config = RFCConfig(mode="rfc", threshold=0.3)
+    config = RFCConfig(mode="rfc", threshold=pipeline_threshold(name))
     model = pipe.transformer
     calls = []
-    def record(_, args, kw):  # PixArt/Wan pass hidden_states positionally, the others by name
-        calls.append(dict(kw, **dict(zip(["hidden_states"], args))))
+    bind = inspect.signature(model.forward).bind
+    def record(_, args, kw):  # PixArt/Wan/Z-Image pass some arguments positionally, the others by name
+        calls.append(dict(bind(*args, **kw).arguments))
 
     hook = model.register_forward_pre_hook(record, with_kwargs=True)
     pipeline_latents(pipe, kwargs, 2)
@@ -578,7 +590,7 @@ def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
         assert torch.equal(pipeline_latents(pipe, call, STEPS), got)  # a new generation, not a continued one
     if name == "flux":  # FluxPipeline calls under cache_context("cond"): that cache took the new sizes
         assert runner._named_caches["cond"]["_dims"] == {"image_tokens": 24, "text_tokens": 5}
-    if name == "wan":
+    if name in ("wan", "qwenimage"):
         assert sorted(runner._named_caches) == ["cond", "uncond"]
 
 
@@ -1166,33 +1178,38 @@ def test_cli_model_loading(tmp_path):
     assert (tmp_path / "x.onnx").exists()  # the export is done; the engine's profile is what was refused
 
 
-@pytest.mark.parametrize("name", ["qwenimage", "zimage"])
-def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path, name):
-    """Qwen-Image and Z-Image build their rotary embeddings from complex64 tables, for which
-    torch.onnx has no functions (the plain models do not export either; optimize() runs them). The
-    error carries the cause, not only torch.onnx's generic "next steps", and not an exception the
-    caller was handling (a fallback export in an ``except`` block: the support table's static
-    export after a refused dynamic batch reported the refusal as the cause)."""
-    import re
+class _BesselScaled(torch.nn.Module):
+    """An op torch.onnx has no function for (the modified Bessel function I0), as a model's own
+    code might use one."""
 
-    from conftest import FAMILIES
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.special.i0(x.clamp(-1, 1))
+
+
+def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
+    """The error carries the cause (the op torch.onnx has no function for), not only torch.onnx's
+    generic "next steps", and not an exception the caller was handling (a fallback export in an
+    ``except`` block: the support table's static export after a refused dynamic batch reported the
+    refusal as the cause)."""
+    import re
 
     from rfc_compile.export import ExportError
 
-    family = FAMILIES[name]
-    model = family.build()
+    model = make_tiny_dit()
+    model.transformer_blocks[0].ff.net[1] = _BesselScaled()  # in the feed-forward, where its dropout was
     try:
         raise RuntimeError("an earlier failure the caller is handling")
     except RuntimeError:
         with pytest.raises(ExportError) as info:
-            to_onnx(model, tmp_path / f"{name}.onnx", family.example(), RFCConfig(mode="rfc"))
+            to_onnx(model, tmp_path / "bessel.onnx", dit_inputs(), RFCConfig(mode="rfc"))
     message = str(info.value)
-    assert re.search(f"{type(model).__name__} failed: .* <- DispatchError: .*complex-valued", message)
+    assert re.search(r"DiTTransformer2DModel failed: .* <- DispatchError: .*i0", message), message
     assert "earlier failure" not in message
 
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
-                                    "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow"])
+                                    "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
+                                    "zimage"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1204,18 +1221,24 @@ def test_cli_example_inputs_fit_each_family(family):
     kwargs = example_inputs(model, batch=2, height=8, width=8, text_len=3, frames=2)
     with torch.no_grad():
         out = model(**kwargs, return_dict=False)[0]
+    if family == "zimage":  # one (C, F, H, W) latent per sample, in and out
+        assert [o.shape for o in out] == [x.shape for x in kwargs["x"]] == [(4, 2, 8, 8)] * 2
+        assert all(torch.isfinite(o).all() for o in out)
+        return
     assert out.shape == kwargs["hidden_states"].shape and torch.isfinite(out).all()
     if out.dim() == 5:  # (B, C, F, H, W)
         assert out.shape[2:] == (2, 8, 8)
     elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1
         assert out.shape[1] == 2 * 8 * 8
-    elif family == "flux2":  # 2x2-packed: 4 x 4 tokens
+    elif family in ("flux2", "qwenimage"):  # 2x2-packed: 4 x 4 tokens
         assert out.shape[1] == 4 * 4
 
 
 @pytest.mark.parametrize("name, shape", [("flux", {}), ("sd3", {}), ("wan", {}), ("pixart_sigma", {}),
                                          ("ltx_video", dict(frames=2, height=2, width=2)),  # 9 frames, 64x64
-                                         ("flux2", dict(height=8, width=8)), ("sana", dict(height=8, width=8))])
+                                         ("flux2", dict(height=8, width=8)), ("sana", dict(height=8, width=8)),
+                                         ("qwenimage", dict(height=8, width=8)),
+                                         ("zimage", dict(height=8, width=8, text_len=5))])
 def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
     must be what the family's pipeline passes: the same non-tensor values (LTX's default rotary
@@ -1230,7 +1253,8 @@ def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     pipe, kwargs = build_pipeline(name)
     calls = []
     forward = pipe.transformer.forward
-    pipe.transformer.forward = lambda *args, **call: calls.append(call) or forward(*args, **call)
+    bind = inspect.signature(forward).bind  # ZImagePipeline passes x, t and cap_feats positionally
+    pipe.transformer.forward = lambda *args, **call: calls.append(bind(*args, **call).arguments) or forward(*args, **call)
     pipeline_latents(pipe, kwargs, steps=10)
     example = dict(flatten_kwargs(example_inputs(pipe.transformer, batch=2, **shape)))
     for call in calls:
@@ -1378,7 +1402,7 @@ def test_bool_where_fixup_keeps_the_function():
 
 
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
-                                  "flux2", "sana", pytest.param("wan_vace", marks=pytest.mark.slow),
+                                  "flux2", "sana", "qwenimage", "zimage", pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),
                                   pytest.param("hunyuan_image", marks=pytest.mark.slow)])
 def test_other_families_ort_generation_matches_eager(workdir, name):

@@ -272,9 +272,10 @@ def test_attention_processors_swapped_by_pag_pipelines_are_captured():
 
 
 #: families whose own code fixes the batch size (Chroma: ``torch.tensor([0] * batch_size)``;
-#: Mochi: a Python loop over the samples of its text mask; Z-Image: a Python list of samples):
+#: Mochi: a Python loop over the samples of its text mask; Z-Image: a Python list of samples;
+#: Qwen-Image: ``img_shapes``, one latent grid per sample, patterns.PER_SAMPLE_CONSTANTS):
 #: capture with dynamic_batch refuses them with UnsupportedModelError
-BATCH_FIXED_BY_MODEL = ("chroma", "mochi", "zimage")
+BATCH_FIXED_BY_MODEL = ("chroma", "mochi", "zimage", "qwenimage")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

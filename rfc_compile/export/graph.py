@@ -37,6 +37,8 @@ from ..config import RFCConfig
 from ..passes import capture, find_regions, rewrite
 from ..passes.capture import CapturedGraph, DynamicDims, named_dim
 from ..state import StateSpec
+from .complex_as_real import complex_as_real
+from .errors import ExportError
 from .sidecar import check_shapes
 
 logger = logging.getLogger(__name__)
@@ -165,7 +167,7 @@ class FunctionalStep(torch.nn.Module):
         kwargs = rebuild_kwargs(self.template, dict(zip(self.tensor_names, args[:n])))
         state = dict(zip(self.state_names, args[n:]))
         out, new_state = self.gm(kwargs=kwargs, state=state)
-        outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
+        outputs, _ = output_tree(out)
         return (*outputs, *(new_state[name] for name in self.state_names))
 
 
@@ -181,6 +183,7 @@ class FunctionalProgram:
     constants: dict[str, Any]  # baked non-tensor kwargs
     regions: list[str]
     output_structure: str  # "tuple" (return_dict=False output)
+    output_tree: list  # its nesting, each tensor by its index in outputs (sidecar.py)
     fixups: list[str]
     dynamic_axes: dict[str, int] = dataclasses.field(default_factory=dict)  # dim name -> example size
     state_shapes: list[tuple[int | str, ...]] = dataclasses.field(default_factory=list)  # as inputs' shapes
@@ -206,6 +209,23 @@ class FunctionalProgram:
         return [o.name for o in self.outputs] + [STATE_OUT_PREFIX + n for n in self.state_spec.names()]
 
 
+def output_tree(output: Any) -> tuple[list[Tensor], list]:
+    """The model output's tensors, in the order FunctionalStep returns them, and its nesting with
+    each tensor replaced by its index (``(sample,)`` -> ``[0]``; Z-Image's list of per-image
+    samples ``([s0, s1],)`` -> ``[[0, 1]]``)."""
+    tensors: list[Tensor] = []
+
+    def index(node: Any) -> Any:
+        if isinstance(node, Tensor):
+            tensors.append(node)
+            return len(tensors) - 1
+        if isinstance(node, (tuple, list)):
+            return [index(child) for child in node]
+        raise ExportError(f"the model returns a {type(node).__name__}; an export carries tensors, in tuples and lists")
+
+    return tensors, index(tuple(output))
+
+
 def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], config: RFCConfig,
                      dynamic_batch: bool = False, dynamic_dims: DynamicDims | None = None) -> FunctionalProgram:
     """capture -> find_regions -> rewrite (as CachedModel does), then wrap for export.
@@ -229,6 +249,9 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     n_cloned = clone_aliased_cond_operands(gm)
     if n_cloned:
         fixups.append(f"clone_aliased_cond_operands({n_cloned})")
+    n_complex = complex_as_real(gm)
+    if n_complex:
+        fixups.append(f"complex_as_real({n_complex})")
 
     leaves = flatten_kwargs(call)
     tensors = [(name, leaf) for name, leaf in leaves if isinstance(leaf, Tensor)]
@@ -240,9 +263,9 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     state = spec.init(_device_of(tensors))
     example_args = (*(t for _, t in tensors), *(state[n] for n in spec.names()))
     with torch.no_grad():
-        results = module(*example_args)
-    n_out = len(results) - len(spec.entries)
-    out_tensors = results[:n_out]
+        output, _ = gm(kwargs=call, state=state)
+    out_tensors, tree = output_tree(output)
+    n_out = len(out_tensors)
     out_names = ["sample"] if n_out == 1 else [f"output.{i}" for i in range(n_out)]
     named = _named_input_dims(captured, call)
     inputs = [TensorInfo(name, tuple(named.get(name, {}).get(i, size) for i, size in enumerate(t.shape)), t.dtype)
@@ -265,6 +288,7 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
         constants=constants,
         regions=regions,
         output_structure="tuple",
+        output_tree=tree,
         fixups=fixups,
         dynamic_axes=axes,
         state_shapes=state_shapes,

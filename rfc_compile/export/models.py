@@ -174,6 +174,23 @@ def _sana(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 timestep=s.timestep())  # flow-matching sigma x 1000 (x timestep_scale): float
 
 
+def _qwenimage(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """QwenImagePipeline's call: 2x2-packed latents, the token grid per sample for the rotary
+    embedding, the prompt's mask (int64, from the tokenizer) and ``t / 1000``."""
+    hp, wp = s.height // 2, s.width // 2
+    return dict(hidden_states=s.randn(s.batch, hp * wp, cfg["in_channels"]), timestep=torch.ones(s.batch),
+                encoder_hidden_states=s.text(cfg["joint_attention_dim"]),
+                encoder_hidden_states_mask=torch.ones(s.batch, s.text_len, dtype=torch.long),
+                img_shapes=[[(1, hp, wp)]] * s.batch)
+
+
+def _zimage(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """ZImagePipeline's call: one (C, frames, H, W) latent and one unpadded caption per sample, and
+    the timestep counting up, ``(1000 - t) / 1000`` (0 at the first step)."""
+    return dict(x=[s.randn(cfg["in_channels"], s.frames, s.height, s.width) for _ in range(s.batch)],
+                t=torch.zeros(s.batch), cap_feats=[s.randn(s.text_len, cfg["cap_feat_dim"]) for _ in range(s.batch)])
+
+
 def _video(cfg: dict, s: ExampleShape) -> torch.Tensor:
     return s.randn(s.batch, cfg["in_channels"], s.frames, s.height, s.width)
 
@@ -222,11 +239,12 @@ def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
 FLOAT32_INPUTS = ("timestep", "guidance")
 
 #: Latent patches a pipeline packs into tokens outside the model (FluxPipeline's 2x2).
-PACKED_PATCH = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2, "Flux2Transformer2DModel": 2}
+PACKED_PATCH = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2, "Flux2Transformer2DModel": 2,
+                "QwenImageTransformer2DModel": 2}
 
-#: The forward kwargs of one call, per model class (what its pipeline passes). Families left out
-#: (CogVideoX, whose pipeline computes rotary embeddings outside the model; Qwen-Image and Z-Image,
-#: which torch.onnx cannot convert) export through ``to_onnx`` with example inputs of your own.
+#: The forward kwargs of one call, per model class (what its pipeline passes). A family left out
+#: (CogVideoX, whose pipeline computes rotary embeddings outside the model) exports through
+#: ``to_onnx`` with example inputs of your own.
 EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "DiTTransformer2DModel": _dit,
     "PixArtTransformer2DModel": _pixart,
@@ -235,6 +253,8 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "ChromaTransformer2DModel": _chroma,
     "SD3Transformer2DModel": _sd3,
     "SanaTransformer2DModel": _sana,
+    "QwenImageTransformer2DModel": _qwenimage,
+    "ZImageTransformer2DModel": _zimage,
     "AuraFlowTransformer2DModel": _auraflow,
     "WanTransformer3DModel": _wan,
     "SkyReelsV2Transformer3DModel": _wan,
@@ -262,8 +282,8 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
     for what, size in (("batch", shape.batch), ("frames", shape.frames), ("text length", shape.text_len)):
         if size < 1:
             raise ValueError(f"{what} must be >= 1, got {size}")
-    patch = PACKED_PATCH.get(name) or cfg.get("patch_size") or 1
-    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # Wan's (t, h, w)
+    patch = PACKED_PATCH.get(name) or cfg.get("patch_size") or cfg.get("all_patch_size") or 1
+    patch = patch[-1] if isinstance(patch, (list, tuple)) else patch  # Wan's (t, h, w), Z-Image's choices
     if shape.height % patch or shape.width % patch:
         raise ValueError(f"latent {shape.height}x{shape.width} is not a multiple of {name}'s patch size {patch} "
                          "(the model would drop the remainder)")

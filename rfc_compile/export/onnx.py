@@ -346,6 +346,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "unused_inputs": unused,
         "outputs": [o.to_json() for o in program.outputs],
         "output_structure": program.output_structure,
+        "output_tree": program.output_tree,
         "constants": program.constants,
         "state": state_json,
         "naming": {"state_input_prefix": STATE_IN_PREFIX, "state_output_prefix": STATE_OUT_PREFIX,

@@ -89,6 +89,14 @@ class StatefulRunner:
 
         return FrozenDict(self.sidecar.raw.get("model", {}).get("config", {}))
 
+    def __getattr__(self, name: str) -> Any:
+        """A config entry read as an attribute (``transformer.in_channels``, as ZImagePipeline
+        reads it), as a diffusers model allows; only reached when nothing else has the name."""
+        config = None if name.startswith("_") else self.__dict__.get("graph_sidecar")
+        if config is not None and name in config.raw.get("model", {}).get("config", {}):
+            return config.raw["model"]["config"][name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of ``hidden_states`` (else of the first floating-point input), as pipelines read
@@ -197,11 +205,12 @@ class StatefulRunner:
         outputs, last_full = self._step(feeds)
         self._history.append(last_full)
         self._stats_history = self._history
+        output = self.graph_sidecar.nest(outputs)
         if return_dict:
-            if len(outputs) != 1:
+            if len(output) != 1:
                 raise ValueError("return_dict=True needs a single-output model; pass return_dict=False")
-            return _output_object(outputs[0])
-        return tuple(outputs)
+            return _output_object(output[0])
+        return output
 
     @property
     def batch_size(self) -> int | None:

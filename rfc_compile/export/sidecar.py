@@ -14,6 +14,7 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
       "inputs":  [{"name": "hidden_states", "shape": [2, 4, 32, 32], "dtype": "float32"}, ...],
       "outputs": [{"name": "sample", "shape": [...], "dtype": "float32"}],
       "output_structure": "tuple",                    # return_dict=False output, one tensor per entry
+      "output_tree": [0],                             # optional: its nesting, outputs by index
       "constants": {"return_dict": false, ...},       # non-tensor kwargs baked into the graph
       "state": [{"name": "last_full", "input": "state.last_full",
                  "output": "state_out.last_full", "shape": [], "dtype": "int64"}, ...],
@@ -29,6 +30,11 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
 State names follow rfc_compile/state.py; every state tensor is zero at the start of a generation.
 After each step the runner reads ``state_out.last_full``: the step was computed in full iff
 it equals the step index (``state.step`` before the call).
+
+``output_tree`` (optional, default: the outputs as a flat tuple) is the ``return_dict=False``
+output's nesting with each tensor replaced by its index in ``outputs``: ``[0]`` for ``(sample,)``,
+``[[0, 1]]`` for Z-Image's ``([sample of image 0, sample of image 1],)``. Inner lists come back
+as lists, the outer one as a tuple.
 
 ``kept_on_skip`` (optional, default ``[]``) names the state entries whose ``state_out.*`` comes
 back *empty* (zero rows) from a step that left them unchanged (skip_state.py): the runner then
@@ -188,6 +194,17 @@ class Sidecar:
     constants: dict[str, Any]
     decision_output: str
     kept_on_skip: list[str] = dataclasses.field(default_factory=list)
+    output_tree: list | None = None
+
+    def nest(self, outputs: list) -> tuple:
+        """The graph's outputs (in ``outputs`` order) as the model returns them (``return_dict=False``)."""
+        if self.output_tree is None:
+            return tuple(outputs)
+
+        def build(node):
+            return outputs[node] if isinstance(node, int) else [build(child) for child in node]
+
+        return tuple(build(child) for child in self.output_tree)
 
     @property
     def model_class(self) -> str:
@@ -266,6 +283,7 @@ class Sidecar:
                 constants=dict(raw.get("constants", {})),
                 decision_output=str(naming["decision_output"]),
                 kept_on_skip=[str(n) for n in raw.get("kept_on_skip", [])],
+                output_tree=raw.get("output_tree"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None
@@ -274,6 +292,9 @@ class Sidecar:
             sidecar.check_dims(sidecar.example_dims)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{where} has inconsistent dynamic dims ({exc}); re-export the model") from None
+        if sidecar.output_tree is not None and sorted(_leaves(sidecar.output_tree)) != list(range(len(sidecar.outputs))):
+            raise ModelFileError(f"{where}'s output_tree {sidecar.output_tree} does not place each of its "
+                                 f"{len(sidecar.outputs)} outputs once; re-export the model")
         states = sidecar.state_by_name()
         for name in sidecar.kept_on_skip:
             entry = states.get(name)
@@ -340,6 +361,12 @@ class Sidecar:
                 problems.append(f"the graph's {s.output!r} may come back empty on skipped steps (shape "
                                 f"{list(shape)}), but kept_on_skip does not list state {s.name!r}")
         return problems
+
+
+def _leaves(tree: Any) -> list:
+    """The leaves of a JSON nesting of lists (an ``output_tree``); anything but an int or list is a
+    leaf too, so that a malformed tree fails the check that reads them."""
+    return [leaf for child in tree for leaf in _leaves(child)] if isinstance(tree, list) else [tree]
 
 
 def _diff(kind: str, expected: dict[str, tuple[tuple, str]], got: dict[str, tuple[tuple, str]]) -> list[str]:

@@ -28,7 +28,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
-from .patterns import unbatched_inputs_for
+from .patterns import PER_SAMPLE_CONSTANTS, unbatched_inputs_for
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +149,11 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     opaque = _opaque_arguments(kwargs)
     if opaque:
         raise UnsupportedModelError(f"{type(model).__name__} called with {', '.join(opaque)}: {_STATEFUL_CALLS}")
+    per_sample = [name for name in PER_SAMPLE_CONSTANTS.get(type(model).__name__, ()) if kwargs.get(name) is not None]
+    if dynamic_batch and per_sample:
+        raise UnsupportedModelError(f"{type(model).__name__} cannot be captured with these dynamic dims: the model's "
+                                    f"code fixes them ({', '.join(per_sample)}: one entry per sample, a constant in "
+                                    "the graph; export at the serving batch)")
     unbatched = unbatched_inputs_for(type(model).__name__)
     dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched)
     with torch.no_grad():

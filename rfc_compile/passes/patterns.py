@@ -196,3 +196,11 @@ UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
 
 def unbatched_inputs_for(class_name: str) -> tuple[str, ...]:
     return UNBATCHED_INPUTS.get(class_name, ())
+
+
+#: Non-tensor arguments holding one entry per sample, per model class. They are baked into a graph
+#: as constants, so the graph serves only the example's batch: ``dynamic_batch`` is refused for
+#: them (Qwen-Image's latent grid per image, ``img_shapes``, which its rotary code reads).
+PER_SAMPLE_CONSTANTS: dict[str, tuple[str, ...]] = {
+    "QwenImageTransformer2DModel": ("img_shapes",),
+}
