@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             row = pipeline_row(name, guidance)
             print(f"{row['pipeline']}: steps {row['steps']} nfc {row['nfc']} reset ok {row['reset_ok']}", flush=True)
             pipelines.append(row)
-        note = ("The \"WanPipeline (CFG 5)\" and QwenImagePipeline (`true_cfg_scale=4`) rows call the transformer "
+        note = ("The \"WanPipeline (CFG 5)\", QwenImagePipeline (`true_cfg_scale=4`) and OvisImagePipeline rows call the transformer "
                 "twice per step, once per cache context; each context keeps its own cache. ZImagePipeline passes "
                 "1 - sigma, a timestep that counts up: its generations restart when it goes back down "
                 "(`passes/patterns.py`'s `RISING_TIMESTEP_BLOCKS`).")

@@ -267,7 +267,7 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
-PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage")
+PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image")
 
 
 def _embeds(batch: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -345,6 +345,12 @@ def build_pipeline(name: str):
         pipe = d.ZImagePipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
                                 tokenizer=None, transformer=build_zimage())
         kwargs = dict(prompt_embeds=[_embeds(1, 5, 16, 1)[0]], negative_prompt_embeds=[_embeds(1, 3, 16, 2)[0]],
+                      height=64, width=64, guidance_scale=4.0)
+    elif name == "ovis_image":
+        # CFG: cond and uncond are two calls per step, each in its own cache_context
+        pipe = d.OvisImagePipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                   tokenizer=None, transformer=build_ovis_image())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt=None, negative_prompt_embeds=_embeds(1, 3, 16, 2),
                       height=64, width=64, guidance_scale=4.0)
     else:
         raise KeyError(name)
@@ -541,4 +547,68 @@ FAMILIES.update({f.name: f for f in (
     Family("sana", build_sana, (4, 8, 8), sana_conditions, threshold=0.3),
     Family("zimage", build_zimage, (4, 1, 8, 8), zimage_conditions, threshold=2.0, rising_timestep=True,
            call_inputs=_zimage_inputs, batched_output=_stacked),
+)})
+
+
+# --- FLUX's descendants: the same double- and single-stream blocks, and FLUX.3's parallel blocks ---
+
+def _flux_position_ids(height=4, width=4, text=3, axes=3, dtype=torch.float32):
+    """(image ids, text ids) without a batch dim: (row, column) per image token in axes 1 and 2."""
+    img_ids = torch.zeros(height * width, axes, dtype=dtype)
+    img_ids[:, 1] = torch.arange(height * width) // width
+    img_ids[:, 2] = torch.arange(height * width) % width
+    return img_ids, torch.zeros(text, axes, dtype=dtype)
+
+
+def build_longcat_image():
+    from diffusers import LongCatImageTransformer2DModel
+
+    return randomize(LongCatImageTransformer2DModel(
+        in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[2, 2, 4]), seed=0)
+
+
+def build_ovis_image():
+    from diffusers import OvisImageTransformer2DModel
+
+    return randomize(OvisImageTransformer2DModel(
+        in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4)), seed=0)
+
+
+def build_bria():
+    from diffusers import BriaTransformer2DModel
+
+    return randomize(BriaTransformer2DModel(
+        in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=[2, 2, 4]), seed=0)
+
+
+def flux_descendant_conditions(batch, gen, height=4, width=4, text=3):
+    img_ids, txt_ids = _flux_position_ids(height, width, text)
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), img_ids=img_ids, txt_ids=txt_ids)
+
+
+def build_flux3():
+    from diffusers import Flux3Transformer2DModel
+
+    return randomize(Flux3Transformer2DModel(
+        in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, timestep_channels=16, axes_dims_rope=(2, 2, 2, 2)), seed=0)
+
+
+def flux3_conditions(batch, gen, height=4, width=4, text=3):
+    # 4-axis int64 position ids (T, H, W, L), no batch dim
+    img_ids, txt_ids = _flux_position_ids(height, width, text, axes=4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(text)
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), img_ids=img_ids, txt_ids=txt_ids)
+
+
+FAMILIES.update({f.name: f for f in (
+    # their pipelines pass t / 1000, BriaPipeline t itself
+    Family("longcat_image", build_longcat_image, (16, 4), flux_descendant_conditions, threshold=0.3,
+           timestep_scale=1.0),
+    Family("ovis_image", build_ovis_image, (16, 4), flux_descendant_conditions, threshold=0.3, timestep_scale=1.0),
+    Family("bria", build_bria, (16, 4), flux_descendant_conditions, threshold=0.3),
+    Family("flux3", build_flux3, (16, 4), flux3_conditions, threshold=0.1, timestep_scale=1.0),
 )})

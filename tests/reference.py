@@ -209,14 +209,19 @@ def dit_regions(model) -> list:
 class _SingleStreamRegion(torch.nn.Module):
     """The fused MLP + attention + proj_out region of a single-stream block, as a module to patch."""
 
-    def __init__(self, block, split_text: bool):
+    def __init__(self, block, split_text: bool, swiglu: bool = False):
         super().__init__()
         object.__setattr__(self, "block", block)  # not a submodule: no parameter aliasing
         self.split_text = split_text
+        self.swiglu = swiglu
 
     def forward(self, norm_x, text_len, attention_mask, rotary):
         b = self.block
-        mlp = b.act_mlp(b.proj_mlp(norm_x))
+        if self.swiglu:  # Ovis-Image: proj_mlp gives the values and their gates
+            values, gates = b.proj_mlp(norm_x).chunk(2, dim=-1)
+            mlp = b.act_mlp(gates) * values
+        else:
+            mlp = b.act_mlp(b.proj_mlp(norm_x))
         if self.split_text:  # HunyuanVideo: image tokens first, text last; attn returns both
             img, txt = b.attn(hidden_states=norm_x[:, :-text_len], encoder_hidden_states=norm_x[:, -text_len:],
                               attention_mask=attention_mask, image_rotary_emb=rotary)
@@ -226,10 +231,10 @@ class _SingleStreamRegion(torch.nn.Module):
         return b.proj_out(torch.cat([attn, mlp], dim=2))
 
 
-def _patch_flux_single(block) -> torch.nn.Module:
-    region = _SingleStreamRegion(block, split_text=False)
+def _patch_flux_single(block, swiglu: bool = False) -> torch.nn.Module:
+    region = _SingleStreamRegion(block, split_text=False, swiglu=swiglu)
 
-    def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+    def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, **attention_kwargs):
         text_len = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         norm_x, gate = block.norm(x, emb=temb)
@@ -272,11 +277,22 @@ def _wan_blocks(blocks, prefix: str = "") -> list:
                            (f"{prefix}{i}.ffn", block.ffn, [0]))]
 
 
-def flux_regions(model) -> list:
-    """FLUX: double blocks' joint attn (X = both streams), ff, ff_context; single blocks' fused region."""
+def flux_regions(model, swiglu: bool = False) -> list:
+    """FLUX (and LongCat-Image, Ovis-Image, Bria): double blocks' joint attn (X = both streams), ff,
+    ff_context; single blocks' fused region (Ovis-Image's MLP a SwiGLU)."""
     regions = _double_stream(model.transformer_blocks)
     for i, block in enumerate(model.single_transformer_blocks):
-        regions.append((f"s{i}.mlp_attn", _patch_flux_single(block), [0]))
+        regions.append((f"s{i}.mlp_attn", _patch_flux_single(block, swiglu), [0]))
+    return regions
+
+
+def flux3_regions(model) -> list:
+    """FLUX.3: the image mode blocks' and the joint single blocks' attn and ff (parallel, on one
+    modulated input); the text mode blocks run at t = 0 (constant: not cached)."""
+    regions = []
+    for part, blocks in (("image", model.mode_blocks["image"]), ("single", model.single_transformer_blocks)):
+        for i, block in enumerate(blocks):
+            regions += [(f"{part}{i}.attn", block.attn, ["hidden_states"]), (f"{part}{i}.ff", block.ff, [0])]
     return regions
 
 
@@ -417,4 +433,6 @@ FAMILY_REGIONS = {
     "chroma": chroma_regions, "skyreels_v2": wan_regions, "mochi": mochi_regions, "qwenimage": qwenimage_regions,
     "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions, "wan_vace": wan_vace_regions,
     "auraflow": auraflow_regions, "hunyuan_image": hunyuan_video_regions,
+    "longcat_image": flux_regions, "ovis_image": lambda model: flux_regions(model, swiglu=True), "bria": flux_regions,
+    "flux3": flux3_regions,
 }

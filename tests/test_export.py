@@ -733,27 +733,33 @@ def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(flux_to
         runner(**call)
 
 
-def test_dynamic_tokens_flux2_serves_other_resolutions_and_prompt_lengths(workdir):
-    """FLUX.2 (TOKEN_DIMS: its position ids are batched, tokens in dim 1) exported once runs
-    generations at another latent grid, prompt length and batch, equal to the eager cached model."""
+@pytest.mark.parametrize("name, single", [
+    ("flux2", "attn"), ("flux3", "attn"), ("ovis_image", "mlp_attn"),
+    pytest.param("longcat_image", "mlp_attn", marks=pytest.mark.slow), pytest.param("bria", "mlp_attn", marks=pytest.mark.slow)])
+def test_dynamic_tokens_serve_other_resolutions_and_prompt_lengths(workdir, name, single):
+    """FLUX.2 (TOKEN_DIMS: its position ids are batched, tokens in dim 1), FLUX.3 and FLUX's other
+    descendants (ids without a batch dim, as FLUX's) exported once run generations at another
+    latent grid, prompt length and batch, equal to the eager cached model; the joint single
+    block's cache holds image and text tokens."""
     import dataclasses
     import functools
 
-    from conftest import FAMILIES, flow_generation, flux2_conditions
+    from conftest import FAMILIES, flow_generation
 
     from rfc_compile.passes.patterns import TOKEN_DIMS
 
-    family = FAMILIES["flux2"]
+    family = FAMILIES[name]
+    model = family.build()
     config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
-    export = to_onnx(family.build(), workdir / "flux2_rfc_tokens.onnx", family.example(), config, dynamic_batch=True,
-                     dynamic_dims=TOKEN_DIMS["Flux2Transformer2DModel"])
+    export = to_onnx(model, workdir / f"{name}_rfc_tokens.onnx", family.example(), config, dynamic_batch=True,
+                     dynamic_dims=TOKEN_DIMS[type(model).__name__])
     shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
-    assert shapes["img_ids"] == ("batch", "image_tokens", 4)
-    assert shapes["single_transformer_blocks_0_attn.ladder.0"] == ("batch", 2, "image_tokens + text_tokens", 16)
+    assert shapes["img_ids"] == (("batch", "image_tokens", 4) if name == "flux2" else ("image_tokens", family.example()["img_ids"].shape[1]))
+    assert shapes[f"single_transformer_blocks_0_{single}.ladder.0"] == ("batch", 2, "image_tokens + text_tokens", 16)
     runner = OnnxCachedModel(export.onnx_path)
     for height, width, text, batch in ((4, 4, 3, 2), (4, 5, 7, 3)):
         at = dataclasses.replace(family, latent_shape=(height * width, 4),
-                                 conditions=functools.partial(flux2_conditions, height=height, width=width, text=text))
+                                 conditions=functools.partial(family.conditions, height=height, width=width, text=text))
         eager = rfc_compile.optimize(family.build(), config)
         _, expected = flow_generation(eager, at, steps=10, batch=batch)
         _, got = flow_generation(runner, at, steps=10, batch=batch)
@@ -1209,7 +1215,7 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
-                                    "zimage"])
+                                    "zimage", "flux3", "longcat_image", "ovis_image", "bria"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1230,7 +1236,7 @@ def test_cli_example_inputs_fit_each_family(family):
         assert out.shape[2:] == (2, 8, 8)
     elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1
         assert out.shape[1] == 2 * 8 * 8
-    elif family in ("flux2", "qwenimage"):  # 2x2-packed: 4 x 4 tokens
+    elif family in ("flux2", "qwenimage", "flux3", "longcat_image", "ovis_image", "bria"):  # 2x2-packed: 4 x 4 tokens
         assert out.shape[1] == 4 * 4
 
 
@@ -1401,8 +1407,25 @@ def test_bool_where_fixup_keeps_the_function():
     assert [n.op_type for n in model.graph.node].count("Where") == 1  # the float one
 
 
+@pytest.mark.parametrize("name", ["qwenimage", "zimage"])
+def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, name):
+    """Caching off, the ONNX graph of a model with complex rotary tables (carried as real pairs:
+    complex_as_real.py) gives the plain model's outputs over a whole generation (ORT's kernels
+    round differently from torch's: within ATOL after 10 Euler steps that feed the outputs back)."""
+    from conftest import FAMILIES, flow_generation
+
+    family = FAMILIES[name]
+    export = to_onnx(family.build(), workdir / f"{name}_full.onnx", family.example(), RFCConfig(mode="full"))
+    assert any(f.startswith("complex_as_real") for f in export.sidecar.raw["fixups"])
+    _, expected = flow_generation(family.build(), family, steps=10)
+    _, got = flow_generation(OnnxCachedModel(export.onnx_path), family, steps=10)
+    assert _max_diff(got, expected) < ATOL
+
+
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
-                                  "flux2", "sana", "qwenimage", "zimage", pytest.param("wan_vace", marks=pytest.mark.slow),
+                                  "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image",
+                                  pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
+                                  pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),
                                   pytest.param("hunyuan_image", marks=pytest.mark.slow)])
 def test_other_families_ort_generation_matches_eager(workdir, name):

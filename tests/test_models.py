@@ -60,6 +60,11 @@ EXPECTED_REGIONS = {
     "sana": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
     # the context refiner's blocks run on the caption alone: not cached
     "zimage": {f"{part}_0_{r}": _ONE for part in ("noise_refiner", "layers") for r in ("attention", "feed_forward")},
+    **{name: {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
+              "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_mlp_attn": _ONE}
+       for name in ("longcat_image", "ovis_image", "bria")},
+    # the text mode blocks run at t = 0: not cached
+    "flux3": {f"{part}_0_{r}": _ONE for part in ("mode_blocks_image", "single_transformer_blocks") for r in ("attn", "ff")},
 }
 assert set(EXPECTED_REGIONS) == set(FAMILIES)
 
@@ -75,7 +80,8 @@ def regions_of(cached) -> dict[str, tuple[int, int]]:
 
 
 #: the lowest-priority families run only in `make test-all` (keeps the default run ~1.5 min)
-SLOW_FAMILIES = ("cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi", "wan_vace", "auraflow", "hunyuan_image")
+SLOW_FAMILIES = ("cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi", "wan_vace", "auraflow", "hunyuan_image",
+                 "longcat_image", "bria")
 FAMILY_PARAMS = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_FAMILIES else f for f in FAMILIES]
 
 
@@ -145,7 +151,7 @@ def _linear_weights_per_branch(cached, model) -> dict[str, set[str]]:
     return result
 
 
-@pytest.mark.parametrize("family", ["flux", "hunyuan_video", pytest.param("chroma", marks=pytest.mark.slow),
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video", "ovis_image", pytest.param("chroma", marks=pytest.mark.slow),
                                     pytest.param("hunyuan_image", marks=pytest.mark.slow)])
 def test_single_stream_skipped_step_runs_gate_not_proj_out(family):
     """A skipped step runs the single block's norm (gate, modulation) but not proj_mlp/attn/proj_out."""
@@ -182,7 +188,7 @@ def test_unsupported_models_raise_naming_block_types():
 # --- drop-in pipelines ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
-                                  "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage"])
+                                  "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
     """ZImagePipeline's timestep counts up (1 - sigma): a new generation is the timestep going
     back down (before, every step started a new generation and ran in full)."""

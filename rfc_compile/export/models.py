@@ -148,6 +148,29 @@ def _flux2(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return kwargs
 
 
+def _flux_descendant(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """LongCat-Image, Ovis-Image: FLUX's packed latents and position ids, ``t / 1000``, no pooled
+    projection (LongCat-Image's pipeline passes ``guidance=None``)."""
+    ids = _flux_ids(s)
+    return dict(hidden_states=s.randn(s.batch, len(ids["img_ids"]), cfg["in_channels"]),
+                encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch), **ids)
+
+
+def _bria(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """BriaPipeline passes the scheduler's timestep itself (0..1000), not ``t / 1000``."""
+    return dict(_flux_descendant(cfg, s), timestep=s.timestep())
+
+
+def _flux3(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """FLUX.3: 2x2-packed latents, int64 position ids (T, H, W, L) without a batch dim, ``t / 1000``."""
+    hp, wp = s.height // 2, s.width // 2
+    one = torch.arange(1)
+    return dict(hidden_states=s.randn(s.batch, hp * wp, cfg["in_channels"]),
+                encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch),
+                img_ids=torch.cartesian_prod(one, torch.arange(hp), torch.arange(wp), one),
+                txt_ids=torch.cartesian_prod(one, one, one, torch.arange(s.text_len)))
+
+
 def _chroma(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     """FLUX's inputs without the pooled projection; the mask covers text then image tokens."""
     ids = _flux_ids(s)
@@ -239,8 +262,10 @@ def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
 FLOAT32_INPUTS = ("timestep", "guidance")
 
 #: Latent patches a pipeline packs into tokens outside the model (FluxPipeline's 2x2).
-PACKED_PATCH = {"FluxTransformer2DModel": 2, "ChromaTransformer2DModel": 2, "Flux2Transformer2DModel": 2,
-                "QwenImageTransformer2DModel": 2}
+PACKED_PATCH = {name: 2 for name in (
+    "FluxTransformer2DModel", "ChromaTransformer2DModel", "Flux2Transformer2DModel", "Flux3Transformer2DModel",
+    "QwenImageTransformer2DModel", "LongCatImageTransformer2DModel", "OvisImageTransformer2DModel",
+    "BriaTransformer2DModel")}
 
 #: The forward kwargs of one call, per model class (what its pipeline passes). A family left out
 #: (CogVideoX, whose pipeline computes rotary embeddings outside the model) exports through
@@ -250,6 +275,10 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "PixArtTransformer2DModel": _pixart,
     "FluxTransformer2DModel": _flux,
     "Flux2Transformer2DModel": _flux2,
+    "Flux3Transformer2DModel": _flux3,
+    "LongCatImageTransformer2DModel": _flux_descendant,
+    "OvisImageTransformer2DModel": _flux_descendant,
+    "BriaTransformer2DModel": _bria,
     "ChromaTransformer2DModel": _chroma,
     "SD3Transformer2DModel": _sd3,
     "SanaTransformer2DModel": _sana,

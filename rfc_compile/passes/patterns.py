@@ -46,6 +46,8 @@ _DOUBLE_STREAM = (RegionPattern("attn", ("attn",)), RegionPattern("ff", ("ff",))
 #: FLUX-style single-stream block: MLP and attention in parallel, fused by proj_out, as ONE region
 #: (the concat between them is on the data path); the gate and residual stay outside.
 _SINGLE_STREAM = (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),)
+#: Parallel block (FLUX.3): attention and feed-forward on the same input, their outputs summed.
+_PARALLEL = (RegionPattern("attn", ("attn",)), RegionPattern("ff", ("ff",)))
 #: Wan-style block: self-attention, cross-attention to text, FFN.
 _WAN = (RegionPattern("attn1", ("attn1",)), RegionPattern("attn2", ("attn2",)), RegionPattern("ffn", ("ffn",)))
 
@@ -115,6 +117,18 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         BlockPattern("Flux2SingleTransformerBlock", (RegionPattern("attn", ("attn",)),)),
         # Sana: linear self-attention, cross-attention (ungated), GLUMBConv feed-forward
         BlockPattern("SanaTransformerBlock", _DIT),
+        # FLUX's descendants: LongCat-Image, Ovis-Image (its single blocks' MLP a SwiGLU), Bria
+        BlockPattern("LongCatImageTransformerBlock", _DOUBLE_STREAM),
+        BlockPattern("LongCatImageSingleTransformerBlock", _SINGLE_STREAM),
+        BlockPattern("OvisImageTransformerBlock", _DOUBLE_STREAM),
+        BlockPattern("OvisImageSingleTransformerBlock", _SINGLE_STREAM),
+        BlockPattern("BriaTransformerBlock", _DOUBLE_STREAM),
+        BlockPattern("BriaSingleTransformerBlock", _SINGLE_STREAM),
+        # FLUX.3: per-mode blocks (image; text and reference images run at t = 0, so they are
+        # constant and stay uncached) and joint single blocks, each attention and feed-forward in
+        # parallel on one modulated input, summed before the gate
+        BlockPattern("Flux3ModeTransformerBlock", _PARALLEL),
+        BlockPattern("Flux3SingleTransformerBlock", _PARALLEL),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
@@ -166,11 +180,16 @@ def timestep_rises(block_classes: Iterable[str]) -> bool:
 #: position ids, and text states with theirs; SD3 and PixArt take any prompt length (PixArt with its mask).
 #: Their latent height and width are fixed (the patch embedding compares them with the configured
 #: sample size or crops a fixed position table), as DiT's are.
+_FLUX_TOKENS = {
+    "hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"},
+    "encoder_hidden_states": {1: "text_tokens"}, "txt_ids": {0: "text_tokens"},
+}
+#: FLUX and its descendants, whose position ids have no batch dim: ``(tokens, axes)``.
+_FLUX_LIKE = ("FluxTransformer2DModel", "LongCatImageTransformer2DModel", "OvisImageTransformer2DModel",
+              "BriaTransformer2DModel", "Flux3Transformer2DModel")
+
 TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
-    "FluxTransformer2DModel": {
-        "hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"},
-        "encoder_hidden_states": {1: "text_tokens"}, "txt_ids": {0: "text_tokens"},
-    },
+    **{name: _FLUX_TOKENS for name in _FLUX_LIKE},
     # FLUX.2's pipeline passes batched 4-axis position ids: (B, tokens, 4)
     "Flux2Transformer2DModel": {
         "hidden_states": {1: "image_tokens"}, "img_ids": {1: "image_tokens"},
@@ -189,7 +208,7 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 #: first dim equals the batch is batched) would otherwise take FLUX's position ids for batched
 #: whenever the token count equals the batch (e.g. a 2-token prompt at batch 2).
 UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
-    "FluxTransformer2DModel": ("img_ids", "txt_ids"),
+    **{name: ("img_ids", "txt_ids") for name in _FLUX_LIKE},
     "WanVACETransformer3DModel": ("control_hidden_states_scale",),  # one scale per VACE layer
 }
 
