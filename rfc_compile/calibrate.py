@@ -32,10 +32,11 @@ class CalibrationResult:
 
 def measure_nfc(model: torch.nn.Module, sample_fn: Callable[[CachedModel], Any], config: RFCConfig,
                 backend: str = "eager") -> float:
-    """Average NFC over the generations ``sample_fn(cached)`` runs with ``config``."""
+    """Average NFC over the generations ``sample_fn(cached)`` runs with ``config`` (each CFG branch
+    called separately counts as a generation of its own: its cache decides its full steps)."""
     cached = optimize(model, config, backend=backend)
     sample_fn(cached)
-    generations = cached.generations
+    generations = cached.all_generations
     if not generations:
         raise RuntimeError("sample_fn ran no generation through the cached model it was given")
     return sum(g.nfc for g in generations) / len(generations)

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from .backends import BACKENDS, make_runner
 from .config import RFCConfig
 from .passes import capture, check_supported, find_regions, rewrite
-from .passes.patterns import timestep_rises
+from .passes.patterns import DEFAULT_VARYING_INPUTS, timestep_rises
 from .state import StateSpec
 from .watch import ModelWatch
 
@@ -94,6 +94,52 @@ def call_timestep(call: dict[str, Any]) -> float | None:
     return timestep_value(next((call[n] for n in TIMESTEP_NAMES if n in call), None))
 
 
+#: The names a model's latents argument goes by (the varying inputs that are not the timestep).
+LATENT_NAMES = tuple(n for n in DEFAULT_VARYING_INPUTS if n not in TIMESTEP_NAMES)
+
+
+class BranchFollower:
+    """Which branch of a denoising step a call is, for pipelines that call the model separately
+    for the conditional and unconditional branches *without* diffusers' ``cache_context``
+    (ChromaPipeline, FluxKontextPipeline's true CFG, Krea2Pipeline, Lumina2Pipeline, ...): a
+    call at the previous call's timestep with the same latents is the step's next branch (1, 2,
+    ...); any other call is branch 0. Each branch needs a cache of its own: one shared cache would
+    mix the branches' outputs in one Taylor ladder and count each step twice. A call at the same
+    timestep with other latents stays branch 0: a second-order sampler (Heun) evaluates the model
+    twice at one timestep, and those are two denoising steps."""
+
+    def __init__(self) -> None:
+        self._timestep: float | None = None
+        self._latents: list[tuple[Tensor, int]] = []
+        self._branch = 0
+
+    def branch(self, call: dict[str, Any], now: float | None) -> int:
+        latents = [t for name in LATENT_NAMES if name in call
+                   for t in pytree.tree_leaves(call[name]) if isinstance(t, Tensor)]
+        if latents and now is not None and now == self._timestep and self._same(latents):
+            self._branch += 1
+        else:
+            self._timestep, self._branch = now, 0
+            self._latents = [(t, t._version) for t in latents]  # _version: changed in place since?
+        return self._branch
+
+    def _same(self, latents: list[Tensor]) -> bool:
+        if len(latents) != len(self._latents):
+            return False
+        for new, (old, version) in zip(latents, self._latents):
+            if old._version != version:  # modified in place: its content then is unknown
+                return False
+            if new is not old and (new.shape != old.shape or new.dtype != old.dtype or new.device != old.device
+                                   or not torch.equal(new, old)):
+                return False
+        return True
+
+
+#: The cache_context name of branch k >= 1 of a step (BranchFollower).
+def branch_cache_name(branch: int) -> str:
+    return f"rfc_compile:branch{branch}"
+
+
 def follow_timestep(session: Any, value: float | None) -> None:
     """Denoising timesteps only go down (up for the models of patterns.RISING_TIMESTEP_BLOCKS:
     ``session.timestep_rises``): one going back (``value``, the call's :func:`call_timestep`)
@@ -111,10 +157,10 @@ def follow_timestep(session: Any, value: float | None) -> None:
         elif value == session._last_timestep and not session._warned_repeat:
             session._warned_repeat = True
             warnings.warn(
-                f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two denoising "
-                "steps. If they are the conditional and unconditional branches of one step (WanPipeline, true "
-                "CFG), wrap each in cached.cache_context('cond' / 'uncond'), as diffusers pipelines do.",
-                stacklevel=4)
+                f"rfc_compile: two calls in a row at timestep {value:g} with different latents share one cache and "
+                "count as two denoising steps (right for a second-order sampler's two evaluations). If they are "
+                "separate branches of one step, wrap each in cached.cache_context('cond' / 'uncond'), as diffusers "
+                "pipelines do (calls with the same latents get a cache per branch by themselves).", stacklevel=4)
     session._last_timestep = value
 
 
@@ -205,11 +251,14 @@ class CacheSession:
         return self._state
 
     def __call__(self, *args, **kwargs):
+        call = self._owner._normalize(args, kwargs)
+        return self.run(call, call_timestep(call))
+
+    def run(self, call: dict[str, Any], now: float | None):
+        """One step on normalized forward kwargs whose timestep is ``now`` (``call_timestep``)."""
         owner = self._owner
-        call = owner._normalize(args, kwargs)
         with self._lock:
             key, program = owner._program_for(call)
-            now = call_timestep(call)
             if key != self._key:
                 self._switch_signature(key, program, call, now)
             follow_timestep(self, now)
@@ -263,6 +312,7 @@ class CachedModel(torch.nn.Module):
         self._named_sessions: dict[str, CacheSession] = {}
         self._session = self._default_session  # the one forward() uses now
         self._last_session = self._default_session  # the one stats/state report
+        self._branches = BranchFollower()  # separate cond/uncond calls outside cache_context
 
     # --- drop-in behaviour -------------------------------------------------------------
 
@@ -325,6 +375,13 @@ class CachedModel(torch.nn.Module):
     def generations(self) -> list[RFCStats]:
         """Stats of every generation of the cache used last (finished ones, then those in progress)."""
         return self._last_session.generations
+
+    @property
+    def all_generations(self) -> list[RFCStats]:
+        """Stats of every generation of every cache: the default one's, then each ``cache_context``'s
+        (a pipeline's cond and uncond branches called separately: one generation per branch)."""
+        sessions = [self._default_session, *self._named_sessions.values()]
+        return [stats for session in sessions for stats in session.generations]
 
     @property
     def auto_reset(self) -> bool:
@@ -418,8 +475,16 @@ class CachedModel(torch.nn.Module):
         self._program_for(self._normalize(args, kwargs))
 
     def forward(self, *args, **kwargs):
+        call = self._normalize(args, kwargs)
+        now = call_timestep(call)
+        follow = self._session is self._default_session and self._session.auto_reset
+        branch = self._branches.branch(call, now) if follow else 0
+        if branch:  # a step's next branch, called without cache_context: a cache of its own
+            with self.cache_context(branch_cache_name(branch)) as session:
+                self._last_session = session
+                return session.run(call, now)
         self._last_session = self._session
-        return self._session(*args, **kwargs)
+        return self._session.run(call, now)
 
 
 def _device_of(call: dict[str, Any]) -> torch.device:
@@ -441,7 +506,10 @@ def optimize(model: torch.nn.Module, config: RFCConfig | None = None, backend: s
     Capture happens on the first call (or now, with ``example_inputs`` as forward kwargs) and
     again whenever input shapes/dtypes change. ``backend`` is "eager" (the rewritten
     GraphModule) or "inductor" (``torch.compile(fullgraph=True)`` of it). With ``auto_reset``
-    a timestep that goes back up starts a new generation; ``reset()`` does it explicitly.
+    the cache follows the timestep: one that goes back up starts a new generation, and a call
+    at the previous call's timestep with the same latents (a CFG branch called separately,
+    outside ``cache_context``) gets a cache of its own (BranchFollower). Without it the caller
+    drives the cache: ``reset()`` starts a generation, every call is the next step.
     An already optimized model is optimized again from the model it wraps (a new config).
     """
     if isinstance(model, CachedModel):  # torch.export cannot trace through a CachedModel's own graph

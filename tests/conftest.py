@@ -267,7 +267,10 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
-PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image")
+PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
+             "chroma", "krea2")
+#: pipelines that call the transformer for cond and uncond separately *without* cache_context
+BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2")
 
 
 def _embeds(batch: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -352,6 +355,22 @@ def build_pipeline(name: str):
                                    tokenizer=None, transformer=build_ovis_image())
         kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt=None, negative_prompt_embeds=_embeds(1, 3, 16, 2),
                       height=64, width=64, guidance_scale=4.0)
+    elif name == "chroma":
+        # CFG: cond and uncond are two calls per step, with no cache_context
+        pipe = d.ChromaPipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                                tokenizer=None, transformer=build_chroma())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt_embeds=_embeds(1, 3, 16, 2),
+                      prompt_attention_mask=torch.ones(1, 3), negative_prompt_attention_mask=torch.ones(1, 3),
+                      height=64, width=64, guidance_scale=4.0)
+    elif name == "krea2":
+        # CFG: cond and uncond are two calls per step, with no cache_context; text states per tapped layer
+        pipe = d.Krea2Pipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
+                               tokenizer=None, transformer=build_krea2(in_channels=16))
+        kwargs = dict(prompt_embeds=_embeds(1, 6, 16, 1).view(1, 3, 2, 16),
+                      prompt_embeds_mask=torch.ones(1, 3, dtype=torch.bool),
+                      negative_prompt_embeds=_embeds(1, 6, 16, 2).view(1, 3, 2, 16),
+                      negative_prompt_embeds_mask=torch.ones(1, 3, dtype=torch.bool), height=64, width=64,
+                      guidance_scale=4.0)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)
@@ -604,11 +623,29 @@ def flux3_conditions(batch, gen, height=4, width=4, text=3):
     return dict(encoder_hidden_states=_text(batch, gen, text, 16), img_ids=img_ids, txt_ids=txt_ids)
 
 
+def build_krea2(in_channels: int = 4):
+    from diffusers import Krea2Transformer2DModel
+
+    return randomize(Krea2Transformer2DModel(
+        in_channels=in_channels, num_layers=1, attention_head_dim=8, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, timestep_embed_dim=16, text_hidden_dim=16, num_text_layers=2, text_num_attention_heads=2,
+        text_num_key_value_heads=2, text_intermediate_size=32, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(2, 2, 4)), seed=0)
+
+
+def krea2_conditions(batch, gen, height=4, width=4, text=3):
+    # the text encoder's tapped layers per token (B, L, layers, D); (t, h, w) ids for text (zeros) then image
+    img_ids, _ = _flux_position_ids(height, width, text)
+    return dict(encoder_hidden_states=torch.randn(batch, text, 2, 16, generator=gen),
+                position_ids=torch.cat([torch.zeros(text, 3), img_ids]))
+
+
 FAMILIES.update({f.name: f for f in (
-    # their pipelines pass t / 1000, BriaPipeline t itself
+    # their pipelines pass t / 1000, BriaPipeline t itself, Krea2Pipeline t in [0, 1]
     Family("longcat_image", build_longcat_image, (16, 4), flux_descendant_conditions, threshold=0.3,
            timestep_scale=1.0),
     Family("ovis_image", build_ovis_image, (16, 4), flux_descendant_conditions, threshold=0.3, timestep_scale=1.0),
     Family("bria", build_bria, (16, 4), flux_descendant_conditions, threshold=0.3),
     Family("flux3", build_flux3, (16, 4), flux3_conditions, threshold=0.1, timestep_scale=1.0),
+    Family("krea2", build_krea2, (16, 4), krea2_conditions, threshold=0.1, timestep_scale=1.0),
 )})

@@ -434,5 +434,7 @@ FAMILY_REGIONS = {
     "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions, "wan_vace": wan_vace_regions,
     "auraflow": auraflow_regions, "hunyuan_image": hunyuan_video_regions,
     "longcat_image": flux_regions, "ovis_image": lambda model: flux_regions(model, swiglu=True), "bria": flux_regions,
-    "flux3": flux3_regions,
+    "flux3": flux3_regions, "krea2": lambda model: [
+        region for i, block in enumerate(model.transformer_blocks)
+        for region in ((f"{i}.attn", block.attn, [0]), (f"{i}.ff", block.ff, [0]))],
 }

@@ -23,6 +23,40 @@ def test_calibration_hits_the_target_nfc():
     assert measure_nfc(model, _generations, result.config) == result.nfc
 
 
+def _branch_steps(cached, with_context: bool, wobble: tuple[float, float]) -> None:
+    """12 steps, each a cond then an uncond call on latents that move by ``wobble[branch]``
+    (in cache_context; without it both branches must see the same latents)."""
+    import contextlib
+
+    import torch
+    from conftest import NUM_CLASSES
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for n in range(12):
+        t = torch.full((1,), 900 - 75 * n)
+        for (name, label), amount in zip((("cond", 3), ("uncond", NUM_CLASSES)), wobble):
+            context = cached.cache_context(name) if with_context else contextlib.nullcontext()
+            with context:
+                cached(hidden_states=x + amount * n * torch.sin(3 * x + n), timestep=t,
+                       class_labels=torch.tensor([label]), return_dict=False)
+
+
+def test_nfc_counts_every_branch_cache():
+    """A sampler calling its cond and uncond branches separately (in cache_context, or with the
+    same latents outside it) runs one generation per branch: measure_nfc averages all of them,
+    not only the cache used last."""
+    config = rfc_compile.RFCConfig(mode="rfc", threshold=0.6)
+    reference = rfc_compile.optimize(make_tiny_dit(), config)
+    _branch_steps(reference, True, (0.02, 0.15))  # the uncond latents move more: more full steps
+    nfcs = [g.nfc for g in reference.all_generations]
+    assert len(nfcs) == 2 and nfcs[0] < nfcs[1]
+    assert measure_nfc(make_tiny_dit(), lambda c: _branch_steps(c, True, (0.02, 0.15)), config) == sum(nfcs) / 2
+    # outside cache_context, same latents: still a generation per branch
+    cached = rfc_compile.optimize(make_tiny_dit(), config)
+    _branch_steps(cached, False, (0.15, 0.15))
+    assert [g.steps for g in cached.all_generations] == [12, 12]
+
+
 def test_target_below_warmup_is_rejected():
     with pytest.raises(ValueError, match="warmup"):
         rfc_compile.calibrate(make_tiny_dit(), _generations, 1)

@@ -251,25 +251,32 @@ def test_runner_is_drop_in(rfc_onnx):
     assert torch.equal(runner(**kwargs, return_dict=False)[0], out.sample)
 
 
-def test_runner_warns_at_two_calls_at_one_timestep_unless_in_their_own_cache_context(rfc_onnx):
-    """As the torch cached model: a pipeline's cond and uncond calls outside cache_context would
-    share one cache (silently, before); warned once per cache. In their own contexts: no warning."""
+def test_runner_gives_each_branch_of_a_step_its_own_cache(rfc_onnx):
+    """As the torch cached model (tests/reliability/test_state_safety.py): a step's cond and
+    uncond calls at one timestep with the same latents, outside cache_context (ChromaPipeline,
+    Krea2Pipeline), get a cache each, with the outputs and full steps of calls in their own
+    cache_context; calls at one timestep with other latents (Heun) are two steps of one cache,
+    warned about once."""
     import warnings
 
-    runner = OnnxCachedModel(rfc_onnx)
-    kwargs = dit_inputs()
-    with pytest.warns(UserWarning, match="two calls in a row at timestep 900") as caught:
-        for t in (900, 900, 500, 500):
-            runner(**dict(kwargs, timestep=torch.full((2,), t)), return_dict=False)
-    assert len([w for w in caught if "two calls in a row" in str(w.message)]) == 1
-    split = runner.new_session()
+    runner, split = OnnxCachedModel(rfc_onnx), OnnxCachedModel(rfc_onnx)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond, uncond = torch.tensor([1, 2]), torch.full((2,), NUM_CLASSES)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for t in (900, 700, 500):
-            for name in ("cond", "uncond"):
+        for n, t in enumerate(range(900, 0, -100)):
+            xs = x * (1 - 0.05 * n)
+            step = dict(hidden_states=xs, timestep=torch.full((2,), t), return_dict=False)
+            got = [runner(**step, class_labels=cond)[0], runner(**step, class_labels=uncond)[0]]
+            for name, labels, out in (("cond", cond, got[0]), ("uncond", uncond, got[1])):
                 with split.cache_context(name):
-                    split(**dict(kwargs, timestep=torch.full((2,), t)), return_dict=False)
-    assert split._named_caches["cond"]["_history"] and len(split._named_caches["uncond"]["_history"]) == 3
+                    assert torch.equal(out, split(**step, class_labels=labels)[0])
+    assert runner.stats == split.stats and runner.stats.steps == 9 and 2 < runner.stats.nfc < 9
+    with pytest.warns(UserWarning, match="two calls in a row at timestep 900 with different latents") as caught:
+        for t, scale in ((900, 1.0), (900, 0.9), (500, 0.8), (500, 0.7)):
+            runner(hidden_states=x * scale, timestep=torch.full((2,), t), class_labels=cond, return_dict=False)
+    assert len([w for w in caught if "two calls in a row" in str(w.message)]) == 1
+    assert runner.stats.steps == 4
 
 
 def test_runner_sessions_share_the_graph_never_the_cache(rfc_onnx):
@@ -1215,7 +1222,7 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
-                                    "zimage", "flux3", "longcat_image", "ovis_image", "bria"])
+                                    "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1236,14 +1243,14 @@ def test_cli_example_inputs_fit_each_family(family):
         assert out.shape[2:] == (2, 8, 8)
     elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1
         assert out.shape[1] == 2 * 8 * 8
-    elif family in ("flux2", "qwenimage", "flux3", "longcat_image", "ovis_image", "bria"):  # 2x2-packed: 4 x 4 tokens
+    elif family in ("flux2", "qwenimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2"):  # 2x2-packed: 4 x 4 tokens
         assert out.shape[1] == 4 * 4
 
 
 @pytest.mark.parametrize("name, shape", [("flux", {}), ("sd3", {}), ("wan", {}), ("pixart_sigma", {}),
                                          ("ltx_video", dict(frames=2, height=2, width=2)),  # 9 frames, 64x64
                                          ("flux2", dict(height=8, width=8)), ("sana", dict(height=8, width=8)),
-                                         ("qwenimage", dict(height=8, width=8)),
+                                         ("qwenimage", dict(height=8, width=8)), ("krea2", dict(height=8, width=8)),
                                          ("zimage", dict(height=8, width=8, text_len=5))])
 def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
@@ -1423,7 +1430,7 @@ def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, nam
 
 
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
-                                  "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image",
+                                  "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2",
                                   pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
                                   pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),

@@ -16,12 +16,13 @@ import copy
 
 import pytest
 import torch
-from conftest import (FAMILIES, build_pipeline, called_timestep, flow_generation, make_tiny_dit, pipeline_latents,
-                      pipeline_threshold)
+from conftest import (BRANCHES_WITHOUT_CACHE_CONTEXT, FAMILIES, build_pipeline, called_timestep, flow_generation,
+                      make_tiny_dit, pipeline_latents, pipeline_threshold)
 from reference import FAMILY_REGIONS, ReferenceRFC
 
 import rfc_compile
 from rfc_compile import RFCConfig, UnsupportedModelError
+from rfc_compile.runtime import branch_cache_name
 
 STEPS = 10
 
@@ -65,6 +66,8 @@ EXPECTED_REGIONS = {
        for name in ("longcat_image", "ovis_image", "bria")},
     # the text mode blocks run at t = 0: not cached
     "flux3": {f"{part}_0_{r}": _ONE for part in ("mode_blocks_image", "single_transformer_blocks") for r in ("attn", "ff")},
+    # the text fusion blocks run on the prompt alone: not cached
+    "krea2": {"transformer_blocks_0_attn": _ONE, "transformer_blocks_0_ff": _ONE},
 }
 assert set(EXPECTED_REGIONS) == set(FAMILIES)
 
@@ -188,10 +191,13 @@ def test_unsupported_models_raise_naming_block_types():
 # --- drop-in pipelines ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
-                                  "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image"])
+                                  "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
+                                  "chroma", "krea2"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
     """ZImagePipeline's timestep counts up (1 - sigma): a new generation is the timestep going
-    back down (before, every step started a new generation and ran in full)."""
+    back down (before, every step started a new generation and ran in full). ChromaPipeline and
+    Krea2Pipeline call cond and uncond separately without cache_context: a cache per branch
+    (before, both shared one and each step counted twice)."""
     pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
     pipe, kwargs = build_pipeline(name)
     original = pipeline_latents(pipe, kwargs, STEPS)
@@ -211,6 +217,10 @@ def test_pipeline_drop_in_with_automatic_new_generation(name):
         assert max(timesteps) <= 1.0
     if name == "zimage":
         assert timesteps[:STEPS] == sorted(timesteps[:STEPS]) and timesteps[0] < timesteps[1]
+    if name in BRANCHES_WITHOUT_CACHE_CONTEXT:
+        assert len(timesteps) == 4 * STEPS and timesteps[0] == timesteps[1]  # two calls per step, two generations
+        assert list(pipe.transformer._named_sessions) == [branch_cache_name(1)]
+        assert pipe.transformer._default_session.stats.steps == STEPS
 
 
 def test_sd3_skip_layer_guidance_keeps_one_cache_per_call_kind():

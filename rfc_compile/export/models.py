@@ -171,6 +171,16 @@ def _flux3(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 txt_ids=torch.cartesian_prod(one, one, one, torch.arange(s.text_len)))
 
 
+def _krea2(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """Krea2Pipeline: 2x2-packed latents, the text encoder's tapped layers per token, one (t, h, w)
+    id per token of the joint sequence (text at the origin, then the image grid), ``t / 1000``."""
+    ids = _flux_ids(s)
+    return dict(hidden_states=s.randn(s.batch, len(ids["img_ids"]), cfg["in_channels"]),
+                encoder_hidden_states=s.randn(s.batch, s.text_len, cfg["num_text_layers"], cfg["text_hidden_dim"]),
+                timestep=torch.ones(s.batch), position_ids=torch.cat([ids["txt_ids"], ids["img_ids"]]),
+                encoder_attention_mask=torch.ones(s.batch, s.text_len, dtype=torch.bool))
+
+
 def _chroma(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     """FLUX's inputs without the pooled projection; the mask covers text then image tokens."""
     ids = _flux_ids(s)
@@ -265,7 +275,7 @@ FLOAT32_INPUTS = ("timestep", "guidance")
 PACKED_PATCH = {name: 2 for name in (
     "FluxTransformer2DModel", "ChromaTransformer2DModel", "Flux2Transformer2DModel", "Flux3Transformer2DModel",
     "QwenImageTransformer2DModel", "LongCatImageTransformer2DModel", "OvisImageTransformer2DModel",
-    "BriaTransformer2DModel")}
+    "BriaTransformer2DModel", "Krea2Transformer2DModel")}
 
 #: The forward kwargs of one call, per model class (what its pipeline passes). A family left out
 #: (CogVideoX, whose pipeline computes rotary embeddings outside the model) exports through
@@ -279,6 +289,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "LongCatImageTransformer2DModel": _flux_descendant,
     "OvisImageTransformer2DModel": _flux_descendant,
     "BriaTransformer2DModel": _bria,
+    "Krea2Transformer2DModel": _krea2,
     "ChromaTransformer2DModel": _chroma,
     "SD3Transformer2DModel": _sd3,
     "SanaTransformer2DModel": _sana,

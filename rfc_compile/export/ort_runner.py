@@ -78,7 +78,8 @@ class OnnxCachedModel(StatefulRunner):
         path: the ``.onnx`` file (its ``.rfc.json`` sidecar must be beside it).
         providers: onnxruntime execution providers (default: CUDA when available, then CPU).
         session_options: an ``onnxruntime.SessionOptions`` (threads, graph optimisation level).
-        auto_reset: a timestep that goes back up starts a new generation.
+        auto_reset: follow the timestep: one that goes back up starts a new generation, a call at the
+            previous call's timestep with the same latents gets a cache per branch (runtime.BranchFollower).
     """
 
     def __init__(self, path: str | os.PathLike, providers: list | None = None, session_options=None,

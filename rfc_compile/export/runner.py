@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime import RFCStats, call_timestep, follow_timestep
+from ..runtime import BranchFollower, RFCStats, branch_cache_name, call_timestep, follow_timestep
 from .errors import InputMismatchError
 from .graph import flatten_kwargs
 from .sidecar import BATCH_DIM, Sidecar, numpy_dtype
@@ -77,6 +77,8 @@ class StatefulRunner:
         self._last_timestep: float | None = None
         self._warned_repeat = False
         self._named_caches: dict[str, dict[str, Any]] = {}
+        self._context_depth = 0  # inside cache_context: no automatic branch caches
+        self._branches = BranchFollower()
         self._signature = self._model_signature()
 
     # --- public API ----------------------------------------------------------------------
@@ -116,9 +118,11 @@ class StatefulRunner:
             self._put_cache(self._named_caches[name])
         else:
             self._new_cache()
+        self._context_depth += 1
         try:
             yield self
         finally:
+            self._context_depth -= 1
             self._named_caches[name] = self._take_cache()
             self._put_cache(outer)
 
@@ -131,6 +135,8 @@ class StatefulRunner:
         session = copy.copy(self)
         session.auto_reset = self.auto_reset if auto_reset is None else auto_reset
         session._named_caches = {}
+        session._context_depth = 0
+        session._branches = BranchFollower()
         session._bind_dims(self.graph_sidecar.example_dims)
         session._new_backend_session()
         session._new_cache()
@@ -193,6 +199,14 @@ class StatefulRunner:
 
     def forward(self, *args, **kwargs):
         call = self._normalize(args, kwargs)
+        now = call_timestep(call)
+        branch = self._branches.branch(call, now) if self.auto_reset and not self._context_depth else 0
+        if branch:  # a step's next branch, called without cache_context: a cache of its own (BranchFollower)
+            with self.cache_context(branch_cache_name(branch)):
+                return self._forward(call, now)
+        return self._forward(call, now)
+
+    def _forward(self, call: dict[str, Any], now: float | None):
         return_dict = bool(call.pop("return_dict", True))
         leaves = dict(flatten_kwargs(call))
         dims = self._call_dims(leaves)
@@ -201,7 +215,7 @@ class StatefulRunner:
             self._bind_dims(dims)
             self.reset()
         feeds = self._feeds(leaves)
-        follow_timestep(self, call_timestep(call))
+        follow_timestep(self, now)
         outputs, last_full = self._step(feeds)
         self._history.append(last_full)
         self._stats_history = self._history

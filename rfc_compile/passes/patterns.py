@@ -46,8 +46,9 @@ _DOUBLE_STREAM = (RegionPattern("attn", ("attn",)), RegionPattern("ff", ("ff",))
 #: FLUX-style single-stream block: MLP and attention in parallel, fused by proj_out, as ONE region
 #: (the concat between them is on the data path); the gate and residual stay outside.
 _SINGLE_STREAM = (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "proj_out")),)
-#: Parallel block (FLUX.3): attention and feed-forward on the same input, their outputs summed.
-_PARALLEL = (RegionPattern("attn", ("attn",)), RegionPattern("ff", ("ff",)))
+#: Attention and feed-forward: one after the other (Krea 2), or in parallel on the same input with
+#: their outputs summed before the gate (FLUX.3).
+_ATTN_FF = (RegionPattern("attn", ("attn",)), RegionPattern("ff", ("ff",)))
 #: Wan-style block: self-attention, cross-attention to text, FFN.
 _WAN = (RegionPattern("attn1", ("attn1",)), RegionPattern("attn2", ("attn2",)), RegionPattern("ffn", ("ffn",)))
 
@@ -127,8 +128,11 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         # FLUX.3: per-mode blocks (image; text and reference images run at t = 0, so they are
         # constant and stay uncached) and joint single blocks, each attention and feed-forward in
         # parallel on one modulated input, summed before the gate
-        BlockPattern("Flux3ModeTransformerBlock", _PARALLEL),
-        BlockPattern("Flux3SingleTransformerBlock", _PARALLEL),
+        BlockPattern("Flux3ModeTransformerBlock", _ATTN_FF),
+        BlockPattern("Flux3SingleTransformerBlock", _ATTN_FF),
+        # Krea 2: single-stream blocks over text + image tokens (its text fusion blocks, on the
+        # prompt alone, are constant and stay uncached)
+        BlockPattern("Krea2TransformerBlock", _ATTN_FF),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
@@ -209,6 +213,7 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 #: whenever the token count equals the batch (e.g. a 2-token prompt at batch 2).
 UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
     **{name: ("img_ids", "txt_ids") for name in _FLUX_LIKE},
+    "Krea2Transformer2DModel": ("position_ids",),  # (text + image tokens, 3)
     "WanVACETransformer3DModel": ("control_hidden_states_scale",),  # one scale per VACE layer
 }
 

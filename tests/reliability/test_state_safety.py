@@ -336,20 +336,61 @@ def test_cache_context_keeps_cond_and_uncond_calls_apart():
     assert cached.state is None  # the default cache was never touched
 
 
-def test_two_calls_at_one_timestep_warn_unless_in_their_own_cache_context():
-    """A second call at the same timestep (a pipeline's uncond branch called separately, outside
-    cache_context) shares the cache and is counted as a step: warned about once; with
-    cache_context per branch nothing is shared or warned (the rfc torch.compile backend, which
-    cannot see cache_context, splits such calls by their order: tests/test_compile.py)."""
+def test_branches_called_without_cache_context_get_a_cache_each():
+    """A pipeline calling its cond and uncond branches separately *without* cache_context
+    (ChromaPipeline, FluxKontextPipeline's true CFG, Krea2Pipeline) calls the model twice at one
+    timestep with the same latents: each branch gets a cache of its own, exactly as in its own
+    cache_context (before, they shared one ladder and each step counted twice, with a warning)."""
     import warnings
 
     cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    reference = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    x = torch.randn(1, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        for generation in range(2):  # the timestep going back up starts a new generation in each cache
+            for n in range(STEPS):
+                t = 900 - 100 * n
+                xs = x * (1 - 0.05 * n)
+                got_c = _call(cached, xs, t, torch.tensor([3]))
+                got_u = _call(cached, xs.clone(), t, torch.tensor([NUM_CLASSES]))  # equal values, another tensor
+                with reference.cache_context("cond"):
+                    assert torch.equal(got_c, _call(reference, xs, t, torch.tensor([3])))
+                with reference.cache_context("uncond"):
+                    assert torch.equal(got_u, _call(reference, xs, t, torch.tensor([NUM_CLASSES])))
+    assert cached.stats == reference.stats and cached.stats.steps == STEPS  # the branch used last
+    assert 2 < cached.stats.nfc < STEPS
+    assert cached._default_session.stats.steps == STEPS and len(cached._default_session.finished) == 1
+
+
+def test_calls_at_one_timestep_with_other_latents_are_steps_of_one_cache():
+    """A second-order sampler (Heun) evaluates the model twice at one timestep on other latents:
+    those are two denoising steps of one cache, warned about once (they could also be branches
+    with different inputs, which need cache_context). Latents changed in place between two calls
+    are other latents too. With cache_context per branch nothing is shared or warned (the rfc
+    torch.compile backend, which cannot see cache_context, splits such calls by their order:
+    tests/test_compile.py)."""
+    import warnings
+
+    from rfc_compile.runtime import BranchFollower
+
+    cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
     x = torch.randn(2, 4, 8, 8)
-    with pytest.warns(UserWarning, match="two calls in a row at timestep 900") as caught:
-        for t in (900, 900, 500, 500, 500):
-            _call(cached, x, t=t)
+    with pytest.warns(UserWarning, match="two calls in a row at timestep 900 with different latents") as caught:
+        for t, scale in ((900, 1.0), (900, 0.9), (500, 0.8), (500, 0.7), (500, 0.6)):
+            _call(cached, x * scale, t=t)
     assert len([w for w in caught if "two calls in a row" in str(w.message)]) == 1  # once per session
-    assert cached.stats.steps == 5
+    assert cached.stats.steps == 5 and not cached._named_sessions
+
+    follower = BranchFollower()
+    latents = torch.randn(2, 4)
+    calls = [(latents, 900), (latents, 900), (latents.clone(), 900), (latents, 800), (latents + 1, 800)]
+    assert [follower.branch({"hidden_states": a, "timestep": t}, t) for a, t in calls] == [0, 1, 2, 0, 0]
+    follower.branch({"hidden_states": latents, "timestep": 700}, 700)
+    latents.mul_(2)  # the same tensor, changed in place: not the same latents any more
+    assert follower.branch({"hidden_states": latents, "timestep": 700}, 700) == 0
+    assert follower.branch({"x": [latents, latents], "t": 600}, 600) == 0  # Z-Image: a list of latents
+    assert follower.branch({"x": [latents, latents.clone()], "t": 600}, 600) == 1
 
     split = rfc_compile.optimize(make_tiny_dit(), CONFIG)
     with warnings.catch_warnings():
@@ -360,6 +401,7 @@ def test_two_calls_at_one_timestep_warn_unless_in_their_own_cache_context():
                     _call(split, x, t=t)
     with split.cache_context("cond"):
         assert split.stats.steps == 3
+    assert sorted(split._named_sessions) == ["cond", "uncond"]  # no branch caches inside cache_context
 
 
 def test_each_signature_keeps_its_cache_while_it_misses_no_step():
