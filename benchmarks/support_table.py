@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['pipeline']}: steps {row['steps']} nfc {row['nfc']} reset ok {row['reset_ok']}", flush=True)
             pipelines.append(row)
         note = ("The \"WanPipeline (CFG 5)\", QwenImagePipeline (`true_cfg_scale=4`) and OvisImagePipeline rows call the transformer "
-                "twice per step, once per cache context; each context keeps its own cache. ChromaPipeline and "
-                "Krea2Pipeline call it twice per step with the same latents and no cache context: each branch "
+                "twice per step, once per cache context; each context keeps its own cache. ChromaPipeline, "
+                "Krea2Pipeline and FluxKontextPipeline (`true_cfg_scale=4`) call it twice per step with the same latents and no cache context: each branch "
                 "gets a cache by itself (`runtime.BranchFollower`). ZImagePipeline passes "
                 "1 - sigma, a timestep that counts up: its generations restart when it goes back down "
                 "(`passes/patterns.py`'s `RISING_TIMESTEP_BLOCKS`).")

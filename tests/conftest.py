@@ -268,9 +268,9 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
 PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
-             "chroma", "krea2")
+             "chroma", "krea2", "flux_kontext")
 #: pipelines that call the transformer for cond and uncond separately *without* cache_context
-BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2")
+BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2", "flux_kontext")
 
 
 def _embeds(batch: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -286,6 +286,17 @@ def _pixart_transformer(alpha: bool):
         num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
         cross_attention_dim=24, caption_channels=16, sample_size=128 if alpha else 8, patch_size=2,
         norm_num_groups=1), seed=0)
+
+
+def _tiny_vae():
+    """A random 2-level AutoencoderKL with 1 latent channel (the tiny FLUX packs 2x2 of them into its 4)."""
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=1,
+                             norm_num_groups=4, layers_per_block=1, shift_factor=0.1, scaling_factor=1.0).eval()
 
 
 def build_pipeline(name: str):
@@ -355,6 +366,15 @@ def build_pipeline(name: str):
                                    tokenizer=None, transformer=build_ovis_image())
         kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt=None, negative_prompt_embeds=_embeds(1, 3, 16, 2),
                       height=64, width=64, guidance_scale=4.0)
+    elif name == "flux_kontext":
+        # an image to edit (a tiny random VAE encodes it: its tokens follow the latents'), true CFG with
+        # cond and uncond as two calls per step, no cache_context
+        pipe = d.FluxKontextPipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=_tiny_vae(), text_encoder=None,
+                                     tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=build_flux())
+        kwargs = dict(image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)),
+                      prompt_embeds=_embeds(1, 3, 16, 1), pooled_prompt_embeds=_embeds(1, 1, 16, 3)[:, 0],
+                      negative_prompt_embeds=_embeds(1, 3, 16, 2), negative_pooled_prompt_embeds=_embeds(1, 1, 16, 4)[:, 0],
+                      true_cfg_scale=4.0, height=32, width=32, max_area=32 * 32, _auto_resize=False)
     elif name == "chroma":
         # CFG: cond and uncond are two calls per step, with no cache_context
         pipe = d.ChromaPipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,

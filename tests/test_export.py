@@ -551,7 +551,7 @@ def test_flux_ort_generation_matches_eager(workdir, order):
     assert _max_diff(got, expected) < ATOL
 
 
-@pytest.mark.parametrize("name", ["flux", "wan", "qwenimage", "zimage"])
+@pytest.mark.parametrize("name", ["flux", "wan", "qwenimage", "zimage", "flux_kontext"])
 def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
     """``pipe.transformer = OnnxCachedModel(...)``: the pipeline reads its config and dtype and calls
     it like the torch model; latents and full steps equal the eager cached model's in the same
@@ -559,11 +559,14 @@ def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
     the transformer for the conditional and unconditional branches under ``cache_context``: two
     caches, as eager. FLUX is exported with dynamic token counts: the one graph also serves another
     resolution and prompt. Z-Image takes and returns lists of per-image latents, positionally, its
-    timestep counting up; its rotary tables and Qwen-Image's are complex (complex_as_real.py)."""
+    timestep counting up; its rotary tables and Qwen-Image's are complex (complex_as_real.py).
+    FluxKontextPipeline's true CFG calls cond and uncond with the same latents and no
+    cache_context: a cache per branch (runtime.BranchFollower)."""
     pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
     from conftest import build_pipeline, pipeline_latents, pipeline_threshold
 
     from rfc_compile.passes.patterns import TOKEN_DIMS
+    from rfc_compile.runtime import branch_cache_name
 
     pipe, kwargs = build_pipeline(name)
     if name == "wan":
@@ -599,6 +602,8 @@ def test_runner_drops_into_a_diffusers_pipeline(workdir, name):
         assert runner._named_caches["cond"]["_dims"] == {"image_tokens": 24, "text_tokens": 5}
     if name in ("wan", "qwenimage"):
         assert sorted(runner._named_caches) == ["cond", "uncond"]
+    if name == "flux_kontext":
+        assert list(runner._named_caches) == [branch_cache_name(1)] and runner.stats.steps == STEPS
 
 
 def test_bfloat16_export_runs_like_eager(workdir, caplog):

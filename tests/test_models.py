@@ -192,12 +192,12 @@ def test_unsupported_models_raise_naming_block_types():
 
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
                                   "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
-                                  "chroma", "krea2"])
+                                  "chroma", "krea2", "flux_kontext"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
     """ZImagePipeline's timestep counts up (1 - sigma): a new generation is the timestep going
-    back down (before, every step started a new generation and ran in full). ChromaPipeline and
-    Krea2Pipeline call cond and uncond separately without cache_context: a cache per branch
-    (before, both shared one and each step counted twice)."""
+    back down (before, every step started a new generation and ran in full). ChromaPipeline,
+    Krea2Pipeline and FluxKontextPipeline (true CFG) call cond and uncond separately without
+    cache_context: a cache per branch (before, both shared one and each step counted twice)."""
     pytest.importorskip("transformers", reason="diffusers pipelines need the transformers package")
     pipe, kwargs = build_pipeline(name)
     original = pipeline_latents(pipe, kwargs, STEPS)
