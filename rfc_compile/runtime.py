@@ -135,8 +135,8 @@ class BranchFollower:
         return True
 
 
-#: The cache_context name of branch k >= 1 of a step (BranchFollower).
 def branch_cache_name(branch: int) -> str:
+    """The cache_context name of branch ``branch`` >= 1 of a step (BranchFollower)."""
     return f"rfc_compile:branch{branch}"
 
 
@@ -157,10 +157,11 @@ def follow_timestep(session: Any, value: float | None) -> None:
         elif value == session._last_timestep and not session._warned_repeat:
             session._warned_repeat = True
             warnings.warn(
-                f"rfc_compile: two calls in a row at timestep {value:g} with different latents share one cache and "
-                "count as two denoising steps (right for a second-order sampler's two evaluations). If they are "
-                "separate branches of one step, wrap each in cached.cache_context('cond' / 'uncond'), as diffusers "
-                "pipelines do (calls with the same latents get a cache per branch by themselves).", stacklevel=4)
+                f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two denoising "
+                "steps (right for a second-order sampler's two evaluations, on other latents). If they are separate "
+                "branches of one step, wrap each in cached.cache_context('cond' / 'uncond'), as diffusers pipelines "
+                "do (outside one, with auto_reset, calls with the same latents get a cache per branch by "
+                "themselves).", stacklevel=4)
     session._last_timestep = value
 
 

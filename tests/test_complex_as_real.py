@@ -106,7 +106,16 @@ class _ComplexAbs(torch.nn.Module):
         return torch.view_as_complex(x).abs()
 
 
-def test_a_complex_op_it_does_not_know_is_refused_by_name():
-    gm = torch.export.export(_ComplexAbs(), (torch.randn(3, 2),)).module()
-    with pytest.raises(ExportError, match=r"complex-valued aten\.abs\.default .*complex_as_real"):
+class _ComplexPlusReal(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(torch.view_as_complex(x) + y)
+
+
+@pytest.mark.parametrize("model, args, op", [
+    (_ComplexAbs(), (torch.randn(3, 2),), "abs"),
+    (_ComplexPlusReal(), (torch.randn(3, 2), torch.randn(3)), "add"),  # a real addend would broadcast wrong
+])
+def test_a_complex_op_it_does_not_know_is_refused_by_name(model, args, op):
+    gm = torch.export.export(model, args).module()
+    with pytest.raises(ExportError, match=rf"complex-valued aten\.{op}\.\w+ .*complex_as_real"):
         complex_as_real(gm)

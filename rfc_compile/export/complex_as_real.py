@@ -39,7 +39,7 @@ REAL_OF = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch
 #: both parts alike).
 _SAME_CALL = {
     aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
-    aten.index.Tensor, aten.pad_sequence.default, aten.add.Tensor, aten.sub.Tensor, aten.neg.default,
+    aten.index.Tensor, aten.pad_sequence.default, aten.neg.default,
     aten.repeat_interleave.self_int, operator.getitem,
 }
 #: Ops with dim arguments: {op: positions of the dim args}. The dim is re-based on the complex
@@ -50,8 +50,6 @@ _DIM_ARGS = {
     aten.squeeze.dim: (1,), aten.transpose.int: (1, 2), aten.unbind.int: (1,), aten.narrow.default: (1,),
     aten.chunk.default: (2,), aten.flatten.using_ints: (1, 2),
 }
-_DIM_DEFAULTS = {aten.slice.Tensor: 0, aten.cat.default: 0, aten.stack.default: 0, aten.split_with_sizes.default: 0,
-                 aten.split.Tensor: 0, aten.unbind.int: 0, aten.chunk.default: 0}
 #: Ops with a size argument (args[1]): the real pair's size is the size + (2,).
 _SIZE_ARG = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 _TO_OPS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.to.device}
@@ -140,6 +138,8 @@ class _Lowering:
             return True
         if target in _SAME_CALL or _is_higher_order(target):
             return False  # the same call on the real pairs
+        if target in (aten.add.Tensor, aten.sub.Tensor) and all(_complex(a) for a in node.args[:2]):
+            return False  # complex + complex: part by part
         if target in _DIM_ARGS:
             rank = _rank(node)
             args = list(node.args)

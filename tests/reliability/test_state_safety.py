@@ -376,7 +376,7 @@ def test_calls_at_one_timestep_with_other_latents_are_steps_of_one_cache():
 
     cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
     x = torch.randn(2, 4, 8, 8)
-    with pytest.warns(UserWarning, match="two calls in a row at timestep 900 with different latents") as caught:
+    with pytest.warns(UserWarning, match="two calls in a row at timestep 900 share one cache") as caught:
         for t, scale in ((900, 1.0), (900, 0.9), (500, 0.8), (500, 0.7), (500, 0.6)):
             _call(cached, x * scale, t=t)
     assert len([w for w in caught if "two calls in a row" in str(w.message)]) == 1  # once per session
