@@ -426,6 +426,13 @@ def auraflow_regions(model) -> list:
     return regions
 
 
+def krea2_regions(model) -> list:
+    """Krea 2: each block's attn and ff (X = their first argument); the text fusion blocks, on the
+    prompt alone, are not cached."""
+    return [region for i, block in enumerate(model.transformer_blocks)
+            for region in ((f"{i}.attn", block.attn, [0]), (f"{i}.ff", block.ff, [0]))]
+
+
 #: family name (tests/conftest.py FAMILIES) -> region list builder
 FAMILY_REGIONS = {
     "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
@@ -434,7 +441,5 @@ FAMILY_REGIONS = {
     "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions, "wan_vace": wan_vace_regions,
     "auraflow": auraflow_regions, "hunyuan_image": hunyuan_video_regions,
     "longcat_image": flux_regions, "ovis_image": lambda model: flux_regions(model, swiglu=True), "bria": flux_regions,
-    "flux3": flux3_regions, "krea2": lambda model: [
-        region for i, block in enumerate(model.transformer_blocks)
-        for region in ((f"{i}.attn", block.attn, [0]), (f"{i}.ff", block.ff, [0]))],
+    "flux3": flux3_regions, "krea2": krea2_regions,
 }

@@ -98,8 +98,9 @@ class _Lowering:
         views = []  # view_as_complex / view_as_real: no-ops, removed last (their users read their meta)
         for node in list(graph.nodes):
             for arg in node.args:  # higher-order ops: their subgraphs first (cond, autocast, wrap)
-                if isinstance(arg, fx.Node) and arg.op == "get_attr" and isinstance(_attr(gm, arg.target), fx.GraphModule):
-                    self.run(_attr(gm, arg.target))
+                sub = operator.attrgetter(arg.target)(gm) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+                if isinstance(sub, fx.GraphModule):
+                    self.run(sub)
             if node.op in ("placeholder", "output") or not _touches_complex(node):
                 continue
             if node.target in (aten.view_as_complex.default, aten.view_as_real.default):
@@ -123,7 +124,7 @@ class _Lowering:
         graph = gm.graph
         target = node.target
         if node.op == "get_attr":
-            value = _attr(gm, node.target)
+            value = operator.attrgetter(node.target)(gm)
             if isinstance(value, fx.GraphModule):
                 return False
             name = "_real_" + node.target.replace(".", "_")
@@ -216,12 +217,6 @@ def _multiply(graph: fx.Graph, a: Any, b: Any) -> fx.Node:
     real = graph.call_function(aten.sub.Tensor, (mul(ar, br), mul(ai, bi)))
     imag = graph.call_function(aten.add.Tensor, (mul(ar, bi), mul(ai, br)))
     return graph.call_function(aten.stack.default, ([real, imag], -1))
-
-
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _is_higher_order(target: Any) -> bool:

@@ -460,10 +460,7 @@ class CachedStep(torch.nn.Module):
 
     def _run(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         if node.op == "get_attr":
-            obj: Any = self.gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            return obj
+            return operator.attrgetter(node.target)(self.gm)
         args = fx.node.map_arg(node.args, lambda n: env[n])
         kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
         if node.op == "call_function":
