@@ -37,7 +37,9 @@ gives that graph from the first call (dynamo then also passes modules' float att
 LayerNorm's ``eps``, as 0-d tensors: the backend folds their values into the program). Either
 way a shape never sees another shape's state. The branches of a step that a pipeline runs as
 separate calls (cond / uncond under diffusers' ``cache_context``, which the backend cannot see)
-get a cache each, by their order at one timestep (:class:`_BranchSessions`). A graph without
+get a cache each: a call at the previous call's timestep with the same latents is the step's
+next branch (:class:`_BranchSessions`, as ``optimize()`` tells them apart); calls at one timestep
+with other latents (Heun's two evaluations) are steps of one cache. A graph without
 transformer blocks (a piece of a frame split by graph breaks) runs uncached, with a warning.
 
 Options (``torch.compile(..., options={...})``):
@@ -333,6 +335,12 @@ class _GraphPrograms:
 
         return next((i for name in TIMESTEP_NAMES for i in self._inputs if self._names[i] == name), None)
 
+    def latent_positions(self) -> dict[str, int]:
+        """Where the frame's latents (runtime.LATENT_NAMES) are among the graph's arguments, by name."""
+        from .runtime import LATENT_NAMES
+
+        return {self._names[i]: i for i in self._inputs if self._names[i] in LATENT_NAMES}
+
     def _check_latents_are_inputs(self) -> None:
         """A graph holding blocks but not the model's latents or timestep among its inputs is a piece
         of the forward after a graph break: nothing in it can tell what changes between steps."""
@@ -476,36 +484,36 @@ class _BranchSessions:
     """The compiled callable: one cache per branch of a denoising step.
 
     Pipelines that call the transformer separately for the conditional and unconditional
-    branches (WanPipeline with CFG, true CFG) make them consecutive calls at one timestep and
-    tell caches apart with diffusers' ``cache_context``, which a dynamo backend cannot see (the
-    pipeline enters it on the original module, outside the graph). So the k-th consecutive call
-    at one timestep uses cache k, as ``optimize()``'s ``cache_context`` gives them; a pipeline with
-    one call per step (CFG batched, or none) uses one cache.
+    branches (WanPipeline with CFG, true CFG) make them consecutive calls at one timestep with
+    the same latents, and tell caches apart with diffusers' ``cache_context``, which a dynamo
+    backend cannot see (the pipeline enters it on the original module, outside the graph). So
+    :class:`~rfc_compile.runtime.BranchFollower` reads the branch from the frame's latents and
+    timestep, as ``optimize()`` does outside ``cache_context``: branch k uses cache k. A pipeline
+    with one call per step (CFG batched, or none), or a second-order sampler's two evaluations at
+    one timestep (other latents), uses one cache.
     """
 
     def __init__(self, owner: _GraphPrograms, auto_reset: bool, handle: RFCHandle | None):
-        from .runtime import CacheSession, timestep_value
+        from .runtime import BranchFollower, CacheSession, timestep_value
 
         self._new_session = lambda: CacheSession(owner, auto_reset)
         self._timestep_value = timestep_value
         self._timestep_at = owner.timestep_position()
+        self._latents_at = owner.latent_positions()
         self._handle = handle
         self._sessions: list[Any] = []
-        self._last_timestep: float | None = None
-        self._branch = 0
+        self._branches = BranchFollower()
         self._lock = threading.Lock()
 
     def _session_for(self, args: tuple) -> Any:
         with self._lock:
             value = self._timestep_value(args[self._timestep_at] if self._timestep_at is not None else None)
-            same = value is not None and value == self._last_timestep
-            self._branch = self._branch + 1 if same else 0
-            self._last_timestep = value
-            while len(self._sessions) <= self._branch:
+            branch = self._branches.branch({name: args[i] for name, i in self._latents_at.items()}, value)
+            while len(self._sessions) <= branch:
                 self._sessions.append(self._new_session())
                 if self._handle is not None:
                     self._handle.sessions.append(self._sessions[-1])
-            return self._sessions[self._branch]
+            return self._sessions[branch]
 
     def __call__(self, *args):
         session = self._session_for(args)

@@ -219,6 +219,49 @@ def test_rfc_backend_keeps_cond_and_uncond_calls_apart():
     assert 2 < handle.stats.nfc < 10
 
 
+def test_rfc_backend_keeps_a_second_order_samplers_evaluations_in_one_cache():
+    """A Heun sampler (diffusers' HeunDiscreteScheduler) evaluates the model at the next timestep
+    on the predicted latents, then again there on the corrected ones: two calls at one timestep
+    with other latents, which are two steps of one cache, as optimize() has them. (The backend
+    split calls at one timestep by order before, and gave every second evaluation a cache of its
+    own.)"""
+    from conftest import FAMILIES
+
+    spec = FAMILIES["flux"]
+    config = RFCConfig(mode="rfc", threshold=spec.threshold)
+
+    def heun(transformer, steps=6):
+        gen = torch.Generator().manual_seed(0)
+        cond = spec.conditions(2, gen)
+        x = torch.randn(2, *spec.latent_shape, generator=gen)
+        sigmas, outs = torch.linspace(1.0, 0.0, steps + 1), []
+
+        def velocity(latents, sigma):
+            t = spec.timestep(sigma).expand(2)
+            with torch.no_grad():
+                out = spec.batched_output(transformer(**spec.call_inputs(latents, t), return_dict=False, **cond)[0])
+            outs.append(out.clone())
+            return out
+
+        for n in range(steps):
+            dt = sigmas[n + 1] - sigmas[n]
+            v = velocity(x, sigmas[n])
+            x = x + dt * (v + velocity(x + dt * v, sigmas[n + 1])) / 2 if n + 1 < steps else x + dt * v
+        return outs
+
+    eager = rfc_compile.optimize(spec.build(), config)
+    with pytest.warns(UserWarning, match="two calls in a row at timestep"):
+        expected = heun(eager)
+    handle = RFCHandle()
+    compiled = torch.compile(spec.build(), backend="rfc", fullgraph=True,
+                             options={"config": config, "handle": handle, "backend": "eager"})
+    with pytest.warns(UserWarning, match="two calls in a row at timestep"):
+        outs = heun(compiled)
+    assert len(handle.sessions) == 1 and handle.stats.steps == len(outs) == 11
+    assert handle.stats.full_steps == eager.stats.full_steps and 2 < handle.stats.nfc < 11
+    _close(outs, expected)
+
+
 def test_rfc_backend_refuses_data_dependent_shapes_clearly():
     """Mochi's attention takes nonzero() of its text mask: the backend's shape propagation cannot
     follow it, and says what works instead (optimize(), which captures with torch.export)."""
