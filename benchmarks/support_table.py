@@ -78,7 +78,8 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
 * **Classifier-free guidance.** SD3, PixArt, LTX-Video and CogVideoX pipelines batch the
   conditional and unconditional halves into one call: each half gets its own norms and ratios.
   WanPipeline (guidance_scale > 1), FluxPipeline with `true_cfg_scale > 1` and a negative prompt,
-  HunyuanVideoPipeline and QwenImagePipeline with true CFG call the transformer *twice* per step, inside
+  HunyuanVideoPipeline and QwenImagePipeline with true CFG, CogView4Pipeline and OvisImagePipeline call the
+  transformer *twice* per step, inside
   `transformer.cache_context("cond" / "uncond")`: the optimized transformer keeps one cache per
   context name, so the two never mix (see the "WanPipeline (CFG 5)" row: its steps count the
   calls of the "cond" context).
@@ -238,7 +239,8 @@ def render(families: list[dict], pipelines: list[dict], pipeline_note: str, expo
                  "`proj_out`: a skipped step runs the block's norm (gate and modulation) but not `proj_out` "
                  "(checked on the predict branch's graph in `tests/test_models.py`); FLUX.2's single block has them "
                  "in one module (`attn`). Z-Image's context refiner runs on the caption alone, the same at every "
-                 "step: its blocks are left uncached.\n")
+                 "step: its blocks are left uncached. CogView4 calls one `ff` module on the image stream, then on "
+                 "the text stream: both calls are one region (two inputs, two outputs).\n")
     lines.append("## Drop-in pipelines\n")
     if pipelines:
         lines.append(f"`pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode=\"rfc\", "
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             row = pipeline_row(name, guidance)
             print(f"{row['pipeline']}: steps {row['steps']} nfc {row['nfc']} reset ok {row['reset_ok']}", flush=True)
             pipelines.append(row)
-        note = ("The \"WanPipeline (CFG 5)\", QwenImagePipeline (`true_cfg_scale=4`) and OvisImagePipeline rows call the transformer "
+        note = ("The \"WanPipeline (CFG 5)\", QwenImagePipeline (`true_cfg_scale=4`), OvisImagePipeline and CogView4Pipeline rows call the transformer "
                 "twice per step, once per cache context; each context keeps its own cache. ChromaPipeline, "
                 "Krea2Pipeline and FluxKontextPipeline (`true_cfg_scale=4`) call it twice per step with the same latents and no cache context: each branch "
                 "gets a cache by itself (`runtime.BranchFollower`). ZImagePipeline passes "

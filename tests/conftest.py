@@ -268,7 +268,7 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
 PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
-             "chroma", "krea2", "flux_kontext")
+             "chroma", "krea2", "flux_kontext", "cogview4")
 #: pipelines that call the transformer for cond and uncond separately *without* cache_context
 BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2", "flux_kontext")
 
@@ -391,6 +391,12 @@ def build_pipeline(name: str):
                       negative_prompt_embeds=_embeds(1, 6, 16, 2).view(1, 3, 2, 16),
                       negative_prompt_embeds_mask=torch.ones(1, 3, dtype=torch.bool), height=64, width=64,
                       guidance_scale=4.0)
+    elif name == "cogview4":
+        # CFG: cond and uncond are two calls per step, each in its own cache_context
+        pipe = d.CogView4Pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=build_cogview4(),
+                                  scheduler=d.FlowMatchEulerDiscreteScheduler())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt_embeds=_embeds(1, 3, 16, 2),
+                      height=64, width=64, guidance_scale=4.0)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)
@@ -660,6 +666,21 @@ def krea2_conditions(batch, gen, height=4, width=4, text=3):
                 position_ids=torch.cat([torch.zeros(text, 3), img_ids]))
 
 
+def build_cogview4(in_channels: int = 4):
+    from diffusers import CogView4Transformer2DModel
+
+    return randomize(CogView4Transformer2DModel(
+        patch_size=2, in_channels=in_channels, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, text_embed_dim=16, time_embed_dim=16, condition_dim=8, sample_size=8,
+        rope_axes_dim=(8, 8)), seed=0)
+
+
+def cogview4_conditions(batch, gen, text=5, size=64.0):
+    # SDXL-like micro-conditions: original and target image size, crop corner (B, 2) each
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), original_size=torch.full((batch, 2), size),
+                target_size=torch.full((batch, 2), size), crop_coords=torch.zeros(batch, 2))
+
+
 FAMILIES.update({f.name: f for f in (
     # their pipelines pass t / 1000, BriaPipeline t itself, Krea2Pipeline t in [0, 1]
     Family("longcat_image", build_longcat_image, (16, 4), flux_descendant_conditions, threshold=0.3,
@@ -668,4 +689,5 @@ FAMILIES.update({f.name: f for f in (
     Family("bria", build_bria, (16, 4), flux_descendant_conditions, threshold=0.3),
     Family("flux3", build_flux3, (16, 4), flux3_conditions, threshold=0.1, timestep_scale=1.0),
     Family("krea2", build_krea2, (16, 4), krea2_conditions, threshold=0.1, timestep_scale=1.0),
+    Family("cogview4", build_cogview4, (4, 8, 8), cogview4_conditions, threshold=0.3),
 )})

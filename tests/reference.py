@@ -434,6 +434,46 @@ def krea2_regions(model) -> list:
 
 
 #: family name (tests/conftest.py FAMILIES) -> region list builder
+class _PairedCalls(torch.nn.Module):
+    """One module called on two inputs in a row as one region: CogView4's ff, on the image stream,
+    then on the text stream."""
+
+    def __init__(self, module):
+        super().__init__()
+        object.__setattr__(self, "module", module)  # not a submodule: no parameter aliasing
+
+    def forward(self, first, second):
+        return self.module(first), self.module(second)
+
+
+def _patch_cogview4_block(block) -> torch.nn.Module:
+    ff = _PairedCalls(block.ff)
+
+    def forward(hidden_states, encoder_hidden_states, temb=None, image_rotary_emb=None, attention_mask=None,
+                attention_kwargs=None):
+        (norm_x, gate_msa, shift_mlp, scale_mlp, gate_mlp,
+         norm_c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = block.norm1(hidden_states, encoder_hidden_states, temb)
+        attn_x, attn_c = block.attn1(hidden_states=norm_x, encoder_hidden_states=norm_c,
+                                     image_rotary_emb=image_rotary_emb, attention_mask=attention_mask,
+                                     **(attention_kwargs or {}))
+        hidden_states = hidden_states + attn_x * gate_msa.unsqueeze(1)
+        encoder_hidden_states = encoder_hidden_states + attn_c * c_gate_msa.unsqueeze(1)
+        norm_x = block.norm2(hidden_states) * (1 + scale_mlp.unsqueeze(1)) + shift_mlp.unsqueeze(1)
+        norm_c = block.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp.unsqueeze(1)) + c_shift_mlp.unsqueeze(1)
+        ff_x, ff_c = ff(norm_x, norm_c)
+        return hidden_states + ff_x * gate_mlp.unsqueeze(1), encoder_hidden_states + ff_c * c_gate_mlp.unsqueeze(1)
+
+    block.forward = forward
+    return ff
+
+
+def cogview4_regions(model) -> list:
+    """CogView4: joint attn1 (X = both streams), then one ff module called on each stream: one
+    region whose X is both calls' inputs (the block's forward re-implemented around it)."""
+    return [region for i, block in enumerate(model.transformer_blocks)
+            for region in ((f"{i}.attn1", block.attn1, _JOINT), (f"{i}.ff", _patch_cogview4_block(block), [0, 1]))]
+
+
 FAMILY_REGIONS = {
     "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
     "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
@@ -441,5 +481,5 @@ FAMILY_REGIONS = {
     "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions, "wan_vace": wan_vace_regions,
     "auraflow": auraflow_regions, "hunyuan_image": hunyuan_video_regions,
     "longcat_image": flux_regions, "ovis_image": lambda model: flux_regions(model, swiglu=True), "bria": flux_regions,
-    "flux3": flux3_regions, "krea2": krea2_regions,
+    "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions,
 }

@@ -780,9 +780,9 @@ def test_dynamic_tokens_serve_other_resolutions_and_prompt_lengths(workdir, name
         assert _max_diff(got, expected) < ATOL
 
 
-@pytest.mark.parametrize("name", ["sd3", "pixart"])
+@pytest.mark.parametrize("name", ["sd3", "pixart", "cogview4"])
 def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
-    """SD3 and PixArt (TOKEN_DIMS: prompt length only) exported once at one prompt length and batch
+    """SD3, PixArt and CogView4 (TOKEN_DIMS: prompt length only) exported once at one prompt length and batch
     run generations at another of each, equal to the eager cached model; SD3's context ladders
     follow the prompt length. (PixArt with a dynamic batch failed to load before: a Squeeze of a
     batched tensor that fix_squeeze left alone because the shape was not fully static.)"""
@@ -798,9 +798,11 @@ def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
     model = family.build()
     export = to_onnx(model, workdir / f"{name}_rfc_text.onnx", example, config, dynamic_batch=True,
                      dynamic_dims=TOKEN_DIMS[type(model).__name__])
+    state = {s.name: s.shape for s in export.sidecar.state}
     if name == "sd3":  # joint blocks cache the context stream too
-        state = {s.name: s.shape for s in export.sidecar.state}
         assert state["transformer_blocks_0_ff_context.ladder.0"] == ("batch", 2, "text_tokens", 16)
+    if name == "cogview4":  # one ff region over both streams: image ladder, then text ladder
+        assert state["transformer_blocks_0_ff.ladder.1"] == ("batch", 2, "text_tokens", 16)
     runner = OnnxCachedModel(export.onnx_path)
     for text, batch in ((example["encoder_hidden_states"].shape[1], 2), (9, 3)):
         eager = rfc_compile.optimize(family.build(), config)
@@ -1227,7 +1229,7 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
-                                    "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2"])
+                                    "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1256,7 +1258,8 @@ def test_cli_example_inputs_fit_each_family(family):
                                          ("ltx_video", dict(frames=2, height=2, width=2)),  # 9 frames, 64x64
                                          ("flux2", dict(height=8, width=8)), ("sana", dict(height=8, width=8)),
                                          ("qwenimage", dict(height=8, width=8)), ("krea2", dict(height=8, width=8)),
-                                         ("zimage", dict(height=8, width=8, text_len=5))])
+                                         ("zimage", dict(height=8, width=8, text_len=5)),
+                                         ("cogview4", dict(height=8, width=8))])
 def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
     must be what the family's pipeline passes: the same non-tensor values (LTX's default rotary
@@ -1435,7 +1438,7 @@ def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, nam
 
 
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
-                                  "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2",
+                                  "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2", "cogview4",
                                   pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
                                   pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),

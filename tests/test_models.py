@@ -68,6 +68,8 @@ EXPECTED_REGIONS = {
     "flux3": {f"{part}_0_{r}": _ONE for part in ("mode_blocks_image", "single_transformer_blocks") for r in ("attn", "ff")},
     # the text fusion blocks run on the prompt alone: not cached
     "krea2": {"transformer_blocks_0_attn": _ONE, "transformer_blocks_0_ff": _ONE},
+    # one ff module called on the image, then the text stream: one region, two inputs and outputs
+    "cogview4": {"transformer_blocks_0_attn1": _JOINT, "transformer_blocks_0_ff": _JOINT},
 }
 assert set(EXPECTED_REGIONS) == set(FAMILIES)
 
@@ -192,7 +194,7 @@ def test_unsupported_models_raise_naming_block_types():
 
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
                                   "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
-                                  "chroma", "krea2", "flux_kontext"])
+                                  "chroma", "krea2", "flux_kontext", "cogview4"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
     """ZImagePipeline's timestep counts up (1 - sigma): a new generation is the timestep going
     back down (before, every step started a new generation and ran in full). ChromaPipeline,

@@ -196,6 +196,15 @@ def _sd3(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 pooled_projections=s.randn(s.batch, cfg["pooled_projection_dim"]), timestep=s.timestep())
 
 
+def _cogview4(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """CogView4Pipeline: NCHW latents, sigma x 1000 (float), and SDXL-like micro-conditions in
+    pixels (the VAE's 8x): original and target size, crop corner, one row per sample."""
+    pixels = torch.tensor([[8.0 * s.height, 8.0 * s.width]]).repeat(s.batch, 1)
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
+                encoder_hidden_states=s.text(cfg["text_embed_dim"]), timestep=s.timestep(),
+                original_size=pixels, target_size=pixels.clone(), crop_coords=torch.zeros(s.batch, 2))
+
+
 def _auraflow(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
                 encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch))  # t / 1000
@@ -296,6 +305,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "QwenImageTransformer2DModel": _qwenimage,
     "ZImageTransformer2DModel": _zimage,
     "AuraFlowTransformer2DModel": _auraflow,
+    "CogView4Transformer2DModel": _cogview4,
     "WanTransformer3DModel": _wan,
     "SkyReelsV2Transformer3DModel": _wan,
     "WanVACETransformer3DModel": _wan_vace,

@@ -133,6 +133,10 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         # Krea 2: single-stream blocks over text + image tokens (its text fusion blocks, on the
         # prompt alone, are constant and stay uncached)
         BlockPattern("Krea2TransformerBlock", _ATTN_FF),
+        # CogView4: joint attention over image + text (two outputs); one feed-forward module called
+        # on the image stream, then on the text stream: both calls are one region (two inputs and
+        # outputs), the gates and residuals stay outside
+        BlockPattern("CogView4TransformerBlock", (RegionPattern("attn1", ("attn1",)), RegionPattern("ff", ("ff",)))),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
@@ -201,6 +205,9 @@ TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
     },
     "SD3Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
     "PixArtTransformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}, "encoder_attention_mask": {1: "text_tokens"}},
+    # CogView4's resolution: its rotary code guards ``height // 2`` (an even-size symbol torch.export
+    # is not given here), so the prompt length only
+    "CogView4Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
 }
 
 
