@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 from .backends import BACKENDS, make_runner
 from .config import RFCConfig
 from .passes import capture, check_supported, find_regions, rewrite
-from .passes.patterns import DEFAULT_VARYING_INPUTS, timestep_rises
+from .passes.patterns import DEFAULT_VARYING_INPUTS, model_timestep_rises
 from .state import StateSpec
 from .watch import ModelWatch
 
@@ -307,7 +307,7 @@ class CachedModel(torch.nn.Module):
         self._programs_lock = threading.Lock()
         self._watch = ModelWatch(model)
         #: the model's timestep counts up over a generation (Z-Image): auto-reset's direction
-        self.timestep_rises = timestep_rises(type(m).__name__ for m in model.modules())
+        self.timestep_rises = model_timestep_rises(model)
         self._key: tuple | None = None
         self._default_session = CacheSession(self, auto_reset)
         self._named_sessions: dict[str, CacheSession] = {}

@@ -69,7 +69,7 @@ import torch
 
 from ..config import RFCConfig
 from ..passes.capture import BATCH_MAX, DIM_MAX, DynamicDims
-from ..passes.patterns import timestep_rises
+from ..passes.patterns import model_timestep_rises
 from .bool_where import bool_where_as_logic
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
@@ -340,7 +340,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "external_data": external.name if external else None,  # the weights of a > 2 GB model
         "model": {"class": type(model).__name__, "module": type(model).__module__,
                   "family": model_family(model), "config": _model_config(model),
-                  "timestep_rises": timestep_rises(type(m).__name__ for m in model.modules())},
+                  "timestep_rises": model_timestep_rises(model)},
         "rfc_config": config.to_dict(),
         "inputs": [i.to_json() for i in program.inputs if i.name in graph_inputs],
         "unused_inputs": unused,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +181,11 @@ RISING_TIMESTEP_BLOCKS: frozenset[str] = frozenset({"ZImageTransformerBlock"})
 def timestep_rises(block_classes: Iterable[str]) -> bool:
     """Whether a model holding these block classes takes a rising timestep."""
     return any(c in RISING_TIMESTEP_BLOCKS for c in block_classes)
+
+
+def model_timestep_rises(model: Any) -> bool:
+    """:func:`timestep_rises` for a model (an ``nn.Module``: the classes of its modules)."""
+    return timestep_rises(type(m).__name__ for m in model.modules())
 
 
 #: Token counts that may change between calls of one exported graph (``to_onnx``'s
