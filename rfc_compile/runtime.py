@@ -79,13 +79,18 @@ TIMESTEP_NAMES = ("timestep", "t")
 
 
 def timestep_value(t: Any) -> float | None:
-    """A call's denoising timestep (its first element: a batch shares one), or None."""
+    """A call's denoising timestep, or None: the mean of its elements, which a batch shares. Not
+    the first element: video-to-world pipelines (Cosmos 2, 2.5) pass one timestep per frame, the
+    conditioning frames' fixed near 0, and only the others move from step to step (the first
+    element stayed put, so a new generation was never seen and every step looked repeated)."""
     import numpy as np
 
     if t is None:
         return None
-    values = t.reshape(-1) if isinstance(t, Tensor) else np.asarray(t).reshape(-1)
-    return float(values[0]) if len(values) else None
+    if isinstance(t, Tensor):
+        return float(t.double().mean()) if t.numel() else None
+    values = np.asarray(t, dtype=np.float64)
+    return float(values.mean()) if values.size else None
 
 
 def call_timestep(call: dict[str, Any]) -> float | None:

@@ -681,6 +681,66 @@ def cogview4_conditions(batch, gen, text=5, size=64.0):
                 target_size=torch.full((batch, 2), size), crop_coords=torch.zeros(batch, 2))
 
 
+def build_cosmos():
+    # the video-to-world variant (a condition-mask channel); head dim 12: Cosmos' rotary code divides
+    # by (head_dim // 6 * 2 - 2). concat_padding_mask off: it needs torchvision, not a dependency here
+    from diffusers import CosmosTransformer3DModel
+
+    return randomize(CosmosTransformer3DModel(
+        in_channels=4 + 1, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=1, mlp_ratio=2.0,
+        text_embed_dim=16, adaln_lora_dim=8, max_size=(4, 16, 16), patch_size=(1, 2, 2), rope_scale=(1.0, 4.0, 4.0),
+        concat_padding_mask=False, extra_pos_embed_type=None), seed=0)
+
+
+_COSMOS_CONDITION_LATENT = torch.randn(1, 4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+
+
+def cosmos_frames(latents: torch.Tensor, t: torch.Tensor) -> dict:
+    """Cosmos2VideoToWorldPipeline's call: frame 0 is the conditioning frame, its latent fixed and its
+    timestep sigma_c / (sigma_c + 1) (sigma_c = 1e-4); the timestep is one per frame, (B, 1, T, 1, 1)."""
+    batch, _, frames = latents.shape[:3]
+    first = torch.zeros(1, 1, frames, 1, 1)
+    first[:, :, 0] = 1
+    hidden = first * _COSMOS_CONDITION_LATENT.expand(batch, -1, frames, -1, -1) + (1 - first) * latents
+    return dict(hidden_states=hidden, timestep=first * (1e-4 / 1.0001) + (1 - first) * t.view(batch, 1, 1, 1, 1))
+
+
+def cosmos_conditions(batch, gen, frames=2):
+    condition_mask = torch.zeros(batch, 1, frames, 8, 8)
+    condition_mask[:, :, 0] = 1
+    return dict(encoder_hidden_states=_text(batch, gen, 5, 16), condition_mask=condition_mask, fps=16)
+
+
+def build_hunyuandit():
+    # an even number of layers (the second half takes the first half's outputs as long skips)
+    from diffusers import HunyuanDiT2DModel
+
+    return randomize(HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, activation_fn="gelu-approximate",
+        sample_size=8, hidden_size=16, num_layers=4, mlp_ratio=2.0, learn_sigma=True, cross_attention_dim=16,
+        cross_attention_dim_t5=16, pooled_projection_dim=16, text_len=3, text_len_t5=5,
+        use_style_cond_and_image_meta_size=True), seed=0)
+
+
+def hunyuandit_conditions(batch, gen):
+    # CLIP and T5 states with their masks (text_len / text_len_t5 tokens), size / crop meta, style, and
+    # the 2D rotary table HunyuanDiTPipeline computes (4 x 4 patches, base size 32)
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    mask_t5 = torch.ones(batch, 5, dtype=torch.long)
+    mask_t5[:, -1] = 0  # a padded T5 token
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), text_embedding_mask=torch.ones(batch, 3, dtype=torch.long),
+                encoder_hidden_states_t5=_text(batch, gen, 5, 16), text_embedding_mask_t5=mask_t5,
+                image_meta_size=torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]] * batch),
+                style=torch.zeros(batch, dtype=torch.long),
+                image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (32, 32)), (4, 4), output_type="pt"))
+
+
+def _noise_half(output: torch.Tensor) -> torch.Tensor:
+    """learn_sigma: the pipeline keeps the first half of the channels (the noise), not the variance."""
+    return output.chunk(2, dim=1)[0]
+
+
 FAMILIES.update({f.name: f for f in (
     # their pipelines pass t / 1000, BriaPipeline t itself, Krea2Pipeline t in [0, 1]
     Family("longcat_image", build_longcat_image, (16, 4), flux_descendant_conditions, threshold=0.3,
@@ -690,4 +750,8 @@ FAMILIES.update({f.name: f for f in (
     Family("flux3", build_flux3, (16, 4), flux3_conditions, threshold=0.1, timestep_scale=1.0),
     Family("krea2", build_krea2, (16, 4), krea2_conditions, threshold=0.1, timestep_scale=1.0),
     Family("cogview4", build_cogview4, (4, 8, 8), cogview4_conditions, threshold=0.3),
+    # Cosmos 2 passes sigma / (sigma + 1), in [0, 1)
+    Family("cosmos", build_cosmos, (4, 2, 8, 8), cosmos_conditions, threshold=0.03, timestep_scale=1.0,
+           call_inputs=cosmos_frames),
+    Family("hunyuandit", build_hunyuandit, (4, 8, 8), hunyuandit_conditions, threshold=0.3, batched_output=_noise_half),
 )})

@@ -186,10 +186,11 @@ class ReferenceRFC:
         module.forward = wrapped
 
 
-def dit_regions(model) -> list:
-    """The DiT/PixArt regions: each BasicTransformerBlock's attn1, attn2 (if any), ff; X = arg 0."""
+def dit_regions(model, blocks=None) -> list:
+    """The DiT/PixArt regions (and Cosmos', Hunyuan-DiT's ``blocks``): each block's attn1, attn2 (if
+    any), ff; X = arg 0."""
     regions = []
-    for i, block in enumerate(model.transformer_blocks):
+    for i, block in enumerate(model.transformer_blocks if blocks is None else blocks):
         regions.append((f"{i}.attn1", block.attn1, [0]))
         if block.attn2 is not None:
             regions.append((f"{i}.attn2", block.attn2, [0]))
@@ -481,5 +482,6 @@ FAMILY_REGIONS = {
     "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions, "wan_vace": wan_vace_regions,
     "auraflow": auraflow_regions, "hunyuan_image": hunyuan_video_regions,
     "longcat_image": flux_regions, "ovis_image": lambda model: flux_regions(model, swiglu=True), "bria": flux_regions,
-    "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions,
+    "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions, "cosmos": dit_regions,
+    "hunyuandit": lambda model: dit_regions(model, model.blocks),
 }

@@ -1229,7 +1229,8 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
-                                    "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4"])
+                                    "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",
+                                    "cosmos"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1439,6 +1440,7 @@ def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, nam
 
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
                                   "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2", "cogview4",
+                                  "cosmos", "hunyuandit",
                                   pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
                                   pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),
@@ -1447,7 +1449,9 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
     """The video families, Chroma, FLUX.2 and Sana (DiT, FLUX, SD3, PixArt and Wan have their own
     tests above): one RFC export each, a 10-step generation in onnxruntime with the eager cached
     model's full steps and outputs. HunyuanVideo's graph needed bool_where_as_logic to load at
-    all; Sana's gave NaN until its attention's epsilon was kept (test_exported_epsilons_are_kept)."""
+    all; Hunyuan-DiT's failed to export ("cond_true might be aliasing the input or the output")
+    until clone_aliasing_branch_outputs; Sana's gave NaN until its attention's epsilon was kept
+    (test_exported_epsilons_are_kept)."""
     from conftest import FAMILIES, flow_generation
 
     family = FAMILIES[name]
@@ -1462,3 +1466,5 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
     assert _max_diff(got, expected) < ATOL
     if name == "hunyuan_video":
         assert any(f.startswith("bool_where_as_logic") for f in export.sidecar.raw["fixups"])
+    if name == "hunyuandit":  # its no-op float32 casts of the timestep embedding alias a branch input
+        assert any(f.startswith("clone_aliasing_branch_outputs") for f in export.sidecar.raw["fixups"])

@@ -70,6 +70,8 @@ EXPECTED_REGIONS = {
     "krea2": {"transformer_blocks_0_attn": _ONE, "transformer_blocks_0_ff": _ONE},
     # one ff module called on the image, then the text stream: one region, two inputs and outputs
     "cogview4": {"transformer_blocks_0_attn1": _JOINT, "transformer_blocks_0_ff": _JOINT},
+    "cosmos": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
+    "hunyuandit": {f"blocks_{i}_{r}": _ONE for i in range(4) for r in ("attn1", "attn2", "ff")},
 }
 assert set(EXPECTED_REGIONS) == set(FAMILIES)
 
@@ -223,6 +225,30 @@ def test_pipeline_drop_in_with_automatic_new_generation(name):
         assert len(timesteps) == 4 * STEPS and timesteps[0] == timesteps[1]  # two calls per step, two generations
         assert list(pipe.transformer._named_sessions) == [branch_cache_name(1)]
         assert pipe.transformer._default_session.stats.steps == STEPS
+
+
+def test_per_frame_timesteps_start_a_new_generation():
+    """Cosmos 2's video-to-world pipeline passes one timestep per frame, ``(B, 1, T, 1, 1)``, the
+    conditioning frame's fixed near 0. A second generation on the same model without reset()
+    equals the first and is seen as a new one (before, the timestep was read off its first element,
+    the conditioning frame's: it never moved, so the second generation went on with the first one's
+    cache, its outputs 0.012 off, and every step warned of two calls at one timestep)."""
+    import warnings
+
+    from rfc_compile.runtime import timestep_value
+
+    family = FAMILIES["cosmos"]
+    assert timestep_value(family.call_inputs(torch.zeros(2, 4, 2, 8, 8), torch.full((2,), 0.6))["timestep"]) \
+        == pytest.approx((0.6 + 1e-4 / 1.0001) / 2)
+    cached = rfc_compile.optimize(family.build(), RFCConfig(mode="rfc", threshold=family.threshold))
+    _, first = flow_generation(cached, family, steps=STEPS)
+    stats = cached.stats
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "two calls in a row at timestep ..."
+        _, second = flow_generation(cached, family, steps=STEPS)
+    assert cached.stats == stats and stats.steps == STEPS and 2 < stats.nfc < STEPS
+    assert len(cached.generations) == 2
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_sd3_skip_layer_guidance_keeps_one_cache_per_call_kind():

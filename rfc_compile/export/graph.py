@@ -13,11 +13,18 @@ Non-tensor kwargs (``return_dict``, ``None`` entries, flags) are baked into the 
 sidecar lists them as constants. ``return_dict`` is always exported as False (the runners
 build the output object themselves).
 
-One fix-up is applied to the rewritten graph before export (:func:`clone_aliased_cond_operands`):
-operands of the ``cond`` that are views of one another (adaLN ``chunk`` outputs) are fine for
-torch.export's pre-dispatch graph but rejected by ``run_decompositions`` (which the ONNX
-exporter runs) as "cond_true might be aliasing the input"; each such operand is passed as a
-contiguous copy instead (a few (B, D) vectors per step).
+Two fix-ups are applied to the rewritten graph before export, both for one check of
+``run_decompositions`` (which the ONNX exporter runs): a ``cond`` branch must not alias its
+inputs or outputs ("cond_true might be aliasing the input or the output!"), which torch.export's
+pre-dispatch graph allows.
+
+* :func:`clone_aliased_cond_operands`: operands of the ``cond`` that are views of one another
+  (adaLN ``chunk`` outputs) are passed as contiguous copies (a few (B, D) vectors per step).
+* :func:`clone_aliasing_branch_outputs`: a branch output that is one of its inputs, or a view of
+  one, is returned as a copy. HunyuanDiT casts its timestep embedding with ``.to(float32)`` in
+  every block and again after the last: on a float32 model each cast is a no-op that aliases its
+  input, so the value the model reads after the blocks is, inside the branch, a chain of views of
+  a branch input.
 """
 
 from __future__ import annotations
@@ -139,6 +146,40 @@ def clone_aliased_cond_operands(gm: fx.GraphModule) -> int:
     return count
 
 
+def _aliases_input(node: Any) -> bool:
+    """Whether ``node`` is a placeholder of its graph or a chain of views of one."""
+    while isinstance(node, fx.Node) and _is_view(node) and node.args:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op == "placeholder"
+
+
+def clone_aliasing_branch_outputs(gm: fx.GraphModule) -> int:
+    """Return each ``cond`` branch output that aliases a branch input as a copy (module docstring)."""
+    count = 0
+    branches = {getattr(gm, branch.target) for node in gm.graph.nodes if node.target is torch.ops.higher_order.cond
+                for branch in node.args[1:3]}
+    for branch in branches:
+        output = branch.graph.output_node()
+        cloned = 0
+
+        def copy_if_aliasing(value: Any) -> Any:
+            nonlocal cloned
+            if not _aliases_input(value):
+                return value
+            copy = branch.graph.call_function(torch.ops.aten.clone.default, (value,))
+            copy.meta = dict(value.meta)
+            cloned += 1
+            return copy
+
+        with branch.graph.inserting_before(output):
+            output.args = fx.node.map_aggregate(output.args, copy_if_aliasing)
+        if cloned:
+            branch.graph.lint()
+            branch.recompile()
+            count += cloned
+    return count
+
+
 # --- the functional module ------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -249,6 +290,9 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     n_cloned = clone_aliased_cond_operands(gm)
     if n_cloned:
         fixups.append(f"clone_aliased_cond_operands({n_cloned})")
+    n_outputs = clone_aliasing_branch_outputs(gm)
+    if n_outputs:
+        fixups.append(f"clone_aliasing_branch_outputs({n_outputs})")
     n_complex = complex_as_real(gm)
     if n_complex:
         fixups.append(f"complex_as_real({n_complex})")

@@ -205,6 +205,23 @@ def _cogview4(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 original_size=pixels, target_size=pixels.clone(), crop_coords=torch.zeros(s.batch, 2))
 
 
+def _cosmos(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """Cosmos 2 / 2.5: video latents; text-to-image passes one timestep per sample, video-to-world
+    (an input channel for the condition mask) one per frame, ``(B, 1, T, 1, 1)``, the mask and the
+    frame rate; a zero padding mask at the pixel size where the model concatenates one."""
+    video2world = cfg["in_channels"] > cfg["out_channels"]
+    kwargs = dict(hidden_states=s.randn(s.batch, cfg["out_channels"], s.frames, s.height, s.width),
+                  encoder_hidden_states=s.text(cfg.get("text_embed_dim") or 1024),
+                  timestep=torch.full((s.batch, 1, s.frames, 1, 1) if video2world else (s.batch,), 0.5))
+    if video2world:
+        mask = torch.zeros(s.batch, 1, s.frames, s.height, s.width)
+        mask[:, :, 0] = 1  # the first latent frame is the conditioning one
+        kwargs.update(condition_mask=mask, fps=16)
+    if cfg.get("concat_padding_mask", True):
+        kwargs["padding_mask"] = torch.zeros(1, 1, 8 * s.height, 8 * s.width)
+    return kwargs
+
+
 def _auraflow(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
                 encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch))  # t / 1000
@@ -287,7 +304,7 @@ PACKED_PATCH = {name: 2 for name in (
     "BriaTransformer2DModel", "Krea2Transformer2DModel")}
 
 #: The forward kwargs of one call, per model class (what its pipeline passes). A family left out
-#: (CogVideoX, whose pipeline computes rotary embeddings outside the model) exports through
+#: (CogVideoX and Hunyuan-DiT, whose pipelines compute rotary embeddings outside the model) exports through
 #: ``to_onnx`` with example inputs of your own.
 EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "DiTTransformer2DModel": _dit,
@@ -306,6 +323,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "ZImageTransformer2DModel": _zimage,
     "AuraFlowTransformer2DModel": _auraflow,
     "CogView4Transformer2DModel": _cogview4,
+    "CosmosTransformer3DModel": _cosmos,
     "WanTransformer3DModel": _wan,
     "SkyReelsV2Transformer3DModel": _wan,
     "WanVACETransformer3DModel": _wan_vace,

@@ -138,6 +138,11 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         # on the image stream, then on the text stream: both calls are one region (two inputs and
         # outputs), the gates and residuals stay outside
         BlockPattern("CogView4TransformerBlock", (RegionPattern("attn1", ("attn1",)), RegionPattern("ff", ("ff",)))),
+        # Cosmos 2 / 2.5 (Cosmos-Predict2): self-attention, cross-attention, FF, each adaLN-gated
+        BlockPattern("CosmosTransformerBlock", _DIT),
+        # Hunyuan-DiT: self-attention, cross-attention, FF, ungated; the long skips of its second
+        # half join the residual stream between blocks, outside every region
+        BlockPattern("HunyuanDiTBlock", _DIT),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
