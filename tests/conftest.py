@@ -736,6 +736,66 @@ def hunyuandit_conditions(batch, gen):
                 image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (32, 32)), (4, 4), output_type="pt"))
 
 
+def build_sana_video():
+    from diffusers import SanaVideoTransformer3DModel
+
+    return randomize(SanaVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        mlp_ratio=2.5, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=32), seed=0)
+
+
+def sana_video_conditions(batch, gen, text=3):
+    mask = torch.ones(batch, text)
+    mask[:, -1] = 0  # a padded token
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), encoder_attention_mask=mask)
+
+
+def build_chronoedit():
+    # Wan's image-to-video layout: the latents concatenated with a mask and the input image's latents
+    from diffusers import ChronoEditTransformer3DModel
+
+    return randomize(ChronoEditTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=12, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=1, image_dim=16, rope_max_seq_len=32, rope_temporal_skip_len=8), seed=0)
+
+
+_CHRONOEDIT_CONDITION = torch.randn(1, 8, 2, 4, 4, generator=torch.Generator().manual_seed(123))
+
+
+def chronoedit_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict:
+    """ChronoEditPipeline's call: ``cat([latents, condition], dim=1)`` (4 mask + 4 image-latent channels)."""
+    condition = _CHRONOEDIT_CONDITION.expand(latents.shape[0], -1, -1, -1, -1)
+    return dict(hidden_states=torch.cat([latents, condition], dim=1), timestep=t)
+
+
+def chronoedit_conditions(batch, gen):
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), encoder_hidden_states_image=_text(batch, gen, 2, 16))
+
+
+def build_helios():
+    from diffusers import HeliosTransformer3DModel
+
+    return randomize(HeliosTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=32, num_layers=1, rope_dim=(4, 2, 2), guidance_cross_attn=True, zero_history_timestep=True,
+        has_multi_term_memory_patch=True, is_amplify_history=False), seed=0)
+
+
+def helios_conditions(batch, gen, history_sizes=(4, 2, 1), chunk=2):
+    """HeliosPipeline's call for one chunk of 2 latent frames: the long / mid / short history latents
+    (constant within a chunk) and each token group's frame indices (first frame kept)."""
+    index = torch.arange(0, 1 + sum(history_sizes) + chunk)
+    first, long_, mid, short, current = index.split([1, *history_sizes, chunk])
+    history = torch.randn(batch, 4, sum(history_sizes), 4, 4, generator=gen)
+    h_long, h_mid, h_short = history.split(list(history_sizes), dim=2)
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), indices_hidden_states=current[None],
+                indices_latents_history_short=torch.cat([first, short])[None], indices_latents_history_mid=mid[None],
+                indices_latents_history_long=long_[None],
+                latents_history_short=torch.cat([torch.zeros(batch, 4, 1, 4, 4), h_short], dim=2),
+                latents_history_mid=h_mid, latents_history_long=h_long)
+
+
 def _noise_half(output: torch.Tensor) -> torch.Tensor:
     """learn_sigma: the pipeline keeps the first half of the channels (the noise), not the variance."""
     return output.chunk(2, dim=1)[0]
@@ -754,4 +814,8 @@ FAMILIES.update({f.name: f for f in (
     Family("cosmos", build_cosmos, (4, 2, 8, 8), cosmos_conditions, threshold=0.03, timestep_scale=1.0,
            call_inputs=cosmos_frames),
     Family("hunyuandit", build_hunyuandit, (4, 8, 8), hunyuandit_conditions, threshold=0.3, batched_output=_noise_half),
+    Family("sana_video", build_sana_video, (4, 2, 8, 8), sana_video_conditions, threshold=0.3),
+    Family("chronoedit", build_chronoedit, (4, 2, 4, 4), chronoedit_conditions, threshold=0.1,
+           call_inputs=chronoedit_inputs),
+    Family("helios", build_helios, (4, 2, 4, 4), helios_conditions, threshold=0.1),
 )})

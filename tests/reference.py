@@ -483,5 +483,6 @@ FAMILY_REGIONS = {
     "auraflow": auraflow_regions, "hunyuan_image": hunyuan_video_regions,
     "longcat_image": flux_regions, "ovis_image": lambda model: flux_regions(model, swiglu=True), "bria": flux_regions,
     "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions, "cosmos": dit_regions,
-    "hunyuandit": lambda model: dit_regions(model, model.blocks),
+    "hunyuandit": lambda model: dit_regions(model, model.blocks), "sana_video": sana_regions,
+    "chronoedit": wan_regions, "helios": wan_regions,
 }

@@ -1291,6 +1291,35 @@ def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
                 assert example[key] == value, f"{name}: {key}={value!r}, the CLI's example has {example[key]!r}"
 
 
+def test_a_model_returning_its_sample_bare_gets_it_back_bare(tmp_path):
+    """Kandinsky 5 returns its sample itself with ``return_dict=False``, not ``(sample,)``. The
+    runner returns it bare too, and the output object with ``return_dict=True`` (before, the
+    export took the bare tensor for a tuple of its batch rows: one graph output per sample, and
+    ``return_dict=True`` refused the "multi-output" model)."""
+    from diffusers import DiTTransformer2DModel
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    class BareDiT(DiTTransformer2DModel):
+        def forward(self, *args, return_dict: bool = True, **kwargs):
+            sample = super().forward(*args, return_dict=False, **kwargs)[0]
+            return Transformer2DModelOutput(sample=sample) if return_dict else sample
+
+    plain = make_tiny_dit()
+    model = BareDiT.from_config(plain.config)
+    model.load_state_dict(plain.state_dict())
+    export = to_onnx(model.eval(), tmp_path / "bare.onnx", dit_inputs(), RFCConfig(mode="full"))
+    assert [o.name for o in export.sidecar.outputs] == ["sample"] and export.sidecar.output_tree == 0
+    runner = OnnxCachedModel(export.onnx_path)
+    call = dit_inputs()
+    with torch.no_grad():
+        expected = plain(**call, return_dict=False)[0]
+    got = runner(**call, return_dict=False)
+    assert isinstance(got, torch.Tensor) and got.shape == expected.shape
+    assert (got - expected).abs().max() < ATOL
+    runner.reset()
+    assert torch.equal(runner(**call).sample, got)
+
+
 def test_exported_contraction_is_right_when_rows_equal_tokens(tmp_path):
     """rfc.contract's Reshape -> MatMul -> Reshape with a ladder whose row count equals its token
     count (3 rows, 3 tokens): exported with the optimizer as to_onnx runs it (safe_rewrites.py),
@@ -1440,7 +1469,7 @@ def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, nam
 
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
                                   "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2", "cogview4",
-                                  "cosmos", "hunyuandit",
+                                  "cosmos", "hunyuandit", "sana_video", "chronoedit", "helios",
                                   pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
                                   pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),

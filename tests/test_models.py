@@ -72,6 +72,8 @@ EXPECTED_REGIONS = {
     "cogview4": {"transformer_blocks_0_attn1": _JOINT, "transformer_blocks_0_ff": _JOINT},
     "cosmos": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
     "hunyuandit": {f"blocks_{i}_{r}": _ONE for i in range(4) for r in ("attn1", "attn2", "ff")},
+    "sana_video": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
+    **{name: {f"blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ffn")} for name in ("chronoedit", "helios")},
 }
 assert set(EXPECTED_REGIONS) == set(FAMILIES)
 

@@ -224,7 +224,7 @@ class FunctionalProgram:
     constants: dict[str, Any]  # baked non-tensor kwargs
     regions: list[str]
     output_structure: str  # "tuple" (return_dict=False output)
-    output_tree: list  # its nesting, each tensor by its index in outputs (sidecar.py)
+    output_tree: list | int  # its nesting, each tensor by its index in outputs (sidecar.py)
     fixups: list[str]
     dynamic_axes: dict[str, int] = dataclasses.field(default_factory=dict)  # dim name -> example size
     state_shapes: list[tuple[int | str, ...]] = dataclasses.field(default_factory=list)  # as inputs' shapes
@@ -253,7 +253,8 @@ class FunctionalProgram:
 def output_tree(output: Any) -> tuple[list[Tensor], list]:
     """The model output's tensors, in the order FunctionalStep returns them, and its nesting with
     each tensor replaced by its index (``(sample,)`` -> ``[0]``; Z-Image's list of per-image
-    samples ``([s0, s1],)`` -> ``[[0, 1]]``)."""
+    samples ``([s0, s1],)`` -> ``[[0, 1]]``; a sample returned bare, as Kandinsky 5 does with
+    ``return_dict=False``, -> ``0``)."""
     tensors: list[Tensor] = []
 
     def index(node: Any) -> Any:
@@ -264,7 +265,7 @@ def output_tree(output: Any) -> tuple[list[Tensor], list]:
             return [index(child) for child in node]
         raise ExportError(f"the model returns a {type(node).__name__}; an export carries tensors, in tuples and lists")
 
-    return tensors, index(tuple(output))
+    return tensors, index(output if isinstance(output, Tensor) else tuple(output))
 
 
 def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], config: RFCConfig,

@@ -220,11 +220,13 @@ class StatefulRunner:
         self._history.append(last_full)
         self._stats_history = self._history
         output = self.graph_sidecar.nest(outputs)
-        if return_dict:
-            if len(output) != 1:
-                raise ValueError("return_dict=True needs a single-output model; pass return_dict=False")
-            return _output_object(output[0])
-        return output
+        if not return_dict:
+            return output
+        if not isinstance(output, tuple):  # a sample the model returns bare
+            return _output_object(output)
+        if len(output) != 1:
+            raise ValueError("return_dict=True needs a single-output model; pass return_dict=False")
+        return _output_object(output[0])
 
     @property
     def batch_size(self) -> int | None:

@@ -33,8 +33,8 @@ it equals the step index (``state.step`` before the call).
 
 ``output_tree`` (optional, default: the outputs as a flat tuple) is the ``return_dict=False``
 output's nesting with each tensor replaced by its index in ``outputs``: ``[0]`` for ``(sample,)``,
-``[[0, 1]]`` for Z-Image's ``([sample of image 0, sample of image 1],)``. Inner lists come back
-as lists, the outer one as a tuple.
+``[[0, 1]]`` for Z-Image's ``([sample of image 0, sample of image 1],)``, ``0`` for a sample
+returned bare (Kandinsky 5). Inner lists come back as lists, the outer one as a tuple.
 
 ``kept_on_skip`` (optional, default ``[]``) names the state entries whose ``state_out.*`` comes
 back *empty* (zero rows) from a step that left them unchanged (skip_state.py): the runner then
@@ -194,17 +194,18 @@ class Sidecar:
     constants: dict[str, Any]
     decision_output: str
     kept_on_skip: list[str] = dataclasses.field(default_factory=list)
-    output_tree: list | None = None
+    output_tree: list | int | None = None
 
-    def nest(self, outputs: list) -> tuple:
-        """The graph's outputs (in ``outputs`` order) as the model returns them (``return_dict=False``)."""
+    def nest(self, outputs: list) -> Any:
+        """The graph's outputs (in ``outputs`` order) as the model returns them (``return_dict=False``):
+        a tuple, or the one output itself for a model that returns it bare."""
         if self.output_tree is None:
             return tuple(outputs)
 
         def build(node):
             return outputs[node] if isinstance(node, int) else [build(child) for child in node]
 
-        return tuple(build(child) for child in self.output_tree)
+        return build(self.output_tree) if isinstance(self.output_tree, int) else tuple(map(build, self.output_tree))
 
     @property
     def model_class(self) -> str:

@@ -143,6 +143,12 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         # Hunyuan-DiT: self-attention, cross-attention, FF, ungated; the long skips of its second
         # half join the residual stream between blocks, outside every region
         BlockPattern("HunyuanDiTBlock", _DIT),
+        # Sana-Video: Sana's block over video tokens (linear attention, cross-attention, GLUMBConv FF)
+        BlockPattern("SanaVideoTransformerBlock", _DIT),
+        # Helios: Wan's layout over history + current tokens (the cross-attention on the current
+        # ones; the split and concat stay outside it). ChronoEdit and Wan-Animate name their
+        # block WanTransformerBlock, so Wan's entry covers them.
+        BlockPattern("HeliosTransformerBlock", _WAN),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
