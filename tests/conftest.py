@@ -259,7 +259,8 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
             on_step(n)
         t = family.timestep(sigmas[n]).expand(batch)
         with torch.no_grad():
-            out = family.batched_output(transformer(**family.call_inputs(latents, t), return_dict=False, **cond)[0])
+            out = transformer(**family.call_inputs(latents, t), return_dict=False, **cond)
+            out = family.batched_output(out if isinstance(out, torch.Tensor) else out[0])  # Kandinsky 5: bare
         outputs.append(out.clone())
         latents = latents + (sigmas[n + 1] - sigmas[n]) * out
     return latents, outputs
@@ -796,6 +797,23 @@ def helios_conditions(batch, gen, history_sizes=(4, 2, 1), chunk=2):
                 latents_history_mid=h_mid, latents_history_long=h_long)
 
 
+def build_kandinsky5():
+    # head dim = sum(axes_dims) = 8: 2 heads over model_dim 16
+    from diffusers import Kandinsky5Transformer3DModel
+
+    return randomize(Kandinsky5Transformer3DModel(
+        in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=16, time_dim=16, patch_size=(1, 2, 2),
+        model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(2, 2, 4)), seed=0)
+
+
+def kandinsky5_conditions(batch, gen, frames=2, height=8, width=8, text=3):
+    """Kandinsky5T2VPipeline's call: Qwen text states, the CLIP pooled embedding, rotary positions
+    (index ranges over the patch grid and the prompt) and a rotary scale factor (a constant)."""
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), pooled_projections=torch.randn(batch, 16, generator=gen),
+                visual_rope_pos=[torch.arange(frames), torch.arange(height // 2), torch.arange(width // 2)],
+                text_rope_pos=torch.arange(text), scale_factor=(1, 2.0, 2.0), sparse_params=None)
+
+
 def _noise_half(output: torch.Tensor) -> torch.Tensor:
     """learn_sigma: the pipeline keeps the first half of the channels (the noise), not the variance."""
     return output.chunk(2, dim=1)[0]
@@ -818,4 +836,6 @@ FAMILIES.update({f.name: f for f in (
     Family("chronoedit", build_chronoedit, (4, 2, 4, 4), chronoedit_conditions, threshold=0.1,
            call_inputs=chronoedit_inputs),
     Family("helios", build_helios, (4, 2, 4, 4), helios_conditions, threshold=0.1),
+    # channels-last latents (T, H, W, C); the model returns its sample bare with return_dict=False
+    Family("kandinsky5", build_kandinsky5, (2, 8, 8, 4), kandinsky5_conditions, threshold=0.1),
 )})

@@ -475,6 +475,19 @@ def cogview4_regions(model) -> list:
             for region in ((f"{i}.attn1", block.attn1, _JOINT), (f"{i}.ff", _patch_cogview4_block(block), [0, 1]))]
 
 
+def kandinsky5_regions(model) -> list:
+    """Kandinsky 5: the text blocks' self_attention and feed_forward (X = arg 0; their input moves
+    with the timestep's modulation), then the visual blocks' self_attention, cross_attention (X = the
+    visual input and the encoded text) and feed_forward."""
+    text = [region for i, block in enumerate(model.text_transformer_blocks)
+            for region in ((f"t{i}.self_attention", block.self_attention, [0]),
+                           (f"t{i}.feed_forward", block.feed_forward, [0]))]
+    return text + [region for i, block in enumerate(model.visual_transformer_blocks)
+                   for region in ((f"v{i}.self_attention", block.self_attention, [0]),
+                                  (f"v{i}.cross_attention", block.cross_attention, [0, "encoder_hidden_states"]),
+                                  (f"v{i}.feed_forward", block.feed_forward, [0]))]
+
+
 FAMILY_REGIONS = {
     "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
     "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
@@ -484,5 +497,5 @@ FAMILY_REGIONS = {
     "longcat_image": flux_regions, "ovis_image": lambda model: flux_regions(model, swiglu=True), "bria": flux_regions,
     "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions, "cosmos": dit_regions,
     "hunyuandit": lambda model: dit_regions(model, model.blocks), "sana_video": sana_regions,
-    "chronoedit": wan_regions, "helios": wan_regions,
+    "chronoedit": wan_regions, "helios": wan_regions, "kandinsky5": kandinsky5_regions,
 }

@@ -77,7 +77,10 @@ def batch_dynamic_shapes(kwargs: dict[str, Any], unbatched: tuple[str, ...] = ()
     (``unbatched``: top-level inputs that have no batch dim, whatever their first size)."""
     batch = example_batch(kwargs)
     shapes = pytree.tree_map(lambda leaf: {0: BATCH} if is_batched(leaf, batch) else None, kwargs)
-    return {name: None if name in unbatched else spec for name, spec in shapes.items()}
+    # an unbatched list input (Kandinsky 5's rotary positions) gets a None per element: torch.export
+    # refuses a plain None for a list
+    return {name: pytree.tree_map(lambda _: None, kwargs[name]) if name in unbatched else spec
+            for name, spec in shapes.items()}
 
 
 def named_dim(name: str) -> torch.export.Dim:

@@ -149,6 +149,13 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         # ones; the split and concat stay outside it). ChronoEdit and Wan-Animate name their
         # block WanTransformerBlock, so Wan's entry covers them.
         BlockPattern("HeliosTransformerBlock", _WAN),
+        # Kandinsky 5: text encoder blocks (modulated by the timestep, so not constant), then
+        # visual decoder blocks whose cross-attention reads the encoded text (two feature inputs)
+        BlockPattern("Kandinsky5TransformerEncoderBlock", (RegionPattern("self_attention", ("self_attention",)),
+                                                           RegionPattern("feed_forward", ("feed_forward",)))),
+        BlockPattern("Kandinsky5TransformerDecoderBlock", (RegionPattern("self_attention", ("self_attention",)),
+                                                           RegionPattern("cross_attention", ("cross_attention",)),
+                                                           RegionPattern("feed_forward", ("feed_forward",)))),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
@@ -239,6 +246,8 @@ UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
     **{name: ("img_ids", "txt_ids") for name in _FLUX_LIKE},
     "Krea2Transformer2DModel": ("position_ids",),  # (text + image tokens, 3)
     "WanVACETransformer3DModel": ("control_hidden_states_scale",),  # one scale per VACE layer
+    # rotary positions: [frames, height / 2, width / 2] index ranges, and the prompt's
+    "Kandinsky5Transformer3DModel": ("visual_rope_pos", "text_rope_pos"),
 }
 
 
