@@ -269,9 +269,9 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
 PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
-             "chroma", "krea2", "flux_kontext", "cogview4")
+             "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5")
 #: pipelines that call the transformer for cond and uncond separately *without* cache_context
-BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2", "flux_kontext")
+BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2", "flux_kontext", "kandinsky5")
 
 
 def _embeds(batch: int, tokens: int, dim: int, seed: int) -> torch.Tensor:
@@ -398,6 +398,22 @@ def build_pipeline(name: str):
                                   scheduler=d.FlowMatchEulerDiscreteScheduler())
         kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt_embeds=_embeds(1, 3, 16, 2),
                       height=64, width=64, guidance_scale=4.0)
+    elif name == "sana_video":
+        # CFG batched: one call per step
+        pipe = d.SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=build_sana_video(),
+                                   scheduler=d.FlowMatchEulerDiscreteScheduler())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), prompt_attention_mask=torch.ones(1, 3), negative_prompt=None,
+                      negative_prompt_embeds=_embeds(1, 3, 16, 2), negative_prompt_attention_mask=torch.ones(1, 3),
+                      height=64, width=64, frames=5, guidance_scale=4.5, use_resolution_binning=False)
+    elif name == "kandinsky5":
+        # CFG: cond and uncond are two calls per step (prompts of other lengths), with no cache_context
+        pipe = d.Kandinsky5T2VPipeline(transformer=build_kandinsky5(), vae=None, text_encoder=None, tokenizer=None,
+                                       text_encoder_2=None, tokenizer_2=None, scheduler=d.FlowMatchEulerDiscreteScheduler())
+        kwargs = dict(prompt_embeds_qwen=_embeds(1, 3, 16, 1), prompt_embeds_clip=_embeds(1, 1, 16, 2)[:, 0],
+                      prompt_cu_seqlens=torch.tensor([0, 3], dtype=torch.int32),
+                      negative_prompt_embeds_qwen=_embeds(1, 4, 16, 3), negative_prompt_embeds_clip=_embeds(1, 1, 16, 4)[:, 0],
+                      negative_prompt_cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
+                      height=64, width=64, num_frames=5, guidance_scale=5.0)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)

@@ -1230,7 +1230,7 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
                                     "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",
-                                    "cosmos"])
+                                    "cosmos", "sana_video", "chronoedit"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1246,7 +1246,11 @@ def test_cli_example_inputs_fit_each_family(family):
         assert [o.shape for o in out] == [x.shape for x in kwargs["x"]] == [(4, 2, 8, 8)] * 2
         assert all(torch.isfinite(o).all() for o in out)
         return
-    assert out.shape == kwargs["hidden_states"].shape and torch.isfinite(out).all()
+    hidden = kwargs["hidden_states"]
+    if family == "chronoedit":  # image-to-video: the latents' channels out, latents + condition in
+        assert out.shape == (hidden.shape[0], model.config.out_channels, *hidden.shape[2:]) and torch.isfinite(out).all()
+        return
+    assert out.shape == hidden.shape and torch.isfinite(out).all()
     if out.dim() == 5:  # (B, C, F, H, W)
         assert out.shape[2:] == (2, 8, 8)
     elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1

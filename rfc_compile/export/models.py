@@ -233,6 +233,11 @@ def _sana(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 timestep=s.timestep())  # flow-matching sigma x 1000 (x timestep_scale): float
 
 
+def _sana_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """SanaVideoPipeline: Sana's inputs over video latents (B, C, frames, H, W)."""
+    return dict(_sana(cfg, s), hidden_states=_video(cfg, s))
+
+
 def _qwenimage(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     """QwenImagePipeline's call: 2x2-packed latents, the token grid per sample for the rotary
     embedding, the prompt's mask (int64, from the tokenizer) and ``t / 1000``."""
@@ -319,12 +324,14 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "ChromaTransformer2DModel": _chroma,
     "SD3Transformer2DModel": _sd3,
     "SanaTransformer2DModel": _sana,
+    "SanaVideoTransformer3DModel": _sana_video,
     "QwenImageTransformer2DModel": _qwenimage,
     "ZImageTransformer2DModel": _zimage,
     "AuraFlowTransformer2DModel": _auraflow,
     "CogView4Transformer2DModel": _cogview4,
     "CosmosTransformer3DModel": _cosmos,
     "WanTransformer3DModel": _wan,
+    "ChronoEditTransformer3DModel": _wan,  # Wan's image-to-video inputs
     "SkyReelsV2Transformer3DModel": _wan,
     "WanVACETransformer3DModel": _wan_vace,
     "HunyuanVideoTransformer3DModel": _hunyuan_video,
