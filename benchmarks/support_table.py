@@ -240,7 +240,13 @@ def render(families: list[dict], pipelines: list[dict], pipeline_note: str, expo
                  "(checked on the predict branch's graph in `tests/test_models.py`); FLUX.2's single block has them "
                  "in one module (`attn`). Z-Image's context refiner runs on the caption alone, the same at every "
                  "step: its blocks are left uncached. CogView4 calls one `ff` module on the image stream, then on "
-                 "the text stream: both calls are one region (two inputs, two outputs).\n")
+                 "the text stream: both calls are one region (two inputs, two outputs). Kandinsky 5's text blocks "
+                 "are modulated by the timestep, so they are cached too, and the first of them is the region RCS "
+                 "watches (the method watches the first region, whose input is exact): its schedule follows the "
+                 "timestep's modulation of the prompt, not the latents. Cosmos is measured with "
+                 "`concat_padding_mask=False` (the released configs concatenate a padding mask, which diffusers "
+                 "resizes with torchvision, not installed here) and its video-to-world inputs: one timestep per "
+                 "frame, the conditioning frame's fixed near 0.\n")
     lines.append("## Drop-in pipelines\n")
     if pipelines:
         lines.append(f"`pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode=\"rfc\", "
@@ -323,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             pipelines.append(row)
         note = ("The \"WanPipeline (CFG 5)\", QwenImagePipeline (`true_cfg_scale=4`), OvisImagePipeline and CogView4Pipeline rows call the transformer "
                 "twice per step, once per cache context; each context keeps its own cache. ChromaPipeline, "
-                "Krea2Pipeline and FluxKontextPipeline (`true_cfg_scale=4`) call it twice per step with the same latents and no cache context: each branch "
+                "Krea2Pipeline, Kandinsky5T2VPipeline and FluxKontextPipeline (`true_cfg_scale=4`) call it twice per step with the same latents and no cache context: each branch "
                 "gets a cache by itself (`runtime.BranchFollower`). ZImagePipeline passes "
                 "1 - sigma, a timestep that counts up: its generations restart when it goes back down "
                 "(`passes/patterns.py`'s `RISING_TIMESTEP_BLOCKS`).")
