@@ -250,7 +250,7 @@ class FunctionalProgram:
         return [o.name for o in self.outputs] + [STATE_OUT_PREFIX + n for n in self.state_spec.names()]
 
 
-def output_tree(output: Any) -> tuple[list[Tensor], list]:
+def output_tree(output: Any) -> tuple[list[Tensor], list | int]:
     """The model output's tensors, in the order FunctionalStep returns them, and its nesting with
     each tensor replaced by its index (``(sample,)`` -> ``[0]``; Z-Image's list of per-image
     samples ``([s0, s1],)`` -> ``[[0, 1]]``; a sample returned bare, as Kandinsky 5 does with
