@@ -830,6 +830,21 @@ def kandinsky5_conditions(batch, gen, frames=2, height=8, width=8, text=3):
                 text_rope_pos=torch.arange(text), scale_factor=(1, 2.0, 2.0), sparse_params=None)
 
 
+def build_bria_fibo():
+    from diffusers import BriaFiboTransformer2DModel
+
+    return randomize(BriaFiboTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=[2, 2, 4], text_encoder_dim=16), seed=0)
+
+
+def bria_fibo_conditions(batch, gen, text=3):
+    # FLUX's ids, and one text encoder layer per block (double, then single), projected into each block's text
+    img_ids, txt_ids = _flux_position_ids(4, 4, text)
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), img_ids=img_ids, txt_ids=txt_ids,
+                text_encoder_layers=[_text(batch, gen, text, 16) for _ in range(2)])
+
+
 def _noise_half(output: torch.Tensor) -> torch.Tensor:
     """learn_sigma: the pipeline keeps the first half of the channels (the noise), not the variance."""
     return output.chunk(2, dim=1)[0]
@@ -854,4 +869,5 @@ FAMILIES.update({f.name: f for f in (
     Family("helios", build_helios, (4, 2, 4, 4), helios_conditions, threshold=0.1),
     # channels-last latents (T, H, W, C); the model returns its sample bare with return_dict=False
     Family("kandinsky5", build_kandinsky5, (2, 8, 8, 4), kandinsky5_conditions, threshold=0.1),
+    Family("bria_fibo", build_bria_fibo, (16, 4), bria_fibo_conditions, threshold=0.3),
 )})

@@ -246,6 +246,18 @@ def _patch_flux_single(block, swiglu: bool = False) -> torch.nn.Module:
     return region
 
 
+def _patch_fibo_single(block) -> torch.nn.Module:
+    """Bria FIBO's single block: FLUX's, on the joint (text, image) sequence the model builds."""
+    region = _SingleStreamRegion(block, split_text=False)
+
+    def forward(hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        norm_x, gate = block.norm(hidden_states, emb=temb)
+        return hidden_states + gate.unsqueeze(1) * region(norm_x, 0, None, image_rotary_emb)
+
+    block.forward = forward
+    return region
+
+
 def _patch_hunyuan_single(block) -> torch.nn.Module:
     region = _SingleStreamRegion(block, split_text=True)
 
@@ -498,4 +510,6 @@ FAMILY_REGIONS = {
     "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions, "cosmos": dit_regions,
     "hunyuandit": lambda model: dit_regions(model, model.blocks), "sana_video": sana_regions,
     "chronoedit": wan_regions, "helios": wan_regions, "kandinsky5": kandinsky5_regions,
+    "bria_fibo": lambda model: _double_stream(model.transformer_blocks) + [
+        (f"s{i}.mlp_attn", _patch_fibo_single(block), [0]) for i, block in enumerate(model.single_transformer_blocks)],
 }

@@ -74,6 +74,8 @@ EXPECTED_REGIONS = {
     "hunyuandit": {f"blocks_{i}_{r}": _ONE for i in range(4) for r in ("attn1", "attn2", "ff")},
     "sana_video": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
     **{name: {f"blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ffn")} for name in ("chronoedit", "helios")},
+    "bria_fibo": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
+                  "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_mlp_attn": _ONE},
     # the text blocks are modulated by the timestep: cached; cross-attention reads the encoded text
     "kandinsky5": {"text_transformer_blocks_0_self_attention": _ONE, "text_transformer_blocks_0_feed_forward": _ONE,
                    "visual_transformer_blocks_0_self_attention": _ONE,

@@ -126,6 +126,8 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         BlockPattern("OvisImageSingleTransformerBlock", _SINGLE_STREAM),
         BlockPattern("BriaTransformerBlock", _DOUBLE_STREAM),
         BlockPattern("BriaSingleTransformerBlock", _SINGLE_STREAM),
+        BlockPattern("BriaFiboTransformerBlock", _DOUBLE_STREAM),  # Bria FIBO: FLUX's blocks again
+        BlockPattern("BriaFiboSingleTransformerBlock", _SINGLE_STREAM),
         # FLUX.3: per-mode blocks (image; text and reference images run at t = 0, so they are
         # constant and stay uncached) and joint single blocks, each attention and feed-forward in
         # parallel on one modulated input, summed before the gate
@@ -245,6 +247,8 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
     **{name: ("img_ids", "txt_ids") for name in _FLUX_LIKE},
     "Krea2Transformer2DModel": ("position_ids",),  # (text + image tokens, 3)
+    "BriaFiboTransformer2DModel": ("img_ids", "txt_ids"),  # FLUX's ids (its prompt length is not in TOKEN_DIMS:
+    # the per-block text_encoder_layers, a list, carry it too)
     "WanVACETransformer3DModel": ("control_hidden_states_scale",),  # one scale per VACE layer
     # rotary positions: [frames, height / 2, width / 2] index ranges, and the prompt's
     "Kandinsky5Transformer3DModel": ("visual_rope_pos", "text_rope_pos"),
