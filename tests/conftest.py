@@ -845,6 +845,27 @@ def bria_fibo_conditions(batch, gen, text=3):
                 text_encoder_layers=[_text(batch, gen, text, 16) for _ in range(2)])
 
 
+def build_motif_video():
+    from diffusers import MotifVideoTransformer3DModel
+
+    return randomize(MotifVideoTransformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2,
+        num_decoder_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, text_embed_dim=16, image_embed_dim=None,
+        rope_axes_dim=(2, 2, 4), enable_text_cross_attention_dual=True, enable_text_cross_attention_single=True), seed=0)
+
+
+def motif_video_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict:
+    """MotifVideoPipeline (text to video): the latents, a zero condition latent and a one-channel mask."""
+    condition = torch.zeros(latents.shape[0], 5, *latents.shape[2:])
+    return dict(hidden_states=torch.cat([latents, condition], dim=1), timestep=t)
+
+
+def motif_video_conditions(batch, gen, text=4):
+    mask = torch.ones(batch, text, dtype=torch.bool)
+    mask[:, -1] = False  # a padded token
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), encoder_attention_mask=mask)
+
+
 def _noise_half(output: torch.Tensor) -> torch.Tensor:
     """learn_sigma: the pipeline keeps the first half of the channels (the noise), not the variance."""
     return output.chunk(2, dim=1)[0]
@@ -870,4 +891,6 @@ FAMILIES.update({f.name: f for f in (
     # channels-last latents (T, H, W, C); the model returns its sample bare with return_dict=False
     Family("kandinsky5", build_kandinsky5, (2, 8, 8, 4), kandinsky5_conditions, threshold=0.1),
     Family("bria_fibo", build_bria_fibo, (16, 4), bria_fibo_conditions, threshold=0.3),
+    Family("motif_video", build_motif_video, (4, 2, 8, 8), motif_video_conditions, threshold=0.3,
+           call_inputs=motif_video_inputs),
 )})

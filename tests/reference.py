@@ -258,6 +258,54 @@ def _patch_fibo_single(block) -> torch.nn.Module:
     return region
 
 
+class _MotifSingleRegion(torch.nn.Module):
+    """Motif-Video's single block region: MLP, joint attention (video first), the text cross-attention
+    on its video output (decoder blocks have none), proj_out."""
+
+    def __init__(self, block):
+        super().__init__()
+        object.__setattr__(self, "block", block)
+
+    def forward(self, norm_x, text_len, attention_mask, rotary, image_embed_seq_len):
+        b = self.block
+        mlp = b.act_mlp(b.proj_mlp(norm_x))
+        video, text = norm_x[:, :-text_len], norm_x[:, -text_len:]
+        attn, context = b.attn(hidden_states=video, encoder_hidden_states=text, attention_mask=attention_mask,
+                               image_rotary_emb=rotary)
+        if b.cross_attn is not None:
+            attn = attn + b.cross_attn(hidden_states=attn, encoder_hidden_states=text, attention_mask=attention_mask,
+                                       image_rotary_emb=rotary, image_embed_seq_len=image_embed_seq_len)
+        return b.proj_out(torch.cat([torch.cat([attn, context], dim=1), mlp], dim=2))
+
+
+def _patch_motif_single(block) -> torch.nn.Module:
+    region = _MotifSingleRegion(block)
+
+    def forward(hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None,
+                image_embed_seq_len=0):
+        text_len = encoder_hidden_states.shape[1]
+        x = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        norm_x, gate = block.norm(x, emb=temb)
+        x = gate.unsqueeze(1) * region(norm_x, text_len, attention_mask, image_rotary_emb, image_embed_seq_len) + x
+        return x[:, :-text_len], x[:, -text_len:]
+
+    block.forward = forward
+    return region
+
+
+def motif_video_regions(model) -> list:
+    """Motif-Video: double blocks' joint attn (X = both streams), the text cross_attn (X = attn's video
+    output and the modulated text), ff, ff_context; single blocks' fused region."""
+    regions = []
+    for i, block in enumerate(model.transformer_blocks):
+        regions.append((f"d{i}.attn", block.attn, _JOINT))
+        if block.cross_attn is not None:
+            regions.append((f"d{i}.cross_attn", block.cross_attn, _JOINT))
+        regions += [(f"d{i}.ff", block.ff, [0]), (f"d{i}.ff_context", block.ff_context, [0])]
+    return regions + [(f"s{i}.mlp_attn", _patch_motif_single(block), [0])
+                      for i, block in enumerate(model.single_transformer_blocks)]
+
+
 def _patch_hunyuan_single(block) -> torch.nn.Module:
     region = _SingleStreamRegion(block, split_text=True)
 
@@ -510,6 +558,7 @@ FAMILY_REGIONS = {
     "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions, "cosmos": dit_regions,
     "hunyuandit": lambda model: dit_regions(model, model.blocks), "sana_video": sana_regions,
     "chronoedit": wan_regions, "helios": wan_regions, "kandinsky5": kandinsky5_regions,
+    "motif_video": motif_video_regions,
     "bria_fibo": lambda model: _double_stream(model.transformer_blocks) + [
         (f"s{i}.mlp_attn", _patch_fibo_single(block), [0]) for i, block in enumerate(model.single_transformer_blocks)],
 }

@@ -76,6 +76,10 @@ EXPECTED_REGIONS = {
     **{name: {f"blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ffn")} for name in ("chronoedit", "helios")},
     "bria_fibo": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
                   "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_mlp_attn": _ONE},
+    # cross_attn's query is the joint attention's output (a region output: a feature input too)
+    "motif_video": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_cross_attn": (2, 1),
+                    "transformer_blocks_0_ff": _ONE, "transformer_blocks_0_ff_context": _ONE,
+                    **{f"single_transformer_blocks_{i}_mlp_attn": _ONE for i in (0, 1)}},
     # the text blocks are modulated by the timestep: cached; cross-attention reads the encoded text
     "kandinsky5": {"text_transformer_blocks_0_self_attention": _ONE, "text_transformer_blocks_0_feed_forward": _ONE,
                    "visual_transformer_blocks_0_self_attention": _ONE,

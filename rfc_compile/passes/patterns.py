@@ -158,6 +158,14 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         BlockPattern("Kandinsky5TransformerDecoderBlock", (RegionPattern("self_attention", ("self_attention",)),
                                                            RegionPattern("cross_attention", ("cross_attention",)),
                                                            RegionPattern("feed_forward", ("feed_forward",)))),
+        # Motif-Video: FLUX-like double blocks with a text cross-attention after the joint one (its
+        # query the joint attention's output: two regions in a row), and single blocks whose fused
+        # region also holds that cross-attention (not in the last, decoder blocks)
+        BlockPattern("MotifVideoTransformerBlock", (RegionPattern("attn", ("attn",)),
+                                                    RegionPattern("cross_attn", ("cross_attn",), optional=True),
+                                                    RegionPattern("ff", ("ff",)), RegionPattern("ff_context", ("ff_context",)))),
+        BlockPattern("MotifVideoSingleTransformerBlock",
+                     (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "cross_attn", "proj_out")),)),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
