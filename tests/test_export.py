@@ -1505,3 +1505,31 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
         assert any(f.startswith("bool_where_as_logic") for f in export.sidecar.raw["fixups"])
     if name == "hunyuandit":  # its no-op float32 casts of the timestep embedding alias a branch input
         assert any(f.startswith("clone_aliasing_branch_outputs") for f in export.sidecar.raw["fixups"])
+
+
+def test_one_tensor_in_two_arguments_exports_as_two_inputs(tmp_path):
+    """An example that passes one tensor in two arguments (LTX2Pipeline's timestep and sigma) exports
+    two graph inputs, each read: the runner serves calls where they differ (before, the graph read
+    one of them; tests/reliability/test_state_safety.py has the eager case)."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dit = make_tiny_dit()
+
+        def forward(self, hidden_states, timestep, sigma, class_labels, return_dict=True):
+            out = self.dit(hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
+            out = out * sigma.float().view(-1, 1, 1, 1) / 1000
+            return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    model = Scaled().eval()
+    t = torch.full((2,), 900)
+    example = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=t, sigma=t, class_labels=torch.tensor([1, 2]))
+    export = to_onnx(model, tmp_path / "scaled.onnx", example, RFCConfig(mode="full"))
+    assert {i.name for i in export.sidecar.inputs} >= {"timestep", "sigma"} and not export.sidecar.raw["unused_inputs"]
+    runner = OnnxCachedModel(export.onnx_path)
+    call = dict(example, sigma=torch.full((2,), 300))
+    with torch.no_grad():
+        expected = model(**call, return_dict=False)[0]
+    assert (runner(**call, return_dict=False)[0] - expected).abs().max() < ATOL

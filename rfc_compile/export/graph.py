@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from ..config import RFCConfig
 from ..passes import capture, find_regions, rewrite
-from ..passes.capture import CapturedGraph, DynamicDims, named_dim
+from ..passes.capture import CapturedGraph, DynamicDims, distinct_tensor_arguments, named_dim
 from ..state import StateSpec
 from .complex_as_real import complex_as_real
 from .errors import ExportError
@@ -275,7 +275,7 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     ``dynamic_batch``: the batch size is a symbol in the graph (capture.py's rule says which
     inputs are batched); ``dynamic_dims`` names more (capture.py). The program's input shapes
     hold those names ("batch", ...)."""
-    call = normalize_kwargs(model, example_inputs)
+    call = distinct_tensor_arguments(normalize_kwargs(model, example_inputs))  # the ONNX graph's inputs too
     was_training = model.training
     model.eval()
     try:

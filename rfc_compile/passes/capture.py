@@ -140,6 +140,26 @@ def _opaque_arguments(kwargs: dict[str, Any]) -> list[str]:
             for leaf in pytree.tree_leaves(value) if not isinstance(leaf, _PLAIN_VALUES)]
 
 
+def distinct_tensor_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call with a tensor passed in two arguments given as two tensors (a copy for each repeat).
+
+    torch.export folds arguments that are one tensor object into one graph input (LTX2Pipeline
+    passes its timestep as both ``timestep`` and ``sigma``): the graph would then read only one of
+    them, and a later call with two different tensors, the same shapes, would silently get the
+    other's values."""
+    seen: set[int] = set()
+
+    def distinct(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        if id(leaf) in seen:
+            return leaf.clone()
+        seen.add(id(leaf))
+        return leaf
+
+    return pytree.tree_map(distinct, kwargs)
+
+
 def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False,
             dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
@@ -157,6 +177,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
         raise UnsupportedModelError(f"{type(model).__name__} cannot be captured with these dynamic dims: the model's "
                                     f"code fixes them ({', '.join(per_sample)}: one entry per sample, a constant in "
                                     "the graph; export at the serving batch)")
+    kwargs = distinct_tensor_arguments(kwargs)
     unbatched = unbatched_inputs_for(type(model).__name__)
     dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched)
     with torch.no_grad():

@@ -34,7 +34,7 @@ from .. import rfc
 from ..config import RFCConfig
 from ..errors import UnsupportedModelError
 from ..state import StateEntry, StateSpec
-from .capture import CapturedGraph
+from .capture import CapturedGraph, distinct_tensor_arguments
 from .regions import Region, RegionPlan
 
 logger = logging.getLogger(__name__)
@@ -569,8 +569,9 @@ def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
                           "state": {e.name: e.dynamic_shape() for e in step.state_spec.entries}}
     start = time.perf_counter()
     with torch.no_grad():
-        exported = torch.export.export(step, (), {"kwargs": example_kwargs, "state": state},
-                                       dynamic_shapes=dynamic_shapes, strict=False)
+        # one tensor in two arguments stays two graph inputs here too (capture.distinct_tensor_arguments)
+        call = {"kwargs": distinct_tensor_arguments(example_kwargs), "state": state}
+        exported = torch.export.export(step, (), call, dynamic_shapes=dynamic_shapes, strict=False)
     gm = exported.module()
     conds = sum(1 for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond)
     logger.info("rewrote %d regions behind %d cond(s) in %.1fs; state %.1f MB",
