@@ -75,7 +75,7 @@ def _input_key(call: dict[str, Any]) -> tuple:
 
 
 #: The names a model's denoising timestep argument goes by (diffusers: ``timestep``).
-TIMESTEP_NAMES = ("timestep", "t")
+TIMESTEP_NAMES = ("timestep", "t", "timesteps", "sigma", "audio_timestep", "audio_sigma")
 
 
 def timestep_value(t: Any) -> float | None:

@@ -76,6 +76,10 @@ def randomize(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn
     return model.eval()
 
 
+def _first_output(output: Any) -> Any:
+    return output if isinstance(output, torch.Tensor) else output[0]  # Kandinsky 5 returns its sample bare
+
+
 def _hidden_states_and_timestep(latents: torch.Tensor, t: torch.Tensor) -> dict:
     return dict(hidden_states=latents, timestep=t)
 
@@ -103,6 +107,8 @@ class Family:
     call_inputs: Callable[[torch.Tensor, torch.Tensor], dict] = _hidden_states_and_timestep
     #: the model's output ``(return_dict=False)[0]`` as one batched tensor
     batched_output: Callable[[Any], torch.Tensor] = _as_is
+    #: what of the ``return_dict=False`` output moves the latents (its first entry; LTX-2: video and audio)
+    sample_of: Callable[[Any], Any] = _first_output
 
     def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """What the pipeline passes as the timestep at noise level ``sigma`` (1 -> 0)."""
@@ -259,8 +265,8 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
             on_step(n)
         t = family.timestep(sigmas[n]).expand(batch)
         with torch.no_grad():
-            out = transformer(**family.call_inputs(latents, t), return_dict=False, **cond)
-            out = family.batched_output(out if isinstance(out, torch.Tensor) else out[0])  # Kandinsky 5: bare
+            out = family.batched_output(family.sample_of(transformer(**family.call_inputs(latents, t), return_dict=False,
+                                                                                 **cond)))
         outputs.append(out.clone())
         latents = latents + (sigmas[n + 1] - sigmas[n]) * out
     return latents, outputs
@@ -866,6 +872,41 @@ def motif_video_conditions(batch, gen, text=4):
     return dict(encoder_hidden_states=_text(batch, gen, text, 16), encoder_attention_mask=mask)
 
 
+def build_ltx2(layers: int = 2):
+    from diffusers import LTX2VideoTransformer3DModel
+
+    return randomize(LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=8, audio_cross_attention_dim=16, num_layers=layers, caption_channels=16), seed=0)
+
+
+_LTX2_VIDEO_TOKENS = 32  # 2 frames x 4 x 4
+
+
+def ltx2_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict:
+    """LTX2Pipeline's call: packed video latents (B, 32, 4) and audio latents (B, 8, 4) (one (B, 40, 4)
+    tensor here, so that the Euler loop moves both); its timestep, sigma x 1000, passed as ``sigma`` too."""
+    return dict(hidden_states=latents[:, :_LTX2_VIDEO_TOKENS], audio_hidden_states=latents[:, _LTX2_VIDEO_TOKENS:],
+                timestep=t, sigma=t)
+
+
+def ltx2_conditions(batch, gen):
+    rope = build_ltx2(layers=1)  # the video and audio coordinates its pipeline prepares with the model's rope
+    mask = torch.ones(batch, 3)
+    mask[:, -1] = 0  # a padded token
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), audio_encoder_hidden_states=_text(batch, gen, 3, 16),
+                encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=2, height=4, width=4,
+                fps=24.0, audio_num_frames=8,
+                video_coords=rope.rope.prepare_video_coords(batch, 2, 4, 4, torch.device("cpu"), fps=24.0),
+                audio_coords=rope.audio_rope.prepare_audio_coords(batch, 8, torch.device("cpu")),
+                isolate_modalities=False, use_cross_timestep=True)
+
+
+def _video_and_audio(output: tuple) -> torch.Tensor:
+    return torch.cat([output[0], output[1]], dim=1)
+
+
 def _noise_half(output: torch.Tensor) -> torch.Tensor:
     """learn_sigma: the pipeline keeps the first half of the channels (the noise), not the variance."""
     return output.chunk(2, dim=1)[0]
@@ -893,4 +934,6 @@ FAMILIES.update({f.name: f for f in (
     Family("bria_fibo", build_bria_fibo, (16, 4), bria_fibo_conditions, threshold=0.3),
     Family("motif_video", build_motif_video, (4, 2, 8, 8), motif_video_conditions, threshold=0.3,
            call_inputs=motif_video_inputs),
+    Family("ltx2", build_ltx2, (40, 4), ltx2_conditions, threshold=0.3, call_inputs=ltx2_inputs,
+           sample_of=_video_and_audio),
 )})

@@ -548,6 +548,17 @@ def kandinsky5_regions(model) -> list:
                                   (f"v{i}.feed_forward", block.feed_forward, [0]))]
 
 
+def ltx2_regions(model) -> list:
+    """LTX-2: per block, video and audio self-attention (X = ``hidden_states``, passed by keyword), each
+    stream's text cross-attention (X = arg 0), audio-to-video and video-to-audio attention (X = the
+    modulated query stream and the other stream, ``encoder_hidden_states``), each stream's FF."""
+    features = {"attn1": ["hidden_states"], "audio_attn1": ["hidden_states"], "attn2": [0], "audio_attn2": [0],
+                "audio_to_video_attn": [0, "encoder_hidden_states"], "video_to_audio_attn": [0, "encoder_hidden_states"],
+                "ff": [0], "audio_ff": [0]}
+    return [(f"{i}.{name}", getattr(block, name), x) for i, block in enumerate(model.transformer_blocks)
+            for name, x in features.items()]
+
+
 FAMILY_REGIONS = {
     "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
     "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
@@ -558,7 +569,7 @@ FAMILY_REGIONS = {
     "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions, "cosmos": dit_regions,
     "hunyuandit": lambda model: dit_regions(model, model.blocks), "sana_video": sana_regions,
     "chronoedit": wan_regions, "helios": wan_regions, "kandinsky5": kandinsky5_regions,
-    "motif_video": motif_video_regions,
+    "motif_video": motif_video_regions, "ltx2": ltx2_regions,
     "bria_fibo": lambda model: _double_stream(model.transformer_blocks) + [
         (f"s{i}.mlp_attn", _patch_fibo_single(block), [0]) for i, block in enumerate(model.single_transformer_blocks)],
 }

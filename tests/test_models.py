@@ -80,6 +80,10 @@ EXPECTED_REGIONS = {
     "motif_video": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_cross_attn": (2, 1),
                     "transformer_blocks_0_ff": _ONE, "transformer_blocks_0_ff_context": _ONE,
                     **{f"single_transformer_blocks_{i}_mlp_attn": _ONE for i in (0, 1)}},
+    # a video and an audio stream; audio-to-video and video-to-audio attention read both
+    "ltx2": {f"transformer_blocks_{i}_{r}": (2, 1) if r.endswith("_attn") and "_to_" in r else _ONE for i in (0, 1)
+             for r in ("attn1", "audio_attn1", "attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn",
+                       "ff", "audio_ff")},
     # the text blocks are modulated by the timestep: cached; cross-attention reads the encoded text
     "kandinsky5": {"text_transformer_blocks_0_self_attention": _ONE, "text_transformer_blocks_0_feed_forward": _ONE,
                    "visual_transformer_blocks_0_self_attention": _ONE,

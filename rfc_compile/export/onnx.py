@@ -157,13 +157,15 @@ def drop_debug_metadata(model_proto) -> int:
 
 
 def fix_squeeze(model_proto) -> int:
-    """Drop ``Squeeze`` axes that shape inference proves are not of size 1.
+    """Drop ``Squeeze`` axes that shape inference proves are not of size 1, in the graph and in
+    the ``If`` branches.
 
     The dynamo exporter lowers ``aten.squeeze.dim`` to ``Squeeze(x, axes)`` unconditionally,
     whereas PyTorch's squeeze of a dim whose size is not 1 is a no-op; onnxruntime then fails
-    to load the model ("Squeeze ... Dimension of input ... must be 1"). Shape inference gives
-    the static sizes (a dynamic export's named dims stay unknown and their axes are kept): axes
-    of a known size != 1 are removed, and a Squeeze left with no axis becomes an Identity.
+    to load the model ("Squeeze ... Dimension of input ... must be 1"; PixArt's graph, LTX-2's
+    cached step, whose modulation squeezes (B, 1, D) tensors at dim 2). Shape inference gives the
+    static sizes (a dynamic export's named dims stay unknown and their axes are kept): axes of a
+    known size != 1 are removed, and a Squeeze left with no axis becomes an Identity.
     Returns the number of nodes changed.
     """
     import numpy as np
@@ -175,42 +177,60 @@ def fix_squeeze(model_proto) -> int:
     except Exception as exc:  # shape inference is best effort here
         logger.warning("shape inference failed (%s); Squeeze fix-up skipped", exc)
         return 0
-    shapes = {}  # a symbolic dim (dynamic batch / tokens) is None: never provably != 1
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if vi.type.tensor_type.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
-                               for d in vi.type.tensor_type.shape.dim]
-    axes_inputs = {node.input[1] for node in model_proto.graph.node if node.op_type == "Squeeze" and len(node.input) > 1}
-    constants = {init.name: numpy_helper.to_array(init) for init in model_proto.graph.initializer
-                 if init.name in axes_inputs}  # not the weights: a copy of each
-    for node in model_proto.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
 
-    changed = 0
-    new_nodes = []
-    extra_inits = []
-    for node in model_proto.graph.node:
-        if node.op_type == "Squeeze" and len(node.input) > 1 and node.input[1] in constants \
-                and node.input[0] in shapes:
-            shape = shapes[node.input[0]]
-            axes = [int(a) % len(shape) if shape else int(a) for a in np.atleast_1d(constants[node.input[1]])]
-            keep = [a for a in axes if not shape or shape[a] in (1, None)]
-            if len(keep) != len(axes):
-                changed += 1
-                if not keep:
-                    new_nodes.append(onnx.helper.make_node("Identity", [node.input[0]], list(node.output),
-                                                           name=node.name + "_identity"))
-                    continue
-                axes_name = f"{node.name}_axes_fixed"
-                extra_inits.append(numpy_helper.from_array(np.array(keep, dtype=np.int64), axes_name))
-                node.input[1] = axes_name
-        new_nodes.append(node)
-    if changed:
-        del model_proto.graph.node[:]
-        model_proto.graph.node.extend(new_nodes)
-        model_proto.graph.initializer.extend(extra_inits)
-    return changed
+    def subgraphs(node, inferred_node):
+        return [(a.g, b.g) for a, b in zip(node.attribute, inferred_node.attribute) if a.type == onnx.AttributeProto.GRAPH]
+
+    def squeeze_axes_names(graph) -> set[str]:
+        names = {n.input[1] for n in graph.node if n.op_type == "Squeeze" and len(n.input) > 1}
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    names |= squeeze_axes_names(attribute.g)
+        return names
+
+    axes_names = squeeze_axes_names(model_proto.graph)
+    constants = {init.name: numpy_helper.to_array(init) for init in model_proto.graph.initializer
+                 if init.name in axes_names}  # not the weights: a copy of each
+
+    def fix(graph, inferred_graph, outer_shapes: dict, outer_constants: dict) -> int:
+        shapes = dict(outer_shapes)  # a symbolic dim (dynamic batch / tokens) is None: never provably != 1
+        for vi in list(inferred_graph.value_info) + list(inferred_graph.input) + list(inferred_graph.output):
+            if vi.type.tensor_type.HasField("shape"):
+                shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                                   for d in vi.type.tensor_type.shape.dim]
+        known = dict(outer_constants)
+        for node in graph.node:
+            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+                known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        changed = 0
+        new_nodes = []
+        for node, inferred_node in zip(graph.node, inferred_graph.node):
+            for branch, inferred_branch in subgraphs(node, inferred_node):
+                changed += fix(branch, inferred_branch, shapes, known)
+            if node.op_type == "Squeeze" and len(node.input) > 1 and node.input[1] in known \
+                    and node.input[0] in shapes:
+                shape = shapes[node.input[0]]
+                axes = [int(a) % len(shape) if shape else int(a) for a in np.atleast_1d(known[node.input[1]])]
+                keep = [a for a in axes if not shape or shape[a] in (1, None)]
+                if len(keep) != len(axes):
+                    changed += 1
+                    if not keep:
+                        new_nodes.append(onnx.helper.make_node("Identity", [node.input[0]], list(node.output),
+                                                               name=node.name + "_identity"))
+                        continue
+                    axes_name = f"{node.name}_axes_fixed"
+                    new_nodes.append(onnx.helper.make_node(
+                        "Constant", [], [axes_name], name=axes_name,
+                        value=numpy_helper.from_array(np.array(keep, dtype=np.int64))))
+                    node.input[1] = axes_name
+            new_nodes.append(node)
+        if changed:
+            del graph.node[:]
+            graph.node.extend(new_nodes)
+        return changed
+
+    return fix(model_proto.graph, inferred.graph, {}, constants)
 
 
 def _cause_chain(exc: BaseException, handled: BaseException | None = None) -> str:

@@ -35,7 +35,9 @@ class BlockPattern:
 #: Model inputs that change from one denoising step to the next. A region input that
 #: depends on one of them is a *feature input* (part of X's norm); any other input
 #: (encoder states, rotary embeddings, masks) is a constant side input.
-DEFAULT_VARYING_INPUTS: tuple[str, ...] = ("hidden_states", "timestep", "sample", "x", "t")
+DEFAULT_VARYING_INPUTS: tuple[str, ...] = ("hidden_states", "timestep", "sample", "x", "t", "timesteps",
+                                           # LTX-2: its audio latents, and sigma beside each timestep
+                                           "sigma", "audio_hidden_states", "audio_timestep", "audio_sigma")
 
 #: Region sets that several block classes share.
 #: DiT-style block: self-attention, cross-attention where the block has one, feed-forward.
@@ -166,6 +168,13 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
                                                     RegionPattern("ff", ("ff",)), RegionPattern("ff_context", ("ff_context",)))),
         BlockPattern("MotifVideoSingleTransformerBlock",
                      (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "cross_attn", "proj_out")),)),
+        # LTX-2: a video and an audio stream per block, each self-attention and text cross-attention,
+        # then audio-to-video and video-to-audio attention (skipped by a modality-isolated call), then
+        # each stream's FF
+        BlockPattern("LTX2VideoTransformerBlock", tuple(
+            RegionPattern(name, (name,), optional=name in ("audio_to_video_attn", "video_to_audio_attn"))
+            for name in ("attn1", "audio_attn1", "attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn",
+                         "ff", "audio_ff"))),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
