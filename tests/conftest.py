@@ -265,8 +265,8 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
             on_step(n)
         t = family.timestep(sigmas[n]).expand(batch)
         with torch.no_grad():
-            out = family.batched_output(family.sample_of(transformer(**family.call_inputs(latents, t), return_dict=False,
-                                                                                 **cond)))
+            output = transformer(**family.call_inputs(latents, t), return_dict=False, **cond)
+            out = family.batched_output(family.sample_of(output))
         outputs.append(out.clone())
         latents = latents + (sigmas[n + 1] - sigmas[n]) * out
     return latents, outputs

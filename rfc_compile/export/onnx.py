@@ -179,7 +179,8 @@ def fix_squeeze(model_proto) -> int:
         return 0
 
     def subgraphs(node, inferred_node):
-        return [(a.g, b.g) for a, b in zip(node.attribute, inferred_node.attribute) if a.type == onnx.AttributeProto.GRAPH]
+        return [(a.g, b.g) for a, b in zip(node.attribute, inferred_node.attribute)
+                if a.type == onnx.AttributeProto.GRAPH]
 
     def squeeze_axes_names(graph) -> set[str]:
         names = {n.input[1] for n in graph.node if n.op_type == "Squeeze" and len(n.input) > 1}

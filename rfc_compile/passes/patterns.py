@@ -35,9 +35,10 @@ class BlockPattern:
 #: Model inputs that change from one denoising step to the next. A region input that
 #: depends on one of them is a *feature input* (part of X's norm); any other input
 #: (encoder states, rotary embeddings, masks) is a constant side input.
-DEFAULT_VARYING_INPUTS: tuple[str, ...] = ("hidden_states", "timestep", "sample", "x", "t", "timesteps",
-                                           # LTX-2: its audio latents, and sigma beside each timestep
-                                           "sigma", "audio_hidden_states", "audio_timestep", "audio_sigma")
+DEFAULT_VARYING_INPUTS: tuple[str, ...] = (
+    "hidden_states", "timestep", "sample", "x", "t", "timesteps",
+    "sigma", "audio_hidden_states", "audio_timestep", "audio_sigma",  # LTX-2: sigma beside each timestep, audio
+)
 
 #: Region sets that several block classes share.
 #: DiT-style block: self-attention, cross-attention where the block has one, feed-forward.
@@ -163,9 +164,9 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         # Motif-Video: FLUX-like double blocks with a text cross-attention after the joint one (its
         # query the joint attention's output: two regions in a row), and single blocks whose fused
         # region also holds that cross-attention (not in the last, decoder blocks)
-        BlockPattern("MotifVideoTransformerBlock", (RegionPattern("attn", ("attn",)),
-                                                    RegionPattern("cross_attn", ("cross_attn",), optional=True),
-                                                    RegionPattern("ff", ("ff",)), RegionPattern("ff_context", ("ff_context",)))),
+        BlockPattern("MotifVideoTransformerBlock", (
+            RegionPattern("attn", ("attn",)), RegionPattern("cross_attn", ("cross_attn",), optional=True),
+            RegionPattern("ff", ("ff",)), RegionPattern("ff_context", ("ff_context",)))),
         BlockPattern("MotifVideoSingleTransformerBlock",
                      (RegionPattern("mlp_attn", ("proj_mlp", "act_mlp", "attn", "cross_attn", "proj_out")),)),
         # LTX-2: a video and an audio stream per block, each self-attention and text cross-attention,
@@ -264,8 +265,8 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
     **{name: ("img_ids", "txt_ids") for name in _FLUX_LIKE},
     "Krea2Transformer2DModel": ("position_ids",),  # (text + image tokens, 3)
-    "BriaFiboTransformer2DModel": ("img_ids", "txt_ids"),  # FLUX's ids (its prompt length is not in TOKEN_DIMS:
-    # the per-block text_encoder_layers, a list, carry it too)
+    # Bria FIBO: FLUX's ids. Not in TOKEN_DIMS: its prompt length is also in text_encoder_layers, a list
+    "BriaFiboTransformer2DModel": ("img_ids", "txt_ids"),
     "WanVACETransformer3DModel": ("control_hidden_states_scale",),  # one scale per VACE layer
     # rotary positions: [frames, height / 2, width / 2] index ranges, and the prompt's
     "Kandinsky5Transformer3DModel": ("visual_rope_pos", "text_rope_pos"),
