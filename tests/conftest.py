@@ -76,6 +76,22 @@ def randomize(model: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn
     return model.eval()
 
 
+class SigmaScaledDiT(torch.nn.Module):
+    """A tiny DiT whose output a second, timestep-like argument scales: LTX2Pipeline passes one tensor
+    as both ``timestep`` and ``sigma``."""
+
+    def __init__(self):
+        super().__init__()
+        self.dit = make_tiny_dit()
+
+    def forward(self, hidden_states, timestep, sigma, class_labels, return_dict=True):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        out = self.dit(hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
+        out = out * sigma.float().view(-1, 1, 1, 1) / 1000
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
 def _first_output(output: Any) -> Any:
     return output if isinstance(output, torch.Tensor) else output[0]  # Kandinsky 5 returns its sample bare
 

@@ -1513,19 +1513,9 @@ def test_one_tensor_in_two_arguments_exports_as_two_inputs(tmp_path):
     """An example that passes one tensor in two arguments (LTX2Pipeline's timestep and sigma) exports
     two graph inputs, each read: the runner serves calls where they differ (before, the graph read
     one of them; tests/reliability/test_state_safety.py has the eager case)."""
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    from conftest import SigmaScaledDiT
 
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.dit = make_tiny_dit()
-
-        def forward(self, hidden_states, timestep, sigma, class_labels, return_dict=True):
-            out = self.dit(hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
-            out = out * sigma.float().view(-1, 1, 1, 1) / 1000
-            return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-    model = Scaled().eval()
+    model = SigmaScaledDiT().eval()
     t = torch.full((2,), 900)
     example = dict(hidden_states=torch.randn(2, 4, 8, 8), timestep=t, sigma=t, class_labels=torch.tensor([1, 2]))
     export = to_onnx(model, tmp_path / "scaled.onnx", example, RFCConfig(mode="full"))

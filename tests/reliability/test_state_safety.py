@@ -435,21 +435,9 @@ def test_one_tensor_in_two_arguments_is_captured_as_two_inputs():
     tensor object passed twice into one graph input, so the graph read only one of them, and a later
     call with two different tensors of the same shapes silently got the other's values (0.34 off on
     LTX-2). Caching off, both calls equal the original model."""
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    from conftest import SigmaScaledDiT
 
-    class Scaled(torch.nn.Module):
-        """A DiT whose output a second, timestep-like argument scales."""
-
-        def __init__(self):
-            super().__init__()
-            self.dit = make_tiny_dit()
-
-        def forward(self, hidden_states, timestep, sigma, class_labels, return_dict=True):
-            out = self.dit(hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
-            out = out * sigma.float().view(-1, 1, 1, 1) / 1000
-            return Transformer2DModelOutput(sample=out) if return_dict else (out,)
-
-    model = Scaled().eval()
+    model = SigmaScaledDiT().eval()
     cached = rfc_compile.optimize(model, RFCConfig(mode="full"))
     x, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
     t = torch.full((2,), 900)
