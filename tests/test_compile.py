@@ -239,7 +239,8 @@ def test_rfc_backend_keeps_a_second_order_samplers_evaluations_in_one_cache():
         def velocity(latents, sigma):
             t = spec.timestep(sigma).expand(2)
             with torch.no_grad():
-                out = spec.batched_output(transformer(**spec.call_inputs(latents, t), return_dict=False, **cond)[0])
+                out = spec.batched_output(spec.sample_of(transformer(**spec.call_inputs(latents, t), return_dict=False,
+                                                                     **cond)))
             outs.append(out.clone())
             return out
 

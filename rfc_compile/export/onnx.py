@@ -204,11 +204,11 @@ def fix_squeeze(model_proto) -> int:
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        changed = 0
+        changed = nested = 0  # this graph's Squeezes; the branches' (changed in place)
         new_nodes = []
         for node, inferred_node in zip(graph.node, inferred_graph.node):
             for branch, inferred_branch in subgraphs(node, inferred_node):
-                changed += fix(branch, inferred_branch, shapes, known)
+                nested += fix(branch, inferred_branch, shapes, known)
             if node.op_type == "Squeeze" and len(node.input) > 1 and node.input[1] in known \
                     and node.input[0] in shapes:
                 shape = shapes[node.input[0]]
@@ -226,10 +226,10 @@ def fix_squeeze(model_proto) -> int:
                         value=numpy_helper.from_array(np.array(keep, dtype=np.int64))))
                     node.input[1] = axes_name
             new_nodes.append(node)
-        if changed:
+        if changed:  # the node list rebuilt only for this graph's own changes (an If's copy is a branch's)
             del graph.node[:]
             graph.node.extend(new_nodes)
-        return changed
+        return changed + nested
 
     return fix(model_proto.graph, inferred.graph, {}, constants)
 
