@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import re
 
 import pytest
 import torch
@@ -411,6 +412,37 @@ def test_a_region_on_a_permuted_view_is_cached(grid):
     _, got = flow_generation(cached, family, steps=STEPS)
     assert cached.stats.full_steps == reference.full_steps and cached.stats.nfc < STEPS
     assert max_diff(got, expected) < 1e-5
+
+
+def test_a_forward_that_reads_tensor_values_is_refused_naming_the_line():
+    """A forward that branches on a tensor's value in Python, or calls .numpy(), cannot be traced
+    (LTX-2's spatio-temporal guidance, HiDream's MoE routing): the error names the model's line, where
+    torch.export's said only "Could not guard on data-dependent expression" (with a graph dump) or,
+    for .numpy(), ".numpy() is not supported for tensor subclasses" with no location at all."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class BranchOnValue(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            if hidden_states.abs().max() > 100:  # the line the error must name
+                hidden_states = hidden_states / 2
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    class ReadsNumpy(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            hidden_states.cpu().numpy()  # the line the error must name
+            return super().__call__(attn, hidden_states, *args, **kwargs)
+
+    for processor, line in ((BranchOnValue(), "if hidden_states.abs().max() > 100"),
+                            (ReadsNumpy(), "hidden_states.cpu().numpy()")):
+        model = make_tiny_dit()
+        for module in model.modules():
+            if hasattr(module, "set_processor"):
+                module.set_processor(processor)
+        cached = rfc_compile.optimize(model, RFCConfig(mode="rfc"))
+        with pytest.raises(UnsupportedModelError, match=r"reads a tensor's values in Python \(.*test_models\.py:\d+: "
+                           + re.escape(line)):
+            cached(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([999, 999]),
+                   class_labels=torch.tensor([1, 2]))
 
 
 def test_calls_that_keep_python_state_are_refused_clearly():

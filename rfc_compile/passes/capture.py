@@ -20,11 +20,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
+import os
 import time
+import traceback
 from typing import Any, Mapping
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
@@ -160,6 +163,25 @@ def distinct_tensor_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
     return pytree.tree_map(distinct, kwargs)
 
 
+#: torch's words when a traced forward reads a tensor's value (FakeTensors have none)
+_VALUE_READS = ("Could not guard on data-dependent", "Could not extract specialized integer from data-dependent",
+                ".numpy() is not supported for tensor subclasses", "Cannot access data pointer")
+
+
+def _reads_tensor_values(exc: BaseException) -> bool:
+    return isinstance(exc, GuardOnDataDependentSymNode) or any(words in str(exc) for words in _VALUE_READS)
+
+
+def _model_code_line(exc: BaseException) -> str:
+    """``file:line: code`` of the innermost frame of ``exc``'s traceback outside torch and rfc_compile:
+    the model's line that read the value."""
+    skipped = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if not os.path.abspath(frame.filename).startswith(skipped):
+            return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
 def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False,
             dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
@@ -196,6 +218,14 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
                                             f"{_STATEFUL_CALLS}") from exc
             hooks = diffusers_hooks(model)
             if not hooks:
+                if _reads_tensor_values(exc):
+                    where = _model_code_line(exc)
+                    raise UnsupportedModelError(
+                        f"{type(model).__name__}'s forward reads a tensor's values in Python ({where}): capture "
+                        "traces the forward once with symbolic tensors, and a Python branch on a value, .item(), "
+                        ".tolist() or .numpy() cannot be traced (the model's code; a call option may select such "
+                        "code, e.g. LTX-2's spatio_temporal_guidance_blocks). Run these calls with the original model, or write "
+                        "that branch with torch.where / torch.cond") from exc
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedModelError(
