@@ -224,8 +224,8 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
                         f"{type(model).__name__}'s forward reads a tensor's values in Python ({where}): capture "
                         "traces the forward once with symbolic tensors, and a Python branch on a value, .item(), "
                         ".tolist() or .numpy() cannot be traced (the model's code; a call option may select such "
-                        "code, e.g. LTX-2's spatio_temporal_guidance_blocks). Run these calls with the original model, or write "
-                        "that branch with torch.where / torch.cond") from exc
+                        "code, e.g. LTX-2's spatio_temporal_guidance_blocks). Run these calls with the original "
+                        "model, or write that branch with torch.where / torch.cond") from exc
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedModelError(
