@@ -953,3 +953,31 @@ FAMILIES.update({f.name: f for f in (
     Family("ltx2", build_ltx2, (40, 4), ltx2_conditions, threshold=0.3, call_inputs=ltx2_inputs,
            sample_of=_video_and_audio),
 )})
+
+
+def build_hidream():
+    from diffusers import HiDreamImageTransformer2DModel
+
+    return randomize(HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=4,
+        num_activated_experts=2, axes_dims_rope=(2, 2, 4), max_resolution=(8, 8), llama_layers=[0, 1]), seed=0)
+
+
+def hidream_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict:
+    return dict(hidden_states=latents, timesteps=t)  # HiDreamImagePipeline's keyword
+
+
+def hidream_conditions(batch, gen):
+    """T5 states (B, T, C), the Llama hidden states stacked layers first (layers, B, T, C), pooled embeds."""
+    return dict(encoder_hidden_states_t5=_text(batch, gen, 3, 16),
+                encoder_hidden_states_llama3=torch.randn(3, batch, 4, 16, generator=gen),
+                pooled_embeds=torch.randn(batch, 16, generator=gen))
+
+
+def _negated(output: torch.Tensor) -> torch.Tensor:
+    return -output  # HiDreamImagePipeline: noise_pred = -noise_pred
+
+
+FAMILIES["hidream"] = Family("hidream", build_hidream, (4, 8, 8), hidream_conditions, threshold=0.3,
+                             call_inputs=hidream_inputs, batched_output=_negated)

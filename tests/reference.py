@@ -559,6 +559,18 @@ def ltx2_regions(model) -> list:
             for name, x in features.items()]
 
 
+def hidream_regions(model) -> list:
+    """HiDream-I1 (each block in a HiDreamBlock wrapper): the double blocks' joint attn1 (X = the image
+    and text streams, args 0 and 2), image MoE ff_i and text ff_t; the single blocks' attn1 and ff_i."""
+    regions = []
+    for i, wrapper in enumerate(model.double_stream_blocks):
+        block = wrapper.block
+        regions += [(f"d{i}.attn", block.attn1, [0, 2]), (f"d{i}.ff_i", block.ff_i, [0]), (f"d{i}.ff_t", block.ff_t, [0])]
+    for i, wrapper in enumerate(model.single_stream_blocks):
+        regions += [(f"s{i}.attn", wrapper.block.attn1, [0]), (f"s{i}.ff_i", wrapper.block.ff_i, [0])]
+    return regions
+
+
 FAMILY_REGIONS = {
     "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
     "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
@@ -569,7 +581,7 @@ FAMILY_REGIONS = {
     "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions, "cosmos": dit_regions,
     "hunyuandit": lambda model: dit_regions(model, model.blocks), "sana_video": sana_regions,
     "chronoedit": wan_regions, "helios": wan_regions, "kandinsky5": kandinsky5_regions,
-    "motif_video": motif_video_regions, "ltx2": ltx2_regions,
+    "motif_video": motif_video_regions, "ltx2": ltx2_regions, "hidream": hidream_regions,
     "bria_fibo": lambda model: _double_stream(model.transformer_blocks) + [
         (f"s{i}.mlp_attn", _patch_fibo_single(block), [0]) for i, block in enumerate(model.single_transformer_blocks)],
 }

@@ -1474,7 +1474,7 @@ def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, nam
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
                                   "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2", "cogview4",
                                   "cosmos", "hunyuandit", "sana_video", "chronoedit", "helios", "kandinsky5", "bria_fibo",
-                                  "motif_video", "ltx2",
+                                  "motif_video", "ltx2", "hidream",
                                   pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
                                   pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),

@@ -89,6 +89,10 @@ EXPECTED_REGIONS = {
     "kandinsky5": {"text_transformer_blocks_0_self_attention": _ONE, "text_transformer_blocks_0_feed_forward": _ONE,
                    "visual_transformer_blocks_0_self_attention": _ONE,
                    "visual_transformer_blocks_0_cross_attention": (2, 1), "visual_transformer_blocks_0_feed_forward": _ONE},
+    # each block in a HiDreamBlock wrapper; ff_i is the mixture of experts (traceable.py's twin)
+    "hidream": {"double_stream_blocks_0_block_attn": _JOINT, "double_stream_blocks_0_block_ff_i": _ONE,
+                "double_stream_blocks_0_block_ff_t": _ONE, "single_stream_blocks_0_block_attn": _ONE,
+                "single_stream_blocks_0_block_ff_i": _ONE},
 }
 assert set(EXPECTED_REGIONS) == set(FAMILIES)
 
@@ -336,7 +340,7 @@ def test_attention_processors_swapped_by_pag_pipelines_are_captured():
 #: Mochi: a Python loop over the samples of its text mask; Z-Image: a Python list of samples;
 #: Qwen-Image: ``img_shapes``, one latent grid per sample, patterns.PER_SAMPLE_CONSTANTS):
 #: capture with dynamic_batch refuses them with UnsupportedModelError
-BATCH_FIXED_BY_MODEL = ("chroma", "mochi", "zimage", "qwenimage")
+BATCH_FIXED_BY_MODEL = ("chroma", "mochi", "zimage", "qwenimage", "hidream")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -416,7 +420,7 @@ def test_a_region_on_a_permuted_view_is_cached(grid):
 
 def test_a_forward_that_reads_tensor_values_is_refused_naming_the_line():
     """A forward that branches on a tensor's value in Python, or calls .numpy(), cannot be traced
-    (LTX-2's spatio-temporal guidance, HiDream's MoE routing): the error names the model's line, where
+    (LTX-2's spatio-temporal guidance): the error names the model's line, where
     torch.export's said only "Could not guard on data-dependent expression" (with a graph dump) or,
     for .numpy(), ".numpy() is not supported for tensor subclasses" with no location at all."""
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -443,6 +447,27 @@ def test_a_forward_that_reads_tensor_values_is_refused_naming_the_line():
                            + re.escape(line)):
             cached(hidden_states=torch.randn(2, 4, 8, 8), timestep=torch.tensor([999, 999]),
                    class_labels=torch.tensor([1, 2]))
+
+
+def test_hidream_moe_is_traced_through_its_twin_and_the_model_is_left_alone():
+    """HiDream-I1's mixture of experts counts the tokens of each expert with ``.cpu().numpy()``,
+    which torch.export cannot trace: capture traces passes/traceable.py's twin in its place. The
+    twin gives diffusers' ``moe_infer`` outputs exactly (an expert no token chose included), and the
+    user's model keeps its own method: nothing is left on its modules after a capture."""
+    from rfc_compile.passes.traceable import hidream_moe_infer
+
+    family = FAMILIES["hidream"]
+    model = family.build()
+    moe = model.double_stream_blocks[0].block.ff_i
+    gen = torch.Generator().manual_seed(0)
+    x, weights = torch.randn(12, 16, generator=gen), torch.rand(24, 1, generator=gen)
+    for experts in (4, 3):  # with 3, expert 3 gets no token
+        chosen = torch.randint(0, experts, (24,), generator=gen)
+        with torch.no_grad():
+            assert torch.equal(hidream_moe_infer(moe, x, chosen, weights), moe.moe_infer(x, chosen, weights))
+    cached = rfc_compile.optimize(model, RFCConfig(mode="rfc", threshold=family.threshold))
+    flow_generation(cached, family, steps=2)
+    assert not [m for m in model.modules() if "moe_infer" in m.__dict__]
 
 
 def test_calls_that_keep_python_state_are_refused_clearly():

@@ -31,7 +31,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
-from .patterns import PER_SAMPLE_CONSTANTS, unbatched_inputs_for
+from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, unbatched_inputs_for
+from .traceable import swapped_methods
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     kwargs = distinct_tensor_arguments(kwargs)
     unbatched = unbatched_inputs_for(type(model).__name__)
     dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched)
-    with torch.no_grad():
+    with torch.no_grad(), swapped_methods(model, TRACEABLE_METHODS):
         try:
             exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except torch._dynamo.exc.UserError as exc:  # the model fixes a dim that was asked to be dynamic

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Callable
+
+from .traceable import hidream_moe_infer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +178,13 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
             RegionPattern(name, (name,), optional=name in ("audio_to_video_attn", "video_to_audio_attn"))
             for name in ("attn1", "audio_attn1", "attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn",
                          "ff", "audio_ff"))),
+        # HiDream-I1: double-stream blocks (joint attention, then an image MoE feed-forward and a text
+        # one) and single-stream blocks (attention, MoE feed-forward); each sits in a HiDreamBlock
+        # wrapper. Its MoE routing needs a traceable twin (TRACEABLE_METHODS)
+        BlockPattern("HiDreamImageTransformerBlock", (RegionPattern("attn", ("attn1",)), RegionPattern("ff_i", ("ff_i",)),
+                                                      RegionPattern("ff_t", ("ff_t",)))),
+        BlockPattern("HiDreamImageSingleTransformerBlock", (RegionPattern("attn", ("attn1",)),
+                                                            RegionPattern("ff_i", ("ff_i",)))),
         # Z-Image: single-stream blocks (noise refiner, context refiner, main layers)
         BlockPattern(
             "ZImageTransformerBlock",
@@ -275,6 +284,13 @@ UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
 
 def unbatched_inputs_for(class_name: str) -> tuple[str, ...]:
     return UNBATCHED_INPUTS.get(class_name, ())
+
+
+#: Methods that compute on the host (torch.export cannot trace them), per module class: the
+#: traceable twin capture puts in their place while it traces (traceable.py).
+TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
+    "MOEFeedForwardSwiGLU": {"moe_infer": hidream_moe_infer},  # HiDream-I1: .cpu().numpy() of token counts
+}
 
 
 #: Non-tensor arguments holding one entry per sample, per model class. They are baked into a graph
