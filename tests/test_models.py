@@ -338,7 +338,8 @@ def test_attention_processors_swapped_by_pag_pipelines_are_captured():
 
 #: families whose own code fixes the batch size (Chroma: ``torch.tensor([0] * batch_size)``;
 #: Mochi: a Python loop over the samples of its text mask; Z-Image: a Python list of samples;
-#: Qwen-Image: ``img_shapes``, one latent grid per sample, patterns.PER_SAMPLE_CONSTANTS):
+#: Qwen-Image: ``img_shapes``, one latent grid per sample, patterns.PER_SAMPLE_CONSTANTS; HiDream-I1:
+#: unpatchify loops over one image size per sample):
 #: capture with dynamic_batch refuses them with UnsupportedModelError
 BATCH_FIXED_BY_MODEL = ("chroma", "mochi", "zimage", "qwenimage", "hidream")
 
