@@ -291,7 +291,7 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
 PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
-             "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5")
+             "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream")
 #: pipelines that call the transformer for cond and uncond separately *without* cache_context
 BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2", "flux_kontext", "kandinsky5")
 
@@ -436,6 +436,16 @@ def build_pipeline(name: str):
                       negative_prompt_embeds_qwen=_embeds(1, 4, 16, 3), negative_prompt_embeds_clip=_embeds(1, 1, 16, 4)[:, 0],
                       negative_prompt_cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
                       height=64, width=64, num_frames=5, guidance_scale=5.0)
+    elif name == "hidream":
+        # CFG batched; T5 and Llama states (the Llama ones stacked layers first), pooled CLIP embeds
+        pipe = d.HiDreamImagePipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, transformer=build_hidream(),
+                                      **{f"{part}{i}": None for part in ("text_encoder", "tokenizer") for i in ("", "_2", "_3", "_4")})
+        pipe.default_sample_size = 8  # it rescales every request to this many latent pixels squared (128 by default)
+        gen = torch.Generator().manual_seed(1)
+        kwargs = dict(prompt_embeds_t5=_embeds(1, 3, 16, 1), prompt_embeds_llama3=torch.randn(3, 1, 4, 16, generator=gen),
+                      pooled_prompt_embeds=_embeds(1, 1, 16, 2)[:, 0], negative_prompt_embeds_t5=_embeds(1, 3, 16, 3),
+                      negative_prompt_embeds_llama3=torch.randn(3, 1, 4, 16, generator=gen),
+                      negative_pooled_prompt_embeds=_embeds(1, 1, 16, 4)[:, 0], height=64, width=64, guidance_scale=5.0)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)
@@ -453,8 +463,8 @@ def pipeline_threshold(name: str) -> float:
 
 def called_timestep(args: tuple, kwargs: dict) -> float:
     """The timestep of one transformer call (a forward pre-hook's arguments): ZImagePipeline
-    passes ``(x, t, cap_feats)`` positionally, the others ``timestep=`` by keyword."""
-    t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+    passes ``(x, t, cap_feats)`` positionally, HiDreamImagePipeline ``timesteps=``, the others ``timestep=``."""
+    t = kwargs["timestep"] if "timestep" in kwargs else kwargs["timesteps"] if "timesteps" in kwargs else args[1]
     return float(t.reshape(-1)[0])
 
 
