@@ -239,8 +239,10 @@ def model_timestep_rises(model: Any) -> bool:
 #: ``dynamic_dims``), per model class: ``{input: {dim index: dim name}}``. Only sizes the model
 #: computes with as sizes: FLUX and FLUX.2 take packed latents ``(B, image tokens, C)`` with their
 #: position ids, and text states with theirs; SD3 and PixArt take any prompt length (PixArt with its mask).
-#: Their latent height and width are fixed (the patch embedding compares them with the configured
-#: sample size or crops a fixed position table), as DiT's are.
+#: Models that take the latents as an image and cut it into patches keep a static resolution per
+#: export: their code divides the height by the patch size, which needs the patch grid as the
+#: symbol, and torch 2.13's torch.cond cannot merge branch outputs whose sizes carry that division
+#: (pytorch/pytorch#188151; README).
 _FLUX_TOKENS = {
     "hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"},
     "encoder_hidden_states": {1: "text_tokens"}, "txt_ids": {0: "text_tokens"},
@@ -258,8 +260,7 @@ TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
     },
     "SD3Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
     "PixArtTransformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}, "encoder_attention_mask": {1: "text_tokens"}},
-    # CogView4's resolution: its rotary code guards ``height // 2`` (an even-size symbol torch.export
-    # is not given here), so the prompt length only
+    # CogView4: the prompt length only (its latents are patchified, see above)
     "CogView4Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
 }
 
