@@ -145,14 +145,28 @@ def branch_cache_name(branch: int) -> str:
     return f"rfc_compile:branch{branch}"
 
 
-def follow_timestep(session: Any, value: float | None) -> None:
+def follow_timestep(session: Any, value: float | None, step_index: int | None = None) -> None:
     """Denoising timesteps only go down (up for the models of patterns.RISING_TIMESTEP_BLOCKS:
     ``session.timestep_rises``): one going back (``value``, the call's :func:`call_timestep`)
     starts a new generation (with ``session.auto_reset``). Two calls in a row at one timestep are
     most likely a pipeline's conditional and unconditional branches called separately, which must
     not share a cache: warned about once per cache. ``session``: a CacheSession or an export runner
-    (both keep ``_last_timestep``, ``_history``, ``_warned_repeat``, ``auto_reset`` and
-    ``timestep_rises``, and have ``reset()``)."""
+    (both keep ``_last_timestep``, ``_last_step_index``, ``_history``, ``_warned_repeat``,
+    ``auto_reset`` and ``timestep_rises``, and have ``reset()``).
+
+    A pipeline that numbers its steps (diffusers' ``cache_context(name, step_index=i)``, as
+    WanPipeline does; ``step_index``) says more: a step index not above the previous call's starts
+    a new generation whatever the timestep. The timestep alone cannot tell a generation that starts
+    where the last one ended (a Wan 2.2 expert that runs one step per generation, always at the
+    same timestep; a generation after one interrupted at its first step) from a second-order
+    sampler's next evaluation."""
+    last_step, session._last_step_index = session._last_step_index, step_index
+    if step_index is not None and last_step is not None and session._history:
+        if session.auto_reset and step_index <= last_step:
+            session.reset()
+            session._last_step_index = step_index
+        session._last_timestep = value
+        return
     if value is None:
         return
     if session._last_timestep is not None and session._history:
@@ -186,7 +200,8 @@ class CacheSession:
     """
 
     #: What one signature's cache is (set aside and resumed as a whole).
-    _CACHE_FIELDS = ("_key", "_spec", "_device", "_state", "_history", "_last_timestep", "_warned_repeat")
+    _CACHE_FIELDS = ("_key", "_spec", "_device", "_state", "_history", "_last_timestep", "_last_step_index",
+                     "_warned_repeat")
 
     def __init__(self, owner: "CachedModel", auto_reset: bool = True):
         self._owner = owner
@@ -199,6 +214,8 @@ class CacheSession:
         self._state: dict[str, Tensor] | None = None
         self._history: list[Tensor] = []  # last_full after each step (0-d tensors, read lazily)
         self._last_timestep: float | None = None
+        self._last_step_index: int | None = None  # of the last call (a pipeline's cache_context step_index)
+        self.context_step_index: int | None = None  # the current cache_context's step_index
         self._warned_repeat = False
         # other signatures' caches: key -> (cache fields, timesteps called since, other than its last)
         self._set_aside: dict[tuple, tuple[dict[str, Any], set]] = {}
@@ -222,6 +239,7 @@ class CacheSession:
         self._state = self._spec.init(self._device) if self._spec is not None else None
         self._history = []
         self._last_timestep = None
+        self._last_step_index = None
 
     def _switch_signature(self, key: tuple, program: _Program, call: dict[str, Any], now: float | None) -> None:
         """Set the current cache aside and take ``key``'s: resumed if it missed no step, else empty."""
@@ -267,7 +285,7 @@ class CacheSession:
             key, program = owner._program_for(call)
             if key != self._key:
                 self._switch_signature(key, program, call, now)
-            follow_timestep(self, now)
+            follow_timestep(self, now, self.context_step_index)
             with torch.no_grad():
                 out, new_state = program.run(kwargs=call, state=self._state)
             self._state = new_state
@@ -359,17 +377,20 @@ class CachedModel(torch.nn.Module):
 
         Pipelines that run the conditional and unconditional branches as separate calls
         (Wan, FLUX/HunyuanVideo true CFG) wrap each in ``transformer.cache_context("cond")`` /
-        ``("uncond")``; each name gets a cache of its own, so the two never mix. Extra keyword
-        arguments diffusers passes along (e.g. ``step_index``) are not needed: steps are counted.
+        ``("uncond")``; each name gets a cache of its own, so the two never mix. A ``step_index``
+        (WanPipeline passes one) tells a new generation where the timestep cannot
+        (:func:`follow_timestep`); diffusers' other context fields are not needed.
         """
         previous = self._session
         session = self._named_sessions.get(name)
         if session is None:
             session = self._named_sessions[name] = CacheSession(self, self._default_session.auto_reset)
         self._session = session
+        outer_step, session.context_step_index = session.context_step_index, _context_kwargs.get("step_index")
         try:
             yield session
         finally:
+            session.context_step_index = outer_step
             self._session = previous
 
     @property

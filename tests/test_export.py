@@ -279,6 +279,34 @@ def test_runner_gives_each_branch_of_a_step_its_own_cache(rfc_onnx):
     assert runner.stats.steps == 4
 
 
+@pytest.mark.parametrize("kind", ["eager", "onnx"])
+def test_a_step_index_that_does_not_rise_starts_a_new_generation(rfc_onnx, kind):
+    """WanPipeline numbers its steps: ``cache_context(name, step_index=i)``. A Wan 2.2 expert that runs
+    one step per generation is called at the same timestep and step index in every generation; the
+    timestep alone never said a new generation began, so its cache went on across generations and
+    the third one, with another prompt, was skipped and predicted from the first two (helper's
+    repro: 2.3e-4 off a fresh model). A step index not above the previous one starts a new
+    generation, for the torch cached model and the onnxruntime runner alike."""
+    def fresh():
+        return rfc_compile.optimize(make_tiny_dit(), RFC) if kind == "eager" else OnnxCachedModel(rfc_onnx)
+
+    model, gen = fresh(), torch.Generator().manual_seed(0)
+    for generation in range(3):  # the expert's only step: pipeline step 7, at t = 300
+        call = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=gen), timestep=torch.full((2,), 300),
+                    class_labels=torch.tensor([1 + generation, 2]), return_dict=False)
+        with model.cache_context("cond", step_index=7):
+            got = model(**call)[0]
+        assert model.stats.steps == 1 and model.stats.full_steps == [0]
+        other = fresh()
+        with other.cache_context("cond", step_index=7):
+            assert torch.equal(got, other(**call)[0])
+    for i, t in enumerate(range(900, 400, -100)):  # rising step indices: one generation of five steps
+        with model.cache_context("cond", step_index=i):
+            model(hidden_states=torch.randn(2, 4, 8, 8, generator=gen), timestep=torch.full((2,), t),
+                  class_labels=torch.tensor([1, 2]), return_dict=False)
+    assert model.stats.steps == 5
+
+
 def test_runner_sessions_share_the_graph_never_the_cache(rfc_onnx):
     """new_session(): one cache per request over one InferenceSession (weights loaded once). Two
     generations run in two threads in lock-step (a barrier at every step) each equal the same

@@ -63,7 +63,8 @@ class StatefulRunner:
     and keep their state buffers in ``self._buffers`` (two sets, ping-pong) and ``self._current``."""
 
     #: What one cache is (swapped as a whole by ``cache_context``).
-    _CACHE_FIELDS = ("_buffers", "_current", "_history", "_last_timestep", "_warned_repeat", "_dims")
+    _CACHE_FIELDS = ("_buffers", "_current", "_history", "_last_timestep", "_last_step_index", "_warned_repeat",
+                     "_dims")
 
     def __init__(self, sidecar: Sidecar, auto_reset: bool = True):
         self.graph_sidecar = sidecar  # as exported (named dims where the graph has dynamic ones)
@@ -75,6 +76,8 @@ class StatefulRunner:
         self._history: list[int] = []
         self._stats_history = self._history  # the cache the last call used (see cache_context)
         self._last_timestep: float | None = None
+        self._last_step_index: int | None = None  # of the last call (runtime.follow_timestep)
+        self._context_step_index: int | None = None  # the current cache_context's step_index
         self._warned_repeat = False
         self._named_caches: dict[str, dict[str, Any]] = {}
         self._context_depth = 0  # inside cache_context: no automatic branch caches
@@ -112,8 +115,10 @@ class StatefulRunner:
         """Calls inside use the cache named ``name`` (diffusers' CacheMixin protocol, as
         CachedModel.cache_context): pipelines that run the conditional and unconditional branches
         as separate calls wrap each in ``cache_context("cond")`` / ``("uncond")``, and the two
-        caches never mix. A name's cache starts empty and lives as long as the runner."""
-        outer = self._take_cache()
+        caches never mix. A name's cache starts empty and lives as long as the runner. A
+        ``step_index`` (WanPipeline passes one) tells a new generation where the timestep cannot."""
+        outer, outer_step = self._take_cache(), self._context_step_index
+        self._context_step_index = _context_kwargs.get("step_index")
         if name in self._named_caches:
             self._put_cache(self._named_caches[name])
         else:
@@ -123,6 +128,7 @@ class StatefulRunner:
             yield self
         finally:
             self._context_depth -= 1
+            self._context_step_index = outer_step
             self._named_caches[name] = self._take_cache()
             self._put_cache(outer)
 
@@ -215,7 +221,7 @@ class StatefulRunner:
             self._bind_dims(dims)
             self.reset()
         feeds = self._feeds(leaves)
-        follow_timestep(self, now)
+        follow_timestep(self, now, self._context_step_index)
         outputs, last_full = self._step(feeds)
         self._history.append(last_full)
         self._stats_history = self._history
@@ -249,6 +255,7 @@ class StatefulRunner:
         self._zero_state()
         self._history = self._stats_history = []
         self._last_timestep = None
+        self._last_step_index = None
 
     def _take_cache(self) -> dict[str, Any]:
         return {field: getattr(self, field) for field in self._CACHE_FIELDS}
