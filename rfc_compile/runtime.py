@@ -281,6 +281,7 @@ class CacheSession:
     def run(self, call: dict[str, Any], now: float | None):
         """One step on normalized forward kwargs whose timestep is ``now`` (``call_timestep``)."""
         owner = self._owner
+        _refuse_inputs_requiring_grad(owner, call)
         with self._lock:
             key, program = owner._program_for(call)
             if key != self._key:
@@ -302,6 +303,21 @@ class CacheSession:
             if len(seen) > 1 or None in seen:
                 self._finish(cache["_history"])
                 del self._set_aside[key]
+
+
+def _refuse_inputs_requiring_grad(owner: "CachedModel", call: dict[str, Any]) -> None:
+    """The cached step runs without autograd (its cache is state carried from call to call): an
+    output of a call whose inputs require grad would be silently cut from the user's graph (a
+    guidance loss through it lost the model's term, mode "full" included)."""
+    if not torch.is_grad_enabled():
+        return
+    needing = [name for name, value in call.items()
+               if any(isinstance(t, Tensor) and t.requires_grad for t in pytree.tree_leaves(value))]
+    if needing:
+        raise RuntimeError(
+            f"{type(owner.model).__name__} optimized by rfc_compile: input(s) {needing} require grad, but the cached "
+            "step runs without autograd (its cache is state carried between calls). Call the original model "
+            "(cached.model) where gradients must flow, or pass detached inputs / run under torch.no_grad()")
 
 
 def _stats(history: list[Tensor]) -> RFCStats:
@@ -501,6 +517,8 @@ class CachedModel(torch.nn.Module):
         """Capture and rewrite for these example inputs now instead of on the first call."""
         self._program_for(self._normalize(args, kwargs))
 
+    @torch.compiler.disable(reason="rfc_compile's cached step decides and keeps its cache in Python around "
+                                   "its graphs: compile them with optimize(model, backend='inductor')")
     def forward(self, *args, **kwargs):
         call = self._normalize(args, kwargs)
         now = call_timestep(call)

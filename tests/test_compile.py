@@ -62,6 +62,23 @@ def _example(cached):
     return call, cached.state_spec.init()
 
 
+def test_torch_compile_over_an_optimized_model_runs_it_as_is(eager_runs):
+    """``torch.compile(optimize(model))``: dynamo traced into the cached model's Python (capture,
+    the cache's bookkeeping) and crashed on the first call ("exception table entry start
+    instruction has no offset"). Its forward is left to run as is (torch.compiler.disable): the
+    generation equals the eager cached model's; with fullgraph=True torch's error says what to do
+    instead (optimize's backend="inductor")."""
+    torch._dynamo.reset()
+    compiled = torch.compile(rfc_compile.optimize(make_tiny_dit(), CONFIG))
+    _, outs = ddim_generation(compiled, steps=STEPS, cfg=True, seed=0)
+    assert compiled.stats.full_steps == eager_runs[0][1]
+    _close(outs, eager_runs[0][0])
+    torch._dynamo.reset()  # else the first compile's decision for forward's frame is reused
+    strict = torch.compile(rfc_compile.optimize(make_tiny_dit(), CONFIG), fullgraph=True)
+    with pytest.raises(Exception, match="backend='inductor'"):
+        ddim_generation(strict, steps=1, cfg=True)
+
+
 def test_rewritten_graph_and_split_pieces_have_no_graph_breaks():
     cached = rfc_compile.optimize(make_tiny_dit(), CONFIG)
     call, state = _example(cached)
