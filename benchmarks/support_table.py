@@ -62,9 +62,12 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
   call's starts a new generation with an empty cache. Only the order matters, not the scale: FLUX
   pipelines pass `t / 1000` as a float in (0, 1], SD3 / PixArt / Wan pass `t` in [0, 1000]; both
   work (measured below: a second pipeline call gives bit-identical latents and the same full steps
-  as the first). Call `pipe.transformer.reset()` yourself when a generation could start at or below
-  the previous one's last timestep (e.g. two 1-step generations), or pass `auto_reset=False` to
-  `optimize` and reset by hand.
+  as the first). A pipeline that numbers its steps in `cache_context(name, step_index=i)`
+  (WanPipeline) also starts one when the step index does not rise: a Wan 2.2 expert that runs one
+  step per generation, always at one timestep. Otherwise call `pipe.transformer.reset()` yourself
+  when a generation could start at or below the previous one's last timestep (two 1-step
+  generations; a generation after one interrupted at its first step), or pass `auto_reset=False`
+  to `optimize` and reset by hand.
 * **A new input shape** (resolution, frames, batch, prompt length) builds a new graph and starts
   a cache of its own; the first call at a shape pays the capture (seconds on these tiny models).
   StableDiffusion3Pipeline's skip-layer guidance (`skip_guidance_layers`) calls the transformer a
