@@ -222,6 +222,17 @@ def _cosmos(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return kwargs
 
 
+def _hidream(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """HiDreamImagePipeline: NCHW latents, ``timesteps`` (t, float), T5 states, the Llama hidden
+    states stacked layers first (every layer up to the last one the model reads), pooled CLIP embeds."""
+    t5_dim, llama_dim = cfg["caption_channels"]
+    layers = max(cfg["llama_layers"]) + 1
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width), timesteps=s.timestep(),
+                encoder_hidden_states_t5=s.text(t5_dim),
+                encoder_hidden_states_llama3=torch.stack([s.text(llama_dim) for _ in range(layers)]),
+                pooled_embeds=s.randn(s.batch, cfg["text_emb_dim"]))
+
+
 def _auraflow(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
                 encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch))  # t / 1000
@@ -300,7 +311,7 @@ def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
 
 #: Inputs left in float32 for a low-precision model: pipelines pass float32 timesteps (978.6,
 #: which float16 would round to 978.5) and the models' timestep embeddings compute in float32.
-FLOAT32_INPUTS = ("timestep", "guidance")
+FLOAT32_INPUTS = ("timestep", "timesteps", "guidance")
 
 #: Latent patches a pipeline packs into tokens outside the model (FluxPipeline's 2x2).
 PACKED_PATCH = {name: 2 for name in (
@@ -337,6 +348,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "HunyuanVideoTransformer3DModel": _hunyuan_video,
     "LTXVideoTransformer3DModel": _ltx_video,
     "MochiTransformer3DModel": _mochi,
+    "HiDreamImageTransformer2DModel": _hidream,
 }
 
 
