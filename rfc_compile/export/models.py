@@ -233,6 +233,22 @@ def _hidream(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 pooled_embeds=s.randn(s.batch, cfg["text_emb_dim"]))
 
 
+def _hunyuan_image(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """HunyuanImagePipeline (2.1): NCHW latents, the Qwen text states with their tokenizer mask,
+    ByT5 glyph states where the model projects them (``text_embed_2_dim``), the distilled guidance
+    x 1000 for a guidance-distilled model, the next timestep for a MeanFlow one."""
+    mask = torch.ones(s.batch, s.text_len, dtype=torch.int64)
+    kwargs = dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width), timestep=s.timestep(),
+                  encoder_hidden_states=s.text(cfg["text_embed_dim"]), encoder_attention_mask=mask)
+    if cfg.get("text_embed_2_dim"):
+        kwargs.update(encoder_hidden_states_2=s.text(cfg["text_embed_2_dim"]), encoder_attention_mask_2=mask.clone())
+    if cfg.get("guidance_embeds"):
+        kwargs["guidance"] = torch.full((s.batch,), 3500.0)
+    if cfg.get("use_meanflow"):
+        kwargs["timestep_r"] = torch.full((s.batch,), 950.0)
+    return kwargs
+
+
 def _auraflow(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width),
                 encoder_hidden_states=s.text(cfg["joint_attention_dim"]), timestep=torch.ones(s.batch))  # t / 1000
@@ -320,7 +336,8 @@ PACKED_PATCH = {name: 2 for name in (
     "BriaTransformer2DModel", "Krea2Transformer2DModel")}
 
 #: The forward kwargs of one call, per model class (what its pipeline passes). A family left out
-#: (CogVideoX and Hunyuan-DiT, whose pipelines compute rotary embeddings outside the model) exports through
+#: (CogVideoX and Hunyuan-DiT, whose pipelines compute rotary embeddings outside the model; Helios,
+#: Kandinsky 5, Bria FIBO, Motif-Video and LTX-2, not written yet) exports through
 #: ``to_onnx`` with example inputs of your own.
 EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "DiTTransformer2DModel": _dit,
@@ -349,6 +366,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "LTXVideoTransformer3DModel": _ltx_video,
     "MochiTransformer3DModel": _mochi,
     "HiDreamImageTransformer2DModel": _hidream,
+    "HunyuanImageTransformer2DModel": _hunyuan_image,
 }
 
 
