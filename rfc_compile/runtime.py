@@ -125,19 +125,28 @@ class BranchFollower:
             self._branch += 1
         else:
             self._timestep, self._branch = now, 0
-            self._latents = [(t, t._version) for t in latents]  # _version: changed in place since?
+            self._latents = [_snapshot(t) for t in latents]
         return self._branch
 
     def _same(self, latents: list[Tensor]) -> bool:
         if len(latents) != len(self._latents):
             return False
         for new, (old, version) in zip(latents, self._latents):
-            if old._version != version:  # modified in place: its content then is unknown
+            if version is not None and old._version != version:  # modified in place: content unknown
                 return False
             if new is not old and (new.shape != old.shape or new.dtype != old.dtype or new.device != old.device
                                    or not torch.equal(new, old)):
                 return False
         return True
+
+
+def _snapshot(t: Tensor) -> tuple[Tensor, int | None]:
+    """A call's latents as the next call compares them: the tensor and its version counter (changed
+    in place since?), or a copy where there is no counter (tensors made under
+    ``torch.inference_mode()``, which pipelines are often run in)."""
+    if t.is_inference():
+        return t.clone(), None
+    return t, t._version
 
 
 def branch_cache_name(branch: int) -> str:

@@ -404,6 +404,39 @@ def test_calls_at_one_timestep_with_other_latents_are_steps_of_one_cache():
     assert sorted(split._named_sessions) == ["cond", "uncond"]  # no branch caches inside cache_context
 
 
+def test_calls_under_inference_mode_are_followed_as_under_no_grad():
+    """Tensors made under ``torch.inference_mode()`` (how many users run a pipeline) have no
+    version counter: following the branches crashed on the first call ("Inference tensors do not
+    track version counter"). Separate cond/uncond calls and a DDIM loop give what they give under
+    no_grad, and latents changed in place are still other latents."""
+    from rfc_compile.runtime import BranchFollower
+
+    under_no_grad, under_inference = (rfc_compile.optimize(make_tiny_dit(), CONFIG) for _ in range(2))
+    x = torch.randn(1, 4, 8, 8)
+    for n in range(STEPS):
+        t = 900 - 100 * n
+        with torch.no_grad():
+            xs = x * (1 - 0.05 * n)
+            expected = [_call(under_no_grad, xs, t, torch.tensor([c])) for c in (3, NUM_CLASSES)]
+        with torch.inference_mode():
+            xs = x * (1 - 0.05 * n)
+            assert xs.is_inference()
+            got = [_call(under_inference, xs, t, torch.tensor([c])) for c in (3, NUM_CLASSES)]
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), f"step {n}"
+    assert under_inference.stats == under_no_grad.stats and 2 < under_inference.stats.nfc < STEPS
+    assert under_inference._default_session.stats == under_no_grad._default_session.stats
+
+    with torch.inference_mode():
+        latents, _ = ddim_generation(under_inference, steps=STEPS, cfg=True, seed=4)
+        follower = BranchFollower()
+        same = torch.randn(2, 4)
+        assert [follower.branch({"hidden_states": same, "timestep": 700}, 700) for _ in range(2)] == [0, 1]
+        same.mul_(2)  # changed in place: other latents
+        assert follower.branch({"hidden_states": same, "timestep": 700}, 700) == 0
+    expected, _ = ddim_generation(under_no_grad, steps=STEPS, cfg=True, seed=4)
+    assert torch.equal(latents, expected) and under_inference.stats == under_no_grad.stats
+
+
 def test_each_signature_keeps_its_cache_while_it_misses_no_step():
     """Two call kinds at the same timesteps (SD3's skip-layer guidance: the CFG batch, then one
     sample) each keep a cache of their own, as two sessions would; a cache that missed a denoising
