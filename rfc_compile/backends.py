@@ -413,6 +413,7 @@ class _GraphPrograms:
             DynamicOutputShapeException,
             FakeTensorMode,
         )
+        from torch.fx.experimental.proxy_tensor import disable_autocast_cache
         from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
         from .errors import UnsupportedModelError
@@ -426,8 +427,9 @@ class _GraphPrograms:
         _fold_scalars(gm, self._scalar_args)
         frame_args = [a for i, a in zip(self._frame, self._frame_args) if i not in self._scalars]
         # concrete metadata for these inputs, then sizes folded in as constants
-        try:
-            FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*frame_args)
+        try:  # under autocast, casting a real weight in fake mode would cache a fake copy of it for the real run
+            with disable_autocast_cache():
+                FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(*frame_args)
         except (DynamicOutputShapeException, DataDependentOutputException) as exc:
             raise UnsupportedModelError(
                 f"the rfc torch.compile backend cannot follow this graph's data-dependent shapes "

@@ -63,15 +63,25 @@ class _Program:
 
 
 def _input_key(call: dict[str, Any]) -> tuple:
-    """Shapes/dtypes/devices of tensors and values of everything else: what a graph bakes in."""
+    """Shapes/dtypes/devices of tensors, values of everything else and the autocast state: what a
+    graph bakes in."""
     leaves, spec = pytree.tree_flatten(call)
     key = []
+    devices = {"cpu"}
     for leaf in leaves:
         if isinstance(leaf, Tensor):
             key.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.device.index))
+            devices.add(leaf.device.type)
         else:
             key.append(("V", type(leaf).__name__, repr(leaf)))
-    return (str(spec), tuple(key))
+    return (str(spec), tuple(key), _autocast_key(devices))
+
+
+def _autocast_key(device_types: set[str]) -> tuple:
+    """Where ``torch.autocast`` is on, and to which dtype: a graph captured under autocast holds its
+    casts (run without it, its matmuls mixed bfloat16 and float32 and failed), and its cache holds
+    the cast outputs, so each autocast state gets a graph and a cache of its own, as a dtype does."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in sorted(device_types) if torch.is_autocast_enabled(d))
 
 
 #: The names a model's denoising timestep argument goes by (diffusers: ``timestep``).

@@ -175,6 +175,21 @@ def test_rfc_backend_new_shape_gets_its_own_state(dynamic, graphs, eager_by_batc
     assert len(handle.sessions) == graphs  # batch 1 again reuses its graph: no third compile
 
 
+def test_rfc_backend_under_autocast_returns_what_optimize_does():
+    """Under ``torch.autocast`` the backend's shape propagation cast real weights in fake mode, and
+    autocast's weight cache handed those fake copies to the real run: the model returned
+    FakeTensors. It now gives optimize()'s outputs, then runs without autocast as well."""
+    reference = rfc_compile.optimize(make_tiny_dit(), CONFIG)
+    compiled = torch.compile(make_tiny_dit(), backend="rfc", options={"config": CONFIG, "backend": "eager"})
+    for autocast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, expected = ddim_generation(reference, steps=8, cfg=True)
+            _, outs = ddim_generation(compiled, steps=8, cfg=True)
+        assert all(type(out) is torch.Tensor for out in outs)
+        assert outs[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(outs, expected))
+
+
 def test_rfc_backend_options_are_checked():
     with pytest.raises(ValueError, match="unknown rfc backend options"):
         rfc_compile.backends.rfc_backend(None, [], options={"threshold": 0.1})

@@ -437,6 +437,31 @@ def test_calls_under_inference_mode_are_followed_as_under_no_grad():
     assert torch.equal(latents, expected) and under_inference.stats == under_no_grad.stats
 
 
+def test_autocast_gets_a_graph_and_a_cache_of_its_own():
+    """A graph captured under ``torch.autocast`` holds its casts, and its cache the cast outputs:
+    the autocast state is part of a call's signature, as a dtype is. The same optimized model
+    then runs without autocast (before, it reused the autocast graph and its matmuls failed:
+    "mat1 and mat2 must have the same dtype")."""
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    full = rfc_compile.optimize(make_tiny_dit(), RFCConfig(mode="full"))
+    with bf16:
+        expected, _ = ddim_generation(make_tiny_dit(), steps=4, cfg=True)
+        latents, outputs = ddim_generation(full, steps=4, cfg=True)
+    assert outputs[0].dtype == torch.bfloat16 and torch.equal(latents, expected)
+    latents, outputs = ddim_generation(full, steps=4, cfg=True)
+    assert outputs[0].dtype == torch.float32
+    assert torch.equal(latents, ddim_generation(make_tiny_dit(), steps=4, cfg=True)[0])
+
+    cached, fresh = (rfc_compile.optimize(make_tiny_dit(), CONFIG) for _ in range(2))
+    with bf16:
+        latents, _ = ddim_generation(cached, steps=STEPS, cfg=True)
+        expected, _ = ddim_generation(fresh, steps=STEPS, cfg=True)
+    assert torch.equal(latents, expected) and cached.stats == fresh.stats and 2 < cached.stats.nfc < STEPS
+    in_float32, _ = ddim_generation(cached, steps=STEPS, cfg=True)
+    assert torch.equal(in_float32, ddim_generation(rfc_compile.optimize(make_tiny_dit(), CONFIG), steps=STEPS,
+                                                   cfg=True)[0])
+
+
 def test_each_signature_keeps_its_cache_while_it_misses_no_step():
     """Two call kinds at the same timesteps (SD3's skip-layer guidance: the CFG batch, then one
     sample) each keep a cache of their own, as two sessions would; a cache that missed a denoising
