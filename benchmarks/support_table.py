@@ -64,10 +64,13 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
   work (measured below: a second pipeline call gives bit-identical latents and the same full steps
   as the first). A pipeline that numbers its steps in `cache_context(name, step_index=i)`
   (WanPipeline) also starts one when the step index does not rise: a Wan 2.2 expert that runs one
-  step per generation, always at one timestep. Otherwise call `pipe.transformer.reset()` yourself
-  when a generation could start at or below the previous one's last timestep (two 1-step
-  generations; a generation after one interrupted at its first step), or pass `auto_reset=False`
-  to `optimize` and reset by hand.
+  step per generation, always at one timestep. A call at the previous call's timestep while the
+  generation has been at no other starts one too: one-step generations (SANA-Sprint, FLUX.1-schnell
+  at one step) and a generation after one interrupted at its first step (a second-order sampler
+  repeats timesteps only after its first: Heun's t0, t1, t1, t2, ...). Otherwise call
+  `pipe.transformer.reset()` yourself when a generation could start below the previous one's last
+  timestep (an img2img call at a strength that low), or pass `auto_reset=False` to `optimize` and
+  reset by hand.
 * **A new input shape** (resolution, frames, batch, prompt length) builds a new graph and starts
   a cache of its own; the first call at a shape pays the capture (seconds on these tiny models).
   StableDiffusion3Pipeline's skip-layer guidance (`skip_guidance_layers`) calls the transformer a

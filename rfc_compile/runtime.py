@@ -170,29 +170,38 @@ def follow_timestep(session: Any, value: float | None, step_index: int | None = 
     starts a new generation (with ``session.auto_reset``). Two calls in a row at one timestep are
     most likely a pipeline's conditional and unconditional branches called separately, which must
     not share a cache: warned about once per cache. ``session``: a CacheSession or an export runner
-    (both keep ``_last_timestep``, ``_last_step_index``, ``_history``, ``_warned_repeat``,
+    (both keep ``_first_timestep``, ``_last_timestep``, ``_last_step_index``, ``_history``, ``_warned_repeat``,
     ``auto_reset`` and ``timestep_rises``, and have ``reset()``).
 
     A pipeline that numbers its steps (diffusers' ``cache_context(name, step_index=i)``, as
     WanPipeline does; ``step_index``) says more: a step index not above the previous call's starts
     a new generation whatever the timestep. The timestep alone cannot tell a generation that starts
     where the last one ended (a Wan 2.2 expert that runs one step per generation, always at the
-    same timestep; a generation after one interrupted at its first step) from a second-order
-    sampler's next evaluation."""
+    same timestep) from a second-order sampler's next evaluation.
+
+    Without a step index, a call at the previous call's timestep while every call of the
+    generation so far was at that timestep (``session._first_timestep``) starts a new generation:
+    one-step generations (distilled models: SANA-Sprint, FLUX.1-schnell at one step) and a
+    generation after one interrupted at its first step are all called at the schedule's first
+    timestep, while a second-order sampler's repeated timesteps come after its first (Heun's
+    schedule: t0, t1, t1, t2, t2, ...)."""
     last_step, session._last_step_index = session._last_step_index, step_index
     if step_index is not None and last_step is not None and session._history:
         if session.auto_reset and step_index <= last_step:
             session.reset()
             session._last_step_index = step_index
+        if not session._history:
+            session._first_timestep = value
         session._last_timestep = value
         return
     if value is None:
         return
     if session._last_timestep is not None and session._history:
         went_back = value < session._last_timestep if session.timestep_rises else value > session._last_timestep
-        if session.auto_reset and went_back:
+        repeated = value == session._last_timestep
+        if session.auto_reset and (went_back or (repeated and value == session._first_timestep)):
             session.reset()
-        elif value == session._last_timestep and not session._warned_repeat:
+        elif repeated and not session._warned_repeat:
             session._warned_repeat = True
             warnings.warn(
                 f"rfc_compile: two calls in a row at timestep {value:g} share one cache and count as two denoising "
@@ -200,6 +209,8 @@ def follow_timestep(session: Any, value: float | None, step_index: int | None = 
                 "branches of one step, wrap each in cached.cache_context('cond' / 'uncond'), as diffusers pipelines "
                 "do (outside one, with auto_reset, calls with the same latents get a cache per branch by "
                 "themselves).", stacklevel=4)
+    if not session._history:  # this call is the generation's first
+        session._first_timestep = value
     session._last_timestep = value
 
 
@@ -219,8 +230,8 @@ class CacheSession:
     """
 
     #: What one signature's cache is (set aside and resumed as a whole).
-    _CACHE_FIELDS = ("_key", "_spec", "_device", "_state", "_history", "_last_timestep", "_last_step_index",
-                     "_warned_repeat")
+    _CACHE_FIELDS = ("_key", "_spec", "_device", "_state", "_history", "_first_timestep", "_last_timestep",
+                     "_last_step_index", "_warned_repeat")
 
     def __init__(self, owner: "CachedModel", auto_reset: bool = True):
         self._owner = owner
@@ -232,6 +243,7 @@ class CacheSession:
         self._device = torch.device("cpu")
         self._state: dict[str, Tensor] | None = None
         self._history: list[Tensor] = []  # last_full after each step (0-d tensors, read lazily)
+        self._first_timestep: float | None = None  # of the generation's first call
         self._last_timestep: float | None = None
         self._last_step_index: int | None = None  # of the last call (a pipeline's cache_context step_index)
         self.context_step_index: int | None = None  # the current cache_context's step_index
@@ -257,7 +269,7 @@ class CacheSession:
     def _empty_cache(self) -> None:
         self._state = self._spec.init(self._device) if self._spec is not None else None
         self._history = []
-        self._last_timestep = None
+        self._first_timestep = self._last_timestep = None
         self._last_step_index = None
 
     def _switch_signature(self, key: tuple, program: _Program, call: dict[str, Any], now: float | None) -> None:

@@ -63,8 +63,8 @@ class StatefulRunner:
     and keep their state buffers in ``self._buffers`` (two sets, ping-pong) and ``self._current``."""
 
     #: What one cache is (swapped as a whole by ``cache_context``).
-    _CACHE_FIELDS = ("_buffers", "_current", "_history", "_last_timestep", "_last_step_index", "_warned_repeat",
-                     "_dims")
+    _CACHE_FIELDS = ("_buffers", "_current", "_history", "_first_timestep", "_last_timestep", "_last_step_index",
+                     "_warned_repeat", "_dims")
 
     def __init__(self, sidecar: Sidecar, auto_reset: bool = True):
         self.graph_sidecar = sidecar  # as exported (named dims where the graph has dynamic ones)
@@ -75,6 +75,7 @@ class StatefulRunner:
         self._current = 0
         self._history: list[int] = []
         self._stats_history = self._history  # the cache the last call used (see cache_context)
+        self._first_timestep: float | None = None  # of the generation's first call (runtime.follow_timestep)
         self._last_timestep: float | None = None
         self._last_step_index: int | None = None  # of the last call (runtime.follow_timestep)
         self._context_step_index: int | None = None  # the current cache_context's step_index
@@ -254,7 +255,7 @@ class StatefulRunner:
         """The current cache empty: state zero, the next call is step 0."""
         self._zero_state()
         self._history = self._stats_history = []
-        self._last_timestep = None
+        self._first_timestep = self._last_timestep = None
         self._last_step_index = None
 
     def _take_cache(self) -> dict[str, Any]:
