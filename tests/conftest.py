@@ -436,6 +436,37 @@ def build_pipeline(name: str):
                       negative_prompt_embeds_qwen=_embeds(1, 4, 16, 3), negative_prompt_embeds_clip=_embeds(1, 1, 16, 4)[:, 0],
                       negative_prompt_cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
                       height=64, width=64, num_frames=5, guidance_scale=5.0)
+    elif name in ("cogvideox", "cogvideox_rotary"):
+        # CFG batched, one call per step; the rotary variant (CogVideoX 1.0 5B's layout, head dim 16 so that
+        # its t / h / w split is even) gets the (cos, sin) table the pipeline computes
+        transformer = build_cogvideox()
+        if name == "cogvideox_rotary":
+            transformer = randomize(type(transformer).from_config(
+                transformer.config, use_rotary_positional_embeddings=True, attention_head_dim=16), seed=0)
+        pipe = d.CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                   scheduler=d.CogVideoXDDIMScheduler())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt_embeds=_embeds(1, 3, 16, 2),
+                      height=32, width=32, num_frames=5, guidance_scale=6.0)
+    elif name == "hunyuandit":
+        # CFG batched; CLIP (BERT) and T5 states with their masks, the 2D rotary table, size conditions, style
+        pipe = d.HunyuanDiTPipeline(vae=None, text_encoder=None, tokenizer=None, transformer=build_hunyuandit(),
+                                    scheduler=d.DDPMScheduler(), safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False, text_encoder_2=None, tokenizer_2=None)
+        mask, mask_t5 = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 5, dtype=torch.long)
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), prompt_attention_mask=mask,
+                      negative_prompt_embeds=_embeds(1, 3, 16, 2), negative_prompt_attention_mask=mask,
+                      prompt_embeds_2=_embeds(1, 5, 16, 3), prompt_attention_mask_2=mask_t5,
+                      negative_prompt_embeds_2=_embeds(1, 5, 16, 4), negative_prompt_attention_mask_2=mask_t5,
+                      height=64, width=64, use_resolution_binning=False)
+    elif name == "kandinsky5_t2i":
+        # one latent frame; CFG: cond and uncond are two calls per step, with no cache_context
+        pipe = d.Kandinsky5T2IPipeline(transformer=build_kandinsky5(), vae=None, text_encoder=None, tokenizer=None,
+                                       text_encoder_2=None, tokenizer_2=None, scheduler=d.FlowMatchEulerDiscreteScheduler())
+        kwargs = dict(prompt_embeds_qwen=_embeds(1, 3, 16, 1), prompt_embeds_clip=_embeds(1, 1, 16, 2)[:, 0],
+                      prompt_cu_seqlens=torch.tensor([0, 3], dtype=torch.int32),
+                      negative_prompt_embeds_qwen=_embeds(1, 4, 16, 3), negative_prompt_embeds_clip=_embeds(1, 1, 16, 4)[:, 0],
+                      negative_prompt_cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
+                      height=64, width=64, guidance_scale=3.5)
     elif name == "hidream":
         # CFG batched; T5 and Llama states (the Llama ones stacked layers first), pooled CLIP embeds
         pipe = d.HiDreamImagePipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, transformer=build_hidream(),

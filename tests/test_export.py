@@ -1294,7 +1294,8 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
                                     "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",
-                                    "cosmos", "sana_video", "chronoedit", "hidream", "hunyuan_image"])
+                                    "cosmos", "sana_video", "chronoedit", "hidream", "hunyuan_image", "cogvideox",
+                                    "hunyuandit", "kandinsky5"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1305,17 +1306,26 @@ def test_cli_example_inputs_fit_each_family(family):
     model = FAMILIES[family].build()
     kwargs = example_inputs(model, batch=2, height=8, width=8, text_len=3, frames=2)
     with torch.no_grad():
-        out = model(**kwargs, return_dict=False)[0]
+        out = model(**kwargs, return_dict=False)
+    out = out if isinstance(out, torch.Tensor) else out[0]  # Kandinsky 5 returns its sample bare
     if family == "zimage":  # one (C, F, H, W) latent per sample, in and out
         assert [o.shape for o in out] == [x.shape for x in kwargs["x"]] == [(4, 2, 8, 8)] * 2
         assert all(torch.isfinite(o).all() for o in out)
         return
     hidden = kwargs["hidden_states"]
+    if family == "hunyuandit":  # learn_sigma: the noise and the variance, twice the latent's channels
+        assert out.shape == (hidden.shape[0], 2 * hidden.shape[1], *hidden.shape[2:]) == (2, 8, 8, 8)
+        assert torch.isfinite(out).all()
+        return
     if family == "chronoedit":  # image-to-video: the latents' channels out, latents + condition in
         assert out.shape == (hidden.shape[0], model.config.out_channels, *hidden.shape[2:]) and torch.isfinite(out).all()
         return
     assert out.shape == hidden.shape and torch.isfinite(out).all()
-    if out.dim() == 5:  # (B, C, F, H, W)
+    if family == "cogvideox":  # frames first: (B, F, C, H, W)
+        assert out.shape[1:] == (2, 4, 8, 8)
+    elif family == "kandinsky5":  # channels last: (B, F, H, W, C)
+        assert out.shape[1:] == (2, 8, 8, 4)
+    elif out.dim() == 5:  # (B, C, F, H, W)
         assert out.shape[2:] == (2, 8, 8)
     elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1
         assert out.shape[1] == 2 * 8 * 8
@@ -1328,14 +1338,21 @@ def test_cli_example_inputs_fit_each_family(family):
                                          ("flux2", dict(height=8, width=8)), ("sana", dict(height=8, width=8)),
                                          ("qwenimage", dict(height=8, width=8)), ("krea2", dict(height=8, width=8)),
                                          ("zimage", dict(height=8, width=8, text_len=5)),
-                                         ("cogview4", dict(height=8, width=8)), ("hidream", dict(height=8, width=8))])
+                                         ("cogview4", dict(height=8, width=8)), ("hidream", dict(height=8, width=8)),
+                                         ("cogvideox", dict(frames=2, height=4, width=4, text_len=3)),  # 5 frames, 32x32
+                                         ("cogvideox_rotary", dict(frames=2, height=4, width=4, text_len=3)),
+                                         ("hunyuandit", dict(height=8, width=8)),
+                                         ("kandinsky5", dict(frames=2, height=8, width=8, text_len=3)),  # 5 frames, 64x64
+                                         # Kandinsky5T2IPipeline resizes 64x64 to 1024x1024
+                                         ("kandinsky5_t2i", dict(frames=1, height=128, width=128, text_len=3))])
 def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
     must be what the family's pipeline passes: the same non-tensor values (LTX's default rotary
     scale was missing: its graph ignored the scaling the pipeline asks for) and dtypes the
     pipeline's tensors cast to exactly (LTX's float timesteps, e.g. 978.6, went into an int64
-    input, truncated)."""
-    from conftest import build_pipeline, pipeline_latents
+    input, truncated). Rotary tables that pipelines compute outside the model (CogVideoX, Hunyuan-DiT)
+    are the pipeline's values exactly, at the pipeline's grid."""
+    from conftest import build_pipeline
 
     from rfc_compile.export.graph import flatten_kwargs
     from rfc_compile.export.models import example_inputs
@@ -1345,7 +1362,8 @@ def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     forward = pipe.transformer.forward
     bind = inspect.signature(forward).bind  # ZImagePipeline passes x, t and cap_feats positionally
     pipe.transformer.forward = lambda *args, **call: calls.append(bind(*args, **call).arguments) or forward(*args, **call)
-    pipeline_latents(pipe, kwargs, steps=10)
+    # the calls are what counts: pipelines' outputs differ (Kandinsky5T2IPipeline's has ``image``)
+    pipe(**kwargs, num_inference_steps=10, output_type="latent", generator=torch.Generator().manual_seed(0))
     example = dict(flatten_kwargs(example_inputs(pipe.transformer, batch=2, **shape)))
     for call in calls:
         for key, value in flatten_kwargs(call):
@@ -1355,6 +1373,8 @@ def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
             if isinstance(value, torch.Tensor):
                 cast = value.to(example[key].dtype).to(value.dtype)
                 assert torch.equal(cast, value), f"{name}: {key} {value.dtype} -> {example[key].dtype}: {value}"
+                if key.startswith("image_rotary_emb."):
+                    assert torch.equal(example[key], value), f"{name}: {key} is not the pipeline's table"
             else:
                 assert example[key] == value, f"{name}: {key}={value!r}, the CLI's example has {example[key]!r}"
 

@@ -320,14 +320,106 @@ def _ltx_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 rope_interpolation_scale=(8 / 25, 32, 32))
 
 
+def _cogvideox(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """CogVideoXPipeline (and its image-to-video, video-to-video, Fun-control siblings): latents
+    frames first, (B, F, C, H, W), with the condition's channels where ``in_channels`` has them;
+    the scheduler's int64 timestep; where the config asks for rotary embeddings, the (cos, sin)
+    table the pipeline computes with ``get_3d_rotary_pos_embed`` (CogVideoX 1.0: a crop of the
+    ``sample_width x sample_height`` grid; 1.5, ``patch_size_t`` set: a slice of it); where it has
+    an ``ofs`` embedding (CogVideoX 1.5 I2V), the offset 2.0 the image-to-video pipeline passes."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p, p_t = cfg["patch_size"], cfg.get("patch_size_t")
+    if p_t and s.frames % p_t:
+        raise ValueError(f"{s.frames} latent frames: CogVideoX 1.5's pipeline pads them to a multiple of "
+                         f"patch_size_t {p_t}; ask for that many")
+    rotary = cfg.get("use_rotary_positional_embeddings")
+    if (not rotary or cfg.get("use_learned_positional_embeddings")) and s.text_len != cfg["max_text_seq_length"]:
+        raise ValueError(f"text length {s.text_len}: this CogVideoX's positional embedding is laid out for "
+                         f"max_text_seq_length {cfg['max_text_seq_length']} text tokens (its pipeline pads the "
+                         "prompt to that many)")
+    kwargs = dict(hidden_states=s.randn(s.batch, s.frames, cfg["in_channels"], s.height, s.width),
+                  encoder_hidden_states=s.text(cfg["text_embed_dim"]), timestep=s.timestep(torch.long))
+    if rotary:  # CogVideoXPipeline._prepare_rotary_positional_embeddings, the grid in patches
+        grid, base = (s.height // p, s.width // p), (cfg["sample_height"] // p, cfg["sample_width"] // p)
+        if p_t is None:
+            table = get_3d_rotary_pos_embed(embed_dim=cfg["attention_head_dim"], grid_size=grid, temporal_size=s.frames,
+                                            crops_coords=get_resize_crop_region_for_grid(grid, base[1], base[0]))
+        elif s.height > cfg["sample_height"] or s.width > cfg["sample_width"]:
+            raise ValueError(f"latent {s.height}x{s.width}: CogVideoX 1.5's rotary table slices a sample_height x "
+                             f"sample_width grid ({cfg['sample_height']}x{cfg['sample_width']})")
+        else:
+            table = get_3d_rotary_pos_embed(embed_dim=cfg["attention_head_dim"], crops_coords=None, grid_size=grid,
+                                            temporal_size=(s.frames + p_t - 1) // p_t, grid_type="slice", max_size=base)
+        kwargs["image_rotary_emb"] = table
+    if cfg.get("ofs_embed_dim"):
+        kwargs["ofs"] = torch.full((1,), 2.0)
+    return kwargs
+
+
+def _hunyuandit(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """HunyuanDiTPipeline: NCHW latents, the DDPM timestep cast to the latents' dtype, the CLIP
+    (BERT) and T5 states padded to the model's ``text_len`` / ``text_len_t5`` (the text length asked
+    for does not apply: the model's padding embedding has exactly that many tokens) with their int64
+    tokenizer masks, the size conditions (original 1024 x 1024, target = the image's pixels, crop
+    (0, 0)), style 0, and the 2D rotary table it computes with ``get_2d_rotary_pos_embed`` over a
+    512-pixel base grid."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+    from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
+
+    p = cfg["patch_size"]
+    grid = (s.height // p, s.width // p)
+    head_dim = cfg["attention_head_dim"]  # the pipeline's transformer.inner_dim // num_heads
+    rotary = get_2d_rotary_pos_embed(head_dim, get_resize_crop_region_for_grid(grid, 512 // 8 // p), grid,
+                                     output_type="pt")
+    clip_len, t5_len = cfg["text_len"], cfg["text_len_t5"]
+    return dict(hidden_states=s.randn(s.batch, cfg["in_channels"], s.height, s.width), timestep=s.timestep(),
+                encoder_hidden_states=s.randn(s.batch, clip_len, cfg["cross_attention_dim"]),
+                text_embedding_mask=torch.ones(s.batch, clip_len, dtype=torch.long),
+                encoder_hidden_states_t5=s.randn(s.batch, t5_len, cfg["cross_attention_dim_t5"]),
+                text_embedding_mask_t5=torch.ones(s.batch, t5_len, dtype=torch.long),
+                image_meta_size=torch.tensor([[1024.0, 1024.0, 8.0 * s.height, 8.0 * s.width, 0.0, 0.0]] * s.batch),
+                style=torch.zeros(s.batch, dtype=torch.long), image_rotary_emb=rotary)
+
+
+def _kandinsky5(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """Kandinsky 5's pipelines: channels-last latents (B, F, H, W, C), with the condition (an image's
+    latents or zeros) and its one-channel mask where the model has ``visual_cond``; the Qwen states
+    and the CLIP pooled embedding; rotary positions as index ranges over the latent frames, the
+    latent grid halved and the prompt's tokens; the rotary scale: a video's (Kandinsky5T2VPipeline,
+    I2V: (1, 2, 2) for 480..854-pixel sides, else (1, 3.16, 3.16)), or, for one latent frame,
+    Kandinsky5T2IPipeline's / I2I's [1.0, 1.0, 1.0]. No sparse (``nabla``) attention."""
+    if cfg.get("attention_type", "regular") == "nabla":
+        raise ValueError("Kandinsky 5 with nabla attention: the pipeline's sparse attention parameters (a flex "
+                         "attention block mask) are not made here; export it with example inputs of your own")
+    channels = cfg["in_visual_dim"] * 2 + 1 if cfg.get("visual_cond") else cfg["in_visual_dim"]
+    if s.frames == 1:
+        scale_factor = [1.0, 1.0, 1.0]
+    else:
+        pixels = (8 * s.height, 8 * s.width)
+        scale_factor = (1, 2, 2) if all(480 <= x <= 854 for x in pixels) else (1, 3.16, 3.16)
+    return dict(hidden_states=s.randn(s.batch, s.frames, s.height, s.width, channels),
+                encoder_hidden_states=s.text(cfg["in_text_dim"]),
+                pooled_projections=s.randn(s.batch, cfg["in_text_dim2"]), timestep=s.timestep(),
+                visual_rope_pos=[torch.arange(s.frames), torch.arange(s.height // 2), torch.arange(s.width // 2)],
+                text_rope_pos=torch.arange(s.text_len), scale_factor=scale_factor, sparse_params=None)
+
+
 def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return dict(hidden_states=_video(cfg, s), encoder_hidden_states=s.text(cfg["text_embed_dim"]),
                 timestep=s.timestep(), encoder_attention_mask=torch.ones(s.batch, s.text_len))
 
 
 #: Inputs left in float32 for a low-precision model: pipelines pass float32 timesteps (978.6,
-#: which float16 would round to 978.5) and the models' timestep embeddings compute in float32.
-FLOAT32_INPUTS = ("timestep", "timesteps", "guidance")
+#: which float16 would round to 978.5) and the models' timestep embeddings compute in float32;
+#: CogVideoX's and Hunyuan-DiT's pipelines pass their rotary tables as computed, in float32 (the
+#: models apply them in float32).
+FLOAT32_INPUTS = ("timestep", "timesteps", "guidance", "image_rotary_emb")
+
+#: Models called with the timestep in the latents' dtype, which compute its embedding in that
+#: dtype (Hunyuan-DiT: ``hidden_dtype=timestep.dtype``; a float32 one would meet float16 weights).
+TIMESTEP_IN_MODEL_DTYPE = ("HunyuanDiT2DModel",)
 
 #: Latent patches a pipeline packs into tokens outside the model (FluxPipeline's 2x2).
 PACKED_PATCH = {name: 2 for name in (
@@ -336,8 +428,7 @@ PACKED_PATCH = {name: 2 for name in (
     "BriaTransformer2DModel", "Krea2Transformer2DModel")}
 
 #: The forward kwargs of one call, per model class (what its pipeline passes). A family left out
-#: (CogVideoX and Hunyuan-DiT, whose pipelines compute rotary embeddings outside the model; Helios,
-#: Kandinsky 5, Bria FIBO, Motif-Video and LTX-2, not written yet) exports through
+#: (Helios, Bria FIBO, Motif-Video and LTX-2, not written yet) exports through
 #: ``to_onnx`` with example inputs of your own.
 EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "DiTTransformer2DModel": _dit,
@@ -365,6 +456,9 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "HunyuanVideoTransformer3DModel": _hunyuan_video,
     "LTXVideoTransformer3DModel": _ltx_video,
     "MochiTransformer3DModel": _mochi,
+    "CogVideoXTransformer3DModel": _cogvideox,
+    "HunyuanDiT2DModel": _hunyuandit,
+    "Kandinsky5Transformer3DModel": _kandinsky5,
     "HiDreamImageTransformer2DModel": _hidream,
     "HunyuanImageTransformer2DModel": _hunyuan_image,
 }
@@ -373,8 +467,8 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
 def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = None, width: int | None = None,
                    text_len: int = 8, frames: int | None = None, seed: int = 0) -> dict[str, Any]:
     """Forward kwargs with the serving shapes for a known family: latent ``height`` x ``width``
-    (default: the config's ``sample_size``, else 32) and, for video models, ``frames`` latent
-    frames (default 1)."""
+    (default: the config's ``sample_size`` / ``sample_height`` x ``sample_width``, else 32) and, for
+    video models, ``frames`` latent frames (default 1)."""
     name = type(model).__name__
     build = EXAMPLE_INPUTS.get(name)
     if build is None:
@@ -382,7 +476,8 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
                          "rfc_compile.export.to_onnx with example_inputs")
     cfg = dict(model.config)
     sample = cfg.get("sample_size") or 32
-    shape = ExampleShape(batch=batch, height=height or sample, width=width or sample, frames=frames or 1,
+    height, width = height or cfg.get("sample_height") or sample, width or cfg.get("sample_width") or sample
+    shape = ExampleShape(batch=batch, height=height, width=width, frames=frames or 1,
                          text_len=text_len, generator=torch.Generator().manual_seed(seed))
     for what, size in (("batch", shape.batch), ("frames", shape.frames), ("text length", shape.text_len)):
         if size < 1:
@@ -396,6 +491,7 @@ def example_inputs(model: torch.nn.Module, batch: int = 2, height: int | None = 
     # modules it keeps in float32 (Wan's scale_shift_table is its first parameter)
     dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
     kwargs = build(cfg, shape)
-    return {name: value if name in FLOAT32_INPUTS else
+    float32 = [k for k in FLOAT32_INPUTS if not (k == "timestep" and name in TIMESTEP_IN_MODEL_DTYPE)]
+    return {key: value if key in float32 else
             pytree.tree_map_only(torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, value)
-            for name, value in kwargs.items()}
+            for key, value in kwargs.items()}
