@@ -2,7 +2,8 @@
 
 A captured graph bakes in more than the weights' values:
 - which parameter/buffer tensors and submodules each module holds (PEFT adapters,
-  ``load_state_dict(assign=True)``): when they are replaced, every graph is dropped;
+  ``load_state_dict(assign=True)``): when they are replaced, every graph is dropped (a buffer
+  replaced by one like it, as ``module.to(device)`` does, gets the new contents in place instead);
 - each module's plain settings: PEFT's LoRA state (``set_adapters`` scales, ``disable_adapters``,
   ``fuse_lora``'s merged adapters), flags, sizes;
 - hooks, and diffusers' attention processors (plain objects on ``Attention`` modules, swapped by
@@ -35,7 +36,10 @@ class ModelWatch:
         self._refresh()
 
     def check(self) -> tuple[bool, tuple]:
-        replaced = self._identity_now() != self._identity
+        identity = self._identity_now()
+        if identity != self._identity and self._take_back_moved_buffers():
+            identity = self._identity_now()
+        replaced = identity != self._identity
         if replaced:
             self._refresh()  # submodules may have been added
         return replaced, self._settings_now()
@@ -44,6 +48,23 @@ class ModelWatch:
         self._modules = list(self._model.modules())
         self._setting_names: list[tuple[int, tuple[str, ...]]] = [(-1, ())] * len(self._modules)
         self._identity = self._identity_now()
+        self._buffers = [(module, name, tensor) for module in self._modules
+                         for name, tensor in module._buffers.items() if tensor is not None]
+
+    def _take_back_moved_buffers(self) -> bool:
+        """``module.to(device)`` gives parameters new contents in place but replaces buffers with
+        new tensors, which the graphs do not hold: an offload hook (``enable_model_cpu_offload``)
+        moving the model every generation made every generation re-capture it. A buffer replaced by
+        one of the same shape and dtype (on any device) gets its new contents in place instead, as a
+        parameter does, and stays the tensor the graphs hold. True if any did."""
+        taken = False
+        for module, name, held in self._buffers:
+            new = module._buffers.get(name)
+            if new is not None and new is not held and new.shape == held.shape and new.dtype == held.dtype:
+                held.data = new
+                module._buffers[name] = held
+                taken = True
+        return taken
 
     def _identity_now(self) -> tuple[int, ...]:
         identity: list[int] = []
