@@ -58,7 +58,10 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
 ```
 
 * **New generation, no reset needed.** The optimized transformer counts its calls as denoising
-  steps. Denoising timesteps only go down, so a call whose `timestep` is *higher* than the previous
+  steps. A diffusers pipeline ends every call by calling `_reset_stateful_cache()` on its
+  components (`maybe_free_model_hooks`): the next call starts a new generation, wherever its
+  timestep starts (`stats` keep the ended one's until then). Between calls of one's own loop, the
+  timestep tells: denoising timesteps only go down, so a call whose `timestep` is *higher* than the previous
   call's starts a new generation with an empty cache. Only the order matters, not the scale: FLUX
   pipelines pass `t / 1000` as a float in (0, 1], SD3 / PixArt / Wan pass `t` in [0, 1000]; both
   work (measured below: a second pipeline call gives bit-identical latents and the same full steps
@@ -67,10 +70,9 @@ print(pipe.transformer.stats.nfc, pipe.transformer.stats.full_steps)  # this gen
   step per generation, always at one timestep. A call at the previous call's timestep while the
   generation has been at no other starts one too: one-step generations (SANA-Sprint, FLUX.1-schnell
   at one step) and a generation after one interrupted at its first step (a second-order sampler
-  repeats timesteps only after its first: Heun's t0, t1, t1, t2, ...). Otherwise call
-  `pipe.transformer.reset()` yourself when a generation could start below the previous one's last
-  timestep (an img2img call at a strength that low), or pass `auto_reset=False` to `optimize` and
-  reset by hand.
+  repeats timesteps only after its first: Heun's t0, t1, t1, t2, ...). In a loop of your own,
+  call `reset()` when a generation could start below the previous one's last timestep, or pass
+  `auto_reset=False` to `optimize` (which also ignores the pipelines' signal) and reset by hand.
 * **A new input shape** (resolution, frames, batch, prompt length) builds a new graph and starts
   a cache of its own; the first call at a shape pays the capture (seconds on these tiny models).
   StableDiffusion3Pipeline's skip-layer guidance (`skip_guidance_layers`) calls the transformer a

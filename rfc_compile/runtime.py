@@ -384,6 +384,7 @@ class CachedModel(torch.nn.Module):
         self._session = self._default_session  # the one forward() uses now
         self._last_session = self._default_session  # the one stats/state report
         self._branches = BranchFollower()  # separate cond/uncond calls outside cache_context
+        self._generation_ended = False  # a pipeline said so (_reset_stateful_cache)
 
     # --- drop-in behaviour -------------------------------------------------------------
 
@@ -417,6 +418,24 @@ class CachedModel(torch.nn.Module):
         self._default_session.reset()
         for session in self._named_sessions.values():
             session.reset()
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """Diffusers' signal that a denoising run ended or begins: every pipeline calls it on each
+        component at the end of ``__call__`` (``maybe_free_model_hooks``), some between runs. With
+        ``auto_reset`` the next call starts a new generation, wherever the timestep starts (an
+        img2img call at a low strength, a generation after one interrupted); ``stats`` keep the
+        ended generation's until then. The model's own hooks get the call too."""
+        self._generation_ended = True
+        own = getattr(self.model, "_reset_stateful_cache", None)
+        if own is not None:
+            own(recurse)
+
+    def _start_generation_if_ended(self) -> None:
+        if self._generation_ended:
+            self._generation_ended = False
+            if self._default_session.auto_reset:
+                self.reset()
+                self._branches = BranchFollower()
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **_context_kwargs: Any) -> Iterator[CacheSession]:
@@ -553,6 +572,7 @@ class CachedModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         call = self._normalize(args, kwargs)
         now = call_timestep(call)
+        self._start_generation_if_ended()
         follow = self._session is self._default_session and self._session.auto_reset
         branch = self._branches.branch(call, now) if follow else 0
         if branch:  # a step's next branch, called without cache_context: a cache of its own

@@ -343,6 +343,32 @@ def test_one_step_generations_each_start_a_new_generation(fixed_onnx, kind):
     assert model.stats == other.stats and 2 < model.stats.nfc < 8
 
 
+@pytest.mark.parametrize("kind", ["eager", "onnx"])
+def test_a_pipelines_end_of_call_signal_starts_a_new_generation(fixed_onnx, kind):
+    """Diffusers pipelines end every call with ``_reset_stateful_cache()`` on their components
+    (``maybe_free_model_hooks``): the next call starts a new generation even where its timestep
+    does not go back up (an img2img run at a low strength after a run that stopped early), which
+    went on with the ended generation's cache. Stats stay the ended generation's until then."""
+    def fresh():
+        return rfc_compile.optimize(make_tiny_dit(), FIXED) if kind == "eager" else OnnxCachedModel(fixed_onnx)
+
+    def run(model, timesteps, seed):
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            return [model(hidden_states=x * (t / 1000), timestep=torch.full((2,), t), class_labels=torch.tensor([1, 2]),
+                          return_dict=False)[0] for t in timesteps]
+
+    model = fresh()
+    run(model, [900, 800, 700, 600], seed=0)
+    model._reset_stateful_cache()
+    assert model.stats.steps == 4
+    got = run(model, [500, 400, 300, 200, 100], seed=1)
+    other = fresh()
+    expected = run(other, [500, 400, 300, 200, 100], seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and model.stats == other.stats
+    assert model.stats.full_steps == [0, 1, 4]
+
+
 def test_runner_sessions_share_the_graph_never_the_cache(rfc_onnx):
     """new_session(): one cache per request over one InferenceSession (weights loaded once). Two
     generations run in two threads in lock-step (a barrier at every step) each equal the same

@@ -83,6 +83,7 @@ class StatefulRunner:
         self._named_caches: dict[str, dict[str, Any]] = {}
         self._context_depth = 0  # inside cache_context: no automatic branch caches
         self._branches = BranchFollower()
+        self._generation_ended = False  # a pipeline said so (_reset_stateful_cache)
         self._signature = self._model_signature()
 
     # --- public API ----------------------------------------------------------------------
@@ -118,6 +119,7 @@ class StatefulRunner:
         as separate calls wrap each in ``cache_context("cond")`` / ``("uncond")``, and the two
         caches never mix. A name's cache starts empty and lives as long as the runner. A
         ``step_index`` (WanPipeline passes one) tells a new generation where the timestep cannot."""
+        self._start_generation_if_ended()
         outer, outer_step = self._take_cache(), self._context_step_index
         self._context_step_index = _context_kwargs.get("step_index")
         if name in self._named_caches:
@@ -144,6 +146,7 @@ class StatefulRunner:
         session._named_caches = {}
         session._context_depth = 0
         session._branches = BranchFollower()
+        session._generation_ended = False
         session._bind_dims(self.graph_sidecar.example_dims)
         session._new_backend_session()
         session._new_cache()
@@ -171,6 +174,19 @@ class StatefulRunner:
         other ``cache_context`` names start empty too (as CachedModel.reset)."""
         self._named_caches.clear()
         self._start_generation()
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """Diffusers' signal that a denoising run ended or begins (pipelines call it at the end of
+        ``__call__``): with ``auto_reset`` the next call starts a new generation, as
+        CachedModel._reset_stateful_cache; ``stats`` keep the ended one's until then."""
+        self._generation_ended = True
+
+    def _start_generation_if_ended(self) -> None:
+        if self._generation_ended and not self._context_depth:  # inside a context, the outer cache is set aside
+            self._generation_ended = False
+            if self.auto_reset:
+                self.reset()
+                self._branches = BranchFollower()
 
     @property
     def state(self) -> dict[str, torch.Tensor]:
@@ -207,6 +223,7 @@ class StatefulRunner:
     def forward(self, *args, **kwargs):
         call = self._normalize(args, kwargs)
         now = call_timestep(call)
+        self._start_generation_if_ended()
         branch = self._branches.branch(call, now) if self.auto_reset and not self._context_depth else 0
         if branch:  # a step's next branch, called without cache_context: a cache of its own (BranchFollower)
             with self.cache_context(branch_cache_name(branch)):

@@ -489,6 +489,31 @@ def test_autocast_gets_a_graph_and_a_cache_of_its_own():
                                                    cfg=True)[0])
 
 
+def test_a_pipeline_call_ends_a_generation_wherever_the_next_one_starts():
+    """Diffusers pipelines call ``_reset_stateful_cache()`` on their components at the end of every
+    call (``maybe_free_model_hooks``). A next run that starts below the last one's final timestep
+    (an img2img call at a low strength; here custom ``sigmas``) went on with the ended
+    generation's cache: its steps were predicted from the other image's features. The pipeline's
+    signal starts a new generation; the stats stay the ended one's until the next call."""
+    import copy
+
+    from conftest import build_pipeline, pipeline_latents
+
+    pipe, kwargs = build_pipeline("flux")
+    config = RFCConfig(mode="taylorseer", interval=3)
+    plain = pipe.transformer
+    used, fresh = rfc_compile.optimize(copy.deepcopy(plain), config), rfc_compile.optimize(copy.deepcopy(plain), config)
+    low = dict(kwargs, sigmas=[0.1, 0.08, 0.06, 0.04, 0.03, 0.02])  # below an 8-step run's last sigma, 0.125
+    pipe.transformer = used
+    pipeline_latents(pipe, kwargs, 8, seed=1)
+    assert used.stats.steps == 8 and used.stats.full_steps == [0, 1, 4, 7]  # kept after the call
+    got = pipeline_latents(pipe, low, 6)
+    pipe.transformer = fresh
+    expected = pipeline_latents(pipe, low, 6)
+    assert torch.equal(got, expected) and used.stats == fresh.stats == rfc_compile.RFCStats(6, [0, 1, 4])
+    assert [g.steps for g in used.generations] == [8, 6]
+
+
 def test_each_signature_keeps_its_cache_while_it_misses_no_step():
     """Two call kinds at the same timesteps (SD3's skip-layer guidance: the CFG batch, then one
     sample) each keep a cache of their own, as two sessions would; a cache that missed a denoising
