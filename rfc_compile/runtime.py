@@ -365,11 +365,12 @@ class CachedModel(torch.nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         check_supported(model)
-        _check_weights_materialized(model)
-        self.model = model
         self.rfc_config = config if config is not None else RFCConfig()
         if not isinstance(self.rfc_config, RFCConfig):
             raise TypeError(f"config must be an RFCConfig, got {type(self.rfc_config).__name__}")
+        self.model = model
+        _take_over_offload_hook(model, self)  # before the watch: it restores model.forward
+        _check_weights_materialized(model)
         self.backend = backend
         self.compile_options = dict(compile_options or {})
         self._signature = inspect.signature(model.forward)
@@ -585,6 +586,32 @@ class CachedModel(torch.nn.Module):
 
 def _device_of(call: dict[str, Any]) -> torch.device:
     return next((t.device for t in pytree.tree_leaves(call) if isinstance(t, Tensor)), torch.device("cpu"))
+
+
+def _take_over_offload_hook(model: torch.nn.Module, cached: "CachedModel") -> None:
+    """``pipe.enable_model_cpu_offload()`` before ``optimize()`` leaves accelerate's ``CpuOffload``
+    hook on the model: capture traced into it, and its ``module.to(device)`` failed inside
+    torch.export ("Couldn't swap Linear.weight"). The hook moves the whole model to the device
+    before each call, so it belongs around the cached model: it moves there (diffusers re-applies
+    offloading to its components, the cached model now, after each pipeline call). Hooks on the
+    model's parts (``device_map``, sequential offload) move weights inside forward: refused."""
+    parts = [name for name, module in model.named_modules() if name and getattr(module, "_hf_hook", None) is not None]
+    hook = getattr(model, "_hf_hook", None)
+    if hook is None and not parts:
+        return
+    from accelerate.hooks import CpuOffload, add_hook_to_module, remove_hook_from_module
+
+    from .errors import UnsupportedModelError
+
+    if parts or not isinstance(hook, CpuOffload):
+        where = type(hook).__name__ if hook is not None else f"{len(parts)} submodules ({', '.join(parts[:3])}, ...)"
+        raise UnsupportedModelError(
+            f"{type(model).__name__} carries accelerate hooks ({where}: a device_map or "
+            "enable_sequential_cpu_offload) that move weights inside forward, which a captured graph cannot do; "
+            "optimize a model whose weights stay where they are (enable_model_cpu_offload works)")
+    remove_hook_from_module(model)
+    add_hook_to_module(cached, hook)
+    logger.info("accelerate's CpuOffload hook moved from %s to the cached model", type(model).__name__)
 
 
 def _check_weights_materialized(model: torch.nn.Module) -> None:

@@ -192,6 +192,13 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
         raise UnsupportedModelError(
             f"{type(model).__name__} has diffusers' {type(diffusers_cache).__name__} enabled: its hooks decide in "
             "Python and would be traced once, then mix with this cache; call model.disable_cache() first")
+    hooked = [name or "itself" for name, module in model.named_modules() if getattr(module, "_hf_hook", None) is not None]
+    if hooked:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} carries accelerate hooks ({', '.join(hooked[:3])}: enable_model_cpu_offload, a "
+            "device_map or sequential offload) that move weights inside forward, which a captured graph cannot do: "
+            "capture it without them (accelerate.hooks.remove_hook_from_module(model, recurse=True)); "
+            "rfc_compile.optimize moves a model CPU offload hook around the cached model itself")
     opaque = _opaque_arguments(kwargs)
     if opaque:
         raise UnsupportedModelError(f"{type(model).__name__} called with {', '.join(opaque)}: {_STATEFUL_CALLS}")

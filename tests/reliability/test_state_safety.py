@@ -222,6 +222,48 @@ def test_buffers_moved_by_to_are_kept_without_recapturing(caplog):
     torch.testing.assert_close(_call(full, x), _call(model, x), atol=1e-6, rtol=1e-6)
 
 
+def test_model_cpu_offload_works_before_or_after_optimize():
+    """``pipe.enable_model_cpu_offload()`` puts accelerate's CpuOffload hook on the transformer.
+    Enabled before ``optimize()``, capture traced into the hook and failed in its ``module.to``
+    ("Couldn't swap Linear.weight"); the hook now moves to the cached model, and both orders give
+    the plain cached pipeline's latents (on CPU as the offload device: the hooks run, nothing
+    moves). Sequential offload (weights moved inside forward, kept on the meta device) is refused
+    naming the hooks."""
+    import copy
+
+    from conftest import build_pipeline, pipeline_latents
+
+    config = RFCConfig(mode="taylorseer", interval=3)
+    pipe, kwargs = build_pipeline("flux")
+    plain = pipe.transformer
+    pipe.transformer = rfc_compile.optimize(copy.deepcopy(plain), config)
+    expected = pipeline_latents(pipe, kwargs, 8)
+    for order in ("offload first", "optimize first"):
+        pipe, kwargs = build_pipeline("flux")
+        pipe.transformer = copy.deepcopy(plain)
+        if order == "offload first":
+            pipe.enable_model_cpu_offload(device="cpu")
+            assert hasattr(pipe.transformer, "_hf_hook")
+        pipe.transformer = rfc_compile.optimize(pipe.transformer, config)
+        if order == "optimize first":
+            pipe.enable_model_cpu_offload(device="cpu")
+        assert not hasattr(pipe.transformer.model, "_hf_hook") and hasattr(pipe.transformer, "_hf_hook")
+        for _ in range(2):
+            assert torch.equal(pipeline_latents(pipe, kwargs, 8), expected), order
+            assert pipe.transformer.stats.full_steps == [0, 1, 4, 7]
+
+    pipe, kwargs = build_pipeline("flux")
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    with pytest.raises(rfc_compile.UnsupportedModelError, match="accelerate hooks .*AlignDevicesHook"):
+        rfc_compile.optimize(pipe.transformer, config)
+    from rfc_compile.passes.capture import capture  # what to_onnx captures with
+
+    pipe, kwargs = build_pipeline("flux")
+    pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(rfc_compile.UnsupportedModelError, match="accelerate hooks \\(itself: enable_model_cpu_offload"):
+        capture(pipe.transformer, {"hidden_states": torch.zeros(1)})
+
+
 def test_hooks_and_attention_processors_added_later_are_captured():
     """A forward hook or another attention processor set after optimize() changes what the model
     computes: the next call captures it (caching off equals the original), and removing it again
