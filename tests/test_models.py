@@ -471,6 +471,32 @@ def test_hidream_moe_is_traced_through_its_twin_and_the_model_is_left_alone():
     assert not [m for m in model.modules() if "moe_infer" in m.__dict__]
 
 
+def test_cogvideox_sin_cos_positions_serve_other_sizes_than_the_configs():
+    """CogVideoX with sin-cos positions (CogVideoX-2b) builds a new positional table when called
+    at another size than its config's and writes it through ``.data``, which torch.export cannot
+    trace ("found a fake tensor in the exported program constant's list"): capture traces
+    passes/traceable.py's twin, diffusers' table exactly. Caching off equals the original at twice
+    the config's latent size, caching on runs skipped steps there."""
+    from rfc_compile.export.models import example_inputs
+    from rfc_compile.passes.traceable import cogvideox_positional_embeddings
+
+    model = FAMILIES["cogvideox"].build()
+    embed = model.patch_embed
+    assert (model.config.sample_height, model.config.sample_width) == (4, 4)
+    for size in ((8, 8, 5), (4, 6, 9)):
+        assert torch.equal(cogvideox_positional_embeddings(embed, *size), embed._get_positional_embeddings(*size))
+    call = example_inputs(model, batch=2, height=8, width=8, text_len=model.config.max_text_seq_length, frames=2)
+    with torch.no_grad():
+        expected = model(**call, return_dict=False)[0]
+    assert torch.equal(rfc_compile.optimize(model, RFCConfig(mode="full"))(**call, return_dict=False)[0], expected)
+    cached = rfc_compile.optimize(model, RFCConfig(mode="taylorseer", interval=3))
+    for n, t in enumerate(range(900, 300, -100)):
+        out = cached(**dict(call, timestep=torch.full((2,), t)), return_dict=False)[0]
+        assert out.shape == expected.shape and torch.isfinite(out).all()
+    assert cached.stats.full_steps == [0, 1, 4]
+    assert not [m for m in model.modules() if "_get_positional_embeddings" in m.__dict__]
+
+
 def test_calls_that_keep_python_state_are_refused_clearly():
     """FLUX.2's KV-cache mode (Flux2KleinKVPipeline) returns a Flux2KVCache object on its first
     step and takes it back on the next ones: neither can be a graph input or output. Both calls

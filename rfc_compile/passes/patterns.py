@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Callable
 
-from .traceable import hidream_moe_infer
+from .traceable import cogvideox_positional_embeddings, hidream_moe_infer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +291,8 @@ def unbatched_inputs_for(class_name: str) -> tuple[str, ...]:
 #: traceable twin capture puts in their place while it traces (traceable.py).
 TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     "MOEFeedForwardSwiGLU": {"moe_infer": hidream_moe_infer},  # HiDream-I1: .cpu().numpy() of token counts
+    # CogVideoX (sin-cos positions) away from its config's size: a new table written through .data
+    "CogVideoXPatchEmbed": {"_get_positional_embeddings": cogvideox_positional_embeddings},
 }
 
 

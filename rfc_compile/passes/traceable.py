@@ -2,7 +2,7 @@
 
 Some diffusers models compute a value on the host in the middle of their forward: HiDream-I1's
 mixture-of-experts layer counts the tokens routed to each expert with ``.cpu().numpy()``, which
-torch.export cannot trace. Each twin here computes the same thing with torch ops (the counts stay
+torch.export cannot trace; CogVideoX writes a new positional table through ``.data``. Each twin here computes the same thing with torch ops (the counts stay
 tensors; slicing by them gives data-dependent sizes, which torch.export follows), and
 :func:`swapped_methods` puts it on the model's modules only for the duration of a capture, so
 the model the user holds is never changed. patterns.py's ``TRACEABLE_METHODS`` says which
@@ -38,6 +38,23 @@ def hidream_moe_infer(self, x: torch.Tensor, flat_expert_indices: torch.Tensor,
                                                    reduce="sum")
         start = end
     return expert_cache
+
+
+def cogvideox_positional_embeddings(self, sample_height: int, sample_width: int, sample_frames: int,
+                                    device: torch.device | None = None) -> torch.Tensor:
+    """``CogVideoXPatchEmbed._get_positional_embeddings`` (diffusers' CogVideoX with sin-cos
+    positions), called at any size but the config's: the same table (zeros for the text tokens,
+    then the 3D sin-cos table of the video patches), concatenated instead of copied into a new
+    tensor's ``.data``, which torch.export cannot trace ("found a fake tensor in the exported
+    program constant's list")."""
+    from diffusers.models.embeddings import get_3d_sincos_pos_embed
+
+    frames = (sample_frames - 1) // self.temporal_compression_ratio + 1
+    table = get_3d_sincos_pos_embed(self.embed_dim, (sample_width // self.patch_size, sample_height // self.patch_size),
+                                    frames, self.spatial_interpolation_scale, self.temporal_interpolation_scale,
+                                    device=device, output_type="pt").flatten(0, 1)
+    text = table.new_zeros(self.max_text_seq_length, self.embed_dim)
+    return torch.cat([text, table]).unsqueeze(0)
 
 
 @contextlib.contextmanager
