@@ -1317,6 +1317,25 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
     assert "earlier failure" not in message
 
 
+def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypatch, capsys):
+    """A model whose code torch.export or torch.onnx cannot follow fails with their exception (not a
+    ValueError): the CLI printed a traceback; now one line naming the model and the cause, and exit
+    code 1 (-v raises it)."""
+    import rfc_compile.export.onnx as onnx_export
+    from rfc_compile.cli import main
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("We found a fake tensor in the exported program constant's list.\nmore detail")
+
+    monkeypatch.setattr(onnx_export, "to_onnx", fail)  # the CLI imports it when it runs
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx")]) == 1
+    assert capsys.readouterr().out.strip().endswith(
+        "error: exporting DiTTransformer2DModel failed: RuntimeError: We found a fake tensor in the exported program "
+        "constant's list. (-v for the traceback)")
+    with pytest.raises(RuntimeError, match="fake tensor"):
+        main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "-v"])
+
+
 @pytest.mark.parametrize("family", ["pixart", "flux", "sd3", "wan", "hunyuan_video", "ltx_video", "chroma",
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
                                     "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",

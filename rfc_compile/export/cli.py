@@ -112,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"rfc-compile export: error: {exc}")
         return 2
+    except Exception as exc:  # the model's code failed to trace or convert: its words, the traceback with -v
+        if args.verbose:
+            raise
+        lines = str(exc).strip().splitlines()
+        print(f"rfc-compile export: error: exporting {type(model).__name__} failed: {type(exc).__name__}: "
+              f"{lines[0] if lines else ''} (-v for the traceback)")
+        return 1
     sidecar = result.sidecar
     print(f"wrote {result.onnx_path} ({type(model).__name__}, mode {config.mode}, "
           f"{len(sidecar.state)} state tensors, {sidecar.raw['if_nodes']} If node(s)) in {result.seconds:.1f}s")
