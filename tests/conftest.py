@@ -477,6 +477,45 @@ def build_pipeline(name: str):
                       pooled_prompt_embeds=_embeds(1, 1, 16, 2)[:, 0], negative_prompt_embeds_t5=_embeds(1, 3, 16, 3),
                       negative_prompt_embeds_llama3=torch.randn(3, 1, 4, 16, generator=gen),
                       negative_pooled_prompt_embeds=_embeds(1, 1, 16, 4)[:, 0], height=64, width=64, guidance_scale=5.0)
+    elif name == "ltx2":
+        # CFG batched, one call per step (STG and modality isolation off: their calls are other graphs); tiny
+        # video/audio VAEs (never run: latents out), whose ratios and audio channels x mel bins the pipeline reads
+        # (32 x 8 as LTX-2's, 2 channels x 8 mel bins = the transformer's 16 audio channels); text connectors
+        # without learnable registers (3-token prompts)
+        from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+        transformer = build_ltx2()
+        transformer = randomize(type(transformer).from_config(transformer.config, audio_in_channels=16,
+                                                              audio_out_channels=16), seed=0)
+        vae = d.AutoencoderKLLTX2Video(latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                                       decoder_block_out_channels=(8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                       decoder_layers_per_block=(1, 1, 1, 1), spatial_compression_ratio=32,
+                                       temporal_compression_ratio=8)
+        audio_vae = d.AutoencoderKLLTX2Audio(base_channels=16, ch_mult=(1,), num_res_blocks=1, latent_channels=2,
+                                             mel_bins=32)
+        connectors = LTX2TextConnectors(
+            caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+            video_connector_attention_head_dim=8, video_connector_num_layers=1,
+            video_connector_num_learnable_registers=None, audio_connector_num_attention_heads=2,
+            audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+            audio_connector_num_learnable_registers=None)
+        pipe = d.LTX2Pipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae,
+                              text_encoder=None, tokenizer=None, connectors=connectors, transformer=transformer,
+                              vocoder=None)
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 32, 1), prompt_attention_mask=torch.ones(1, 3),
+                      negative_prompt_embeds=_embeds(1, 3, 32, 2), negative_prompt_attention_mask=torch.ones(1, 3),
+                      height=64, width=64, num_frames=9, stg_scale=0.0, audio_stg_scale=0.0, modality_scale=1.0,
+                      audio_modality_scale=1.0)
+    elif name == "helios":
+        # one chunk of 2 latent frames per 5 pixel frames; CFG: cond and uncond are two calls per step, each in
+        # its own cache_context; a tiny Wan VAE (it decodes every chunk); HeliosScheduler in one stage (the
+        # pyramid pipeline's are three)
+        vae = d.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        pipe = d.HeliosPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=d.HeliosScheduler(stages=1),
+                                transformer=build_helios())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt_embeds=_embeds(1, 3, 16, 2), height=32,
+                      width=32, num_frames=5, num_latent_frames_per_chunk=2, guidance_scale=5.0)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)

@@ -1340,7 +1340,7 @@ def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypa
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
                                     "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",
                                     "cosmos", "sana_video", "chronoedit", "hidream", "hunyuan_image", "cogvideox",
-                                    "hunyuandit", "kandinsky5"])
+                                    "hunyuandit", "kandinsky5", "ltx2", "helios"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1351,8 +1351,10 @@ def test_cli_example_inputs_fit_each_family(family):
     model = FAMILIES[family].build()
     kwargs = example_inputs(model, batch=2, height=8, width=8, text_len=3, frames=2)
     with torch.no_grad():
-        out = model(**kwargs, return_dict=False)
-    out = out if isinstance(out, torch.Tensor) else out[0]  # Kandinsky 5 returns its sample bare
+        outputs = model(**kwargs, return_dict=False)
+    out = outputs if isinstance(outputs, torch.Tensor) else outputs[0]  # Kandinsky 5 returns its sample bare
+    if family == "ltx2":  # and the audio latents' tokens: 9 for 9 pixel frames at 24 fps
+        assert outputs[1].shape == kwargs["audio_hidden_states"].shape == (2, 9, 4)
     if family == "zimage":  # one (C, F, H, W) latent per sample, in and out
         assert [o.shape for o in out] == [x.shape for x in kwargs["x"]] == [(4, 2, 8, 8)] * 2
         assert all(torch.isfinite(o).all() for o in out)
@@ -1372,7 +1374,7 @@ def test_cli_example_inputs_fit_each_family(family):
         assert out.shape[1:] == (2, 8, 8, 4)
     elif out.dim() == 5:  # (B, C, F, H, W)
         assert out.shape[2:] == (2, 8, 8)
-    elif family == "ltx_video":  # packed: 2 x 8 x 8 tokens at patch 1
+    elif family in ("ltx_video", "ltx2"):  # packed: 2 x 8 x 8 tokens at patch 1
         assert out.shape[1] == 2 * 8 * 8
     elif family in ("flux2", "qwenimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2"):  # 2x2-packed: 4 x 4 tokens
         assert out.shape[1] == 4 * 4
@@ -1389,7 +1391,9 @@ def test_cli_example_inputs_fit_each_family(family):
                                          ("hunyuandit", dict(height=8, width=8)),
                                          ("kandinsky5", dict(frames=2, height=8, width=8, text_len=3)),  # 5 frames, 64x64
                                          # Kandinsky5T2IPipeline resizes 64x64 to 1024x1024
-                                         ("kandinsky5_t2i", dict(frames=1, height=128, width=128, text_len=3))])
+                                         ("kandinsky5_t2i", dict(frames=1, height=128, width=128, text_len=3)),
+                                         ("ltx2", dict(frames=2, height=2, width=2, text_len=3)),  # 9 frames, 64x64
+                                         ("helios", dict(frames=2, height=4, width=4, text_len=3))])  # a 2-frame chunk
 def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
     must be what the family's pipeline passes: the same non-tensor values (LTX's default rotary

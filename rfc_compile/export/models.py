@@ -411,11 +411,82 @@ def _mochi(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 timestep=s.timestep(), encoder_attention_mask=torch.ones(s.batch, s.text_len))
 
 
+def _ltx2(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """LTX2Pipeline's main call (its CFG batch; the extra STG and modality-isolation calls, with
+    ``spatio_temporal_guidance_blocks`` / ``isolate_modalities=True``, are other graphs): packed video
+    latents (B, frames x H x W, C) and packed audio latents (B, audio frames, C x mel bins) with
+    their text states from the connectors (``caption_channels`` wide for LTX-2.0, whose model
+    projects them; ``cross_attention_dim`` / ``audio_cross_attention_dim`` for LTX-2.3's) and the
+    connectors' int64 mask (all ones: an unpadded prompt, or learnable registers); the scheduler's
+    timestep (sigma x 1000, float) passed as ``timestep`` and as ``sigma``; the latent grid, ``fps``
+    24.0 (frame_rate 24 / motion_speed 1), the audio frame count for ``(frames - 1) x 8 + 1`` pixel
+    frames at 24 fps (its audio VAE's rate / hop / 4, as the transformer's rope config has them),
+    the video and audio rotary coordinates the pipeline makes with the model's own ropes
+    (``prepare_video_coords`` / ``prepare_audio_coords``), ``isolate_modalities=False`` and
+    ``use_cross_timestep=True`` (the pipeline's default)."""
+    from diffusers.models.transformers.transformer_ltx2 import LTX2AudioVideoRotaryPosEmbed
+
+    if cfg.get("patch_size", 1) != 1 or cfg.get("patch_size_t", 1) != 1:
+        raise ValueError(f"LTX-2 with patch size {cfg.get('patch_size')} x {cfg.get('patch_size_t')}: LTX2Pipeline "
+                         "packs its latents into in_channels features per token only at patch size 1")
+    fps = 24.0
+    pixel_frames = (s.frames - 1) * cfg["vae_scale_factors"][0] + 1
+    audio_frames = round(pixel_frames / fps * cfg["audio_sampling_rate"] / cfg["audio_hop_length"]
+                         / cfg["audio_scale_factor"])
+    common = dict(theta=cfg["rope_theta"], causal_offset=cfg["causal_offset"], double_precision=cfg["rope_double_precision"],
+                  rope_type=cfg["rope_type"])  # the model's self.rope / self.audio_rope
+    rope = LTX2AudioVideoRotaryPosEmbed(
+        dim=cfg["num_attention_heads"] * cfg["attention_head_dim"], patch_size=1, patch_size_t=1,
+        base_num_frames=cfg["pos_embed_max_pos"], base_height=cfg["base_height"], base_width=cfg["base_width"],
+        scale_factors=cfg["vae_scale_factors"], modality="video", num_attention_heads=cfg["num_attention_heads"], **common)
+    audio_rope = LTX2AudioVideoRotaryPosEmbed(
+        dim=cfg["audio_num_attention_heads"] * cfg["audio_attention_head_dim"], patch_size=cfg["audio_patch_size"],
+        patch_size_t=cfg["audio_patch_size_t"], base_num_frames=cfg["audio_pos_embed_max_pos"],
+        sampling_rate=cfg["audio_sampling_rate"], hop_length=cfg["audio_hop_length"],
+        scale_factors=[cfg["audio_scale_factor"]], modality="audio",
+        num_attention_heads=cfg["audio_num_attention_heads"], **common)
+    video_coords = rope.prepare_video_coords(s.batch, s.frames, s.height, s.width, torch.device("cpu"), fps=fps)
+    audio_coords = audio_rope.prepare_audio_coords(s.batch, audio_frames, torch.device("cpu"))
+    projected = cfg.get("use_prompt_embeddings", True)
+    mask = torch.ones(s.batch, s.text_len, dtype=torch.long)
+    return dict(hidden_states=s.randn(s.batch, s.frames * s.height * s.width, cfg["in_channels"]),
+                audio_hidden_states=s.randn(s.batch, audio_frames, cfg["audio_in_channels"]),
+                encoder_hidden_states=s.text(cfg["caption_channels"] if projected else cfg["cross_attention_dim"]),
+                audio_encoder_hidden_states=s.text(cfg["caption_channels"] if projected
+                                                   else cfg["audio_cross_attention_dim"]),
+                timestep=s.timestep(), sigma=s.timestep(), encoder_attention_mask=mask,
+                audio_encoder_attention_mask=mask.clone(), num_frames=s.frames, height=s.height, width=s.width,
+                fps=fps, audio_num_frames=audio_frames, video_coords=video_coords, audio_coords=audio_coords,
+                isolate_modalities=False, use_cross_timestep=True)
+
+
+def _helios(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """HeliosPipeline's call for one chunk (``frames`` = its ``num_latent_frames_per_chunk``) at its
+    defaults ``history_sizes=[16, 2, 1]``, ``keep_first_frame=True``: the chunk's latents, the
+    timestep in float64 (HeliosScheduler's timesteps are float64: 99.9 has no float32 twin), the T5
+    states, and the long / mid / short history latents (16, 2 and 1 + 1 frames: the first frame's
+    latents, then the last one) with their int64 frame indices
+    (one row: ``arange(1 + 19 + frames)`` split as the pipeline splits it)."""
+    if not cfg.get("has_multi_term_memory_patch", True):
+        raise ValueError("Helios without has_multi_term_memory_patch: HeliosPipeline passes history latents, which "
+                         "this model cannot embed")
+    history_sizes, channels = [16, 2, 1], cfg["in_channels"]
+    prefix, long_, mid, short, current = torch.arange(1 + sum(history_sizes) + s.frames).split([1, *history_sizes, s.frames])
+    return dict(hidden_states=_video(cfg, s), timestep=s.timestep(torch.float64),
+                encoder_hidden_states=s.text(cfg["text_dim"]), indices_hidden_states=current[None],
+                indices_latents_history_short=torch.cat([prefix, short])[None],
+                indices_latents_history_mid=mid[None], indices_latents_history_long=long_[None],
+                latents_history_short=s.randn(s.batch, channels, 1 + history_sizes[2], s.height, s.width),
+                latents_history_mid=s.randn(s.batch, channels, history_sizes[1], s.height, s.width),
+                latents_history_long=s.randn(s.batch, channels, history_sizes[0], s.height, s.width))
+
+
 #: Inputs left in float32 for a low-precision model: pipelines pass float32 timesteps (978.6,
 #: which float16 would round to 978.5) and the models' timestep embeddings compute in float32;
 #: CogVideoX's and Hunyuan-DiT's pipelines pass their rotary tables as computed, in float32 (the
-#: models apply them in float32).
-FLOAT32_INPUTS = ("timestep", "timesteps", "guidance", "image_rotary_emb")
+#: models apply them in float32); LTX2Pipeline passes its timestep as ``sigma`` too, and its rotary
+#: coordinates, as computed (float32).
+FLOAT32_INPUTS = ("timestep", "timesteps", "guidance", "image_rotary_emb", "sigma", "video_coords", "audio_coords")
 
 #: Models called with the timestep in the latents' dtype, which compute its embedding in that
 #: dtype (Hunyuan-DiT: ``hidden_dtype=timestep.dtype``; a float32 one would meet float16 weights).
@@ -428,7 +499,7 @@ PACKED_PATCH = {name: 2 for name in (
     "BriaTransformer2DModel", "Krea2Transformer2DModel")}
 
 #: The forward kwargs of one call, per model class (what its pipeline passes). A family left out
-#: (Helios, Bria FIBO, Motif-Video and LTX-2, not written yet) exports through
+#: (Bria FIBO and Motif-Video, not written yet) exports through
 #: ``to_onnx`` with example inputs of your own.
 EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "DiTTransformer2DModel": _dit,
@@ -455,6 +526,8 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "WanVACETransformer3DModel": _wan_vace,
     "HunyuanVideoTransformer3DModel": _hunyuan_video,
     "LTXVideoTransformer3DModel": _ltx_video,
+    "LTX2VideoTransformer3DModel": _ltx2,
+    "HeliosTransformer3DModel": _helios,
     "MochiTransformer3DModel": _mochi,
     "CogVideoXTransformer3DModel": _cogvideox,
     "HunyuanDiT2DModel": _hunyuandit,
