@@ -427,15 +427,18 @@ def build_pipeline(name: str):
         kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), prompt_attention_mask=torch.ones(1, 3), negative_prompt=None,
                       negative_prompt_embeds=_embeds(1, 3, 16, 2), negative_prompt_attention_mask=torch.ones(1, 3),
                       height=64, width=64, frames=5, guidance_scale=4.5, use_resolution_binning=False)
-    elif name == "kandinsky5":
-        # CFG: cond and uncond are two calls per step (prompts of other lengths), with no cache_context
-        pipe = d.Kandinsky5T2VPipeline(transformer=build_kandinsky5(), vae=None, text_encoder=None, tokenizer=None,
-                                       text_encoder_2=None, tokenizer_2=None, scheduler=d.FlowMatchEulerDiscreteScheduler())
+    elif name in ("kandinsky5", "kandinsky5_t2i"):
+        # CFG: cond and uncond are two calls per step (prompts of other lengths), with no cache_context;
+        # the text-to-image pipeline: one latent frame
+        video = name == "kandinsky5"
+        cls = d.Kandinsky5T2VPipeline if video else d.Kandinsky5T2IPipeline
+        pipe = cls(transformer=build_kandinsky5(), vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                   tokenizer_2=None, scheduler=d.FlowMatchEulerDiscreteScheduler())
         kwargs = dict(prompt_embeds_qwen=_embeds(1, 3, 16, 1), prompt_embeds_clip=_embeds(1, 1, 16, 2)[:, 0],
                       prompt_cu_seqlens=torch.tensor([0, 3], dtype=torch.int32),
                       negative_prompt_embeds_qwen=_embeds(1, 4, 16, 3), negative_prompt_embeds_clip=_embeds(1, 1, 16, 4)[:, 0],
-                      negative_prompt_cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
-                      height=64, width=64, num_frames=5, guidance_scale=5.0)
+                      negative_prompt_cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), height=64, width=64,
+                      **(dict(num_frames=5, guidance_scale=5.0) if video else dict(guidance_scale=3.5)))
     elif name in ("cogvideox", "cogvideox_rotary"):
         # CFG batched, one call per step; the rotary variant (CogVideoX 1.0 5B's layout, head dim 16 so that
         # its t / h / w split is even) gets the (cos, sin) table the pipeline computes
@@ -458,15 +461,6 @@ def build_pipeline(name: str):
                       prompt_embeds_2=_embeds(1, 5, 16, 3), prompt_attention_mask_2=mask_t5,
                       negative_prompt_embeds_2=_embeds(1, 5, 16, 4), negative_prompt_attention_mask_2=mask_t5,
                       height=64, width=64, use_resolution_binning=False)
-    elif name == "kandinsky5_t2i":
-        # one latent frame; CFG: cond and uncond are two calls per step, with no cache_context
-        pipe = d.Kandinsky5T2IPipeline(transformer=build_kandinsky5(), vae=None, text_encoder=None, tokenizer=None,
-                                       text_encoder_2=None, tokenizer_2=None, scheduler=d.FlowMatchEulerDiscreteScheduler())
-        kwargs = dict(prompt_embeds_qwen=_embeds(1, 3, 16, 1), prompt_embeds_clip=_embeds(1, 1, 16, 2)[:, 0],
-                      prompt_cu_seqlens=torch.tensor([0, 3], dtype=torch.int32),
-                      negative_prompt_embeds_qwen=_embeds(1, 4, 16, 3), negative_prompt_embeds_clip=_embeds(1, 1, 16, 4)[:, 0],
-                      negative_prompt_cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
-                      height=64, width=64, guidance_scale=3.5)
     elif name == "hidream":
         # CFG batched; T5 and Llama states (the Llama ones stacked layers first), pooled CLIP embeds
         pipe = d.HiDreamImagePipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None, transformer=build_hidream(),
