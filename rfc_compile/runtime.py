@@ -81,7 +81,14 @@ def _autocast_key(device_types: set[str]) -> tuple:
     """Where ``torch.autocast`` is on, and to which dtype: a graph captured under autocast holds its
     casts (run without it, its matmuls mixed bfloat16 and float32 and failed), and its cache holds
     the cast outputs, so each autocast state gets a graph and a cache of its own, as a dtype does."""
-    return tuple((d, torch.get_autocast_dtype(d)) for d in sorted(device_types) if torch.is_autocast_enabled(d))
+    return tuple((d, torch.get_autocast_dtype(d)) for d in sorted(device_types) if _autocast_enabled(d))
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
 
 
 #: The names a model's denoising timestep argument goes by (diffusers: ``timestep``).
