@@ -25,6 +25,7 @@ from torch.utils import _pytree as pytree
 from .backends import BACKENDS, make_runner
 from .config import RFCConfig
 from .passes import capture, check_supported, find_regions, rewrite
+from .passes.capture import accelerate_hooks
 from .passes.patterns import DEFAULT_VARYING_INPUTS, model_timestep_rises
 from .state import StateSpec
 from .watch import ModelWatch
@@ -197,13 +198,9 @@ def follow_timestep(session: Any, value: float | None, step_index: int | None = 
         if session.auto_reset and step_index <= last_step:
             session.reset()
             session._last_step_index = step_index
-        if not session._history:
-            session._first_timestep = value
-        session._last_timestep = value
+    elif value is None:
         return
-    if value is None:
-        return
-    if session._last_timestep is not None and session._history:
+    elif session._last_timestep is not None and session._history:
         went_back = value < session._last_timestep if session.timestep_rises else value > session._last_timestep
         repeated = value == session._last_timestep
         if session.auto_reset and (went_back or (repeated and value == session._first_timestep)):
@@ -602,8 +599,8 @@ def _take_over_offload_hook(model: torch.nn.Module, cached: "CachedModel") -> No
     before each call, so it belongs around the cached model: it moves there (diffusers re-applies
     offloading to its components, the cached model now, after each pipeline call). Hooks on the
     model's parts (``device_map``, sequential offload) move weights inside forward: refused."""
-    parts = [name for name, module in model.named_modules() if name and getattr(module, "_hf_hook", None) is not None]
-    hook = getattr(model, "_hf_hook", None)
+    parts = accelerate_hooks(model)
+    hook = parts.pop("", None)
     if hook is None and not parts:
         return
     from accelerate.hooks import CpuOffload, add_hook_to_module, remove_hook_from_module
@@ -611,7 +608,8 @@ def _take_over_offload_hook(model: torch.nn.Module, cached: "CachedModel") -> No
     from .errors import UnsupportedModelError
 
     if parts or not isinstance(hook, CpuOffload):
-        where = type(hook).__name__ if hook is not None else f"{len(parts)} submodules ({', '.join(parts[:3])}, ...)"
+        where = (type(hook).__name__ if hook is not None
+                 else f"{len(parts)} submodules ({', '.join(list(parts)[:3])}, ...)")
         raise UnsupportedModelError(
             f"{type(model).__name__} carries accelerate hooks ({where}: a device_map or "
             "enable_sequential_cpu_offload) that move weights inside forward, which a captured graph cannot do; "

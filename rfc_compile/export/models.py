@@ -433,12 +433,13 @@ def _ltx2(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     pixel_frames = (s.frames - 1) * cfg["vae_scale_factors"][0] + 1
     audio_frames = round(pixel_frames / fps * cfg["audio_sampling_rate"] / cfg["audio_hop_length"]
                          / cfg["audio_scale_factor"])
-    common = dict(theta=cfg["rope_theta"], causal_offset=cfg["causal_offset"], double_precision=cfg["rope_double_precision"],
-                  rope_type=cfg["rope_type"])  # the model's self.rope / self.audio_rope
+    common = dict(theta=cfg["rope_theta"], causal_offset=cfg["causal_offset"],
+                  double_precision=cfg["rope_double_precision"], rope_type=cfg["rope_type"])  # the model's ropes
     rope = LTX2AudioVideoRotaryPosEmbed(
         dim=cfg["num_attention_heads"] * cfg["attention_head_dim"], patch_size=1, patch_size_t=1,
         base_num_frames=cfg["pos_embed_max_pos"], base_height=cfg["base_height"], base_width=cfg["base_width"],
-        scale_factors=cfg["vae_scale_factors"], modality="video", num_attention_heads=cfg["num_attention_heads"], **common)
+        scale_factors=cfg["vae_scale_factors"], modality="video", num_attention_heads=cfg["num_attention_heads"],
+        **common)
     audio_rope = LTX2AudioVideoRotaryPosEmbed(
         dim=cfg["audio_num_attention_heads"] * cfg["audio_attention_head_dim"], patch_size=cfg["audio_patch_size"],
         patch_size_t=cfg["audio_patch_size_t"], base_num_frames=cfg["audio_pos_embed_max_pos"],
@@ -471,7 +472,8 @@ def _helios(cfg: dict, s: ExampleShape) -> dict[str, Any]:
         raise ValueError("Helios without has_multi_term_memory_patch: HeliosPipeline passes history latents, which "
                          "this model cannot embed")
     history_sizes, channels = [16, 2, 1], cfg["in_channels"]
-    prefix, long_, mid, short, current = torch.arange(1 + sum(history_sizes) + s.frames).split([1, *history_sizes, s.frames])
+    indices = torch.arange(1 + sum(history_sizes) + s.frames)
+    prefix, long_, mid, short, current = indices.split([1, *history_sizes, s.frames])
     return dict(hidden_states=_video(cfg, s), timestep=s.timestep(torch.float64),
                 encoder_hidden_states=s.text(cfg["text_dim"]), indices_hidden_states=current[None],
                 indices_latents_history_short=torch.cat([prefix, short])[None],

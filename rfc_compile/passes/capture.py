@@ -183,6 +183,13 @@ def _model_code_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
+def accelerate_hooks(model: torch.nn.Module) -> dict[str, Any]:
+    """accelerate's hooks on ``model`` (``""``) and its submodules, by module name: offloading and
+    device maps move weights around forward, which a captured graph does not run."""
+    return {name: module._hf_hook for name, module in model.named_modules()
+            if getattr(module, "_hf_hook", None) is not None}
+
+
 def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False,
             dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
@@ -192,7 +199,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
         raise UnsupportedModelError(
             f"{type(model).__name__} has diffusers' {type(diffusers_cache).__name__} enabled: its hooks decide in "
             "Python and would be traced once, then mix with this cache; call model.disable_cache() first")
-    hooked = [name or "itself" for name, module in model.named_modules() if getattr(module, "_hf_hook", None) is not None]
+    hooked = [name or "itself" for name in accelerate_hooks(model)]
     if hooked:
         raise UnsupportedModelError(
             f"{type(model).__name__} carries accelerate hooks ({', '.join(hooked[:3])}: enable_model_cpu_offload, a "

@@ -1,9 +1,10 @@
 """Model code swapped for a traceable twin while capture traces the forward.
 
-Some diffusers models compute a value on the host in the middle of their forward: HiDream-I1's
-mixture-of-experts layer counts the tokens routed to each expert with ``.cpu().numpy()``, which
-torch.export cannot trace; CogVideoX writes a new positional table through ``.data``. Each twin here computes the same thing with torch ops (the counts stay
-tensors; slicing by them gives data-dependent sizes, which torch.export follows), and
+Some diffusers models do what torch.export cannot trace in the middle of their forward:
+HiDream-I1's mixture-of-experts layer counts the tokens routed to each expert with
+``.cpu().numpy()``; CogVideoX writes a new positional table through ``.data``. Each twin here
+computes the same thing with torch ops (HiDream's counts stay tensors; slicing by them gives
+data-dependent sizes, which torch.export follows), and
 :func:`swapped_methods` puts it on the model's modules only for the duration of a capture, so
 the model the user holds is never changed. patterns.py's ``TRACEABLE_METHODS`` says which
 method of which module class gets which twin.
