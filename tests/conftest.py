@@ -510,6 +510,41 @@ def build_pipeline(name: str):
                                 transformer=build_helios())
         kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt_embeds=_embeds(1, 3, 16, 2), height=32,
                       width=32, num_frames=5, num_latent_frames_per_chunk=2, guidance_scale=5.0)
+    elif name == "bria_fibo":
+        # CFG batched; the pipeline takes no precomputed prompt embeddings: a tiny random SmolLM3 (the
+        # pipeline's "" is its begin-of-text id 128000) and a word-level tokenizer; the negative prompt is
+        # shorter, so the call carries a key-padding mask
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast, SmolLM3Config, SmolLM3ForCausalLM
+
+        words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "a", "cat", "on", "mat"])},
+                                           unk_token="<pad>"))
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        torch.manual_seed(0)
+        text_encoder = SmolLM3ForCausalLM(SmolLM3Config(
+            vocab_size=128008, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=64)).eval()
+        transformer = build_bria_fibo()  # its text states: SmolLM3's last two layers, concatenated
+        transformer = randomize(type(transformer).from_config(transformer.config, joint_attention_dim=32), seed=0)
+        pipe = d.BriaFiboPipeline(transformer=transformer, scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=None,
+                                  text_encoder=text_encoder,
+                                  tokenizer=PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>"))
+        kwargs = dict(prompt="a cat on a mat", height=64, width=64, guidance_scale=5.0)
+    elif name == "motif_video":
+        # CFG: cond and uncond are two calls per step (the pipeline's guider), each in its own cache_context;
+        # a tiny Wan VAE (read for its latent channels only: latents out)
+        from diffusers.guiders import ClassifierFreeGuidance
+
+        vae = d.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        pipe = d.MotifVideoPipeline(scheduler=d.FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                                    tokenizer=None, transformer=build_motif_video(),
+                                    guider=ClassifierFreeGuidance(guidance_scale=5.0))
+        mask = torch.ones(1, 4, dtype=torch.bool)
+        mask[:, -1] = False  # a padded token
+        kwargs = dict(prompt_embeds=_embeds(1, 4, 16, 1), prompt_attention_mask=mask,
+                      negative_prompt_embeds=_embeds(1, 4, 16, 2), negative_prompt_attention_mask=torch.ones_like(mask),
+                      height=64, width=64, num_frames=5)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)

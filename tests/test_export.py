@@ -1340,7 +1340,7 @@ def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypa
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
                                     "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",
                                     "cosmos", "sana_video", "chronoedit", "hidream", "hunyuan_image", "cogvideox",
-                                    "hunyuandit", "kandinsky5", "ltx2", "helios"])
+                                    "hunyuandit", "kandinsky5", "ltx2", "helios", "bria_fibo", "motif_video"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1364,7 +1364,7 @@ def test_cli_example_inputs_fit_each_family(family):
         assert out.shape == (hidden.shape[0], 2 * hidden.shape[1], *hidden.shape[2:]) == (2, 8, 8, 8)
         assert torch.isfinite(out).all()
         return
-    if family == "chronoedit":  # image-to-video: the latents' channels out, latents + condition in
+    if family in ("chronoedit", "motif_video"):  # the latents' channels out, latents + condition (+ mask) in
         assert out.shape == (hidden.shape[0], model.config.out_channels, *hidden.shape[2:]) and torch.isfinite(out).all()
         return
     assert out.shape == hidden.shape and torch.isfinite(out).all()
@@ -1376,6 +1376,8 @@ def test_cli_example_inputs_fit_each_family(family):
         assert out.shape[2:] == (2, 8, 8)
     elif family in ("ltx_video", "ltx2"):  # packed: 2 x 8 x 8 tokens at patch 1
         assert out.shape[1] == 2 * 8 * 8
+    elif family == "bria_fibo":  # one token per latent pixel
+        assert out.shape[1] == 8 * 8
     elif family in ("flux2", "qwenimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2"):  # 2x2-packed: 4 x 4 tokens
         assert out.shape[1] == 4 * 4
 
@@ -1393,7 +1395,9 @@ def test_cli_example_inputs_fit_each_family(family):
                                          # Kandinsky5T2IPipeline resizes 64x64 to 1024x1024
                                          ("kandinsky5_t2i", dict(frames=1, height=128, width=128, text_len=3)),
                                          ("ltx2", dict(frames=2, height=2, width=2, text_len=3)),  # 9 frames, 64x64
-                                         ("helios", dict(frames=2, height=4, width=4, text_len=3))])  # a 2-frame chunk
+                                         ("helios", dict(frames=2, height=4, width=4, text_len=3)),  # a 2-frame chunk
+                                         ("bria_fibo", dict(height=4, width=4, text_len=5)),  # 64x64 / 16
+                                         ("motif_video", dict(frames=2, height=8, width=8, text_len=4))])
 def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
     must be what the family's pipeline passes: the same non-tensor values (LTX's default rotary

@@ -113,9 +113,9 @@ def _pixart(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 added_cond_kwargs=added, encoder_attention_mask=torch.ones(s.batch, s.text_len))
 
 
-def _flux_ids(s: ExampleShape) -> dict[str, torch.Tensor]:
+def _flux_ids(s: ExampleShape, patch: int = 2) -> dict[str, torch.Tensor]:
     """Packed latents' position ids (2x2 patches), as FluxPipeline makes them, and the text's (zeros)."""
-    hp, wp = s.height // 2, s.width // 2
+    hp, wp = s.height // patch, s.width // patch
     img_ids = torch.zeros(hp, wp, 3)
     img_ids[..., 1] = torch.arange(hp)[:, None]
     img_ids[..., 2] = torch.arange(wp)[None, :]
@@ -159,6 +159,20 @@ def _flux_descendant(cfg: dict, s: ExampleShape) -> dict[str, Any]:
 def _bria(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     """BriaPipeline passes the scheduler's timestep itself (0..1000), not ``t / 1000``."""
     return dict(_flux_descendant(cfg, s), timestep=s.timestep())
+
+
+def _bria_fibo(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """BriaFiboPipeline (its default ``do_patching=False``): one token per latent pixel with FLUX's
+    ids over that grid, the scheduler's timestep itself, one text encoder layer per block (double,
+    then single), and the key-padding mask it passes whenever a prompt in the batch is padded (with
+    CFG nearly always: the negative prompt is shorter). A call without padding passes it all true."""
+    ids = _flux_ids(s, patch=1)
+    tokens = s.text_len + len(ids["img_ids"])
+    layers = [s.text(cfg["text_encoder_dim"]) for _ in range(cfg["num_layers"] + cfg["num_single_layers"])]
+    return dict(hidden_states=s.randn(s.batch, len(ids["img_ids"]), cfg["in_channels"]),
+                encoder_hidden_states=s.text(cfg["joint_attention_dim"]), text_encoder_layers=layers,
+                timestep=s.timestep(), joint_attention_kwargs={"attention_mask": torch.ones(s.batch, 1, 1, tokens,
+                                                                                           dtype=torch.bool)}, **ids)
 
 
 def _flux3(cfg: dict, s: ExampleShape) -> dict[str, Any]:
@@ -298,6 +312,17 @@ def _wan_vace(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     vace_layers = cfg.get("vace_layers") or [0]
     return dict(_wan(cfg, s), control_hidden_states=s.randn(s.batch, cfg["vace_in_channels"], s.frames, s.height, s.width),
                 control_hidden_states_scale=torch.ones(len(vace_layers)))
+
+
+def _motif_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """MotifVideoPipeline (text to video): the latents, a zero condition latent and a one-channel
+    mask stacked on channels (``in_channels`` = 2 x latent channels + 1), the scheduler's
+    timestep, and the T5Gemma states with their bool padding mask (cond and uncond: two calls)."""
+    latent = (cfg["in_channels"] - 1) // 2
+    hidden = torch.cat([s.randn(s.batch, latent, s.frames, s.height, s.width),
+                        torch.zeros(s.batch, latent + 1, s.frames, s.height, s.width)], dim=1)
+    return dict(hidden_states=hidden, timestep=s.timestep(), encoder_hidden_states=s.text(cfg["text_embed_dim"]),
+                encoder_attention_mask=torch.ones(s.batch, s.text_len, dtype=torch.bool))
 
 
 def _hunyuan_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
@@ -501,8 +526,7 @@ PACKED_PATCH = {name: 2 for name in (
     "BriaTransformer2DModel", "Krea2Transformer2DModel")}
 
 #: The forward kwargs of one call, per model class (what its pipeline passes). A family left out
-#: (Bria FIBO and Motif-Video, not written yet) exports through
-#: ``to_onnx`` with example inputs of your own.
+#: exports through ``to_onnx`` with example inputs of your own.
 EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "DiTTransformer2DModel": _dit,
     "PixArtTransformer2DModel": _pixart,
@@ -512,6 +536,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "LongCatImageTransformer2DModel": _flux_descendant,
     "OvisImageTransformer2DModel": _flux_descendant,
     "BriaTransformer2DModel": _bria,
+    "BriaFiboTransformer2DModel": _bria_fibo,
     "Krea2Transformer2DModel": _krea2,
     "ChromaTransformer2DModel": _chroma,
     "SD3Transformer2DModel": _sd3,
@@ -531,6 +556,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "LTX2VideoTransformer3DModel": _ltx2,
     "HeliosTransformer3DModel": _helios,
     "MochiTransformer3DModel": _mochi,
+    "MotifVideoTransformer3DModel": _motif_video,
     "CogVideoXTransformer3DModel": _cogvideox,
     "HunyuanDiT2DModel": _hunyuandit,
     "Kandinsky5Transformer3DModel": _kandinsky5,
