@@ -6,6 +6,7 @@ graph is exported once per session and shared between tests.
 
 from __future__ import annotations
 
+import importlib.machinery
 import inspect
 import json
 import logging
@@ -584,8 +585,12 @@ def test_triton_repository_config_parses_and_sequence_semantics(rfc_onnx):
     pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient[grpc] not installed")
     from rfc_compile.export import validate_triton_config
 
-    model_dir = rfc_onnx.parent / "triton" / rfc_onnx.stem
+    model_dir = rfc_onnx.parent / "model_repository" / rfc_onnx.stem
     assert (model_dir / "config.pbtxt").is_file() and (model_dir / "1" / "model.onnx").is_file()
+    # nothing next to the export imports as ``triton``: a ``triton/`` directory there (the old default)
+    # made every script run from that directory crash in torch.compile on a machine without triton
+    # (torch took it for the triton package: "module 'triton' has no attribute 'language'")
+    assert importlib.machinery.PathFinder.find_spec("triton", [str(rfc_onnx.parent)]) is None
     config = validate_triton_config(model_dir / "config.pbtxt")
     sidecar = json.loads((rfc_onnx.parent / (rfc_onnx.name + ".rfc.json")).read_text())
     seq = config.sequence_batching

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--opset", type=int, default=None)
     out.add_argument("--no-check", action="store_true", help="skip loading the result in onnxruntime")
     out.add_argument("--triton", default=None, metavar="DIR",
-                     help="Triton model repository to write (default: <output dir>/triton)")
+                     help="Triton model repository to write (default: <output dir>/model_repository)")
     out.add_argument("--no-triton", action="store_true", help="do not write the Triton model repository")
     out.add_argument("--triton-name", default=None, help="Triton model name (default: output file stem)")
     out.add_argument("--engine", default=None, help="TensorRT engine path (default: <output>.<precision>.engine)")

@@ -266,7 +266,9 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         config: the RFC configuration baked into the graph (default ``RFCConfig()``).
         opset: ONNX opset (default: the exporter's, 18 with torch 2.13).
         check: load the result in onnxruntime (CPU) and compare its I/O with the sidecar.
-        triton: also write a Triton model repository: True for ``<dir of path>/triton``, or a
+        triton: also write a Triton model repository: True for ``<dir of path>/model_repository``
+            (Triton's usual name; a directory named ``triton`` would be imported as the triton package,
+            which torch probes for, by any script run from there), or a
             directory (see triton.py); the model is named ``triton_model_name`` (default: the
             file's stem).
         empty_on_skip: state the skipped branch leaves unchanged comes back empty instead of
@@ -397,7 +399,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     if triton:
         from .triton import write_triton_repository
 
-        repo = Path(triton) if not isinstance(triton, bool) else path.parent / "triton"
+        repo = Path(triton) if not isinstance(triton, bool) else path.parent / "model_repository"
         result.triton_model_dir = write_triton_repository(path, repo, triton_model_name or path.stem)
     result.seconds = time.perf_counter() - start
     logger.info("exported %s to %s in %.1fs (%d state tensors, %d If node(s))", type(model).__name__, path,
