@@ -260,7 +260,9 @@ def render(families: list[dict], pipelines: list[dict], pipeline_note: str, expo
         lines.append(f"`pipe.transformer = rfc_compile.optimize(pipe.transformer, RFCConfig(mode=\"rfc\", "
                      f"threshold={PIPELINE_THRESHOLD}))` (ZImagePipeline: {pipeline_threshold('zimage'):g}), "
                      f"{STEPS} inference steps, `output_type=\"latent\"`, "
-                     "prompt embeddings passed in (no text encoder, tokenizer or VAE), the same pipeline "
+                     "prompt embeddings passed in (no text encoder, tokenizer or VAE; BriaFiboPipeline takes no "
+                     "embeddings: a tiny random SmolLM3 encodes its prompt; MotifVideoPipeline reads a tiny Wan VAE's "
+                     "latent channels), the same pipeline "
                      "called twice with the same seed and no `reset()`.\n")
         lines.append("| pipeline | transformer calls | timesteps seen | steps counted | NFC | 2nd call identical "
                      "(auto reset) | rfc vs full latents |")
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             row = pipeline_row(name, guidance)
             print(f"{row['pipeline']}: steps {row['steps']} nfc {row['nfc']} reset ok {row['reset_ok']}", flush=True)
             pipelines.append(row)
-        note = ("The \"WanPipeline (CFG 5)\", QwenImagePipeline (`true_cfg_scale=4`), OvisImagePipeline and CogView4Pipeline rows call the transformer "
+        note = ("The \"WanPipeline (CFG 5)\", QwenImagePipeline (`true_cfg_scale=4`), OvisImagePipeline, CogView4Pipeline and MotifVideoPipeline rows call the transformer "
                 "twice per step, once per cache context; each context keeps its own cache. ChromaPipeline, "
                 "Krea2Pipeline, Kandinsky5T2VPipeline and FluxKontextPipeline (`true_cfg_scale=4`) call it twice per step with the same latents and no cache context: each branch "
                 "gets a cache by itself (`runtime.BranchFollower`). ZImagePipeline passes "

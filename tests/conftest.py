@@ -291,7 +291,8 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 # --- [models] drop-in pipelines: tiny random transformer, no text encoders / VAE ----------------
 
 PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
-             "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream")
+             "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream", "bria_fibo",
+             "motif_video")
 #: pipelines that call the transformer for cond and uncond separately *without* cache_context
 BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2", "flux_kontext", "kandinsky5")
 

@@ -217,7 +217,8 @@ def test_unsupported_models_raise_naming_block_types():
 
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
                                   "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
-                                  "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream"])
+                                  "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream",
+                                  "bria_fibo", "motif_video"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
     """ZImagePipeline's timestep counts up (1 - sigma): a new generation is the timestep going
     back down (before, every step started a new generation and ran in full). ChromaPipeline,
