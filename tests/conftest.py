@@ -292,7 +292,7 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 
 PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
              "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream", "bria_fibo",
-             "motif_video")
+             "motif_video", "cogview3plus")
 #: pipelines that call the transformer for cond and uncond separately *without* cache_context
 BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2", "flux_kontext", "kandinsky5")
 
@@ -421,6 +421,15 @@ def build_pipeline(name: str):
                                   scheduler=d.FlowMatchEulerDiscreteScheduler())
         kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt_embeds=_embeds(1, 3, 16, 2),
                       height=64, width=64, guidance_scale=4.0)
+    elif name == "cogview3plus":
+        # CFG batched: one call per step (uncond first); the CogVideoX DDIM scheduler's int64 timesteps, with
+        # CogVideoX's released settings (v-prediction, trailing spacing from 999, zero terminal SNR)
+        scheduler = d.CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing",
+                                             rescale_betas_zero_snr=True)
+        pipe = d.CogView3PlusPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=build_cogview3plus(),
+                                      scheduler=scheduler)
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt_embeds=_embeds(1, 3, 16, 2),
+                      height=64, width=64, guidance_scale=5.0)
     elif name == "sana_video":
         # CFG batched: one call per step
         pipe = d.SanaVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=build_sana_video(),
@@ -830,6 +839,20 @@ def cogview4_conditions(batch, gen, text=5, size=64.0):
                 target_size=torch.full((batch, 2), size), crop_coords=torch.zeros(batch, 2))
 
 
+def build_cogview3plus():
+    from diffusers import CogView3PlusTransformer2DModel
+
+    # its sin-cos position table is pos_embed_max_size squared patches: 8 x 8 covers 16 x 16 latents
+    return randomize(CogView3PlusTransformer2DModel(
+        patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2, out_channels=4,
+        text_embed_dim=16, time_embed_dim=16, condition_dim=8, pos_embed_max_size=8, sample_size=8), seed=0)
+
+
+#: CogView3PlusPipeline passes CogView4's SDXL-like micro-conditions: original and target size in pixels
+#: (the VAE's 8x the latent's), crop corner (B, 2) each, in the text states' dtype
+cogview3plus_conditions = cogview4_conditions
+
+
 def build_cosmos():
     # the video-to-world variant (a condition-mask channel); head dim 12: Cosmos' rotary code divides
     # by (head_dim // 6 * 2 - 2). concat_padding_mask off: it needs torchvision, not a dependency here
@@ -1047,6 +1070,7 @@ FAMILIES.update({f.name: f for f in (
     Family("flux3", build_flux3, (16, 4), flux3_conditions, threshold=0.1, timestep_scale=1.0),
     Family("krea2", build_krea2, (16, 4), krea2_conditions, threshold=0.1, timestep_scale=1.0),
     Family("cogview4", build_cogview4, (4, 8, 8), cogview4_conditions, threshold=0.3),
+    Family("cogview3plus", build_cogview3plus, (4, 8, 8), cogview3plus_conditions, threshold=0.3),
     # Cosmos 2 passes sigma / (sigma + 1), in [0, 1)
     Family("cosmos", build_cosmos, (4, 2, 8, 8), cosmos_conditions, threshold=0.03, timestep_scale=1.0,
            call_inputs=cosmos_frames),

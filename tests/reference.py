@@ -582,6 +582,8 @@ FAMILY_REGIONS = {
     "hunyuandit": lambda model: dit_regions(model, model.blocks), "sana_video": sana_regions,
     "chronoedit": wan_regions, "helios": wan_regions, "kandinsky5": kandinsky5_regions,
     "motif_video": motif_video_regions, "ltx2": ltx2_regions, "hidream": hidream_regions,
+    # CogView3-Plus: CogVideoX's layout (joint attn1; one ff call on the concatenated text + image states)
+    "cogview3plus": cogvideox_regions,
     "bria_fibo": lambda model: _double_stream(model.transformer_blocks) + [
         (f"s{i}.mlp_attn", _patch_fibo_single(block), [0]) for i, block in enumerate(model.single_transformer_blocks)],
 }

@@ -1345,7 +1345,8 @@ def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypa
                                     "skyreels_v2", "mochi", "flux2", "sana", "wan_vace", "auraflow", "qwenimage",
                                     "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",
                                     "cosmos", "sana_video", "chronoedit", "hidream", "hunyuan_image", "cogvideox",
-                                    "hunyuandit", "kandinsky5", "ltx2", "helios", "bria_fibo", "motif_video"])
+                                    "hunyuandit", "kandinsky5", "ltx2", "helios", "bria_fibo", "motif_video",
+                                    "cogview3plus"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1393,6 +1394,7 @@ def test_cli_example_inputs_fit_each_family(family):
                                          ("qwenimage", dict(height=8, width=8)), ("krea2", dict(height=8, width=8)),
                                          ("zimage", dict(height=8, width=8, text_len=5)),
                                          ("cogview4", dict(height=8, width=8)), ("hidream", dict(height=8, width=8)),
+                                         ("cogview3plus", dict(height=8, width=8, text_len=3)),
                                          ("cogvideox", dict(frames=2, height=4, width=4, text_len=3)),  # 5 frames, 32x32
                                          ("cogvideox_rotary", dict(frames=2, height=4, width=4, text_len=3)),
                                          ("hunyuandit", dict(height=8, width=8)),
@@ -1616,7 +1618,7 @@ def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, nam
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
                                   "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2", "cogview4",
                                   "cosmos", "hunyuandit", "sana_video", "chronoedit", "helios", "kandinsky5", "bria_fibo",
-                                  "motif_video", "ltx2", "hidream",
+                                  "motif_video", "ltx2", "hidream", "cogview3plus",
                                   pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
                                   pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),

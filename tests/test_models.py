@@ -71,6 +71,8 @@ EXPECTED_REGIONS = {
     "krea2": {"transformer_blocks_0_attn": _ONE, "transformer_blocks_0_ff": _ONE},
     # one ff module called on the image, then the text stream: one region, two inputs and outputs
     "cogview4": {"transformer_blocks_0_attn1": _JOINT, "transformer_blocks_0_ff": _JOINT},
+    # one ff call on the concatenated text + image states: one input, one output (sliced outside)
+    "cogview3plus": {"transformer_blocks_0_attn1": _JOINT, "transformer_blocks_0_ff": _ONE},
     "cosmos": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
     "hunyuandit": {f"blocks_{i}_{r}": _ONE for i in range(4) for r in ("attn1", "attn2", "ff")},
     "sana_video": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
@@ -218,7 +220,7 @@ def test_unsupported_models_raise_naming_block_types():
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
                                   "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
                                   "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream",
-                                  "bria_fibo", "motif_video"])
+                                  "bria_fibo", "motif_video", "cogview3plus"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
     """ZImagePipeline's timestep counts up (1 - sigma): a new generation is the timestep going
     back down (before, every step started a new generation and ran in full). ChromaPipeline,

@@ -219,6 +219,12 @@ def _cogview4(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 original_size=pixels, target_size=pixels.clone(), crop_coords=torch.zeros(s.batch, 2))
 
 
+def _cogview3plus(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """CogView3PlusPipeline: CogView4's inputs (NCHW latents, micro-conditions in pixels), but the
+    CogVideoX DDIM / DPM scheduler's int64 timestep."""
+    return dict(_cogview4(cfg, s), timestep=s.timestep(torch.long))
+
+
 def _cosmos(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     """Cosmos 2 / 2.5: video latents; text-to-image passes one timestep per sample, video-to-world
     (an input channel for the condition mask) one per frame, ``(B, 1, T, 1, 1)``, the mask and the
@@ -546,6 +552,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "ZImageTransformer2DModel": _zimage,
     "AuraFlowTransformer2DModel": _auraflow,
     "CogView4Transformer2DModel": _cogview4,
+    "CogView3PlusTransformer2DModel": _cogview3plus,
     "CosmosTransformer3DModel": _cosmos,
     "WanTransformer3DModel": _wan,
     "ChronoEditTransformer3DModel": _wan,  # Wan's image-to-video inputs

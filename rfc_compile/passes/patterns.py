@@ -145,6 +145,9 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
         # on the image stream, then on the text stream: both calls are one region (two inputs and
         # outputs), the gates and residuals stay outside
         BlockPattern("CogView4TransformerBlock", (RegionPattern("attn1", ("attn1",)), RegionPattern("ff", ("ff",)))),
+        # CogView3-Plus: joint attention over text + image (two outputs), then one feed-forward call on
+        # the concatenated text + image stream (CogVideoX's layout); the gates and residuals stay outside
+        BlockPattern("CogView3PlusTransformerBlock", (RegionPattern("attn1", ("attn1",)), RegionPattern("ff", ("ff",)))),
         # Cosmos 2 / 2.5 (Cosmos-Predict2): self-attention, cross-attention, FF, each adaLN-gated
         BlockPattern("CosmosTransformerBlock", _DIT),
         # Hunyuan-DiT: self-attention, cross-attention, FF, ungated; the long skips of its second
