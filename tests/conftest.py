@@ -1115,3 +1115,50 @@ def _negated(output: torch.Tensor) -> torch.Tensor:
 
 FAMILIES["hidream"] = Family("hidream", build_hidream, (4, 8, 8), hidream_conditions, threshold=0.3,
                              call_inputs=hidream_inputs, batched_output=_negated)
+
+
+def build_hunyuan_video_framepack():
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    # HunyuanVideo's blocks; the image projection (SigLIP features) and the history patch embedder on
+    return randomize(HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=16, rope_axes_dim=(2, 2, 4), has_image_proj=True,
+        image_proj_dim=12, has_clean_x_embedder=True), seed=0)
+
+
+#: FramePack's (inverted anti-drifting) history: 1 clean frame, 2 frames at 2x, 16 at 4x downsampling
+FRAMEPACK_HISTORY_SIZES = (1, 2, 16)
+
+
+def framepack_section_indices(window: int, padding_sections: int) -> dict:
+    """The frame indices HunyuanVideoFramepackPipeline (inverted anti-drifting) passes for one section:
+    the first image's index 0, ``padding_sections`` windows of padding, the section's window, then
+    the history (1x, 2x, 4x); the clean latents are the first image and the 1x history."""
+    sizes = [1, padding_sections * window, window, *FRAMEPACK_HISTORY_SIZES]
+    prefix, _, latents, history_1x, history_2x, history_4x = torch.arange(sum(sizes)).split(sizes)
+    return dict(indices_latents=latents, indices_latents_clean=torch.cat([prefix, history_1x]),
+                indices_latents_history_2x=history_2x, indices_latents_history_4x=history_4x)
+
+
+def hunyuan_video_framepack_conditions(batch, gen, window=2, height=4, width=4, padding_sections=1):
+    """One section of a FramePack generation (the middle section of three, latent window 2): the text
+    (last token padded), the SigLIP image embeddings, guidance x 1000, and the clean latents (first
+    image + 1x history) and the 2x and 4x history latents with their frame indices, all constant over
+    the section's steps."""
+    mask = torch.ones(batch, 3)
+    mask[:, -1] = 0  # a padded prompt token: FramePack's forward builds its attention mask from it
+    one, two, four = FRAMEPACK_HISTORY_SIZES
+
+    def frames(n):
+        return torch.randn(batch, 4, n, height, width, generator=gen)
+
+    return dict(encoder_hidden_states=_text(batch, gen, 3, 16), encoder_attention_mask=mask,
+                pooled_projections=torch.randn(batch, 16, generator=gen), image_embeds=_text(batch, gen, 5, 12),
+                guidance=torch.full((batch,), 6000.0), latents_clean=frames(1 + one), latents_history_2x=frames(two),
+                latents_history_4x=frames(four), **framepack_section_indices(window, padding_sections))
+
+
+FAMILIES["hunyuan_video_framepack"] = Family("hunyuan_video_framepack", build_hunyuan_video_framepack, (4, 2, 4, 4),
+                                             hunyuan_video_framepack_conditions, threshold=0.3)

@@ -577,6 +577,7 @@ FAMILY_REGIONS = {
     "chroma": chroma_regions, "skyreels_v2": wan_regions, "mochi": mochi_regions, "qwenimage": qwenimage_regions,
     "flux2": flux2_regions, "sana": sana_regions, "zimage": zimage_regions, "wan_vace": wan_vace_regions,
     "auraflow": auraflow_regions, "hunyuan_image": hunyuan_video_regions,
+    "hunyuan_video_framepack": hunyuan_video_regions,  # HunyuanVideo's blocks over history + latent tokens
     "longcat_image": flux_regions, "ovis_image": lambda model: flux_regions(model, swiglu=True), "bria": flux_regions,
     "flux3": flux3_regions, "krea2": krea2_regions, "cogview4": cogview4_regions, "cosmos": dit_regions,
     "hunyuandit": lambda model: dit_regions(model, model.blocks), "sana_video": sana_regions,

@@ -1346,7 +1346,7 @@ def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypa
                                     "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",
                                     "cosmos", "sana_video", "chronoedit", "hidream", "hunyuan_image", "cogvideox",
                                     "hunyuandit", "kandinsky5", "ltx2", "helios", "bria_fibo", "motif_video",
-                                    "cogview3plus"])
+                                    "cogview3plus", "hunyuan_video_framepack"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1618,7 +1618,7 @@ def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, nam
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
                                   "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2", "cogview4",
                                   "cosmos", "hunyuandit", "sana_video", "chronoedit", "helios", "kandinsky5", "bria_fibo",
-                                  "motif_video", "ltx2", "hidream", "cogview3plus",
+                                  "motif_video", "ltx2", "hidream", "cogview3plus", "hunyuan_video_framepack",
                                   pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
                                   pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),

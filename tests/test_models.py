@@ -40,6 +40,9 @@ EXPECTED_REGIONS = {
     "wan": {f"blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ffn")},
     "hunyuan_video": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
                       "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_mlp_attn": _ONE},
+    # HunyuanVideo's blocks; the image stream holds the history tokens (4x, 2x, clean) before the latents'
+    "hunyuan_video_framepack": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
+                                "transformer_blocks_0_ff_context": _ONE, "single_transformer_blocks_0_mlp_attn": _ONE},
     "cogvideox": {"transformer_blocks_0_attn1": _JOINT, "transformer_blocks_0_ff": _ONE},
     "ltx_video": {f"transformer_blocks_0_{r}": _ONE for r in ("attn1", "attn2", "ff")},
     "chroma": {"transformer_blocks_0_attn": _JOINT, "transformer_blocks_0_ff": _ONE,
@@ -181,7 +184,8 @@ def _linear_weights_per_branch(cached, model) -> dict[str, set[str]]:
     return result
 
 
-@pytest.mark.parametrize("family", ["flux", "hunyuan_video", "ovis_image", pytest.param("chroma", marks=pytest.mark.slow),
+@pytest.mark.parametrize("family", ["flux", "hunyuan_video", "hunyuan_video_framepack", "ovis_image",
+                                    pytest.param("chroma", marks=pytest.mark.slow),
                                     pytest.param("hunyuan_image", marks=pytest.mark.slow)])
 def test_single_stream_skipped_step_runs_gate_not_proj_out(family):
     """A skipped step runs the single block's norm (gate, modulation) but not proj_mlp/attn/proj_out."""
@@ -519,3 +523,54 @@ def test_calls_that_keep_python_state_are_refused_clearly():
         cached(**call, kv_cache_mode="extract")
     with pytest.raises(UnsupportedModelError, match=r"kv_cache \(Flux2KVCache\).* cannot be cached"):
         cached(**call, kv_cache=kv_cache, kv_cache_mode="cached")
+
+
+def test_framepack_sections_each_start_a_new_cache_reading_their_own_history():
+    """HunyuanVideoFramepackPipeline runs one denoising loop per video section, each with its own
+    history latents (clean 1x, 2x, 4x) and frame indices: constant over the section's steps (side
+    inputs of the model: the regions' X holds their tokens only as the blocks see them, modulated by
+    the timestep), different in the next section. A cached model called for two sections in a row
+    starts a new cache when the timestep goes back up, with the same graph, and reads the second
+    section's history: it gives what a fresh cached model gives for that section, and the history
+    changes the output (a graph that kept the first section's would not)."""
+    import dataclasses
+
+    from conftest import hunyuan_video_framepack_conditions
+
+    family = FAMILIES["hunyuan_video_framepack"]
+    config = RFCConfig(mode="rfc", order=2, threshold=family.threshold, warmup_steps=2)
+
+    def second_section(batch, gen, history_seed=1):
+        cond = hunyuan_video_framepack_conditions(batch, gen, padding_sections=0)
+        other = torch.Generator().manual_seed(history_seed)
+        for name in ("latents_clean", "latents_history_2x", "latents_history_4x"):
+            cond[name] = torch.randn(cond[name].shape, generator=other)
+        return cond
+
+    second = dataclasses.replace(family, conditions=second_section)
+    cached = rfc_compile.optimize(family.build(), config)
+    flow_generation(cached, family, steps=STEPS)
+    _, got = flow_generation(cached, second, steps=STEPS)
+    assert len(cached._programs) == 1, "both sections run one graph"
+    fresh = rfc_compile.optimize(family.build(), config)
+    _, expected = flow_generation(fresh, second, steps=STEPS)
+    assert cached.stats.full_steps == fresh.stats.full_steps and 2 < fresh.stats.nfc < STEPS
+    for n, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m: f"step {n}: {m}")
+    _, other_history = flow_generation(rfc_compile.optimize(family.build(), config),
+                                       dataclasses.replace(family, conditions=lambda b, g: second_section(b, g, 2)),
+                                       steps=STEPS)
+    assert max_diff(other_history, expected) > 1e-3
+
+
+def test_framepack_batch_one_full_mode_equals_original():
+    """HunyuanVideoFramepackPipeline runs at batch 1 (one image's latents and embeddings), where
+    FramePack's forward cuts the text states to the mask's sum (a data-dependent size) instead of
+    masking them; the captured graph (traceable.py's twin) masks the padded prompt token instead: the
+    same outputs at every step."""
+    family = FAMILIES["hunyuan_video_framepack"]
+    _, expected = flow_generation(family.build(), family, steps=STEPS, batch=1)
+    cached = rfc_compile.optimize(family.build(), RFCConfig(mode="full"))
+    _, got = flow_generation(cached, family, steps=STEPS, batch=1)
+    assert cached.stats.full_steps == list(range(STEPS))
+    assert max_diff(got, expected) < 1e-5

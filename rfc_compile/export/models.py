@@ -340,6 +340,31 @@ def _hunyuan_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     return kwargs
 
 
+def _hunyuan_video_framepack(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """HunyuanVideoFramepackPipeline's call for one section (``frames`` = its ``latent_window_size``)
+    at its default sampling (inverted anti-drifting, ``history_sizes=[1, 2, 16]``; the last section:
+    no padding frames): HunyuanVideo's inputs and guidance x 1000, the SigLIP image embeddings (27 x 27
+    tokens), the clean latents (the first image's, then the 1x history: 2 frames) and the 2x and 4x
+    history latents (2 and 16 frames), with their int64 frame indices (``arange(1 + frames + 19)``
+    split as the pipeline splits it; they move the rotary positions, not the shapes, from one
+    section to the next)."""
+    if not (cfg.get("has_image_proj") and cfg.get("has_clean_x_embedder")):
+        raise ValueError("FramePack without has_image_proj / has_clean_x_embedder: its forward embeds the image "
+                         "embeddings and the history latents the pipeline passes with them")
+    history_sizes, channels = [1, 2, 16], cfg["in_channels"]
+    prefix, latents, one, two, four = torch.arange(1 + s.frames + sum(history_sizes)).split(
+        [1, s.frames, *history_sizes])
+    kwargs = _hunyuan_video(cfg, s)
+    kwargs.update(image_embeds=s.randn(s.batch, 729, cfg["image_proj_dim"]), indices_latents=latents,
+                  latents_clean=s.randn(s.batch, channels, 1 + history_sizes[0], s.height, s.width),
+                  indices_latents_clean=torch.cat([prefix, one]),
+                  latents_history_2x=s.randn(s.batch, channels, history_sizes[1], s.height, s.width),
+                  indices_latents_history_2x=two,
+                  latents_history_4x=s.randn(s.batch, channels, history_sizes[2], s.height, s.width),
+                  indices_latents_history_4x=four)
+    return kwargs
+
+
 def _ltx_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     """Packed latents (B, tokens, C); num_frames / height / width are the grid in patches; the
     rotary scale LTXPipeline passes by default (VAE compression 8 / frame_rate 25, 32, 32)."""
@@ -559,6 +584,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "SkyReelsV2Transformer3DModel": _wan,
     "WanVACETransformer3DModel": _wan_vace,
     "HunyuanVideoTransformer3DModel": _hunyuan_video,
+    "HunyuanVideoFramepackTransformer3DModel": _hunyuan_video_framepack,
     "LTXVideoTransformer3DModel": _ltx_video,
     "LTX2VideoTransformer3DModel": _ltx2,
     "HeliosTransformer3DModel": _helios,

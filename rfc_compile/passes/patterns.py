@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Callable
 
-from .traceable import cogvideox_positional_embeddings, hidream_moe_infer
+from .traceable import cogvideox_positional_embeddings, hidream_moe_infer, hunyuan_video_framepack_forward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,8 @@ BLOCK_PATTERNS: dict[str, BlockPattern] = {
                 RegionPattern("ff_context", ("ff_context",), optional=True),
             ),
         ),
-        # HunyuanVideo: FLUX-like double- and single-stream blocks
+        # HunyuanVideo (and FramePack, HunyuanVideoFramepackTransformer3DModel): FLUX-like double- and
+        # single-stream blocks
         BlockPattern("HunyuanVideoTransformerBlock", _DOUBLE_STREAM),
         BlockPattern("HunyuanVideoSingleTransformerBlock", _SINGLE_STREAM),
         # HunyuanImage 2.1: HunyuanVideo's double and single blocks
@@ -283,6 +284,9 @@ UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
     "WanVACETransformer3DModel": ("control_hidden_states_scale",),  # one scale per VACE layer
     # rotary positions: [frames, height / 2, width / 2] index ranges, and the prompt's
     "Kandinsky5Transformer3DModel": ("visual_rope_pos", "text_rope_pos"),
+    # FramePack: the frame indices of the latents and of the clean / 2x / 4x history latents
+    "HunyuanVideoFramepackTransformer3DModel": ("indices_latents", "indices_latents_clean",
+                                                "indices_latents_history_2x", "indices_latents_history_4x"),
 }
 
 
@@ -296,6 +300,9 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     "MOEFeedForwardSwiGLU": {"moe_infer": hidream_moe_infer},  # HiDream-I1: .cpu().numpy() of token counts
     # CogVideoX (sin-cos positions) away from its config's size: a new table written through .data
     "CogVideoXPatchEmbed": {"_get_positional_embeddings": cogvideox_positional_embeddings},
+    # FramePack: its attention mask written per sample with tensor values as slice bounds (batch > 1),
+    # or the text cut to the mask's sum (batch 1): the mask built with tensor ops instead
+    "HunyuanVideoFramepackTransformer3DModel": {"forward": hunyuan_video_framepack_forward},
 }
 
 

@@ -2,7 +2,8 @@
 
 Some diffusers models do what torch.export cannot trace in the middle of their forward:
 HiDream-I1's mixture-of-experts layer counts the tokens routed to each expert with
-``.cpu().numpy()``; CogVideoX writes a new positional table through ``.data``. Each twin here
+``.cpu().numpy()``; CogVideoX writes a new positional table through ``.data``; FramePack's
+forward sizes its attention mask and text by tensor values (its whole forward is twinned). Each twin here
 computes the same thing with torch ops (HiDream's counts stay tensors; slicing by them gives
 data-dependent sizes, which torch.export follows), and
 :func:`swapped_methods` puts it on the model's modules only for the duration of a capture, so
@@ -56,6 +57,103 @@ def cogvideox_positional_embeddings(self, sample_height: int, sample_width: int,
                                     device=device, output_type="pt").flatten(0, 1)
     text = table.new_zeros(self.max_text_seq_length, self.embed_dim)
     return torch.cat([text, table]).unsqueeze(0)
+
+
+def hunyuan_video_framepack_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
+                                    encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
+                                    pooled_projections: torch.Tensor, image_embeds: torch.Tensor,
+                                    indices_latents: torch.Tensor, guidance: torch.Tensor | None = None,
+                                    latents_clean: torch.Tensor | None = None,
+                                    indices_latents_clean: torch.Tensor | None = None,
+                                    latents_history_2x: torch.Tensor | None = None,
+                                    indices_latents_history_2x: torch.Tensor | None = None,
+                                    latents_history_4x: torch.Tensor | None = None,
+                                    indices_latents_history_4x: torch.Tensor | None = None,
+                                    attention_kwargs: dict | None = None, return_dict: bool = True):
+    """``HunyuanVideoFramepackTransformer3DModel.forward`` (diffusers' FramePack), its attention mask
+    built as HunyuanVideo's own forward builds it: ``arange(N) < effective length`` per sample. The
+    original writes ``mask[i, :length[i]] = True`` in a Python loop over the samples (a tensor value
+    as a slice bound), and at batch 1 instead cuts the text states to ``mask.sum()`` tokens (a
+    data-dependent size) with no mask; here every batch keeps all text tokens and masks the padded
+    ones, which gives the same latent output (a masked key gets weight 0). Everything else is the
+    original's code, in its order. A LoRA ``scale`` in ``attention_kwargs`` is applied as the
+    original's ``apply_lora_scale`` does."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+    from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+    lora_scale = 1.0
+    if attention_kwargs is not None:
+        attention_kwargs = dict(attention_kwargs)
+        lora_scale = attention_kwargs.pop("scale", 1.0)
+    if USE_PEFT_BACKEND:
+        scale_lora_layers(self, lora_scale)
+    try:
+        batch_size, num_channels, num_frames, height, width = hidden_states.shape
+        p, p_t = self.config.patch_size, self.config.patch_size_t
+        post_patch_num_frames = num_frames // p_t
+        post_patch_height = height // p
+        post_patch_width = width // p
+        original_context_length = post_patch_num_frames * post_patch_height * post_patch_width
+
+        if indices_latents is None:
+            indices_latents = torch.arange(0, num_frames).unsqueeze(0).expand(batch_size, -1)
+
+        hidden_states = self.x_embedder(hidden_states)
+        device = hidden_states.device
+        image_rotary_emb = self.rope(frame_indices=indices_latents, height=height, width=width, device=device)
+        latents_clean, latents_history_2x, latents_history_4x = self.clean_x_embedder(
+            latents_clean, latents_history_2x, latents_history_4x)
+        # the original reads these three names unconditionally: it needs all of them, as here
+        image_rotary_emb_clean = image_rotary_emb_history_2x = image_rotary_emb_history_4x = None
+        if latents_clean is not None and indices_latents_clean is not None:
+            image_rotary_emb_clean = self.rope(frame_indices=indices_latents_clean, height=height, width=width,
+                                               device=device)
+        if latents_history_2x is not None and indices_latents_history_2x is not None:
+            image_rotary_emb_history_2x = self.rope(frame_indices=indices_latents_history_2x, height=height,
+                                                    width=width, device=device)
+        if latents_history_4x is not None and indices_latents_history_4x is not None:
+            image_rotary_emb_history_4x = self.rope(frame_indices=indices_latents_history_4x, height=height,
+                                                    width=width, device=device)
+        hidden_states, image_rotary_emb = self._pack_history_states(
+            hidden_states, latents_clean, latents_history_2x, latents_history_4x, image_rotary_emb,
+            image_rotary_emb_clean, image_rotary_emb_history_2x, image_rotary_emb_history_4x, post_patch_height,
+            post_patch_width)
+
+        temb, _ = self.time_text_embed(timestep, pooled_projections, guidance)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states, timestep, encoder_attention_mask)
+        encoder_hidden_states_image = self.image_projection(image_embeds)
+        attention_mask_image = encoder_attention_mask.new_ones((batch_size, encoder_hidden_states_image.shape[1]))
+        # must cat before (not after) encoder_hidden_states, due to attn masking
+        encoder_hidden_states = torch.cat([encoder_hidden_states_image, encoder_hidden_states], dim=1)
+        encoder_attention_mask = torch.cat([attention_mask_image, encoder_attention_mask], dim=1)
+
+        latent_sequence_length = hidden_states.shape[1]
+        sequence_length = latent_sequence_length + encoder_hidden_states.shape[1]
+        effective_sequence_length = latent_sequence_length + encoder_attention_mask.sum(dim=1, dtype=torch.int)
+        indices = torch.arange(sequence_length, device=device).unsqueeze(0)  # [1, N]
+        attention_mask = indices < effective_sequence_length.unsqueeze(1)  # [B, N]
+        attention_mask = attention_mask.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, N]
+
+        for block in self.transformer_blocks:
+            hidden_states, encoder_hidden_states = block(
+                hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb)
+        for block in self.single_transformer_blocks:
+            hidden_states, encoder_hidden_states = block(
+                hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb)
+
+        hidden_states = hidden_states[:, -original_context_length:]
+        hidden_states = self.norm_out(hidden_states, temb)
+        hidden_states = self.proj_out(hidden_states)
+        hidden_states = hidden_states.reshape(
+            batch_size, post_patch_num_frames, post_patch_height, post_patch_width, -1, p_t, p, p)
+        hidden_states = hidden_states.permute(0, 4, 1, 5, 2, 6, 3, 7)
+        hidden_states = hidden_states.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+    finally:
+        if USE_PEFT_BACKEND:
+            unscale_lora_layers(self, lora_scale)
+    if not return_dict:
+        return (hidden_states,)
+    return Transformer2DModelOutput(sample=hidden_states)
 
 
 @contextlib.contextmanager
