@@ -16,6 +16,11 @@ Naming scheme (also the ONNX input/output names, prefixed there with ``state.``/
 
 ``<region>`` is the module path with dots replaced by underscores, e.g.
 ``transformer_blocks_0_attn1``.
+
+B is the batch. A model that folds another axis into its blocks' batch dim
+(patterns.FOLDED_BATCH_INPUTS: Latte's frames, its patch positions) has region tensors of
+(B x g) rows; their state holds them grouped by sample, (B, g, ...): ``x_last`` as
+(B, g, *X[1:]), a ladder as (B, m+1, g, *Y[1:]), one scalar per sample.
 """
 
 from __future__ import annotations

@@ -292,7 +292,7 @@ def flow_generation(transformer, family: Family, steps: int = 10, batch: int = 2
 
 PIPELINES = ("flux", "sd3", "pixart_alpha", "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
              "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream", "bria_fibo",
-             "motif_video", "cogview3plus")
+             "motif_video", "cogview3plus", "latte")
 #: pipelines that call the transformer for cond and uncond separately *without* cache_context
 BRANCHES_WITHOUT_CACHE_CONTEXT = ("chroma", "krea2", "flux_kontext", "kandinsky5")
 
@@ -555,6 +555,13 @@ def build_pipeline(name: str):
         kwargs = dict(prompt_embeds=_embeds(1, 4, 16, 1), prompt_attention_mask=mask,
                       negative_prompt_embeds=_embeds(1, 4, 16, 2), negative_prompt_attention_mask=torch.ones_like(mask),
                       height=64, width=64, num_frames=5)
+    elif name == "latte":
+        # CFG batched, one call per step; 2 latent frames (video_length: the tiny model's temporal table);
+        # the default DDIM scheduler does not learn the variance: the pipeline keeps the noise half
+        pipe = d.LattePipeline(tokenizer=None, text_encoder=None, vae=None, transformer=build_latte(),
+                               scheduler=d.DDIMScheduler())
+        kwargs = dict(prompt_embeds=_embeds(1, 3, 16, 1), negative_prompt=None, negative_prompt_embeds=_embeds(1, 3, 16, 2),
+                      height=64, width=64, video_length=2, guidance_scale=7.5)
     else:
         raise KeyError(name)
     pipe.set_progress_bar_config(disable=True)
@@ -1162,3 +1169,25 @@ def hunyuan_video_framepack_conditions(batch, gen, window=2, height=4, width=4, 
 
 FAMILIES["hunyuan_video_framepack"] = Family("hunyuan_video_framepack", build_hunyuan_video_framepack, (4, 2, 4, 4),
                                              hunyuan_video_framepack_conditions, threshold=0.3)
+
+
+def build_latte():
+    # Latte-1's layout (adaLN-single blocks, learned sigma: twice the latent channels out); a spatial and a
+    # temporal BasicTransformerBlock per layer, called in turn. video_length is the frame count: the model
+    # adds its temporal position table to the frames as they are (it serves that many frames, or one)
+    from diffusers import LatteTransformer3DModel
+
+    return randomize(LatteTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, attention_bias=True, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        caption_channels=16, video_length=2), seed=0)
+
+
+def latte_conditions(batch, gen, text=3):
+    # LattePipeline passes the T5 states (no mask) and enable_temporal_attentions (True by default)
+    return dict(encoder_hidden_states=_text(batch, gen, text, 16), enable_temporal_attentions=True)
+
+
+FAMILIES["latte"] = Family("latte", build_latte, (4, 2, 8, 8), latte_conditions, threshold=0.3,
+                           batched_output=_noise_half)

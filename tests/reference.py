@@ -571,6 +571,38 @@ def hidream_regions(model) -> list:
     return regions
 
 
+class _SampleRows(torch.nn.Module):
+    """A region of a block that runs on rows folding another axis into the batch (Latte: a sample's
+    frames, or its patch positions), seen by the reference as (batch, rows per sample, ...): its
+    per-sample norms are the sample's, not a frame's. The block still calls the region module on its
+    rows: that call goes through this module, which the reference patches."""
+
+    def __init__(self, module, batch: list[int]):
+        super().__init__()
+        object.__setattr__(self, "module", module)  # not a submodule: no parameter aliasing
+        self.call = module.forward  # the region's own forward
+        self.batch = batch  # [the model call's batch], set by a pre-hook on the model
+        module.forward = lambda x, *args, **kwargs: self(x.unflatten(0, (self.batch[0], -1)), *args, **kwargs).flatten(0, 1)
+
+    def forward(self, x, *args, **kwargs):
+        return self.call(x.flatten(0, 1), *args, **kwargs).unflatten(0, (self.batch[0], -1))
+
+
+def latte_regions(model) -> list:
+    """Latte: each layer's spatial block (attn1, attn2, ff; rows: a sample's frames), then its temporal
+    block (attn1, ff; rows: a sample's patch positions), in the order the model calls them; X = arg 0,
+    grouped by sample (the model's batch: ``hidden_states``' first dim)."""
+    batch = [0]
+    model.register_forward_pre_hook(lambda m, args, kwargs: batch.__setitem__(0, kwargs["hidden_states"].shape[0]),
+                                    with_kwargs=True)
+    regions = []
+    for i, (spatial, temporal) in enumerate(zip(model.transformer_blocks, model.temporal_transformer_blocks)):
+        for prefix, block in ((f"s{i}", spatial), (f"t{i}", temporal)):
+            regions += [(f"{prefix}.{name}", _SampleRows(getattr(block, name), batch), [0])
+                        for name in ("attn1", "attn2", "ff") if getattr(block, name) is not None]
+    return regions
+
+
 FAMILY_REGIONS = {
     "flux": flux_regions, "sd3": sd3_regions, "pixart": dit_regions, "wan": wan_regions,
     "hunyuan_video": hunyuan_video_regions, "cogvideox": cogvideox_regions, "ltx_video": ltx_video_regions,
@@ -585,6 +617,7 @@ FAMILY_REGIONS = {
     "motif_video": motif_video_regions, "ltx2": ltx2_regions, "hidream": hidream_regions,
     # CogView3-Plus: CogVideoX's layout (joint attn1; one ff call on the concatenated text + image states)
     "cogview3plus": cogvideox_regions,
+    "latte": latte_regions,
     "bria_fibo": lambda model: _double_stream(model.transformer_blocks) + [
         (f"s{i}.mlp_attn", _patch_fibo_single(block), [0]) for i, block in enumerate(model.single_transformer_blocks)],
 }

@@ -1346,7 +1346,7 @@ def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypa
                                     "zimage", "flux3", "longcat_image", "ovis_image", "bria", "krea2", "cogview4",
                                     "cosmos", "sana_video", "chronoedit", "hidream", "hunyuan_image", "cogvideox",
                                     "hunyuandit", "kandinsky5", "ltx2", "helios", "bria_fibo", "motif_video",
-                                    "cogview3plus", "hunyuan_video_framepack"])
+                                    "cogview3plus", "hunyuan_video_framepack", "latte"])
 def test_cli_example_inputs_fit_each_family(family):
     """The CLI's example inputs (serving shapes) are valid forward kwargs for each family it knows:
     the model's output has the latent's shape at the asked size (2 frames of 8x8 for video models)."""
@@ -1368,6 +1368,10 @@ def test_cli_example_inputs_fit_each_family(family):
     hidden = kwargs["hidden_states"]
     if family == "hunyuandit":  # learn_sigma: the noise and the variance, twice the latent's channels
         assert out.shape == (hidden.shape[0], 2 * hidden.shape[1], *hidden.shape[2:]) == (2, 8, 8, 8)
+        assert torch.isfinite(out).all()
+        return
+    if family == "latte":  # learned sigma too, over (B, C, frames, H, W)
+        assert out.shape == (hidden.shape[0], 2 * hidden.shape[1], *hidden.shape[2:]) == (2, 8, 2, 8, 8)
         assert torch.isfinite(out).all()
         return
     if family in ("chronoedit", "motif_video"):  # the latents' channels out, latents + condition (+ mask) in
@@ -1404,7 +1408,8 @@ def test_cli_example_inputs_fit_each_family(family):
                                          ("ltx2", dict(frames=2, height=2, width=2, text_len=3)),  # 9 frames, 64x64
                                          ("helios", dict(frames=2, height=4, width=4, text_len=3)),  # a 2-frame chunk
                                          ("bria_fibo", dict(height=4, width=4, text_len=5)),  # 64x64 / 16
-                                         ("motif_video", dict(frames=2, height=8, width=8, text_len=4))])
+                                         ("motif_video", dict(frames=2, height=8, width=8, text_len=4)),
+                                         ("latte", dict(frames=2, height=8, width=8, text_len=3))])  # 64x64
 def test_cli_example_inputs_are_what_the_pipeline_passes(name, shape):
     """An export bakes in its example's non-tensor arguments and input dtypes, so the CLI's example
     must be what the family's pipeline passes: the same non-tensor values (LTX's default rotary
@@ -1618,7 +1623,7 @@ def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, nam
 @pytest.mark.parametrize("name", ["hunyuan_video", "cogvideox", "ltx_video", "chroma", "skyreels_v2", "mochi",
                                   "flux2", "sana", "qwenimage", "zimage", "flux3", "ovis_image", "krea2", "cogview4",
                                   "cosmos", "hunyuandit", "sana_video", "chronoedit", "helios", "kandinsky5", "bria_fibo",
-                                  "motif_video", "ltx2", "hidream", "cogview3plus", "hunyuan_video_framepack",
+                                  "motif_video", "ltx2", "hidream", "cogview3plus", "hunyuan_video_framepack", "latte",
                                   pytest.param("longcat_image", marks=pytest.mark.slow), pytest.param("bria", marks=pytest.mark.slow),
                                   pytest.param("wan_vace", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow),

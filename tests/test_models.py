@@ -94,6 +94,9 @@ EXPECTED_REGIONS = {
     "kandinsky5": {"text_transformer_blocks_0_self_attention": _ONE, "text_transformer_blocks_0_feed_forward": _ONE,
                    "visual_transformer_blocks_0_self_attention": _ONE,
                    "visual_transformer_blocks_0_cross_attention": (2, 1), "visual_transformer_blocks_0_feed_forward": _ONE},
+    # a spatial block (cross-attention to the text) and a temporal block (none) per layer, called in turn
+    "latte": {f"{part}_{i}_{r}": _ONE for i in (0, 1) for part in ("transformer_blocks", "temporal_transformer_blocks")
+              for r in ("attn1", "attn2", "ff") if not (part.startswith("temporal") and r == "attn2")},
     # each block in a HiDreamBlock wrapper; ff_i is the mixture of experts (traceable.py's twin)
     "hidream": {"double_stream_blocks_0_block_attn": _JOINT, "double_stream_blocks_0_block_ff_i": _ONE,
                 "double_stream_blocks_0_block_ff_t": _ONE, "single_stream_blocks_0_block_attn": _ONE,
@@ -184,6 +187,32 @@ def _linear_weights_per_branch(cached, model) -> dict[str, set[str]]:
     return result
 
 
+def test_latte_regions_on_folded_rows_keep_one_scalar_per_sample():
+    """Latte runs its spatial blocks on (batch x frames) rows and its temporal blocks on (batch x patch
+    positions) rows. Norms are per sample (RFC_METHOD.md): the state groups each region's rows by
+    sample, one RCS error, ratio and Gram matrix per sample and region, ladders (B, m+1, rows per
+    sample, ...). (Before, every scalar was sized by the first region's rows, batch x frames, and the
+    temporal regions failed to trace: "Attempting to broadcast a dimension of length 4 ... [32]".)
+    Without the model's batch (patterns.FOLDED_BATCH_INPUTS) the rewrite refuses, naming why."""
+    import dataclasses
+
+    from rfc_compile.passes import CachedStep, capture, find_regions
+
+    cached, *_ = rfc_run("latte")
+    shapes = {e.name: e.shape for e in cached.state_spec.entries}
+    assert shapes["rcs_acc"] == (2,) and shapes["rcs_ladder.0"] == (2, 3, 2, 16, 16)  # 2 frames of 4 x 4 patches
+    for block, rows in (("transformer_blocks", (2, 16)), ("temporal_transformer_blocks", (16, 2))):
+        assert shapes[f"{block}_1_ff.ratio.0"] == (2,) and shapes[f"{block}_1_ff.gram.0"] == (2, 2, 2)
+        assert shapes[f"{block}_1_ff.ladder.0"] == (2, 3, *rows, 16)
+        assert shapes[f"{block}_1_attn1.x_last.0"] == (2, *rows, 16)
+    family = FAMILIES["latte"]
+    captured = capture(family.build(), family.example())
+    assert captured.samples == 2
+    unknown = dataclasses.replace(captured, samples=None)
+    with pytest.raises(UnsupportedModelError, match=r"has 32 rows where the first region's input has 4: the model folds"):
+        CachedStep(unknown, find_regions(unknown.graph_module), RFCConfig(mode="rfc"))
+
+
 @pytest.mark.parametrize("family", ["flux", "hunyuan_video", "hunyuan_video_framepack", "ovis_image",
                                     pytest.param("chroma", marks=pytest.mark.slow),
                                     pytest.param("hunyuan_image", marks=pytest.mark.slow)])
@@ -224,7 +253,7 @@ def test_unsupported_models_raise_naming_block_types():
 @pytest.mark.parametrize("name", ["flux", "sd3", pytest.param("pixart_alpha", marks=pytest.mark.slow),
                                   "pixart_sigma", "wan", "qwenimage", "flux2", "sana", "zimage", "ovis_image",
                                   "chroma", "krea2", "flux_kontext", "cogview4", "sana_video", "kandinsky5", "hidream",
-                                  "bria_fibo", "motif_video", "cogview3plus"])
+                                  "bria_fibo", "motif_video", "cogview3plus", "latte"])
 def test_pipeline_drop_in_with_automatic_new_generation(name):
     """ZImagePipeline's timestep counts up (1 - sigma): a new generation is the timestep going
     back down (before, every step started a new generation and ran in full). ChromaPipeline,

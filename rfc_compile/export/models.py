@@ -331,6 +331,18 @@ def _motif_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
                 encoder_attention_mask=torch.ones(s.batch, s.text_len, dtype=torch.bool))
 
 
+def _latte(cfg: dict, s: ExampleShape) -> dict[str, Any]:
+    """LattePipeline: video latents (B, C, frames, H, W), the scheduler's int64 timestep (DDIM / DPM),
+    the T5 states without a mask, and ``enable_temporal_attentions=True`` (its default). The model adds
+    its temporal position table (``video_length`` rows) to the frames as they are: it serves that many
+    latent frames, or one (text to image)."""
+    if s.frames not in (1, cfg["video_length"]):
+        raise ValueError(f"{s.frames} latent frames: Latte adds its temporal position table of video_length "
+                         f"{cfg['video_length']} frames to the latents' frames; ask for {cfg['video_length']} or 1")
+    return dict(hidden_states=_video(cfg, s), timestep=s.timestep(torch.long),
+                encoder_hidden_states=s.text(cfg["caption_channels"]), enable_temporal_attentions=True)
+
+
 def _hunyuan_video(cfg: dict, s: ExampleShape) -> dict[str, Any]:
     kwargs = dict(hidden_states=_video(cfg, s), timestep=s.timestep(), encoder_hidden_states=s.text(cfg["text_embed_dim"]),
                   encoder_attention_mask=torch.ones(s.batch, s.text_len),
@@ -585,6 +597,7 @@ EXAMPLE_INPUTS: dict[str, Callable[[dict, ExampleShape], dict[str, Any]]] = {
     "WanVACETransformer3DModel": _wan_vace,
     "HunyuanVideoTransformer3DModel": _hunyuan_video,
     "HunyuanVideoFramepackTransformer3DModel": _hunyuan_video_framepack,
+    "LatteTransformer3DModel": _latte,
     "LTXVideoTransformer3DModel": _ltx_video,
     "LTX2VideoTransformer3DModel": _ltx2,
     "HeliosTransformer3DModel": _helios,

@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
 from ..errors import UnsupportedModelError
-from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, unbatched_inputs_for
+from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, folded_batch_input_for, unbatched_inputs_for
 from .traceable import swapped_methods
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ class CapturedGraph:
     out_spec: pytree.TreeSpec
     input_names: list[str]  # placeholder names, in flat order
     dynamic_shapes: dict[str, Any] | None = None  # torch.export's, for the kwargs (dynamic dims)
+    #: the example's batch where the model folds another axis into its blocks' batch dim
+    #: (patterns.FOLDED_BATCH_INPUTS): region rows are grouped by it; None: a region's rows are its samples
+    samples: int | None = None
 
     def flatten_inputs(self, kwargs: dict[str, Any]) -> list[Any]:
         flat, spec = pytree.tree_flatten(((), kwargs))
@@ -253,4 +256,6 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     logger.info("captured %s: %d nodes in %.1fs", type(model).__name__, len(gm.graph.nodes),
                 time.perf_counter() - start)
-    return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes)
+    folded = folded_batch_input_for(type(model).__name__)
+    samples = int(kwargs[folded].shape[0]) if folded is not None and kwargs.get(folded) is not None else None
+    return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples)

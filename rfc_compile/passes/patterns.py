@@ -306,6 +306,20 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
 }
 
 
+#: Models that fold another axis into their blocks' batch dim, per model class: the input whose first
+#: dim is the batch. Latte runs its spatial blocks on (batch x frames) rows and its temporal blocks on
+#: (batch x patch positions) rows, each sample's rows in a row. RFC_METHOD.md's norms are per sample:
+#: the rewrite groups each region's rows by sample (B, rows per sample, ...), so a sample keeps one
+#: ratio, one Gram matrix and one RCS error per region, not one per frame or per position.
+FOLDED_BATCH_INPUTS: dict[str, str] = {
+    "LatteTransformer3DModel": "hidden_states",
+}
+
+
+def folded_batch_input_for(class_name: str) -> str | None:
+    return FOLDED_BATCH_INPUTS.get(class_name)
+
+
 #: Non-tensor arguments holding one entry per sample, per model class. They are baked into a graph
 #: as constants, so the graph serves only the example's batch: ``dynamic_batch`` is refused for
 #: them (Qwen-Image's latent grid per image, ``img_shapes``, which its rotary code reads).

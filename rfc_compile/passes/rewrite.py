@@ -81,13 +81,48 @@ def _sizes(shape) -> tuple[int, ...]:
     return tuple(size if isinstance(size, int) else int(size.node.hint) for size in shape)
 
 
-def _batch_size(plan: RegionPlan) -> int:
-    return _sizes(_meta(plan.watched.feature_inputs[0]).shape)[0]
+def _batch_size(plan: RegionPlan, samples: int | None = None) -> int:
+    return samples if samples is not None else _sizes(_meta(plan.watched.feature_inputs[0]).shape)[0]
 
 
-def _ladder_shape(value: Tensor, order: int) -> tuple[int, ...]:
+def _groups(node: fx.Node, batch: int, samples: int | None) -> int:
+    """Rows per sample of a region tensor: 1, or, where the model folds another axis into its blocks'
+    batch dim (``samples``, patterns.FOLDED_BATCH_INPUTS), its rows over the batch. A region whose rows
+    are not the watched region's, in a model not known to fold them, is refused: its scalars (one per
+    row) would not fit the others'."""
+    rows = _sizes(_meta(node).shape)[0] if _meta(node).dim() else 1
+    if samples is None:
+        if rows != batch:
+            raise UnsupportedModelError(
+                f"region tensor {node.name} has {rows} rows where the first region's input has {batch}: the model "
+                "folds another axis (frames, tokens) into its blocks' batch dim, and its batch is not known here, so "
+                "a sample's norms cannot be told from a row's. patterns.FOLDED_BATCH_INPUTS names the input holding "
+                "it per model class, for rfc_compile.optimize and the exporters (the rfc torch.compile backend does "
+                "not see the model's class)")
+        return 1
+    if rows % samples:
+        raise UnsupportedModelError(f"region tensor {node.name} has {rows} rows, not a multiple of the batch {samples}")
+    return rows // samples
+
+
+def _grouped_shape(node: fx.Node, groups: int) -> tuple[int, ...]:
+    """A region tensor's shape with its rows grouped by sample: (B, rows per sample, ...) (as it is if 1)."""
+    rows, *rest = _sizes(_meta(node).shape)
+    return (rows // groups, groups, *rest) if groups > 1 else (rows, *rest)
+
+
+def _group(x: Tensor, groups: int) -> Tensor:
+    """(B x g, ...) -> (B, g, ...): one sample per row of dim 0, so per-sample norms are the sample's."""
+    return x.unflatten(0, (-1, groups)) if groups > 1 else x
+
+
+def _ungroup(x: Tensor, groups: int) -> Tensor:
+    return x.flatten(0, 1) if groups > 1 else x
+
+
+def _ladder_shape(shape: tuple[int, ...], order: int) -> tuple[int, ...]:
     """(B, m+1, *features): batch first, see rfc.py."""
-    batch, *features = _sizes(value.shape)
+    batch, *features = shape
     return (batch, order + 1, *features)
 
 
@@ -156,28 +191,33 @@ def _region_state_groups(region: Region, config: RFCConfig) -> list[tuple[str, i
     return groups
 
 
-def build_state_spec(plan: RegionPlan | None, config: RFCConfig) -> StateSpec:
-    """The state tensors for this plan and config (see state.py for the naming scheme)."""
+def build_state_spec(plan: RegionPlan | None, config: RFCConfig, samples: int | None = None) -> StateSpec:
+    """The state tensors for this plan and config (see state.py for the naming scheme). ``samples``:
+    the batch of a model that folds another axis into its blocks' (CapturedGraph.samples); each
+    region tensor's state then has its rows grouped by sample, (B, rows per sample, ...)."""
     entries = [StateEntry(name, (), torch.int64) for name in _COUNTERS]
     if config.mode == "full" or plan is None:
         return StateSpec(entries)
     m = config.ladder_order
-    batch = _batch_size(plan)
+    batch = _batch_size(plan, samples)
+
+    def grouped(node: fx.Node) -> tuple[int, ...]:
+        return _grouped_shape(node, _groups(node, batch, samples))
+
     if config.uses_rcs:
         entries.append(StateEntry("rcs_acc", (batch,), torch.float32))
         for i, node in enumerate(plan.watched.feature_inputs):
-            val = _meta(node)
-            entries.append(StateEntry(f"rcs_ladder.{i}", _ladder_shape(val, m), val.dtype))
+            entries.append(StateEntry(f"rcs_ladder.{i}", _ladder_shape(grouped(node), m), _meta(node).dtype))
     for region in plan.regions:
-        outputs = [_meta(node) for node in region.outputs]
-        inputs = [_meta(node) for node in region.feature_inputs]
         for kind, count in _region_state_groups(region, config):
             for i in range(count):
                 name = f"{region.key}.{kind}.{i}"
                 if kind == "ladder":
-                    entries.append(StateEntry(name, _ladder_shape(outputs[i], m), outputs[i].dtype))
+                    node = region.outputs[i]
+                    entries.append(StateEntry(name, _ladder_shape(grouped(node), m), _meta(node).dtype))
                 elif kind == "x_last":
-                    entries.append(StateEntry(name, _sizes(inputs[i].shape), inputs[i].dtype))
+                    node = region.feature_inputs[i]
+                    entries.append(StateEntry(name, grouped(node), _meta(node).dtype))
                 elif kind == "gram":
                     entries.append(StateEntry(name, (batch, m, m), torch.float32))
                 else:  # ratio, cos: one scalar per sample
@@ -195,14 +235,18 @@ def _split(args: tuple[Tensor, ...], sizes: list[int]) -> list[tuple[Tensor, ...
 
 
 class RegionPredict(torch.nn.Module):
-    """Predicted outputs of one region on a skipped step (called from the predict branch)."""
+    """Predicted outputs of one region on a skipped step (called from the predict branch).
 
-    def __init__(self, region: Region, config: RFCConfig):
+    ``groups``: rows per sample of each feature input and output (all 1 unless the model folds
+    another axis into its blocks' batch dim: the state holds them grouped by sample)."""
+
+    def __init__(self, region: Region, config: RFCConfig, groups: tuple[tuple[int, ...], tuple[int, ...]] | None = None):
         super().__init__()
         self.n_inputs = len(region.feature_inputs)
         self.n_outputs = len(region.outputs)
         self.state_sizes = [count for _, count in _region_state_groups(region, config)]
         self.config = config
+        self.in_groups, self.out_groups = groups or ((1,) * self.n_inputs, (1,) * self.n_outputs)
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         # args: X, then the region's state groups (_region_state_groups), then k, seen
@@ -210,31 +254,36 @@ class RegionPredict(torch.nn.Module):
         k, seen = args[-2], args[-1]
         if not cfg.uses_rfe:
             _, ladders = _split(args, [self.n_inputs] + self.state_sizes)
-            return tuple(rfc.taylor_predict(ladder, k, seen) for ladder in ladders)
+            return tuple(_ungroup(rfc.taylor_predict(ladder, k, seen), g) for ladder, g in zip(ladders, self.out_groups))
         xs, ladders, ratios, coss, grams, x_last = _split(args, [self.n_inputs] + self.state_sizes)
+        xs = tuple(_group(x, g) for x, g in zip(xs, self.in_groups))
         grams = grams or (None,) * self.n_outputs
         if cfg.rfe_shrink:
             ratios = tuple(r * c for r, c in zip(ratios, coss))
         x_change = rfc.tuple_norm([a - b for a, b in zip(xs, x_last)])
-        return tuple(rfc.rfe_predict(ladder, gram, ratio, x_change, k, seen, cfg.eps)
-                     for ladder, gram, ratio in zip(ladders, grams, ratios))
+        return tuple(_ungroup(rfc.rfe_predict(ladder, gram, ratio, x_change, k, seen, cfg.eps), g)
+                     for ladder, gram, ratio, g in zip(ladders, grams, ratios, self.out_groups))
 
 
 class RegionUpdate(torch.nn.Module):
-    """New ladders (and, for RFE, ratios, Gram matrices, last inputs) of one region at a full step."""
+    """New ladders (and, for RFE, ratios, Gram matrices, last inputs) of one region at a full step
+    (``groups`` as RegionPredict's)."""
 
-    def __init__(self, region: Region, config: RFCConfig):
+    def __init__(self, region: Region, config: RFCConfig, groups: tuple[tuple[int, ...], tuple[int, ...]] | None = None):
         super().__init__()
         self.n_inputs = len(region.feature_inputs)
         self.n_outputs = len(region.outputs)
         self.state_sizes = [count for _, count in _region_state_groups(region, config)]
         self.config = config
+        self.in_groups, self.out_groups = groups or ((1,) * self.n_inputs, (1,) * self.n_outputs)
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         # args: X, Y, then the region's state groups (_region_state_groups), then gap, seen, seen_after
         cfg = self.config
         gap, seen, seen_after = args[-3:]
         sizes = [self.n_inputs, self.n_outputs] + self.state_sizes
+        groups = list(self.in_groups) + list(self.out_groups)
+        args = tuple(_group(a, g) for a, g in zip(args, groups)) + args[len(groups):]
         if not cfg.uses_rfe:
             _, ys, ladders = _split(args, sizes)
             return _row_major(rfc.update_ladder(ladder, y, gap, seen_after) for ladder, y in zip(ladders, ys))
@@ -260,11 +309,17 @@ class RegionUpdate(torch.nn.Module):
 
 
 class WatchUpdate(torch.nn.Module):
-    """RCS: new Taylor ladder of the watched (first region's) input at a full step."""
+    """RCS: new Taylor ladder of the watched (first region's) input at a full step (``groups``: rows
+    per sample of each input, as RegionPredict's)."""
+
+    def __init__(self, groups: tuple[int, ...] | None = None):
+        super().__init__()
+        self.groups = groups
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
         n = (len(args) - 3) // 2
         xs, ladders = args[:n], args[n : 2 * n]
+        xs = tuple(_group(x, g) for x, g in zip(xs, self.groups or (1,) * n))
         gap, _, seen_after = args[-3:]
         return _row_major(rfc.update_ladder(ladder, x, gap, seen_after) for ladder, x in zip(ladders, xs))
 
@@ -300,10 +355,16 @@ class _BranchBuilder:
     """
 
     def __init__(self, gm: fx.GraphModule, span: list[fx.Node], span_inputs: list[fx.Node],
-                 span_outputs: list[fx.Node], plan: RegionPlan, config: RFCConfig, state_names: list[str]):
+                 span_outputs: list[fx.Node], plan: RegionPlan, config: RFCConfig, state_names: list[str],
+                 groups: dict[fx.Node, int] | None = None):
         self.gm, self.span, self.span_inputs, self.span_outputs = gm, span, span_inputs, span_outputs
         self.plan, self.config, self.state_names = plan, config, state_names
+        self.groups = groups or {}  # rows per sample of each region tensor (absent: 1)
         self.operand_inputs = [n for n in span_inputs if n.op != "get_attr"]
+
+    def _region_groups(self, region: Region) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (tuple(self.groups.get(n, 1) for n in region.feature_inputs),
+                tuple(self.groups.get(n, 1) for n in region.outputs))
 
     def _root(self) -> torch.nn.Module:
         """A module holding the span's weights (and the subgraphs of higher-order ops inside it,
@@ -368,7 +429,8 @@ class _BranchBuilder:
         if self.config.uses_rcs:
             watched = self.plan.watched.feature_inputs
             names = [f"rcs_ladder.{i}" for i in range(len(watched))]
-            outs = self._call(graph, root, "watch_update", WatchUpdate(),
+            outs = self._call(graph, root, "watch_update",
+                              WatchUpdate(tuple(self.groups.get(n, 1) for n in watched)),
                               [env[n] for n in watched] + [state[n] for n in names] + [k, seen, seen_after],
                               len(names))
             new_state.update(zip(names, outs))
@@ -376,7 +438,8 @@ class _BranchBuilder:
             names = _region_state_names(region, self.config)
             args = ([env[n] for n in region.feature_inputs] + [env[n] for n in region.outputs]
                     + [state[n] for n in names] + [k, seen, seen_after])
-            outs = self._call(graph, root, f"update_{j}", RegionUpdate(region, self.config), args, len(names))
+            outs = self._call(graph, root, f"update_{j}", RegionUpdate(region, self.config, self._region_groups(region)),
+                              args, len(names))
             new_state.update(zip(names, outs))
         written = tuple(new_state[n] for n in self.state_names)
         if self.config.guard_nonfinite:
@@ -396,7 +459,8 @@ class _BranchBuilder:
                 j, region = first[node]
                 names = _region_state_names(region, self.config)
                 args = [env[n] for n in region.feature_inputs] + [state[n] for n in names] + [k, seen]
-                outs = self._call(graph, root, f"predict_{j}", RegionPredict(region, self.config), args,
+                outs = self._call(graph, root, f"predict_{j}",
+                                  RegionPredict(region, self.config, self._region_groups(region)), args,
                                   len(region.outputs))
                 env.update(zip(region.outputs, outs))
             elif node not in in_region:
@@ -417,7 +481,8 @@ class CachedStep(torch.nn.Module):
         self.captured = captured
         self.plan = plan
         self.config = config
-        self.state_spec = build_state_spec(plan, config)
+        self.samples = getattr(captured, "samples", None)
+        self.state_spec = build_state_spec(plan, config, self.samples)
         self._nodes = [n for n in self.gm.graph.nodes if n.op != "output"]
         self._output = next(n for n in self.gm.graph.nodes if n.op == "output")
         if config.mode == "full" or plan is None:
@@ -451,8 +516,13 @@ class CachedStep(torch.nn.Module):
         self._copied_inputs = _copied_operands([n for n in self._span_inputs if n.op != "get_attr"])
         self._region_state = [e.name for e in self.state_spec.entries
                               if e.name not in _COUNTERS and e.name not in _SCHEDULE]
+        self._groups: dict[fx.Node, int] = {}
+        if self.samples is not None:
+            batch = _batch_size(plan, self.samples)
+            self._groups = {n: _groups(n, batch, self.samples) for r in plan.regions
+                            for n in r.feature_inputs + r.outputs}
         builder = _BranchBuilder(self.gm, span, self._span_inputs, self._span_outputs, plan, config,
-                                 self._region_state)
+                                 self._region_state, self._groups)
         self.recompute_branch = builder.recompute()
         self.predict_branch = builder.predict()
 
@@ -499,7 +569,7 @@ class CachedStep(torch.nn.Module):
         since_full = step - last_full
         new_state: dict[str, Tensor] = {}
         if cfg.uses_rcs:
-            x0 = [env[n] for n in self.plan.watched.feature_inputs]
+            x0 = [_group(env[n], self._groups.get(n, 1)) for n in self.plan.watched.feature_inputs]
             x_hat = [rfc.taylor_predict(state[f"rcs_ladder.{i}"], since_full, seen) for i in range(len(x0))]
             acc = rfc.rcs_accumulate(state["rcs_acc"], rfc.rcs_error(x0, x_hat, cfg.eps))
             pred = rfc.forced_full(step, seen, since_full, cfg.warmup_steps, cfg.max_interval)
