@@ -114,7 +114,8 @@ def _pixart(cfg: dict, s: ExampleShape) -> dict[str, Any]:
 
 
 def _flux_ids(s: ExampleShape, patch: int = 2) -> dict[str, torch.Tensor]:
-    """Packed latents' position ids (2x2 patches), as FluxPipeline makes them, and the text's (zeros)."""
+    """Packed latents' position ids (``patch`` x ``patch`` latent pixels a token: FluxPipeline's 2x2),
+    as FluxPipeline makes them, and the text's (zeros)."""
     hp, wp = s.height // patch, s.width // patch
     img_ids = torch.zeros(hp, wp, 3)
     img_ids[..., 1] = torch.arange(hp)[:, None]

@@ -105,6 +105,13 @@ def _groups(node: fx.Node, batch: int, samples: int | None) -> int:
     return rows // samples
 
 
+def _row_groups(plan: RegionPlan, samples: int | None) -> dict[fx.Node, int]:
+    """Rows per sample (``_groups``) of every region tensor, feature inputs and outputs: the one rule
+    that sizes the state (build_state_spec) and reshapes the tensors in the branches (CachedStep)."""
+    batch = _batch_size(plan, samples)
+    return {n: _groups(n, batch, samples) for r in plan.regions for n in (*r.feature_inputs, *r.outputs)}
+
+
 def _grouped_shape(node: fx.Node, groups: int) -> tuple[int, ...]:
     """A region tensor's shape with its rows grouped by sample: (B, rows per sample, ...) (as it is if 1)."""
     rows, *rest = _sizes(_meta(node).shape)
@@ -200,9 +207,10 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig, samples: int | 
         return StateSpec(entries)
     m = config.ladder_order
     batch = _batch_size(plan, samples)
+    groups = _row_groups(plan, samples)
 
     def grouped(node: fx.Node) -> tuple[int, ...]:
-        return _grouped_shape(node, _groups(node, batch, samples))
+        return _grouped_shape(node, groups[node])
 
     if config.uses_rcs:
         entries.append(StateEntry("rcs_acc", (batch,), torch.float32))
@@ -481,7 +489,7 @@ class CachedStep(torch.nn.Module):
         self.captured = captured
         self.plan = plan
         self.config = config
-        self.samples = getattr(captured, "samples", None)
+        self.samples = captured.samples
         self.state_spec = build_state_spec(plan, config, self.samples)
         self._nodes = [n for n in self.gm.graph.nodes if n.op != "output"]
         self._output = next(n for n in self.gm.graph.nodes if n.op == "output")
@@ -516,11 +524,7 @@ class CachedStep(torch.nn.Module):
         self._copied_inputs = _copied_operands([n for n in self._span_inputs if n.op != "get_attr"])
         self._region_state = [e.name for e in self.state_spec.entries
                               if e.name not in _COUNTERS and e.name not in _SCHEDULE]
-        self._groups: dict[fx.Node, int] = {}
-        if self.samples is not None:
-            batch = _batch_size(plan, self.samples)
-            self._groups = {n: _groups(n, batch, self.samples) for r in plan.regions
-                            for n in r.feature_inputs + r.outputs}
+        self._groups = _row_groups(plan, self.samples)
         builder = _BranchBuilder(self.gm, span, self._span_inputs, self._span_outputs, plan, config,
                                  self._region_state, self._groups)
         self.recompute_branch = builder.recompute()
