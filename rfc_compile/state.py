@@ -33,15 +33,11 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class StateEntry:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # at the example's sizes
     dtype: torch.dtype
-
-    def dynamic_shape(self) -> dict[int, object] | None:
-        """torch.export ``dynamic_shapes`` entry for a graph with dynamic input dims: every size above 1
-        may follow them (``Dim.AUTO``), and the trace finds which do and how (the batch; a ladder's
-        token count; FLUX's single blocks hold image + text tokens). The 0-d counters are static."""
-        auto = {i: torch.export.Dim.AUTO for i, size in enumerate(self.shape) if size > 1}
-        return auto or None
+    #: the shape as the capture traced it, where the graph has dynamic dims: each size a sympy
+    #: expression in their symbols (a ladder's token count; FLUX single blocks: image + text tokens)
+    traced: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
 
 @dataclasses.dataclass

@@ -875,12 +875,14 @@ def test_dynamic_tokens_serve_other_resolutions_and_prompt_lengths(workdir, name
         assert _max_diff(got, expected) < ATOL
 
 
-@pytest.mark.parametrize("name", ["sd3", "pixart", "cogview4"])
+@pytest.mark.parametrize("name", ["sd3", "pixart", "cogview4", "cogview3plus"])
 def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
-    """SD3, PixArt and CogView4 (TOKEN_DIMS: prompt length only) exported once at one prompt length and batch
-    run generations at another of each, equal to the eager cached model; SD3's context ladders
-    follow the prompt length. (PixArt with a dynamic batch failed to load before: a Squeeze of a
-    batched tensor that fix_squeeze left alone because the shape was not fully static.)"""
+    """SD3, PixArt, CogView4 and CogView3-Plus (TOKEN_DIMS: prompt length only) exported once at one prompt
+    length and batch run generations at another of each, equal to the eager cached model; SD3's context
+    ladders follow the prompt length, CogView3-Plus's ff ladder text + 16 image tokens (torch.export
+    refused that as Dim.AUTO; capture.dim_spec gives it as a derived dim). (PixArt with a dynamic batch
+    failed to load before: a Squeeze of a batched tensor that fix_squeeze left alone because the shape
+    was not fully static.)"""
     from conftest import FAMILIES, flow_generation, with_text
 
     from rfc_compile.passes.patterns import TOKEN_DIMS
@@ -898,6 +900,8 @@ def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
         assert state["transformer_blocks_0_ff_context.ladder.0"] == ("batch", 2, "text_tokens", 16)
     if name == "cogview4":  # one ff region over both streams: image ladder, then text ladder
         assert state["transformer_blocks_0_ff.ladder.1"] == ("batch", 2, "text_tokens", 16)
+    if name == "cogview3plus":  # one ff call on the concatenated text + image tokens
+        assert state["transformer_blocks_0_ff.ladder.0"] == ("batch", 2, "text_tokens + 16", 16)
     runner = OnnxCachedModel(export.onnx_path)
     for text, batch in ((example["encoder_hidden_states"].shape[1], 2), (9, 3)):
         eager = rfc_compile.optimize(family.build(), config)
@@ -907,6 +911,51 @@ def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
         assert runner.stats.full_steps == eager.stats.full_steps
         assert 2 < runner.stats.nfc < 10
         assert _max_diff(got, expected) < ATOL
+
+
+def test_dynamic_prompt_length_alone_flux(workdir):
+    """FLUX exported with only the prompt length dynamic (a fixed resolution, as most services run it):
+    its single blocks cache text + 16 image tokens, a size torch.export refused as Dim.AUTO ("must
+    always be related to text_tokens by text_tokens + 16"); it is a derived dim now
+    (capture.dim_spec). The graph serves other prompt lengths like the eager cached model."""
+    from conftest import FAMILIES, flow_generation, flux_at
+
+    config = RFCConfig(mode="rfc", threshold=FAMILIES["flux"].threshold, order=1)
+    gen = torch.Generator().manual_seed(0)
+    example = dict(hidden_states=torch.randn(2, 16, 4), timestep=torch.ones(2), **flux_at(4, 4, 3).conditions(2, gen))
+    export = to_onnx(FAMILIES["flux"].build(), workdir / "flux_rfc_text_only.onnx", example, config,
+                     dynamic_dims={"encoder_hidden_states": {1: "text_tokens"}, "txt_ids": {0: "text_tokens"}})
+    shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
+    assert shapes[FLUX_SINGLE] == (2, 2, "text_tokens + 16", 16)
+    assert shapes["hidden_states"] == (2, 16, 4)
+    runner = OnnxCachedModel(export.onnx_path)
+    for text in (3, 7):
+        family = flux_at(4, 4, text)
+        eager = rfc_compile.optimize(family.build(), config)
+        _, expected = flow_generation(eager, family, steps=10, batch=2)
+        _, got = flow_generation(runner, family, steps=10, batch=2)
+        assert runner.dims == {"text_tokens": text}
+        assert runner.state[FLUX_SINGLE].shape == (2, 2, text + 16, 16)
+        assert runner.stats.full_steps == eager.stats.full_steps
+        assert 2 < runner.stats.nfc < 10
+        assert _max_diff(got, expected) < ATOL
+
+
+def test_dim_spec_gives_named_derived_or_auto_dims():
+    """capture.dim_spec: a state size's torch.export spec from how it follows the named dims."""
+    import sympy
+
+    from rfc_compile.passes.capture import dim_spec
+
+    text, image = sympy.symbols("text image", integer=True, positive=True)
+    dims = {text: torch.export.Dim("text_tokens"), image: torch.export.Dim("image_tokens")}
+    assert dim_spec(sympy.Integer(16), dims) is None and dim_spec(7, dims) is None
+    assert dim_spec(text, dims) is dims[text]
+    derived = dim_spec(text + 16, dims)
+    assert derived.__name__ == "text_tokens + 16" and derived.root is dims[text]
+    assert dim_spec(2 * text + 1, dims).__name__ == "2*text_tokens + 1"
+    for size in (text + image, text * image, -text + 20, sympy.Symbol("other") + 1):  # left to the trace
+        assert dim_spec(size, dims) is torch.export.Dim.AUTO
 
 
 def test_dynamic_dims_errors_are_clear():

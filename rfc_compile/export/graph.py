@@ -36,13 +36,14 @@ import operator
 from typing import Any
 
 import sympy
+from sympy.parsing.sympy_parser import parse_expr
 import torch
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from ..config import RFCConfig
 from ..passes import capture, find_regions, rewrite
-from ..passes.capture import CapturedGraph, DynamicDims, distinct_tensor_arguments, named_dim
+from ..passes.capture import CapturedGraph, DynamicDims, dim_spec, distinct_tensor_arguments, named_dim
 from ..state import StateSpec
 from .complex_as_real import complex_as_real
 from .errors import ExportError
@@ -231,14 +232,16 @@ class FunctionalProgram:
 
     def dynamic_shapes(self) -> dict[str, Any] | None:
         """torch.export ``dynamic_shapes`` for ``module``'s positional args, or None (static): a named
-        dim is its symbol; a size that is an expression in them (``image_tokens + text_tokens``)
-        cannot be a torch.export Dim and is left to the trace (``Dim.AUTO``)."""
+        dim is its symbol; a size that is an expression in them is a derived dim where it follows one
+        linearly (``text_tokens + 16``) and is left to the trace otherwise (capture.dim_spec)."""
         if not self.dynamic_axes:
             return None
+        symbols = {name: sympy.Symbol(name, integer=True, positive=True) for name in self.dynamic_axes}
+        dims = {symbol: named_dim(name) for name, symbol in symbols.items()}
         shapes = [info.shape for info in self.inputs] + self.state_shapes
         return {"args": tuple(
-            {i: named_dim(d) if d in self.dynamic_axes else torch.export.Dim.AUTO
-             for i, d in enumerate(shape) if isinstance(d, str)} or None
+            {i: dim_spec(parse_expr(d, local_dict=symbols), dims) for i, d in enumerate(shape)
+             if isinstance(d, str)} or None
             for shape in shapes)}
 
     @property

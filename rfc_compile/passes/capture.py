@@ -25,6 +25,7 @@ import time
 import traceback
 from typing import Any, Mapping
 
+import sympy
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
@@ -58,6 +59,8 @@ class CapturedGraph:
     #: the example's batch where the model folds another axis into its blocks' batch dim
     #: (patterns.FOLDED_BATCH_INPUTS): region rows are grouped by it; None: a region's rows are its samples
     samples: int | None = None
+    #: each dynamic dim's symbol in the graph's sizes -> its torch.export Dim (``dim_spec``)
+    dim_symbols: dict[sympy.Symbol, torch.export.Dim] = dataclasses.field(default_factory=dict)
 
     def flatten_inputs(self, kwargs: dict[str, Any]) -> list[Any]:
         flat, spec = pytree.tree_flatten(((), kwargs))
@@ -93,6 +96,57 @@ def batch_dynamic_shapes(kwargs: dict[str, Any], unbatched: tuple[str, ...] = ()
 def named_dim(name: str) -> torch.export.Dim:
     """The torch.export symbol of a named dim (``"batch"`` is ``BATCH``)."""
     return BATCH if name == BATCH.__name__ else torch.export.Dim(name, min=1, max=DIM_MAX)
+
+
+def dim_spec(size: sympy.Expr | int, dims: Mapping[sympy.Symbol, torch.export.Dim]) -> Any:
+    """torch.export ``dynamic_shapes`` entry for a size that follows the dynamic dims as ``size``
+    (an expression in their symbols, ``dims``): None where it is a number (static), the dim itself,
+    or ``a * dim + b`` (torch.export's derived dims) where it follows one dim linearly (a FLUX single
+    block's cache holds ``text_tokens + 16`` tokens when only the prompt length is dynamic: left to
+    the trace, torch.export refuses that relation), else ``Dim.AUTO`` and the trace finds how (image +
+    text tokens; products)."""
+    size = sympy.sympify(size)
+    if size.is_number:
+        return None
+    if len(size.free_symbols) == 1:
+        (symbol,) = size.free_symbols
+        scale = size.coeff(symbol)
+        offset = sympy.expand(size - scale * symbol)
+        if symbol in dims and scale.is_Integer and scale > 0 and offset.is_Integer:
+            dim = dims[symbol]
+            dim = dim if scale == 1 else int(scale) * dim
+            return dim if offset == 0 else dim + int(offset)
+    return torch.export.Dim.AUTO
+
+
+def _dim_symbols(gm: fx.GraphModule, kwargs: dict[str, Any],
+                 dynamic_shapes: dict[str, Any] | None) -> dict[sympy.Symbol, torch.export.Dim]:
+    """Each named dynamic dim's symbol in ``gm``'s sizes (its placeholders' traced shapes), read before
+    anything compares those sizes (a comparison can make torch specialize a symbol)."""
+    if dynamic_shapes is None:
+        return {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    paths = [path for path, _ in pytree.tree_flatten_with_path(((), kwargs))[0]]
+    symbols: dict[sympy.Symbol, torch.export.Dim] = {}
+    if len(paths) != len(placeholders):  # not the flat order assumed here: left to the trace (Dim.AUTO)
+        return symbols
+    for node, path in zip(placeholders, paths):
+        spec: Any = dynamic_shapes
+        for key in path[1:]:  # past the empty args tuple
+            if isinstance(spec, dict):
+                spec = spec.get(key.key) if isinstance(key, pytree.MappingKey) else None
+            elif isinstance(spec, (list, tuple)) and isinstance(key, pytree.SequenceKey) and key.idx < len(spec):
+                spec = spec[key.idx]
+            else:
+                spec = None
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not isinstance(spec, dict):
+            continue
+        for index, dim in spec.items():
+            size = value.shape[index]
+            if type(dim) is type(BATCH) and isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
+                symbols[size.node.expr] = dim  # a named dim (a derived one, 2 * dim, has no symbol of its own)
+    return symbols
 
 
 def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
@@ -258,4 +312,5 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
                 time.perf_counter() - start)
     folded = folded_batch_input_for(type(model).__name__)
     samples = int(kwargs[folded].shape[0]) if folded is not None and kwargs.get(folded) is not None else None
-    return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples)
+    return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples,
+                         _dim_symbols(gm, kwargs, dynamic_shapes))

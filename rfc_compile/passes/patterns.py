@@ -264,8 +264,10 @@ TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
     },
     "SD3Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
     "PixArtTransformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}, "encoder_attention_mask": {1: "text_tokens"}},
-    # CogView4: the prompt length only (its latents are patchified, see above)
+    # CogView4, CogView3-Plus: the prompt length only (their latents are patchified, see above); CogView3-Plus
+    # caches one ff over text + image tokens, ``text_tokens + <image tokens>`` (capture.dim_spec)
     "CogView4Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
+    "CogView3PlusTransformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
 }
 
 

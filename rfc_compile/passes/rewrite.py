@@ -26,6 +26,7 @@ import time
 import types
 from typing import Any
 
+import sympy
 import torch
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
@@ -34,7 +35,7 @@ from .. import rfc
 from ..config import RFCConfig
 from ..errors import UnsupportedModelError
 from ..state import StateEntry, StateSpec
-from .capture import CapturedGraph, distinct_tensor_arguments
+from .capture import CapturedGraph, dim_spec, distinct_tensor_arguments
 from .regions import Region, RegionPlan
 
 logger = logging.getLogger(__name__)
@@ -112,10 +113,16 @@ def _row_groups(plan: RegionPlan, samples: int | None) -> dict[fx.Node, int]:
     return {n: _groups(n, batch, samples) for r in plan.regions for n in (*r.feature_inputs, *r.outputs)}
 
 
-def _grouped_shape(node: fx.Node, groups: int) -> tuple[int, ...]:
-    """A region tensor's shape with its rows grouped by sample: (B, rows per sample, ...) (as it is if 1)."""
-    rows, *rest = _sizes(_meta(node).shape)
+def _grouped_shape(node: fx.Node, groups: int, traced: bool = False) -> tuple:
+    """A region tensor's shape with its rows grouped by sample: (B, rows per sample, ...) (as it is if 1);
+    ``traced``: its sizes as the capture traced them (``_traced_sizes``)."""
+    rows, *rest = _traced_sizes(_meta(node).shape) if traced else _sizes(_meta(node).shape)
     return (rows // groups, groups, *rest) if groups > 1 else (rows, *rest)
+
+
+def _traced_sizes(shape) -> tuple[sympy.Expr, ...]:
+    """Sizes as sympy expressions in the capture's dynamic-dim symbols (numbers where static)."""
+    return tuple(size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size) for size in shape)
 
 
 def _group(x: Tensor, groups: int) -> Tensor:
@@ -209,27 +216,34 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig, samples: int | 
     batch = _batch_size(plan, samples)
     groups = _row_groups(plan, samples)
 
-    def grouped(node: fx.Node) -> tuple[int, ...]:
-        return _grouped_shape(node, groups[node])
+    def like(name: str, node: fx.Node, ladder: bool) -> StateEntry:
+        """The state of a region tensor: a ladder of it, or it as it is; its sizes and traced sizes."""
+        shape, traced = (_grouped_shape(node, groups[node], traced) for traced in (False, True))
+        if ladder:
+            shape, traced = _ladder_shape(shape, m), _ladder_shape(traced, m)
+        return StateEntry(name, shape, _meta(node).dtype, traced)
 
+    def per_sample(name: str, *rest: int) -> StateEntry:
+        return StateEntry(name, (batch, *rest), torch.float32, (batch_traced, *rest))
+
+    watched = plan.watched.feature_inputs[0]
+    batch_traced = _grouped_shape(watched, groups.get(watched, 1), traced=True)[0]
     if config.uses_rcs:
-        entries.append(StateEntry("rcs_acc", (batch,), torch.float32))
+        entries.append(per_sample("rcs_acc"))
         for i, node in enumerate(plan.watched.feature_inputs):
-            entries.append(StateEntry(f"rcs_ladder.{i}", _ladder_shape(grouped(node), m), _meta(node).dtype))
+            entries.append(like(f"rcs_ladder.{i}", node, ladder=True))
     for region in plan.regions:
         for kind, count in _region_state_groups(region, config):
             for i in range(count):
                 name = f"{region.key}.{kind}.{i}"
                 if kind == "ladder":
-                    node = region.outputs[i]
-                    entries.append(StateEntry(name, _ladder_shape(grouped(node), m), _meta(node).dtype))
+                    entries.append(like(name, region.outputs[i], ladder=True))
                 elif kind == "x_last":
-                    node = region.feature_inputs[i]
-                    entries.append(StateEntry(name, grouped(node), _meta(node).dtype))
+                    entries.append(like(name, region.feature_inputs[i], ladder=False))
                 elif kind == "gram":
-                    entries.append(StateEntry(name, (batch, m, m), torch.float32))
+                    entries.append(per_sample(name, m, m))
                 else:  # ratio, cos: one scalar per sample
-                    entries.append(StateEntry(name, (batch,), torch.float32))
+                    entries.append(per_sample(name))
     return StateSpec(entries)
 
 
@@ -631,6 +645,15 @@ def _forget_earlier_cond_traces() -> None:
         torch._dynamo.reset_code(code)
 
 
+def state_dynamic_shape(entry: StateEntry, captured: CapturedGraph) -> dict[int, Any] | None:
+    """torch.export ``dynamic_shapes`` entry of a state tensor in a graph with dynamic input dims: each
+    size as the capture traced it (capture.dim_spec: a named dim, a derived one, or Dim.AUTO)."""
+    if not entry.traced:  # the counters
+        return None
+    spec = {i: dim_spec(size, captured.dim_symbols) for i, size in enumerate(entry.traced)}
+    return {i: d for i, d in spec.items() if d is not None} or None
+
+
 def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
             example_kwargs: dict[str, Any]) -> tuple[fx.GraphModule, CachedStep]:
     """Trace :class:`CachedStep` into one flat GraphModule ``(kwargs, state) -> (out, state')``."""
@@ -640,7 +663,7 @@ def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
     dynamic_shapes = None
     if captured.dynamic_shapes is not None:  # the state's sizes follow the inputs' dynamic dims
         dynamic_shapes = {"kwargs": captured.dynamic_shapes,
-                          "state": {e.name: e.dynamic_shape() for e in step.state_spec.entries}}
+                          "state": {e.name: state_dynamic_shape(e, captured) for e in step.state_spec.entries}}
     start = time.perf_counter()
     with torch.no_grad():
         # one tensor in two arguments stays two graph inputs here too (capture.distinct_tensor_arguments)
