@@ -383,6 +383,10 @@ class _BranchBuilder:
         self.plan, self.config, self.state_names = plan, config, state_names
         self.groups = groups or {}  # rows per sample of each region tensor (absent: 1)
         self.operand_inputs = [n for n in span_inputs if n.op != "get_attr"]
+        #: the tensors the span reads as attributes (weights, buffers): operands after the counters
+        self.weights = list(dict.fromkeys(
+            n.target for n in span_inputs + span
+            if n.op == "get_attr" and isinstance(operator.attrgetter(n.target)(gm), Tensor)))
 
     def _region_groups(self, region: Region) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (tuple(self.groups.get(n, 1) for n in region.feature_inputs),
@@ -393,7 +397,7 @@ class _BranchBuilder:
         e.g. Z-Image's ``autocast(enabled=False)`` rotary code) under their captured names."""
         root = torch.nn.Module()
         for node in self.span_inputs + self.span:
-            if node.op == "get_attr":
+            if node.op == "get_attr" and node.target not in self.weights:
                 *path, leaf = node.target.split(".")
                 owner, src = root, self.gm
                 for part in path:
@@ -418,11 +422,12 @@ class _BranchBuilder:
         for node in self.operand_inputs:
             env[node] = graph.placeholder(f"in_{node.name}")
             env[node].meta = dict(node.meta)
-        for node in self.span_inputs:
-            if node.op == "get_attr":  # weights stay module attributes (shared, not operands)
-                env[node] = graph.get_attr(node.target)
         state = {name: graph.placeholder("st_" + name.replace(".", "_")) for name in self.state_names}
         counters = tuple(graph.placeholder(n) for n in ("since_full", "seen", "seen_after"))
+        weights = {target: graph.placeholder("w_" + target.replace(".", "_")) for target in self.weights}
+        for node in self.span_inputs + self.span:
+            if node.op == "get_attr":  # a weight is an operand; a submodule (a higher-order op's graph) is read
+                env[node] = weights[node.target] if node.target in weights else graph.get_attr(node.target)
         return graph, env, state, counters
 
     def _outputs(self, graph: fx.Graph, env: dict[fx.Node, fx.Node]) -> tuple[fx.Node, ...]:
@@ -446,7 +451,8 @@ class _BranchBuilder:
         graph, env, state, (k, seen, seen_after) = self._start()
         root = self._root()
         for node in self.span:
-            env[node] = graph.node_copy(node, lambda n: env[n])
+            if node not in env:  # read attributes are in env already (_start)
+                env[node] = graph.node_copy(node, lambda n: env[n])
         new_state: dict[str, fx.Node] = {}
         if self.config.uses_rcs:
             watched = self.plan.watched.feature_inputs
@@ -485,7 +491,7 @@ class _BranchBuilder:
                                   RegionPredict(region, self.config, self._region_groups(region)), args,
                                   len(region.outputs))
                 env.update(zip(region.outputs, outs))
-            elif node not in in_region:
+            elif node not in in_region and node not in env:
                 env[node] = graph.node_copy(node, lambda n: env[n])
         kept = tuple(graph.call_function(torch.clone, (state[n],)) for n in self.state_names)
         if self.config.guard_nonfinite:  # an unchanged cache is as healthy as when it was written
@@ -541,6 +547,7 @@ class CachedStep(torch.nn.Module):
         self._groups = _row_groups(plan, self.samples)
         builder = _BranchBuilder(self.gm, span, self._span_inputs, self._span_outputs, plan, config,
                                  self._region_state, self._groups)
+        self._weights = builder.weights
         self.recompute_branch = builder.recompute()
         self.predict_branch = builder.predict()
 
@@ -606,8 +613,9 @@ class CachedStep(torch.nn.Module):
                   for n in self._span_inputs if n.op != "get_attr")
             + tuple(state[n] for n in self._region_state)
             + (since_full, seen, seen + 1)
+            + tuple(operator.attrgetter(target)(self.gm) for target in self._weights)
         )
-        results = torch.cond(pred, self.recompute_branch, self.predict_branch, operands)
+        results = torch.ops.higher_order.cond(pred, self.recompute_branch, self.predict_branch, operands)
         n_out, n_state = len(self._span_outputs), len(self._region_state)
         env.update(zip(self._span_outputs, results[:n_out]))
         new_state.update(zip(self._region_state, results[n_out : n_out + n_state]))
