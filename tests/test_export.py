@@ -960,7 +960,7 @@ def test_dim_spec_gives_named_derived_or_auto_dims():
 
 def test_dynamic_dims_errors_are_clear():
     from rfc_compile.errors import UnsupportedModelError
-    from rfc_compile.export.sidecar import eval_dim
+    from rfc_compile.dims import eval_dim
     from rfc_compile.passes.capture import capture
 
     assert eval_dim("image_tokens + text_tokens", {"image_tokens": 16, "text_tokens": 3}) == 19

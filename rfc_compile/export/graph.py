@@ -42,8 +42,10 @@ from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from ..config import RFCConfig
+from ..dims import linear_dim
 from ..passes import capture, find_regions, rewrite
-from ..passes.capture import CapturedGraph, DynamicDims, dim_spec, distinct_tensor_arguments, named_dim
+from ..passes.rewrite import dim_carriers
+from ..passes.capture import CapturedGraph, DerivedDim, DynamicDims, dim_spec, distinct_tensor_arguments, named_dim
 from ..state import StateSpec
 from .complex_as_real import complex_as_real
 from .errors import ExportError
@@ -52,6 +54,7 @@ from .sidecar import check_shapes
 logger = logging.getLogger(__name__)
 
 STATE_IN_PREFIX = "state."
+DIM_INPUT_PREFIX = "dims."  # FunctionalProgram.carried_dims; to_onnx replaces them inside the graph
 STATE_OUT_PREFIX = "state_out."
 #: The state output a runner reads after each step: last_full == step index <=> full step.
 DECISION_STATE = "last_full"
@@ -197,18 +200,20 @@ class FunctionalStep(torch.nn.Module):
     """``(*model tensors, *state) -> (*model outputs, *state')`` around the rewritten graph."""
 
     def __init__(self, gm: fx.GraphModule, template: dict[str, Any], tensor_names: list[str],
-                 state_names: list[str]):
+                 state_names: list[str], dim_names: list[str] = ()):
         super().__init__()
         self.gm = gm
         self.template = template
         self.tensor_names = list(tensor_names)
         self.state_names = list(state_names)
+        self.dim_names = list(dim_names)  # CachedStep's ``dims`` (last arguments), where it has them
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        n = len(self.tensor_names)
+        n, n_state = len(self.tensor_names), len(self.state_names)
         kwargs = rebuild_kwargs(self.template, dict(zip(self.tensor_names, args[:n])))
-        state = dict(zip(self.state_names, args[n:]))
-        out, new_state = self.gm(kwargs=kwargs, state=state)
+        state = dict(zip(self.state_names, args[n : n + n_state]))
+        dims = dict(zip(self.dim_names, args[n + n_state :]))
+        out, new_state = self.gm(kwargs=kwargs, state=state, **({"dims": dims} if dims else {}))
         outputs, _ = output_tree(out)
         return (*outputs, *(new_state[name] for name in self.state_names))
 
@@ -229,6 +234,10 @@ class FunctionalProgram:
     fixups: list[str]
     dynamic_axes: dict[str, int] = dataclasses.field(default_factory=dict)  # dim name -> example size
     state_shapes: list[tuple[int | str, ...]] = dataclasses.field(default_factory=list)  # as inputs' shapes
+    #: dims that inputs are multiples of (CachedStep's ``dims``): ``dims.<name>`` inputs of that length,
+    #: which to_onnx rebuilds inside the graph from the inputs they size (``derived_dims``)
+    carried_dims: list[str] = dataclasses.field(default_factory=list)
+    derived_dims: tuple[DerivedDim, ...] = ()
 
     def dynamic_shapes(self) -> dict[str, Any] | None:
         """torch.export ``dynamic_shapes`` for ``module``'s positional args, or None (static): a named
@@ -238,7 +247,7 @@ class FunctionalProgram:
             return None
         symbols = {name: sympy.Symbol(name, integer=True, positive=True) for name in self.dynamic_axes}
         dims = {symbol: named_dim(name) for name, symbol in symbols.items()}
-        shapes = [info.shape for info in self.inputs] + self.state_shapes
+        shapes = [info.shape for info in self.inputs] + self.state_shapes + [(name,) for name in self.carried_dims]
         return {"args": tuple(
             {i: dim_spec(parse_expr(d, local_dict=symbols), dims) for i, d in enumerate(shape)
              if isinstance(d, str)} or None
@@ -246,7 +255,8 @@ class FunctionalProgram:
 
     @property
     def input_names(self) -> list[str]:
-        return [i.name for i in self.inputs] + [STATE_IN_PREFIX + n for n in self.state_spec.names()]
+        return ([i.name for i in self.inputs] + [STATE_IN_PREFIX + n for n in self.state_spec.names()]
+                + [DIM_INPUT_PREFIX + n for n in self.carried_dims])
 
     @property
     def output_names(self) -> list[str]:
@@ -306,24 +316,25 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     constants = {name: _jsonable(leaf) for name, leaf in leaves if not isinstance(leaf, Tensor)}
     tensor_names = [name for name, _ in tensors]
     spec = step.state_spec
-    module = FunctionalStep(gm, call, tensor_names, spec.names())
+    carried = dim_carriers(captured.root_sizes, _device_of(tensors))
+    module = FunctionalStep(gm, call, tensor_names, spec.names(), list(carried))
     module.training = False  # the exported graph is already in eval mode; .eval() would recurse into it
     state = spec.init(_device_of(tensors))
-    example_args = (*(t for _, t in tensors), *(state[n] for n in spec.names()))
+    example_args = (*(t for _, t in tensors), *(state[n] for n in spec.names()), *carried.values())
     with torch.no_grad():
-        output, _ = gm(kwargs=call, state=state)
+        output, _ = gm(kwargs=call, state=state, **({"dims": carried} if carried else {}))
     out_tensors, tree = output_tree(output)
     n_out = len(out_tensors)
     out_names = ["sample"] if n_out == 1 else [f"output.{i}" for i in range(n_out)]
     named = _named_input_dims(captured, call)
     inputs = [TensorInfo(name, tuple(named.get(name, {}).get(i, size) for i, size in enumerate(t.shape)), t.dtype)
               for name, t in tensors]
-    axes = {d: int(t.shape[i]) for name, t in tensors for i, d in named.get(name, {}).items()}
+    axes = _axis_examples(tensors, named)
     out_shapes = [tuple(t.shape) for t in out_tensors]
     state_shapes = [tuple(e.shape) for e in spec.entries]
     if axes:
         out_shapes, state_shapes = _symbolic_shapes(gm, [t for _, t in tensors], [named.get(n, {}) for n, _ in tensors],
-                                                    len(spec.entries))
+                                                    len(spec.entries), len(carried))
         check_shapes(out_shapes + state_shapes, [tuple(t.shape) for t in out_tensors]
                      + [tuple(e.shape) for e in spec.entries], axes)
 
@@ -340,24 +351,29 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
         fixups=fixups,
         dynamic_axes=axes,
         state_shapes=state_shapes,
+        carried_dims=list(carried),
+        derived_dims=captured.derived_dims,
     )
 
 
 def _symbolic_shapes(gm: fx.GraphModule, inputs: list[Tensor], named: list[dict[int, str]],
-                     n_state: int) -> tuple[list[tuple[int | str, ...]], list[tuple[int | str, ...]]]:
+                     n_state: int, n_carried: int = 0) -> tuple[list[tuple[int | str, ...]], list[tuple[int | str, ...]]]:
     """(model output shapes, state shapes) of the rewritten graph with each size an int, a dim name,
     or an expression in dim names (``"image_tokens + text_tokens"``): how the output's and the
     cache's sizes follow the inputs' dynamic dims, as torch.export traced them."""
     values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     values = [v for v in values if isinstance(v, Tensor)]
-    if len(values) != len(inputs) + n_state:
-        raise RuntimeError(f"rewritten graph has {len(values)} tensor inputs, expected {len(inputs)} + {n_state}")
+    if len(values) != len(inputs) + n_state + n_carried:
+        raise RuntimeError(f"rewritten graph has {len(values)} tensor inputs, expected {len(inputs)} + {n_state} "
+                           f"+ {n_carried}")
+    values = values[: len(inputs) + n_state]  # the dim carriers last (CachedStep's ``dims``)
     symbols = {}
     for value, dims in zip(values, named):
         for index, name in dims.items():
             size = value.shape[index]
-            if isinstance(size, torch.SymInt):
-                symbols[size.node.expr] = sympy.Symbol(name)
+            if isinstance(size, torch.SymInt) and len(size.node.expr.free_symbols) == 1:
+                (symbol,) = size.node.expr.free_symbols  # the dim's, or its root's (2 * grid_height)
+                symbols[symbol] = sympy.Symbol(linear_dim(name)[0])
 
     def describe(shape) -> tuple[int | str, ...]:
         out: list[int | str] = []
@@ -376,6 +392,17 @@ def _symbolic_shapes(gm: fx.GraphModule, inputs: list[Tensor], named: list[dict[
     results = [v for v in results if isinstance(v, Tensor)]
     return ([describe(v.shape) for v in results[: len(results) - n_state]],
             [describe(v.shape) for v in values[len(inputs):]])
+
+
+def _axis_examples(tensors: list[tuple[str, Tensor]], named: dict[str, dict[int, str]]) -> dict[str, int]:
+    """Each dynamic dim's size in the example, read where an input's size is the dim, or a multiple of
+    it plus a constant (``"2*grid_height"``)."""
+    axes: dict[str, int] = {}
+    for name, t in tensors:
+        for index, dim in named.get(name, {}).items():
+            root, scale, offset = linear_dim(dim)
+            axes[root] = (int(t.shape[index]) - offset) // scale
+    return axes
 
 
 def _is_input_spec(x: Any) -> bool:

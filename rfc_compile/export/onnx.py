@@ -73,7 +73,8 @@ from ..passes.patterns import model_timestep_rises
 from .bool_where import bool_where_as_logic
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
-from .graph import DECISION_STATE, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
+from .dim_inputs import dims_from_inputs
+from .graph import DECISION_STATE, DIM_INPUT_PREFIX, STATE_IN_PREFIX, STATE_OUT_PREFIX, build_functional
 from .proto import all_graphs, infer_shapes, save_model
 from .reduce_l2 import reduce_l2_as_sum_of_squares
 from .safe_rewrites import without_unsound_rewrites
@@ -321,6 +322,9 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
             registration_log.setLevel(level)
     proto = onnx_program.model_proto
     fixups = list(program.fixups)
+    n_dims = dims_from_inputs(proto, DIM_INPUT_PREFIX, program.derived_dims)
+    if n_dims:
+        fixups.append(f"dims_from_inputs({n_dims})")
     n_squeeze = fix_squeeze(proto)
     if n_squeeze:
         fixups.append(f"squeeze_axes({n_squeeze})")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..dims import linear_dim
 from ..runtime import BranchFollower, RFCStats, branch_cache_name, call_timestep, follow_timestep
 from .errors import InputMismatchError
 from .graph import flatten_kwargs
@@ -306,14 +307,20 @@ class StatefulRunner:
                 continue
             shape = value.shape if isinstance(value, torch.Tensor) else np.shape(value)
             for dim, size in zip(desc.shape, shape):
-                if not (isinstance(dim, str) and dim in dims):
+                linear = linear_dim(dim) if isinstance(dim, str) else None
+                if linear is None or linear[0] not in dims:
                     continue
-                if dim in seen and seen[dim][1] != int(size):
+                root, scale, offset = linear  # a dim, or a multiple of one plus a constant ("2*grid_height")
+                value, rest = divmod(int(size) - offset, scale)
+                if rest or value < 1:
+                    raise InputMismatchError(f"input {desc.name!r} has size {int(size)} where the graph takes {dim}, "
+                                             f"for a whole {root} of 1 or more")
+                if root in seen and seen[root][1] != value:
                     raise InputMismatchError(
-                        f"inputs {seen[dim][0]!r} and {desc.name!r} disagree on the size of {dim!r} "
-                        f"({seen[dim][1]} vs {int(size)})")
-                seen[dim] = (desc.name, int(size))
-                dims[dim] = int(size)
+                        f"inputs {seen[root][0]!r} and {desc.name!r} disagree on the size of {root!r} "
+                        f"({seen[root][1]} vs {value})")
+                seen[root] = (desc.name, value)
+                dims[root] = value
         return dims
 
     def _model_signature(self) -> inspect.Signature | None:

@@ -53,22 +53,20 @@ they change.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
-import operator
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import numpy as np
 
+from ..dims import Dim, eval_dim
 from .errors import InputMismatchError, ModelFileError, SidecarMismatchError
 
 FORMAT = "rfc_compile.export"
 BATCH_DIM = "batch"
 VERSION = 1
 SUFFIX = ".rfc.json"
-T = TypeVar("T")
 
 _NUMPY_DTYPES = {
     "float32": np.float32, "float16": np.float16, "float64": np.float64,
@@ -103,48 +101,8 @@ def ort_type_name(ort_type: str) -> str:
     return _ORT_TYPES.get(ort_type, ort_type)
 
 
-Dim = int | str  # a size, or a dynamic dim's name or an expression in the names (module docstring)
-
-_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
-
-
 def _dims(shape: list) -> tuple[Dim, ...]:
     return tuple(s if isinstance(s, str) else int(s) for s in shape)
-
-
-def fold_dim(dim: str, name: Callable[[str], T], constant: Callable[[int], T],
-             binary: Callable[[type[ast.operator], T, T], T]) -> T:
-    """Walk a symbolic size (names, ints, ``+ - * //``, a leading minus) bottom-up: the one grammar
-    of sidecar sizes, shared by the runner (:func:`eval_dim`) and the Triton model, which builds
-    ONNX nodes for it. ``name`` may raise ``KeyError`` for an unknown name."""
-    def value(node: ast.AST) -> T:
-        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
-            return constant(node.value)
-        if isinstance(node, ast.Name):
-            return name(node.id)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            return binary(type(node.op), value(node.left), value(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return binary(ast.Sub, constant(0), value(node.operand))
-        raise ValueError(f"cannot evaluate size {dim!r}: {type(node).__name__} is not part of a size expression")
-
-    try:
-        return value(ast.parse(dim, mode="eval").body)
-    except SyntaxError:
-        raise ValueError(f"size {dim!r} is not an expression in the dynamic dims") from None
-
-
-def eval_dim(dim: Dim, sizes: dict[str, int]) -> int:
-    """The size of ``dim`` given the dynamic dims' sizes (``"image_tokens + text_tokens"`` -> 19)."""
-    if isinstance(dim, int):
-        return dim
-
-    def name(key: str) -> int:
-        if key not in sizes:
-            raise ValueError(f"cannot evaluate size {dim!r} (dims known: {sorted(sizes)})")
-        return sizes[key]
-
-    return fold_dim(dim, name, lambda n: n, lambda op, a, b: _OPERATORS[op](a, b))
 
 
 def bind_shape(shape: tuple[Dim, ...], sizes: dict[str, int]) -> tuple[int, ...]:

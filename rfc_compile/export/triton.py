@@ -49,7 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError
-from .sidecar import Sidecar, fold_dim
+from ..dims import fold_dim
+from .sidecar import Sidecar
 from .proto import check_model, save_model
 from .skip_state import restore_skip_copies
 

@@ -31,6 +31,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
+from ..dims import linear_dim
 from ..errors import UnsupportedModelError
 from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, folded_batch_input_for, unbatched_inputs_for
 from .traceable import swapped_methods
@@ -61,6 +62,9 @@ class CapturedGraph:
     samples: int | None = None
     #: each dynamic dim's symbol in the graph's sizes -> its torch.export Dim (``dim_spec``)
     dim_symbols: dict[sympy.Symbol, torch.export.Dim] = dataclasses.field(default_factory=dict)
+    #: inputs whose size is a multiple of a named dim plus a constant, and each such dim's example size
+    derived_dims: tuple["DerivedDim", ...] = ()
+    root_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def flatten_inputs(self, kwargs: dict[str, Any]) -> list[Any]:
         flat, spec = pytree.tree_flatten(((), kwargs))
@@ -96,6 +100,43 @@ def batch_dynamic_shapes(kwargs: dict[str, Any], unbatched: tuple[str, ...] = ()
 def named_dim(name: str) -> torch.export.Dim:
     """The torch.export symbol of a named dim (``"batch"`` is ``BATCH``)."""
     return BATCH if name == BATCH.__name__ else torch.export.Dim(name, min=1, max=DIM_MAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class DerivedDim:
+    """An input size given to ``dynamic_dims`` as a named dim, or as a multiple of one plus a constant
+    (``"2*grid_height"``: the latent height of a model that cuts it into 2x2 patches, so that the
+    patch grid, not the height, is the symbol; see CachedStep's ``dims``)."""
+
+    input: str
+    index: int
+    root: str
+    scale: int = 1
+    offset: int = 0
+
+    @property
+    def plain(self) -> bool:
+        return (self.scale, self.offset) == (1, 0)
+
+    def root_size(self, value: torch.Tensor) -> int | None:
+        """The named dim's size where ``value`` is the input, or None if its size is not of this form."""
+        root, rest = divmod(int(value.shape[self.index]) - self.offset, self.scale)
+        return None if rest else root
+
+
+def derived_dim(input_name: str, index: int, name: str) -> DerivedDim:
+    linear = linear_dim(name)
+    if linear is None:
+        raise ValueError(f"dynamic_dims: {input_name!r} dim {index} is {name!r}: give a name, or a multiple of one "
+                         "plus a constant (\"2*grid_height\")")
+    return DerivedDim(input_name, index, *linear)
+
+
+def derived_dims(kwargs: dict[str, Any], dynamic_dims: DynamicDims | None) -> tuple[DerivedDim, ...]:
+    """The ``dynamic_dims`` given as a multiple of a named dim plus a constant (not plain names)."""
+    found = (derived_dim(input_name, index % kwargs[input_name].dim(), name)
+             for input_name, named in (dynamic_dims or {}).items() for index, name in named.items())
+    return tuple(d for d in found if not d.plain)
 
 
 def dim_spec(size: sympy.Expr | int, dims: Mapping[sympy.Symbol, torch.export.Dim]) -> Any:
@@ -144,8 +185,10 @@ def _dim_symbols(gm: fx.GraphModule, kwargs: dict[str, Any],
             continue
         for index, dim in spec.items():
             size = value.shape[index]
-            if type(dim) is type(BATCH) and isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
-                symbols[size.node.expr] = dim  # a named dim (a derived one, 2 * dim, has no symbol of its own)
+            if dim is None or not isinstance(size, torch.SymInt) or len(size.node.expr.free_symbols) != 1:
+                continue
+            (symbol,) = size.node.expr.free_symbols  # a named dim's, or the root's of a derived one (2 * dim)
+            symbols[symbol] = getattr(dim, "root", dim)
     return symbols
 
 
@@ -170,10 +213,17 @@ def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
         for index, name in named.items():
             if not -value.dim() <= index < value.dim():
                 raise ValueError(f"dynamic_dims: {input_name!r} has {value.dim()} dims, no dim {index}")
-            if value.shape[index] < 2:
+            derived = derived_dim(input_name, index % value.dim(), name)
+            root_size = derived.root_size(value)
+            if root_size is None:
+                raise ValueError(f"dynamic_dims: {input_name!r} dim {index} is {value.shape[index]} in the example, "
+                                 f"not {name} for any whole {derived.root}")
+            if root_size < 2:
                 raise ValueError(f"dynamic_dims: {input_name!r} dim {index} ({name!r}) is {value.shape[index]} in the "
-                                 "example; give an example size of 2 or more (torch.export specializes 0 and 1)")
-            spec[index % value.dim()] = dims.setdefault(name, named_dim(name))
+                                 f"example; give an example where {derived.root} is 2 or more (torch.export "
+                                 "specializes 0 and 1)")
+            dim = dims.setdefault(derived.root, named_dim(derived.root))
+            spec[index % value.dim()] = dim if derived.plain else derived.scale * dim + derived.offset
         shapes[input_name] = spec
     return shapes
 
@@ -312,5 +362,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
                 time.perf_counter() - start)
     folded = folded_batch_input_for(type(model).__name__)
     samples = int(kwargs[folded].shape[0]) if folded is not None and kwargs.get(folded) is not None else None
+    derived = derived_dims(kwargs, dynamic_dims)
     return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples,
-                         _dim_symbols(gm, kwargs, dynamic_shapes))
+                         _dim_symbols(gm, kwargs, dynamic_shapes), derived,
+                         {d.root: d.root_size(kwargs[d.input]) for d in derived})

@@ -35,7 +35,7 @@ from .. import rfc
 from ..config import RFCConfig
 from ..errors import UnsupportedModelError
 from ..state import StateEntry, StateSpec
-from .capture import CapturedGraph, dim_spec, distinct_tensor_arguments
+from .capture import CapturedGraph, dim_spec, distinct_tensor_arguments, named_dim
 from .regions import Region, RegionPlan
 
 logger = logging.getLogger(__name__)
@@ -577,7 +577,17 @@ class CachedStep(torch.nn.Module):
 
     # --- the step ----------------------------------------------------------------------
 
-    def forward(self, kwargs: dict[str, Any], state: dict[str, Tensor]) -> tuple[Any, dict[str, Tensor]]:
+    def forward(self, kwargs: dict[str, Any], state: dict[str, Tensor],
+                dims: dict[str, Tensor] | None = None) -> tuple[Any, dict[str, Tensor]]:
+        """``dims``: where the graph is traced with inputs sized ``scale * dim + offset``
+        (CapturedGraph.derived_dims), one tensor per such dim whose length is the dim (any values).
+        torch.export traces such an input's size as a symbol of its own and only relates it to the
+        dim at the end; sized by the dim here, the model's ``height // patch`` is the dim itself, and
+        every size that follows it is a product of dims, which torch.cond merges (with the input's own
+        symbol it is ``Max(1, (h//2)*(w//2))`` in a stride, which torch 2.13's cond rejects)."""
+        for derived in self.captured.derived_dims if dims is not None else ():
+            torch._check(kwargs[derived.input].size(derived.index)
+                         == derived.scale * dims[derived.root].size(0) + derived.offset)
         step, last_full, seen = (state[n] for n in _COUNTERS)
         env = self._bind_inputs(kwargs)
         if self.config.mode == "full" or self.plan is None:
@@ -653,6 +663,11 @@ def _forget_earlier_cond_traces() -> None:
         torch._dynamo.reset_code(code)
 
 
+def dim_carriers(sizes: dict[str, int], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """CachedStep's ``dims``: a tensor of each named dim's length (its values are never read)."""
+    return {root: torch.zeros(size, device=device) for root, size in sizes.items()}
+
+
 def state_dynamic_shape(entry: StateEntry, captured: CapturedGraph) -> dict[int, Any] | None:
     """torch.export ``dynamic_shapes`` entry of a state tensor in a graph with dynamic input dims: each
     size as the capture traced it (capture.dim_spec: a named dim, a derived one, or Dim.AUTO)."""
@@ -676,6 +691,9 @@ def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
     with torch.no_grad():
         # one tensor in two arguments stays two graph inputs here too (capture.distinct_tensor_arguments)
         call = {"kwargs": distinct_tensor_arguments(example_kwargs), "state": state}
+        if captured.derived_dims:  # see CachedStep.forward
+            call["dims"] = dim_carriers(captured.root_sizes, _device_of(example_kwargs))
+            dynamic_shapes["dims"] = {root: {0: named_dim(root)} for root in captured.root_sizes}
         exported = torch.export.export(step, (), call, dynamic_shapes=dynamic_shapes, strict=False)
     gm = exported.module()
     conds = sum(1 for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond)
