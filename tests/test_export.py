@@ -6,6 +6,7 @@ graph is exported once per session and shared between tests.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import inspect
 import json
@@ -939,6 +940,76 @@ def test_dynamic_prompt_length_alone_flux(workdir):
         assert runner.stats.full_steps == eager.stats.full_steps
         assert 2 < runner.stats.nfc < 10
         assert _max_diff(got, expected) < ATOL
+
+
+@pytest.mark.parametrize("name", ["sana", "cogview4", pytest.param("hunyuan_image", marks=pytest.mark.slow),
+                                  pytest.param("auraflow", marks=pytest.mark.slow)])
+def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
+    """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
+    latent height and width as ``patch * grid_height`` / ``patch * grid_width`` (and Sana with a dynamic
+    batch too), run generations at other latent sizes, square or not, equal to the eager cached model
+    with its full steps; the cache follows the grid (``grid_height*grid_width`` tokens). torch.cond failed
+    on such graphs (a stride ``Max(1, (h//2)*(w//2))``): the trace sizes the latents by the grid now
+    (CachedStep's ``dims``, rebuilt inside the ONNX graph: no extra input). A size that is not whole
+    patches is a clear error."""
+    import onnx
+    from conftest import FAMILIES, flow_generation
+
+    from rfc_compile.passes.patterns import resolution_dims_for
+
+    family = FAMILIES[name]
+    config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
+    model = family.build()
+    dims = resolution_dims_for(model)
+    patch = 2 if name != "hunyuan_image" else 1
+    grid = "grid_height" if patch == 1 else f"{patch}*grid_height"
+    assert dims == {"hidden_states": {2: grid, 3: grid.replace("height", "width")}}
+    export = to_onnx(model, workdir / f"{name}_rfc_resolution.onnx", family.example(), config,
+                     dynamic_batch=name == "sana", dynamic_dims=dims)
+    shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
+    assert shapes["hidden_states"][2:] == (grid, grid.replace("height", "width"))
+    assert any("grid_height*grid_width" in str(shape) for shape in shapes.values())  # a ladder over the grid
+    graph_inputs = [i.name for i in onnx.load(str(export.onnx_path), load_external_data=False).graph.input]
+    assert not [i for i in graph_inputs if i.startswith("dims.")]
+    runner = OnnxCachedModel(export.onnx_path)
+    channels, height, width = family.latent_shape
+    # other grids, not square (AuraFlow's position table, 4 x 4 patches in its tiny config, bounds its grid)
+    larger = [(height // patch + 2, width // patch - 1, 2)] if name != "auraflow" else []
+    for grid_h, grid_w, batch in [(height // patch, width // patch, 2), *larger,
+                                  (height // patch - 1, width // patch - 2, 3 if name == "sana" else 2)]:
+        sized = dataclasses.replace(family, latent_shape=(channels, grid_h * patch, grid_w * patch))
+        eager = rfc_compile.optimize(family.build(), config)
+        _, expected = flow_generation(eager, sized, steps=10, batch=batch)
+        _, got = flow_generation(runner, sized, steps=10, batch=batch)
+        assert runner.dims == {"grid_height": grid_h, "grid_width": grid_w, **({"batch": batch} if name == "sana" else {})}
+        assert runner.stats.full_steps == eager.stats.full_steps
+        assert 2 < runner.stats.nfc < 10
+        assert _max_diff(got, expected) < ATOL
+    if patch > 1:
+        odd = family.example()
+        odd["hidden_states"] = torch.randn(2, channels, height + 1, width)
+        with pytest.raises(InputMismatchError, match="whole grid_height"):
+            runner(**odd)
+
+
+def test_resolution_dims_errors_are_clear():
+    """dynamic_dims sizes: a name or a multiple of one plus a constant; the example must fit it."""
+    from rfc_compile.dims import linear_dim
+    from rfc_compile.passes.capture import input_dynamic_shapes
+
+    assert linear_dim("grid_height") == ("grid_height", 1, 0)
+    assert linear_dim("2*grid_height") == ("grid_height", 2, 0) and linear_dim("2*(g + 1)") == ("g", 2, 2)
+    assert linear_dim("a + b") is None and linear_dim("a*b") is None and linear_dim("h//2") is None
+    assert linear_dim("3") is None and linear_dim("g - g") is None
+    kwargs = dit_inputs()  # hidden_states (2, 4, 8, 8)
+    shapes = input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "2*grid_height"}})
+    assert shapes["hidden_states"][2].__name__ == "2*grid_height"
+    with pytest.raises(ValueError, match="not 3\\*grid_height for any whole grid_height"):
+        input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "3*grid_height"}})
+    with pytest.raises(ValueError, match="a multiple of one plus a constant"):
+        input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "h*w"}})
+    with pytest.raises(ValueError, match="grid_height is 2 or more"):
+        input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "8*grid_height"}})
 
 
 def test_dim_spec_gives_named_derived_or_auto_dims():

@@ -3,6 +3,7 @@
     rfc-compile export tiny-dit -o out/dit.onnx --mode rfc --threshold 0.8
     rfc-compile export path/to/transformer -o out/pixart.onnx --batch 2 --height 64 --width 64
     rfc-compile export path/to/wan-transformer -o out/wan.onnx --frames 21 --height 60 --width 104 --text-len 512
+    rfc-compile export path/to/sana -o out/sana.onnx --dynamic-batch --dynamic-resolution --engine-dim grid_height=16:32:64
     rfc-compile export path/to/flux -o out/flux.onnx --dtype float16 --dynamic-batch --dynamic-tokens \
         --engine-dim batch=1:2:4 --engine-dim image_tokens=1024:4096:4096 --engine-dim text_tokens=1:512:512
 """
@@ -14,7 +15,8 @@ import logging
 from pathlib import Path
 
 from ..config import MODES, RFCConfig
-from ..passes.patterns import TOKEN_DIMS, token_dims_for
+from ..dims import linear_dim
+from ..passes.patterns import RESOLUTION_DIMS, TOKEN_DIMS, merge_dynamic_dims, resolution_dims_for, token_dims_for
 
 DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names
 
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shapes.add_argument("--dynamic-tokens", action="store_true",
                         help="one graph for any image/text token count, where the model allows it "
                              "(passes/patterns.py TOKEN_DIMS)")
+    shapes.add_argument("--dynamic-resolution", action="store_true",
+                        help="one graph for any latent height and width (whole patches), where the model allows "
+                             "it (passes/patterns.py RESOLUTION_DIMS)")
     out = parser.add_argument_group("outputs")
     out.add_argument("--opset", type=int, default=None)
     out.add_argument("--no-check", action="store_true", help="skip loading the result in onnxruntime")
@@ -86,20 +91,27 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"rfc-compile export: error: {exc}")
         return 2
-    dynamic_dims = None
+    token_dims = resolution_dims = None
     if args.dynamic_tokens:
-        dynamic_dims = token_dims_for(type(model).__name__)
-        if dynamic_dims is None:
+        token_dims = token_dims_for(type(model).__name__)
+        if token_dims is None:
             print(f"rfc-compile export: error: --dynamic-tokens: {type(model).__name__}'s token count is static in "
                   f"an export (known dynamic: {sorted(TOKEN_DIMS)})")
             return 2
+    if args.dynamic_resolution:
+        resolution_dims = resolution_dims_for(model)
+        if resolution_dims is None:
+            print(f"rfc-compile export: error: --dynamic-resolution: {type(model).__name__}'s latent resolution is "
+                  f"static in an export (known dynamic: {sorted(RESOLUTION_DIMS)}; FLUX-like models: --dynamic-tokens)")
+            return 2
+    dynamic_dims = merge_dynamic_dims(token_dims, resolution_dims)
     dynamic = args.dynamic_batch or dynamic_dims is not None
     engine_dims = dict(args.engine_dim)
     named = {BATCH_DIM} if args.dynamic_batch else set()
-    named |= {name for by_index in (dynamic_dims or {}).values() for name in by_index.values()}
+    named |= {linear_dim(name)[0] for by_index in (dynamic_dims or {}).values() for name in by_index.values()}
     if set(engine_dims) - named:  # before the export, which takes a while
         print(f"rfc-compile export: error: --engine-dim {sorted(set(engine_dims) - named)}: not a dynamic dim of this "
-              f"export (dynamic: {sorted(named) or 'none; see --dynamic-batch / --dynamic-tokens'})")
+              f"export (dynamic: {sorted(named) or 'none; see --dynamic-batch / --dynamic-tokens / --dynamic-resolution'})")
         return 2
     output = Path(args.output)
     triton = False if args.no_triton else (args.triton or True)

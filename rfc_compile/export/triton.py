@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError
-from ..dims import fold_dim
+from ..dims import fold_dim, linear_dim
 from .sidecar import Sidecar
 from .proto import check_model, save_model
 from .skip_state import restore_skip_copies
@@ -177,11 +177,12 @@ class _DimSizes:
 
     def __init__(self, sidecar: Sidecar, nodes: list, inits: list):
         self.nodes, self.inits, self.cache = nodes, inits, {}
-        self.where = {}  # dim name -> (input name, axis) that shows it
+        self.where = {}  # dim name -> (input name, axis, scale, offset): that axis is scale * dim + offset
         for desc in sidecar.inputs:
             for axis, dim in enumerate(desc.shape):
-                if isinstance(dim, str):
-                    self.where.setdefault(dim, (desc.name, axis))
+                linear = linear_dim(dim) if isinstance(dim, str) else None
+                if linear is not None:
+                    self.where.setdefault(linear[0], (desc.name, axis, *linear[1:]))
 
     def shape(self, shape) -> str:
         """Name of an int64 (rank,) tensor holding ``shape`` at this request's sizes."""
@@ -214,8 +215,12 @@ class _DimSizes:
 
         if dim not in self.where:
             raise ValueError(f"no model input shows the dim {dim!r}")
-        return self._node(("name", dim), lambda out: helper.make_node(
-            "Shape", [self.where[dim][0]], [out], start=self.where[dim][1], end=self.where[dim][1] + 1))
+        source, axis, scale, offset = self.where[dim]
+        size = self._node(("shape", source, axis), lambda out: helper.make_node(
+            "Shape", [source], [out], start=axis, end=axis + 1))
+        if offset:
+            size = self._binary(ast.Sub, size, self._constant(offset))
+        return self._binary(ast.FloorDiv, size, self._constant(scale)) if scale != 1 else size
 
     def _binary(self, op: type[ast.operator], left: str, right: str) -> str:
         from onnx import helper

@@ -275,6 +275,43 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
     return TOKEN_DIMS.get(class_name)
 
 
+#: Latent grids that may change between calls of one exported graph, per model class: the input
+#: holding the latents as an image, its height and width axes, and the config entry with the patch
+#: size (an int, or a tuple ending in the height and width patches). The sizes are given to
+#: torch.export as ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and
+#: the model's ``height // patch`` is exact. Others fix the resolution in their code (DiT's and PixArt's
+#: position table is compared with the configured sample size; SD3's and CogView3-Plus's cropped
+#: table, Wan's and HunyuanVideo's rotary tables bound or fix it): export those once per resolution.
+RESOLUTION_DIMS: dict[str, tuple[str, tuple[int, int], str]] = {
+    "SanaTransformer2DModel": ("hidden_states", (2, 3), "patch_size"),
+    "CogView4Transformer2DModel": ("hidden_states", (2, 3), "patch_size"),
+    "HunyuanImageTransformer2DModel": ("hidden_states", (2, 3), "patch_size"),
+    "AuraFlowTransformer2DModel": ("hidden_states", (2, 3), "patch_size"),
+}
+
+
+def resolution_dims_for(model: Any) -> dict[str, dict[int, str]] | None:
+    """``dynamic_dims`` for a model whose latent resolution may be dynamic (RESOLUTION_DIMS), else None:
+    ``{"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}}`` for 2x2 patches."""
+    entry = RESOLUTION_DIMS.get(type(model).__name__)
+    if entry is None:
+        return None
+    name, axes, patch_key = entry
+    patch = getattr(model.config, patch_key)
+    patches = tuple(patch[-2:]) if isinstance(patch, (tuple, list)) else (patch, patch)
+    return {name: {axis: f"{p}*grid_{side}" if p != 1 else f"grid_{side}"
+                   for axis, p, side in zip(axes, patches, ("height", "width"))}}
+
+
+def merge_dynamic_dims(*dims: dict[str, dict[int, str]] | None) -> dict[str, dict[int, str]] | None:
+    """One ``dynamic_dims`` from several (token and resolution dims of one model), None if all are."""
+    merged: dict[str, dict[int, str]] = {}
+    for each in dims:
+        for name, by_index in (each or {}).items():
+            merged.setdefault(name, {}).update(by_index)
+    return merged or None
+
+
 #: Tensor inputs with no batch dim, per model class: ``dynamic_batch``'s rule (a tensor whose
 #: first dim equals the batch is batched) would otherwise take FLUX's position ids for batched
 #: whenever the token count equals the batch (e.g. a 2-token prompt at batch 2).
