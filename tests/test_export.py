@@ -992,6 +992,35 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
             runner(**odd)
 
 
+@pytest.mark.parametrize("name", ["mochi", pytest.param("hunyuan_video", marks=pytest.mark.slow)])
+def test_dynamic_frames_serve_other_video_lengths(workdir, name):
+    """Mochi and HunyuanVideo (TOKEN_DIMS: the latent frame count) exported once at 2 frames run
+    generations of 3 and 4 frames equal to the eager cached model. With torch.cond's own tracing this
+    failed: its wrapper gave every operand fresh sizes, and a ladder of frames x 16 tokens could not be
+    matched to its state (the cond operator is called directly now, rewrite.py)."""
+    from conftest import FAMILIES, flow_generation
+
+    from rfc_compile.passes.patterns import TOKEN_DIMS
+
+    channels, _, height, width = FAMILIES[name].latent_shape
+    family = dataclasses.replace(FAMILIES[name], latent_shape=(channels, 2, height, width))
+    config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
+    model = family.build()
+    export = to_onnx(model, workdir / f"{name}_rfc_frames.onnx", family.example(), config,
+                     dynamic_dims=TOKEN_DIMS[type(model).__name__])
+    assert export.sidecar.raw["dynamic_axes"]["frames"]["example"] == 2
+    runner = OnnxCachedModel(export.onnx_path)
+    for frames in (3, 4):
+        sized = dataclasses.replace(family, latent_shape=(channels, frames, height, width))
+        eager = rfc_compile.optimize(family.build(), config)
+        _, expected = flow_generation(eager, sized, steps=10, batch=2)
+        _, got = flow_generation(runner, sized, steps=10, batch=2)
+        assert runner.dims == {"frames": frames}
+        assert runner.stats.full_steps == eager.stats.full_steps
+        assert 2 < runner.stats.nfc < 10
+        assert _max_diff(got, expected) < ATOL
+
+
 def test_resolution_dims_errors_are_clear():
     """dynamic_dims sizes: a name or a multiple of one plus a constant; the example must fit it."""
     from rfc_compile.dims import linear_dim

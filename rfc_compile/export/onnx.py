@@ -17,13 +17,16 @@ Shapes are the example inputs' (batch, resolution, text length), except for dyna
 with ``dynamic_batch=True`` capture and rewrite trace with a symbolic batch (capture.py's
 ``BATCH``; every batched input, the output and every state tensor but the counters have it as
 dim 0, named ``"batch"`` in the graph and the sidecar), and ``dynamic_dims`` names more (FLUX's
-image and text token counts, ``patterns.TOKEN_DIMS``). The state's sizes are traced with
-``Dim.AUTO``, so torch.export itself finds how each follows the named dims (a ladder's token
-count; a FLUX single block's image + text tokens), and the sidecar records those expressions;
-the runner sizes the cache for each call. A model whose code fixes a size asked to be dynamic
-(DiT's patch embedding compares the latent's height and width with its configured sample size)
-gets a clear error at capture and keeps a static resolution: export once per serving
-resolution (the runners raise a clear error for any other shape).
+image and text token counts, ``patterns.TOKEN_DIMS``; a video's latent frames), or makes an input
+size a multiple of a named dim (``"2*grid_height"``: the latent height of a model with 2x2 patches,
+``patterns.RESOLUTION_DIMS``; the step is traced with the grid as the symbol, CachedStep's ``dims``,
+and the ``dims.<name>`` inputs that carry it are rebuilt inside the graph, fix-up
+``dims_from_inputs``). The state's sizes are traced as torch.export finds they follow the named dims
+(a ladder's token count; a FLUX single block's image + text tokens; Sana's grid_height*grid_width),
+and the sidecar records those expressions; the runner sizes the cache for each call. A model whose
+code fixes a size asked to be dynamic (DiT's patch embedding compares the latent's height and width
+with its configured sample size) gets a clear error at capture and keeps a static resolution:
+export once per serving resolution (the runners raise a clear error for any other shape).
 
 ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
 * ``squeeze_axes``: ``Squeeze`` nodes whose axes input names a dimension that is not 1 in the

@@ -12,7 +12,9 @@ batch). The exporters use it for graphs that serve any batch size.
 
 ``dynamic_dims`` names further dims of top-level tensor inputs, e.g. FLUX's token counts
 (``{"hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"}, ...}``; patterns.py's
-``TOKEN_DIMS`` holds them per model class): one name is one symbol wherever it appears.
+``TOKEN_DIMS`` holds them per model class): one name is one symbol wherever it appears. A size may
+be a multiple of a named dim plus a constant (``{"hidden_states": {2: "2*grid_height"}}``,
+``DerivedDim``; patterns.py's ``RESOLUTION_DIMS``): torch.export's derived dims.
 """
 
 from __future__ import annotations

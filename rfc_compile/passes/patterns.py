@@ -242,11 +242,9 @@ def model_timestep_rises(model: Any) -> bool:
 #: Token counts that may change between calls of one exported graph (``to_onnx``'s
 #: ``dynamic_dims``), per model class: ``{input: {dim index: dim name}}``. Only sizes the model
 #: computes with as sizes: FLUX and FLUX.2 take packed latents ``(B, image tokens, C)`` with their
-#: position ids, and text states with theirs; SD3 and PixArt take any prompt length (PixArt with its mask).
-#: Models that take the latents as an image and cut it into patches keep a static resolution per
-#: export: their code divides the height by the patch size, which needs the patch grid as the
-#: symbol, and torch 2.13's torch.cond cannot merge branch outputs whose sizes carry that division
-#: (pytorch/pytorch#188151; README).
+#: position ids, and text states with theirs; SD3 and PixArt take any prompt length (PixArt with its mask);
+#: Mochi and HunyuanVideo any latent frame count. Models that take the latents as an image and cut it
+#: into patches: their resolution in RESOLUTION_DIMS, where their code allows it.
 _FLUX_TOKENS = {
     "hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"},
     "encoder_hidden_states": {1: "text_tokens"}, "txt_ids": {0: "text_tokens"},
@@ -268,6 +266,9 @@ TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
     # caches one ff over text + image tokens, ``text_tokens + <image tokens>`` (capture.dim_spec)
     "CogView4Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
     "CogView3PlusTransformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
+    # video DiTs whose code takes any latent frame count (one patch per frame): the video's length
+    "MochiTransformer3DModel": {"hidden_states": {2: "frames"}},
+    "HunyuanVideoTransformer3DModel": {"hidden_states": {2: "frames"}},
 }
 
 
