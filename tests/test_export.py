@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.machinery
+import importlib.util
 import inspect
 import json
 import logging
@@ -990,6 +991,33 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
         odd["hidden_states"] = torch.randn(2, channels, height + 1, width)
         with pytest.raises(InputMismatchError, match="whole grid_height"):
             runner(**odd)
+    if name == "sana" and importlib.util.find_spec("tritonclient") is not None:
+        _check_triton_sequence(export, dataclasses.replace(family, latent_shape=(channels, height + 4, width - 2)))
+
+
+def _check_triton_sequence(export, family) -> None:
+    """The Triton model of ``export`` played like Triton does (state_out -> state, the first request's
+    state at the export's example shape, garbage) over one generation of ``family``: the ONNX
+    runner's outputs and full steps (its state sizes computed from the request's input shapes)."""
+    from rfc_compile.export import validate_triton_config
+    from rfc_compile.export.triton import write_triton_repository
+
+    model_dir = write_triton_repository(export.onnx_path, export.onnx_path.parent / "triton_check")
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    dtypes = {i.name: np.int64 if "int64" in i.type else np.float32 for i in session.get_inputs()}
+    state = {s.input_name: np.full(list(s.initial_state[0].dims), 7, dtype=dtypes[s.input_name])
+             for s in validate_triton_config(model_dir / "config.pbtxt").sequence_batching.state}
+    runner = OnnxCachedModel(export.onnx_path)
+    gen = torch.Generator().manual_seed(1)
+    x, cond, last_full = torch.randn(2, *family.latent_shape, generator=gen), family.conditions(2, gen), []
+    for n, sigma in enumerate(torch.linspace(1.0, 0.1, 10)):
+        kwargs = dict(family.call_inputs(x, family.timestep(sigma).expand(2)), **cond)
+        result, state = _triton_request(session, kwargs, state, start=n == 0)
+        expected = runner(**kwargs, return_dict=False)[0]
+        np.testing.assert_allclose(result["sample"], expected.numpy(), atol=1e-5)
+        last_full.append(int(result["state_out.last_full"][0]))
+        x = x - 0.1 * expected
+    assert [n for n, lf in enumerate(last_full) if lf == n] == runner.stats.full_steps
 
 
 @pytest.mark.parametrize("name", ["mochi", pytest.param("hunyuan_video", marks=pytest.mark.slow)])

@@ -401,10 +401,11 @@ def test_dynamic_batch_capture_finds_the_same_regions(family):
 
 
 def test_rewrite_is_independent_of_earlier_rewrites():
-    """Each rewrite drops the dynamo cache of the wrapper torch.cond compiles (rewrite.py): its
-    entries outlived each rewrite, and checking an earlier (static, batch 3) entry's guards against
-    a dynamic-batch trace added ``batch != 3`` to it, so exporting SkyReels-V2 with a dynamic batch
-    failed ("Constraints violated (batch)") after a Wan model had run at batch 3."""
+    """A rewrite does not see an earlier one: when torch.cond traced its branches through dynamo, the
+    cache entries of its wrapper outlived each rewrite, and checking an earlier (static, batch 3)
+    entry's guards against a dynamic-batch trace added ``batch != 3`` to it, so exporting SkyReels-V2
+    with a dynamic batch failed ("Constraints violated (batch)") after a Wan model had run at batch 3.
+    (The cond operator is called directly now, rewrite.py; no dynamo cache is involved.)"""
     from rfc_compile.export.graph import build_functional
 
     config = RFCConfig(mode="rfc", threshold=0.2)

@@ -12,18 +12,18 @@ every region sits behind ONE ``torch.cond(pred, recompute, predict, operands)`` 
 
 :class:`CachedStep` does this by interpreting the captured graph's nodes; ``rewrite()``
 traces it once more with torch.export, so the result is a flat GraphModule holding a
-single ``torch.ops.higher_order.cond`` (what the backends compile or export).
+single ``torch.ops.higher_order.cond`` (what the backends compile or export). CachedStep
+calls that operator itself, with the span's weights as operands, rather than ``torch.cond``:
+torch.cond traces its branches through dynamo, which gives every operand sizes of its own, so a
+cache sized by a dynamic dim (a video's frame count, a latent grid) no longer matched the sizes
+the branch computed; the operator traces them in the step's own shape environment.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import operator
-import sys
 import time
-import types
 from typing import Any
 
 import sympy
@@ -642,27 +642,6 @@ class CachedStep(torch.nn.Module):
         return self._finish(env), {name: new_state[name] for name in self.state_spec.names()}
 
 
-@functools.cache
-def _cond_wrapper_code() -> types.CodeType | None:
-    """The code of the function torch.cond compiles with dynamo (``_cond_op_wrapper``, nested in
-    ``torch._higher_order_ops.cond.cond``), or None if this torch has no such function."""
-    cond = inspect.unwrap(sys.modules["torch._higher_order_ops.cond"].cond)
-    return next((c for c in cond.__code__.co_consts if inspect.iscode(c) and c.co_name == "_cond_op_wrapper"), None)
-
-
-def _forget_earlier_cond_traces() -> None:
-    """Drop dynamo's cache entries for torch.cond's wrapper before a trace.
-
-    Each torch.cond call under export compiles that wrapper, with no cache limit, and its entries
-    outlive the trace. Checking an earlier entry's guards (another model's sizes, e.g. batch 3)
-    against this trace's symbolic batch adds those comparisons (``batch != 3``) to this trace:
-    torch.export then fails with "Constraints violated (batch)" (SkyReels-V2 exported with a dynamic
-    batch after a Wan model had run at batch 3). Only that one function's cache is dropped."""
-    code = _cond_wrapper_code()
-    if code is not None:
-        torch._dynamo.reset_code(code)
-
-
 def dim_carriers(sizes: dict[str, int], device: torch.device | str = "cpu") -> dict[str, Tensor]:
     """CachedStep's ``dims``: a tensor of each named dim's length (its values are never read)."""
     return {root: torch.zeros(size, device=device) for root, size in sizes.items()}
@@ -680,7 +659,6 @@ def state_dynamic_shape(entry: StateEntry, captured: CapturedGraph) -> dict[int,
 def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
             example_kwargs: dict[str, Any]) -> tuple[fx.GraphModule, CachedStep]:
     """Trace :class:`CachedStep` into one flat GraphModule ``(kwargs, state) -> (out, state')``."""
-    _forget_earlier_cond_traces()
     step = CachedStep(captured, plan, config)
     state = step.state_spec.init(_device_of(example_kwargs))
     dynamic_shapes = None
