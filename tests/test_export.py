@@ -943,7 +943,7 @@ def test_dynamic_prompt_length_alone_flux(workdir):
         assert _max_diff(got, expected) < ATOL
 
 
-@pytest.mark.parametrize("name", ["sana", "cogview4", pytest.param("hunyuan_image", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", ["sana", "cogview4", "wan", pytest.param("hunyuan_image", marks=pytest.mark.slow),
                                   pytest.param("auraflow", marks=pytest.mark.slow)])
 def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
@@ -961,24 +961,27 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     family = FAMILIES[name]
     config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
     model = family.build()
-    dims = resolution_dims_for(model)
+    dims, ranges = resolution_dims_for(model)
     patch = 2 if name != "hunyuan_image" else 1
     grid = "grid_height" if patch == 1 else f"{patch}*grid_height"
-    assert dims == {"hidden_states": {2: grid, 3: grid.replace("height", "width")}}
+    axes = (3, 4) if name == "wan" else (2, 3)  # Wan: (B, C, frames, height, width)
+    assert dims == {"hidden_states": dict(zip(axes, (grid, grid.replace("height", "width"))))}
+    assert ranges == ({"grid_height": (1, 32), "grid_width": (1, 32)} if name == "wan" else {})  # its rotary table
     export = to_onnx(model, workdir / f"{name}_rfc_resolution.onnx", family.example(), config,
-                     dynamic_batch=name == "sana", dynamic_dims=dims)
+                     dynamic_batch=name == "sana", dynamic_dims=dims, dim_ranges=ranges)
     shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
-    assert shapes["hidden_states"][2:] == (grid, grid.replace("height", "width"))
+    assert shapes["hidden_states"][-2:] == (grid, grid.replace("height", "width"))
+    assert export.sidecar.dim_ranges["grid_height"] == ranges.get("grid_height", (1, 65536))
     assert any("grid_height*grid_width" in str(shape) for shape in shapes.values())  # a ladder over the grid
     graph_inputs = [i.name for i in onnx.load(str(export.onnx_path), load_external_data=False).graph.input]
     assert not [i for i in graph_inputs if i.startswith("dims.")]
     runner = OnnxCachedModel(export.onnx_path)
-    channels, height, width = family.latent_shape
+    *lead, height, width = family.latent_shape
     # other grids, not square (AuraFlow's position table, 4 x 4 patches in its tiny config, bounds its grid)
     larger = [(height // patch + 2, width // patch - 1, 2)] if name != "auraflow" else []
     for grid_h, grid_w, batch in [(height // patch, width // patch, 2), *larger,
-                                  (height // patch - 1, width // patch - 2, 3 if name == "sana" else 2)]:
-        sized = dataclasses.replace(family, latent_shape=(channels, grid_h * patch, grid_w * patch))
+                                  (max(height // patch - 1, 1), max(width // patch - 2, 1), 3 if name == "sana" else 2)]:
+        sized = dataclasses.replace(family, latent_shape=(*lead, grid_h * patch, grid_w * patch))
         eager = rfc_compile.optimize(family.build(), config)
         _, expected = flow_generation(eager, sized, steps=10, batch=batch)
         _, got = flow_generation(runner, sized, steps=10, batch=batch)
@@ -988,11 +991,16 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
         assert _max_diff(got, expected) < ATOL
     if patch > 1:
         odd = family.example()
-        odd["hidden_states"] = torch.randn(2, channels, height + 1, width)
+        odd["hidden_states"] = torch.randn(2, *lead, height + 1, width)
         with pytest.raises(InputMismatchError, match="whole grid_height"):
             runner(**odd)
+    if name == "wan":  # beyond its rotary table: refused by the runner, as the sidecar records the bound
+        big = family.example()
+        big["hidden_states"] = torch.randn(2, *lead, 66, width)
+        with pytest.raises(InputMismatchError, match="grid_height"):
+            runner(**big)
     if name == "sana" and importlib.util.find_spec("tritonclient") is not None:
-        _check_triton_sequence(export, dataclasses.replace(family, latent_shape=(channels, height + 4, width - 2)))
+        _check_triton_sequence(export, dataclasses.replace(family, latent_shape=(*lead, height + 4, width - 2)))
 
 
 def _check_triton_sequence(export, family) -> None:

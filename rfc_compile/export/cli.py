@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         print(f"rfc-compile export: error: {exc}")
         return 2
-    token_dims = resolution_dims = None
+    token_dims = resolution_dims = dim_ranges = None
     if args.dynamic_tokens:
         token_dims = token_dims_for(type(model).__name__)
         if token_dims is None:
@@ -99,11 +99,12 @@ def run(args: argparse.Namespace) -> int:
                   f"an export (known dynamic: {sorted(TOKEN_DIMS)})")
             return 2
     if args.dynamic_resolution:
-        resolution_dims = resolution_dims_for(model)
-        if resolution_dims is None:
+        resolution = resolution_dims_for(model)
+        if resolution is None:
             print(f"rfc-compile export: error: --dynamic-resolution: {type(model).__name__}'s latent resolution is "
                   f"static in an export (known dynamic: {sorted(RESOLUTION_DIMS)}; FLUX-like models: --dynamic-tokens)")
             return 2
+        resolution_dims, dim_ranges = resolution
     dynamic_dims = merge_dynamic_dims(token_dims, resolution_dims)
     dynamic = args.dynamic_batch or dynamic_dims is not None
     engine_dims = dict(args.engine_dim)
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = to_onnx(model, output, inputs, config, opset=args.opset, check=not args.no_check, triton=triton,
                          triton_model_name=args.triton_name, dynamic_batch=args.dynamic_batch,
-                         dynamic_dims=dynamic_dims)
+                         dynamic_dims=dynamic_dims, dim_ranges=dim_ranges)
     except ValueError as exc:  # what the user can change: example sizes, dims the model fixes (UnsupportedModelError)
         if args.verbose:
             raise

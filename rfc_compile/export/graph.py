@@ -45,7 +45,8 @@ from ..config import RFCConfig
 from ..dims import linear_dim
 from ..passes import capture, find_regions, rewrite
 from ..passes.rewrite import dim_carriers
-from ..passes.capture import CapturedGraph, DerivedDim, DynamicDims, dim_spec, distinct_tensor_arguments, named_dim
+from ..passes.capture import (CapturedGraph, DerivedDim, DimRanges, DynamicDims, dim_spec, distinct_tensor_arguments,
+                              named_dim)
 from ..state import StateSpec
 from .complex_as_real import complex_as_real
 from .errors import ExportError
@@ -238,6 +239,7 @@ class FunctionalProgram:
     #: which to_onnx rebuilds inside the graph from the inputs they size (``derived_dims``)
     carried_dims: list[str] = dataclasses.field(default_factory=list)
     derived_dims: tuple[DerivedDim, ...] = ()
+    dim_ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # capture's (min, max)
 
     def dynamic_shapes(self) -> dict[str, Any] | None:
         """torch.export ``dynamic_shapes`` for ``module``'s positional args, or None (static): a named
@@ -246,7 +248,7 @@ class FunctionalProgram:
         if not self.dynamic_axes:
             return None
         symbols = {name: sympy.Symbol(name, integer=True, positive=True) for name in self.dynamic_axes}
-        dims = {symbol: named_dim(name) for name, symbol in symbols.items()}
+        dims = {symbol: named_dim(name, self.dim_ranges) for name, symbol in symbols.items()}
         shapes = [info.shape for info in self.inputs] + self.state_shapes + [(name,) for name in self.carried_dims]
         return {"args": tuple(
             {i: dim_spec(parse_expr(d, local_dict=symbols), dims) for i, d in enumerate(shape)
@@ -282,7 +284,8 @@ def output_tree(output: Any) -> tuple[list[Tensor], list | int]:
 
 
 def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], config: RFCConfig,
-                     dynamic_batch: bool = False, dynamic_dims: DynamicDims | None = None) -> FunctionalProgram:
+                     dynamic_batch: bool = False, dynamic_dims: DynamicDims | None = None,
+                     dim_ranges: DimRanges | None = None) -> FunctionalProgram:
     """capture -> find_regions -> rewrite (as CachedModel does), then wrap for export.
 
     ``dynamic_batch``: the batch size is a symbol in the graph (capture.py's rule says which
@@ -292,7 +295,7 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     was_training = model.training
     model.eval()
     try:
-        captured = capture(model, call, dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
+        captured = capture(model, call, dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims, dim_ranges=dim_ranges)
     finally:
         model.train(was_training)
     plan = find_regions(captured.graph_module)  # also for "full": only models we understand
@@ -353,6 +356,7 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
         state_shapes=state_shapes,
         carried_dims=list(carried),
         derived_dims=captured.derived_dims,
+        dim_ranges=captured.dim_ranges,
     )
 
 

@@ -71,7 +71,7 @@ from typing import Any
 import torch
 
 from ..config import RFCConfig
-from ..passes.capture import BATCH_MAX, DIM_MAX, DynamicDims
+from ..passes.capture import BATCH_MAX, DIM_MAX, DimRanges, DynamicDims
 from ..passes.patterns import model_timestep_rises
 from .bool_where import bool_where_as_logic
 from .cse import branch_cse
@@ -259,7 +259,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
             config: RFCConfig | None = None, *, opset: int | None = None, check: bool = True,
             triton: bool | str | os.PathLike = False, triton_model_name: str | None = None,
             empty_on_skip: bool = True, dynamic_batch: bool = False,
-            dynamic_dims: DynamicDims | None = None) -> OnnxExport:
+            dynamic_dims: DynamicDims | None = None, dim_ranges: DimRanges | None = None) -> OnnxExport:
     """Export ``model`` with RFC traced in as an ONNX graph with explicit state I/O.
 
     Args:
@@ -285,9 +285,14 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         dynamic_dims: more dynamic dims, by name: ``{input: {dim index: name}}``, one name per
             size that varies together (e.g. FLUX's token counts, ``patterns.TOKEN_DIMS``; example
             sizes of 2 or more, distinct from each other). The cache's sizes follow them as the
-            model computes them (a FLUX single block's: image + text tokens). The Triton model's
-            state is variable-size then (triton.py); a TensorRT engine serves the ranges given to
-            ``build_engine(dims=...)`` (tensorrt.py).
+            model computes them (a FLUX single block's: image + text tokens). A size may be a
+            multiple of a named dim plus a constant (``"2*grid_height"``, ``patterns.RESOLUTION_DIMS``:
+            the latent grid of a model with 2x2 patches). The Triton model's state is variable-size
+            then (triton.py); a TensorRT engine serves the ranges given to ``build_engine(dims=...)``
+            (tensorrt.py).
+        dim_ranges: a named dim's ``(min, max)`` where the model bounds it (default 1 .. 65536;
+            Wan's rotary table bounds its latent grid, ``patterns.resolution_dims_for``); recorded in
+            the sidecar, and the runners refuse sizes outside.
     """
     import onnx
 
@@ -304,7 +309,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
         program = build_functional(model, example_inputs, config, dynamic_batch=dynamic_batch,
-                                   dynamic_dims=dynamic_dims)
+                                   dynamic_dims=dynamic_dims, dim_ranges=dim_ranges)
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping ..." x4
@@ -386,7 +391,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "cached_regions": program.regions if config.mode != "full" else [],
         "if_nodes": n_if,
         "kept_on_skip": kept_on_skip,
-        "dynamic_axes": {name: {"example": size, "min": 1, "max": BATCH_MAX if name == BATCH_DIM else DIM_MAX}
+        "dynamic_axes": {name: dict(zip(("example", "min", "max"), (size, *_dim_range(name, program.dim_ranges))))
                          for name, size in program.dynamic_axes.items()},
         "opset": next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None),
         "fixups": fixups,
@@ -412,6 +417,11 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     logger.info("exported %s to %s in %.1fs (%d state tensors, %d If node(s))", type(model).__name__, path,
                 result.seconds, len(state_names), n_if)
     return result
+
+
+def _dim_range(name: str, ranges: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """A dynamic dim's (min, max) as torch.export was given it (capture.named_dim)."""
+    return (1, BATCH_MAX) if name == BATCH_DIM else ranges.get(name, (1, DIM_MAX))
 
 
 def _version() -> str:

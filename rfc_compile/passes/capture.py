@@ -48,6 +48,7 @@ BATCH = torch.export.Dim("batch", min=1, max=BATCH_MAX)
 DIM_MAX = 65536
 
 DynamicDims = Mapping[str, Mapping[int, str]]  # input name -> {dim index: dim name}
+DimRanges = Mapping[str, tuple[int, int]]  # dim name -> (min, max) it may take (default 1 .. DIM_MAX)
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ class CapturedGraph:
     #: inputs whose size is a multiple of a named dim plus a constant, and each such dim's example size
     derived_dims: tuple["DerivedDim", ...] = ()
     root_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    dim_ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # as capture was given them
 
     def flatten_inputs(self, kwargs: dict[str, Any]) -> list[Any]:
         flat, spec = pytree.tree_flatten(((), kwargs))
@@ -99,9 +101,13 @@ def batch_dynamic_shapes(kwargs: dict[str, Any], unbatched: tuple[str, ...] = ()
             for name, spec in shapes.items()}
 
 
-def named_dim(name: str) -> torch.export.Dim:
-    """The torch.export symbol of a named dim (``"batch"`` is ``BATCH``)."""
-    return BATCH if name == BATCH.__name__ else torch.export.Dim(name, min=1, max=DIM_MAX)
+def named_dim(name: str, ranges: DimRanges | None = None) -> torch.export.Dim:
+    """The torch.export symbol of a named dim (``"batch"`` is ``BATCH``), over its range in ``ranges``
+    (default 1 .. DIM_MAX; a model may bound a dim, e.g. Wan's rotary table its latent grid)."""
+    if name == BATCH.__name__:
+        return BATCH
+    low, high = (ranges or {}).get(name, (1, DIM_MAX))
+    return torch.export.Dim(name, min=low, max=high)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +202,7 @@ def _dim_symbols(gm: fx.GraphModule, kwargs: dict[str, Any],
 
 def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
                          dynamic_dims: DynamicDims | None = None,
-                         unbatched: tuple[str, ...] = ()) -> dict[str, Any] | None:
+                         unbatched: tuple[str, ...] = (), dim_ranges: DimRanges | None = None) -> dict[str, Any] | None:
     """torch.export ``dynamic_shapes`` for ``kwargs``: the batch rule, then the named dims (None: static)."""
     if not dynamic_batch and not dynamic_dims:
         return None
@@ -224,7 +230,7 @@ def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
                 raise ValueError(f"dynamic_dims: {input_name!r} dim {index} ({name!r}) is {value.shape[index]} in the "
                                  f"example; give an example where {derived.root} is 2 or more (torch.export "
                                  "specializes 0 and 1)")
-            dim = dims.setdefault(derived.root, named_dim(derived.root))
+            dim = dims.setdefault(derived.root, named_dim(derived.root, dim_ranges))
             spec[index % value.dim()] = dim if derived.plain else derived.scale * dim + derived.offset
         shapes[input_name] = spec
     return shapes
@@ -300,7 +306,7 @@ def accelerate_hooks(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False,
-            dynamic_dims: DynamicDims | None = None) -> CapturedGraph:
+            dynamic_dims: DynamicDims | None = None, dim_ranges: DimRanges | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
     start = time.perf_counter()
     diffusers_cache = getattr(model, "_cache_config", None)  # diffusers' CacheMixin.enable_cache
@@ -325,7 +331,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
                                     "the graph; export at the serving batch)")
     kwargs = distinct_tensor_arguments(kwargs)
     unbatched = unbatched_inputs_for(type(model).__name__)
-    dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched)
+    dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched, dim_ranges)
     with torch.no_grad(), swapped_methods(model, TRACEABLE_METHODS):
         try:
             exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
@@ -367,4 +373,4 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     derived = derived_dims(kwargs, dynamic_dims)
     return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples,
                          _dim_symbols(gm, kwargs, dynamic_shapes), derived,
-                         {d.root: d.root_size(kwargs[d.input]) for d in derived})
+                         {d.root: d.root_size(kwargs[d.input]) for d in derived}, dict(dim_ranges or {}))

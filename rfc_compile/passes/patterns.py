@@ -277,31 +277,38 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 
 
 #: Latent grids that may change between calls of one exported graph, per model class: the input
-#: holding the latents as an image, its height and width axes, and the config entry with the patch
-#: size (an int, or a tuple ending in the height and width patches). The sizes are given to
-#: torch.export as ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and
-#: the model's ``height // patch`` is exact. Others fix the resolution in their code (DiT's and PixArt's
-#: position table is compared with the configured sample size; SD3's and CogView3-Plus's cropped
-#: table, Wan's and HunyuanVideo's rotary tables bound or fix it): export those once per resolution.
-RESOLUTION_DIMS: dict[str, tuple[str, tuple[int, int], str]] = {
-    "SanaTransformer2DModel": ("hidden_states", (2, 3), "patch_size"),
-    "CogView4Transformer2DModel": ("hidden_states", (2, 3), "patch_size"),
-    "HunyuanImageTransformer2DModel": ("hidden_states", (2, 3), "patch_size"),
-    "AuraFlowTransformer2DModel": ("hidden_states", (2, 3), "patch_size"),
+#: holding the latents as an image (or video), its height and width axes, the config entry with the
+#: patch size (an int, or a tuple ending in the height and width patches), and the config entry that
+#: bounds the grid per side, if any (Wan's rotary table). The sizes are given to torch.export as
+#: ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and the model's
+#: ``height // patch`` is exact. Others fix the resolution in their code (DiT's and PixArt's position
+#: table is compared with the configured sample size; SD3's and CogView3-Plus's table is cropped about
+#: its centre, HunyuanVideo's rotary code fixes it): export those once per resolution.
+RESOLUTION_DIMS: dict[str, tuple[str, tuple[int, int], str, str | None]] = {
+    "SanaTransformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
+    "CogView4Transformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
+    "HunyuanImageTransformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
+    "AuraFlowTransformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
+    "WanTransformer3DModel": ("hidden_states", (3, 4), "patch_size", "rope_max_seq_len"),
+    "SkyReelsV2Transformer3DModel": ("hidden_states", (3, 4), "patch_size", "rope_max_seq_len"),
 }
 
 
-def resolution_dims_for(model: Any) -> dict[str, dict[int, str]] | None:
-    """``dynamic_dims`` for a model whose latent resolution may be dynamic (RESOLUTION_DIMS), else None:
-    ``{"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}}`` for 2x2 patches."""
+def resolution_dims_for(model: Any) -> tuple[dict[str, dict[int, str]], dict[str, tuple[int, int]]] | None:
+    """``(dynamic_dims, dim_ranges)`` for a model whose latent resolution may be dynamic (RESOLUTION_DIMS),
+    else None: ``{"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}}`` for 2x2 patches, and the
+    grid's bound where the model has one (``{"grid_height": (1, 1024), ...}``)."""
     entry = RESOLUTION_DIMS.get(type(model).__name__)
     if entry is None:
         return None
-    name, axes, patch_key = entry
+    name, axes, patch_key, bound_key = entry
     patch = getattr(model.config, patch_key)
     patches = tuple(patch[-2:]) if isinstance(patch, (tuple, list)) else (patch, patch)
-    return {name: {axis: f"{p}*grid_{side}" if p != 1 else f"grid_{side}"
+    dims = {name: {axis: f"{p}*grid_{side}" if p != 1 else f"grid_{side}"
                    for axis, p, side in zip(axes, patches, ("height", "width"))}}
+    ranges = {} if bound_key is None else {f"grid_{side}": (1, int(getattr(model.config, bound_key)))
+                                           for side in ("height", "width")}
+    return dims, ranges
 
 
 def merge_dynamic_dims(*dims: dict[str, dict[int, str]] | None) -> dict[str, dict[int, str]] | None:

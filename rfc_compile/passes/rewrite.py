@@ -671,7 +671,7 @@ def rewrite(captured: CapturedGraph, plan: RegionPlan | None, config: RFCConfig,
         call = {"kwargs": distinct_tensor_arguments(example_kwargs), "state": state}
         if captured.derived_dims:  # see CachedStep.forward
             call["dims"] = dim_carriers(captured.root_sizes, _device_of(example_kwargs))
-            dynamic_shapes["dims"] = {root: {0: named_dim(root)} for root in captured.root_sizes}
+            dynamic_shapes["dims"] = {root: {0: named_dim(root, captured.dim_ranges)} for root in captured.root_sizes}
         exported = torch.export.export(step, (), call, dynamic_shapes=dynamic_shapes, strict=False)
     gm = exported.module()
     conds = sum(1 for n in gm.graph.nodes if n.target is torch.ops.higher_order.cond)
