@@ -943,8 +943,8 @@ def test_dynamic_prompt_length_alone_flux(workdir):
         assert _max_diff(got, expected) < ATOL
 
 
-@pytest.mark.parametrize("name", ["sana", "cogview4", "wan", pytest.param("hunyuan_image", marks=pytest.mark.slow),
-                                  pytest.param("auraflow", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["sana", "cogview4", "wan", *(pytest.param(name, marks=pytest.mark.slow) for name in (
+    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios"))])
 def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
     latent height and width as ``patch * grid_height`` / ``patch * grid_width`` (and Sana with a dynamic
@@ -964,9 +964,10 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     dims, ranges = resolution_dims_for(model)
     patch = 2 if name != "hunyuan_image" else 1
     grid = "grid_height" if patch == 1 else f"{patch}*grid_height"
-    axes = (3, 4) if name == "wan" else (2, 3)  # Wan: (B, C, frames, height, width)
+    axes = (3, 4) if len(family.latent_shape) == 4 else (2, 3)  # videos: (B, C, frames, height, width)
     assert dims == {"hidden_states": dict(zip(axes, (grid, grid.replace("height", "width"))))}
-    assert ranges == ({"grid_height": (1, 32), "grid_width": (1, 32)} if name == "wan" else {})  # its rotary table
+    bounded = name in ("wan", "skyreels_v2", "sana_video")  # by their rotary table (rope_max_seq_len 32 here)
+    assert ranges == ({"grid_height": (1, 32), "grid_width": (1, 32)} if bounded else {})
     export = to_onnx(model, workdir / f"{name}_rfc_resolution.onnx", family.example(), config,
                      dynamic_batch=name == "sana", dynamic_dims=dims, dim_ranges=ranges)
     shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
@@ -994,7 +995,7 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
         odd["hidden_states"] = torch.randn(2, *lead, height + 1, width)
         with pytest.raises(InputMismatchError, match="whole grid_height"):
             runner(**odd)
-    if name == "wan":  # beyond its rotary table: refused by the runner, as the sidecar records the bound
+    if bounded:  # beyond its rotary table: refused by the runner, as the sidecar records the bound
         big = family.example()
         big["hidden_states"] = torch.randn(2, *lead, 66, width)
         with pytest.raises(InputMismatchError, match="grid_height"):

@@ -291,6 +291,8 @@ RESOLUTION_DIMS: dict[str, tuple[str, tuple[int, int], str, str | None]] = {
     "AuraFlowTransformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
     "WanTransformer3DModel": ("hidden_states", (3, 4), "patch_size", "rope_max_seq_len"),
     "SkyReelsV2Transformer3DModel": ("hidden_states", (3, 4), "patch_size", "rope_max_seq_len"),
+    "SanaVideoTransformer3DModel": ("hidden_states", (3, 4), "patch_size", "rope_max_seq_len"),
+    "HeliosTransformer3DModel": ("hidden_states", (3, 4), "patch_size", None),
 }
 
 
