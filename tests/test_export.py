@@ -1074,7 +1074,7 @@ def test_resolution_dims_errors_are_clear():
         input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "3*grid_height"}})
     with pytest.raises(ValueError, match="a multiple of one plus a constant"):
         input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "h*w"}})
-    with pytest.raises(ValueError, match="grid_height is 2 or more"):
+    with pytest.raises(ValueError, match="example size of 2 or more for grid_height"):
         input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "8*grid_height"}})
 
 

@@ -228,7 +228,7 @@ def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
                                  f"not {name} for any whole {derived.root}")
             if root_size < 2:
                 raise ValueError(f"dynamic_dims: {input_name!r} dim {index} ({name!r}) is {value.shape[index]} in the "
-                                 f"example; give an example where {derived.root} is 2 or more (torch.export "
+                                 f"example; give an example size of 2 or more for {derived.root} (torch.export "
                                  "specializes 0 and 1)")
             dim = dims.setdefault(derived.root, named_dim(derived.root, dim_ranges))
             spec[index % value.dim()] = dim if derived.plain else derived.scale * dim + derived.offset

@@ -443,8 +443,9 @@ class _BranchBuilder:
 
     def _call(self, graph: fx.Graph, root: torch.nn.Module, name: str, module: torch.nn.Module,
               args: list[fx.Node], n_out: int) -> list[fx.Node]:
-        root.add_module(name, module)
-        call = graph.call_module(name, tuple(args))
+        root.add_module(name, module)  # shown in the branch's modules; called as a function: torch's module-stack
+        # tracer lost track of it inside the cond's branch trace when the span also held a higher-order op (Z-Image)
+        call = graph.call_function(module.forward, tuple(args))
         return [graph.call_function(operator.getitem, (call, i)) for i in range(n_out)]
 
     def recompute(self) -> fx.GraphModule:
