@@ -1018,15 +1018,25 @@ def _check_triton_sequence(export, family) -> None:
              for s in validate_triton_config(model_dir / "config.pbtxt").sequence_batching.state}
     runner = OnnxCachedModel(export.onnx_path)
     gen = torch.Generator().manual_seed(1)
-    x, cond, last_full = torch.randn(2, *family.latent_shape, generator=gen), family.conditions(2, gen), []
+    x, cond = torch.randn(2, *family.latent_shape, generator=gen), family.conditions(2, gen)
+    _triton_generation(session, runner, state, x,
+                       lambda x, sigma: dict(family.call_inputs(x, family.timestep(sigma).expand(2)), **cond))
+
+
+def _triton_generation(session, runner, state: dict, x: torch.Tensor, call) -> dict:
+    """One 10-step generation played through the Triton model (state_out -> state, START on the first
+    request) beside the ONNX runner (``call(x, sigma)``: a step's kwargs): each step's sample is the
+    runner's and so are the full steps (read off ``state_out.last_full``); returns the final state."""
+    last_full = []
     for n, sigma in enumerate(torch.linspace(1.0, 0.1, 10)):
-        kwargs = dict(family.call_inputs(x, family.timestep(sigma).expand(2)), **cond)
+        kwargs = call(x, sigma)
         result, state = _triton_request(session, kwargs, state, start=n == 0)
         expected = runner(**kwargs, return_dict=False)[0]
         np.testing.assert_allclose(result["sample"], expected.numpy(), atol=1e-5)
         last_full.append(int(result["state_out.last_full"][0]))
         x = x - 0.1 * expected
     assert [n for n, lf in enumerate(last_full) if lf == n] == runner.stats.full_steps
+    return state
 
 
 @pytest.mark.parametrize("name", ["mochi", pytest.param("hunyuan_video", marks=pytest.mark.slow)])
@@ -1217,17 +1227,9 @@ def test_triton_model_of_a_dynamic_export_serves_each_shape(flux_tokens_export, 
     runner = OnnxCachedModel(export.onnx_path)
     for height, width, text, batch in ((6, 5, 7, 2), (3, 4, 2, 3)):
         cond = flux_at(height, width, text).conditions(batch, torch.Generator().manual_seed(1))
-        x = torch.randn(batch, height * width, 4)
-        state, last_full = dict(initial), []
         runner.reset()
-        for n, sigma in enumerate(torch.linspace(1.0, 0.1, 10)):
-            kwargs = dict(hidden_states=x, timestep=sigma.expand(batch), **cond)
-            result, state = _triton_request(session, kwargs, state, start=n == 0)
-            expected = runner(**kwargs, return_dict=False)[0]
-            np.testing.assert_allclose(result["sample"], expected.numpy(), atol=1e-5)
-            last_full.append(int(result["state_out.last_full"][0]))
-            x = x - 0.1 * expected
-        assert [n for n, lf in enumerate(last_full) if lf == n] == runner.stats.full_steps
+        state = _triton_generation(session, runner, dict(initial), torch.randn(batch, height * width, 4),
+                                   lambda x, sigma: dict(hidden_states=x, timestep=sigma.expand(batch), **cond))
         assert 2 < runner.stats.nfc < 10
         assert state["state.single_transformer_blocks_0_mlp_attn.ladder.0"].shape == (batch, 2, height * width + text, 16)
 
