@@ -44,9 +44,9 @@ from torch.utils import _pytree as pytree
 from ..config import RFCConfig
 from ..dims import linear_dim
 from ..passes import capture, find_regions, rewrite
-from ..passes.rewrite import dim_carriers
 from ..passes.capture import (CapturedGraph, DerivedDim, DimRanges, DynamicDims, dim_spec, distinct_tensor_arguments,
                               named_dim)
+from ..passes.rewrite import dim_carriers
 from ..state import StateSpec
 from .complex_as_real import complex_as_real
 from .errors import ExportError
@@ -235,11 +235,15 @@ class FunctionalProgram:
     fixups: list[str]
     dynamic_axes: dict[str, int] = dataclasses.field(default_factory=dict)  # dim name -> example size
     state_shapes: list[tuple[int | str, ...]] = dataclasses.field(default_factory=list)  # as inputs' shapes
-    #: dims that inputs are multiples of (CachedStep's ``dims``): ``dims.<name>`` inputs of that length,
-    #: which to_onnx rebuilds inside the graph from the inputs they size (``derived_dims``)
-    carried_dims: list[str] = dataclasses.field(default_factory=list)
+    #: inputs sized as a multiple of a named dim (capture.DerivedDim; CachedStep's ``dims``)
     derived_dims: tuple[DerivedDim, ...] = ()
     dim_ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # capture's (min, max)
+
+    @property
+    def carried_dims(self) -> list[str]:
+        """The dims that ``derived_dims`` are multiples of: the module's last inputs, ``dims.<name>``,
+        tensors of that length, which to_onnx rebuilds inside the graph from the inputs they size."""
+        return list(dict.fromkeys(d.root for d in self.derived_dims))
 
     def dynamic_shapes(self) -> dict[str, Any] | None:
         """torch.export ``dynamic_shapes`` for ``module``'s positional args, or None (static): a named
@@ -354,7 +358,6 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
         fixups=fixups,
         dynamic_axes=axes,
         state_shapes=state_shapes,
-        carried_dims=list(carried),
         derived_dims=captured.derived_dims,
         dim_ranges=captured.dim_ranges,
     )

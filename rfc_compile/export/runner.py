@@ -295,8 +295,8 @@ class StatefulRunner:
 
     def _call_dims(self, leaves: dict[str, Any]) -> dict[str, int]:
         """The dynamic dims' sizes in a call (``leaves``: its flattened kwargs), read where an input's
-        shape names them; dims it does not show keep their current size (``_feeds`` then reports
-        any shape that still differs)."""
+        shape names them or a multiple of them (``"2*grid_height"``); dims it does not show keep their
+        current size (``_feeds`` then reports any shape that still differs)."""
         dims = dict(self._dims)
         if not dims:
             return dims

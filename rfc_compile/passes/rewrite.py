@@ -186,7 +186,7 @@ def _hoist_views(span: list[fx.Node], before: set[fx.Node], regions: list[Region
     row-major (symbolic ``Max(1, size)``) and the rewrite failed."""
     in_region = {n for r in regions for n in r.nodes}
     hoisted: list[fx.Node] = []
-    available = {n for n in before if n.op != "get_attr"}  # weights stay read inside, at their static sizes
+    available = {n for n in before if n.op != "get_attr"}  # views of weights stay inside, at their static sizes
     for node in span:
         if _is_view(node) and node not in in_region and all(arg in available for arg in node.all_input_nodes):
             hoisted.append(node)
@@ -373,7 +373,8 @@ class _BranchBuilder:
     """Builds the two cond branches as GraphModules by copying the span's nodes.
 
     Both take the same flat operands: (span input tensors..., region state..., k, seen,
-    seen_after) and return (span outputs..., region state'...).
+    seen_after, the weights and buffers the span reads...) and return (span outputs..., region
+    state'...).
     """
 
     def __init__(self, gm: fx.GraphModule, span: list[fx.Node], span_inputs: list[fx.Node],
