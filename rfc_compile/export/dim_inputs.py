@@ -44,6 +44,6 @@ def dims_from_inputs(proto: Any, prefix: str, derived: tuple[DerivedDim, ...]) -
         nodes.append(helper.make_node("ConstantOfShape", [size], [name],
                                       value=helper.make_tensor("zero", dtype, [1], [0])))
         graph.input.remove(inputs[name])
-    for offset, node in enumerate(nodes):
-        graph.node.insert(offset, node)
+    for position, node in enumerate(nodes):  # first: the graph's nodes are in topological order
+        graph.node.insert(position, node)
     return sum(1 for node in nodes if node.op_type == "ConstantOfShape")

@@ -29,6 +29,8 @@ with its configured sample size) gets a clear error at capture and keeps a stati
 export once per serving resolution (the runners raise a clear error for any other shape).
 
 ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
+* ``dims_from_inputs``: the ``dims.<name>`` inputs of a graph with inputs sized as multiples of a
+  named dim are computed from those inputs' shapes instead (dim_inputs.py).
 * ``squeeze_axes``: ``Squeeze`` nodes whose axes input names a dimension that is not 1 in the
   inferred shape (PixArt's plain export: onnxruntime refuses to load it, "Squeeze: dimension
   ... must be 1") are dropped when the axis is provably not squeezable, see :func:`fix_squeeze`.
