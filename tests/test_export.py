@@ -1510,6 +1510,28 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
     assert "earlier failure" not in message
 
 
+def test_cli_dynamic_resolution(tmp_path, capsys):
+    """``rfc-compile export --dynamic-resolution``: a Sana model directory exports with its latent grid
+    dynamic (patch size from its config) and the engine dims may name the grid; DiT is refused in one
+    line (its patch embedding fixes the resolution)."""
+    from conftest import FAMILIES
+
+    from rfc_compile.cli import main
+
+    FAMILIES["sana"].build().save_pretrained(tmp_path / "sana")
+    out = tmp_path / "sana.onnx"
+    assert main(["export", str(tmp_path / "sana"), "-o", str(out), "--height", "8", "--width", "8",
+                 "--dynamic-batch", "--dynamic-resolution", "--no-triton", "--engine-dim", "grid_height=1:4:8"]) == 0
+    sidecar = json.loads((tmp_path / "sana.onnx.rfc.json").read_text())
+    assert set(sidecar["dynamic_axes"]) == {"batch", "grid_height", "grid_width"}
+    assert sidecar["dynamic_axes"]["grid_height"]["example"] == 4
+    assert next(i for i in sidecar["inputs"] if i["name"] == "hidden_states")["shape"] == [
+        "batch", 4, "2*grid_height", "2*grid_width"]
+    capsys.readouterr()
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--dynamic-resolution"]) == 2
+    assert "--dynamic-resolution: DiTTransformer2DModel's latent resolution is static" in capsys.readouterr().out
+
+
 def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypatch, capsys):
     """A model whose code torch.export or torch.onnx cannot follow fails with their exception (not a
     ValueError): the CLI printed a traceback; now one line naming the model and the cause, and exit
