@@ -7,6 +7,7 @@ graph is exported once per session and shared between tests.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.machinery
 import importlib.util
 import inspect
@@ -944,7 +945,7 @@ def test_dynamic_prompt_length_alone_flux(workdir):
 
 
 @pytest.mark.parametrize("name", ["sana", "cogview4", "wan", *(pytest.param(name, marks=pytest.mark.slow) for name in (
-    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios"))])
+    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace"))])
 def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
     latent height and width as ``patch * grid_height`` / ``patch * grid_width`` (and Sana with a dynamic
@@ -965,8 +966,9 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     patch = 2 if name != "hunyuan_image" else 1
     grid = "grid_height" if patch == 1 else f"{patch}*grid_height"
     axes = (3, 4) if len(family.latent_shape) == 4 else (2, 3)  # videos: (B, C, frames, height, width)
-    assert dims == {"hidden_states": dict(zip(axes, (grid, grid.replace("height", "width"))))}
-    bounded = name in ("wan", "skyreels_v2", "sana_video")  # by their rotary table (rope_max_seq_len 32 here)
+    inputs = ("hidden_states", "control_hidden_states") if name == "wan_vace" else ("hidden_states",)
+    assert dims == {i: dict(zip(axes, (grid, grid.replace("height", "width")))) for i in inputs}
+    bounded = name in ("wan", "skyreels_v2", "sana_video", "wan_vace")  # by their rotary table (rope_max_seq_len 32 here)
     assert ranges == ({"grid_height": (1, 32), "grid_width": (1, 32)} if bounded else {})
     export = to_onnx(model, workdir / f"{name}_rfc_resolution.onnx", family.example(), config,
                      dynamic_batch=name == "sana", dynamic_dims=dims, dim_ranges=ranges)
@@ -983,6 +985,9 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     for grid_h, grid_w, batch in [(height // patch, width // patch, 2), *larger,
                                   (max(height // patch - 1, 1), max(width // patch - 2, 1), 3 if name == "sana" else 2)]:
         sized = dataclasses.replace(family, latent_shape=(*lead, grid_h * patch, grid_w * patch))
+        if name == "wan_vace":  # its control video's latents are sized by the same grid
+            sized = dataclasses.replace(sized, conditions=functools.partial(
+                _vace_conditions_at, family.conditions, (grid_h * patch, grid_w * patch)))
         eager = rfc_compile.optimize(family.build(), config)
         _, expected = flow_generation(eager, sized, steps=10, batch=batch)
         _, got = flow_generation(runner, sized, steps=10, batch=batch)
@@ -1002,6 +1007,14 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
             runner(**big)
     if name == "sana" and importlib.util.find_spec("tritonclient") is not None:
         _check_triton_sequence(export, dataclasses.replace(family, latent_shape=(*lead, height + 4, width - 2)))
+
+
+def _vace_conditions_at(conditions, size: tuple[int, int], batch: int, gen: torch.Generator) -> dict:
+    """Wan VACE's conditions with the control video's latents at another latent size."""
+    call = conditions(batch, gen)
+    control = call["control_hidden_states"]
+    call["control_hidden_states"] = torch.randn(*control.shape[:-2], *size, generator=gen)
+    return call
 
 
 def _check_triton_sequence(export, family) -> None:

@@ -276,23 +276,25 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
     return TOKEN_DIMS.get(class_name)
 
 
-#: Latent grids that may change between calls of one exported graph, per model class: the input
-#: holding the latents as an image (or video), its height and width axes, the config entry with the
+#: Latent grids that may change between calls of one exported graph, per model class: the inputs
+#: holding latents as an image (or video; Wan VACE's control video too), their height and width axes, the config entry with the
 #: patch size (an int, or a tuple ending in the height and width patches), and the config entry that
 #: bounds the grid per side, if any (Wan's rotary table). The sizes are given to torch.export as
 #: ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and the model's
 #: ``height // patch`` is exact. Others fix the resolution in their code (DiT's and PixArt's position
 #: table is compared with the configured sample size; SD3's and CogView3-Plus's table is cropped about
 #: its centre, HunyuanVideo's rotary code fixes it): export those once per resolution.
-RESOLUTION_DIMS: dict[str, tuple[str, tuple[int, int], str, str | None]] = {
-    "SanaTransformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
-    "CogView4Transformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
-    "HunyuanImageTransformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
-    "AuraFlowTransformer2DModel": ("hidden_states", (2, 3), "patch_size", None),
-    "WanTransformer3DModel": ("hidden_states", (3, 4), "patch_size", "rope_max_seq_len"),
-    "SkyReelsV2Transformer3DModel": ("hidden_states", (3, 4), "patch_size", "rope_max_seq_len"),
-    "SanaVideoTransformer3DModel": ("hidden_states", (3, 4), "patch_size", "rope_max_seq_len"),
-    "HeliosTransformer3DModel": ("hidden_states", (3, 4), "patch_size", None),
+_LATENTS = ("hidden_states",)
+RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | None]] = {
+    "SanaTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
+    "CogView4Transformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
+    "HunyuanImageTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
+    "AuraFlowTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
+    "WanTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
+    "WanVACETransformer3DModel": (("hidden_states", "control_hidden_states"), (3, 4), "patch_size", "rope_max_seq_len"),
+    "SkyReelsV2Transformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
+    "SanaVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
+    "HeliosTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
 }
 
 
@@ -303,11 +305,12 @@ def resolution_dims_for(model: Any) -> tuple[dict[str, dict[int, str]], dict[str
     entry = RESOLUTION_DIMS.get(type(model).__name__)
     if entry is None:
         return None
-    name, axes, patch_key, bound_key = entry
+    names, axes, patch_key, bound_key = entry
     patch = getattr(model.config, patch_key)
     patches = tuple(patch[-2:]) if isinstance(patch, (tuple, list)) else (patch, patch)
-    dims = {name: {axis: f"{p}*grid_{side}" if p != 1 else f"grid_{side}"
-                   for axis, p, side in zip(axes, patches, ("height", "width"))}}
+    grid = {axis: f"{p}*grid_{side}" if p != 1 else f"grid_{side}"
+            for axis, p, side in zip(axes, patches, ("height", "width"))}
+    dims = {name: dict(grid) for name in names}
     ranges = {} if bound_key is None else {f"grid_{side}": (1, int(getattr(model.config, bound_key)))
                                            for side in ("height", "width")}
     return dims, ranges
