@@ -52,6 +52,13 @@ def eval_dim(dim: Dim, sizes: dict[str, int]) -> int:
     return fold_dim(dim, name, lambda n: n, lambda op, a, b: _OPERATORS[op](a, b))
 
 
+def root_size(scale: int, offset: int, size: int) -> int | None:
+    """The dim's size where ``scale * dim + offset`` is ``size`` (``linear_dim``'s form), or None if no
+    whole dim gives it."""
+    root, rest = divmod(size - offset, scale)
+    return None if rest else root
+
+
 def linear_dim(dim: str) -> tuple[str, int, int] | None:
     """``(name, scale, offset)`` where ``dim`` is ``scale * name + offset`` in one name (``"2*grid_height"``
     -> ``("grid_height", 2, 0)``; a plain name -> ``(name, 1, 0)``), else None (two names, ``//``)."""

@@ -42,7 +42,7 @@ from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
 from ..config import RFCConfig
-from ..dims import linear_dim
+from ..dims import linear_dim, root_size
 from ..passes import capture, find_regions, rewrite
 from ..passes.capture import (CapturedGraph, DerivedDim, DimRanges, DynamicDims, dim_spec, distinct_tensor_arguments,
                               named_dim)
@@ -408,7 +408,7 @@ def _axis_examples(tensors: list[tuple[str, Tensor]], named: dict[str, dict[int,
     for name, t in tensors:
         for index, dim in named.get(name, {}).items():
             root, scale, offset = linear_dim(dim)
-            axes[root] = (int(t.shape[index]) - offset) // scale
+            axes[root] = root_size(scale, offset, int(t.shape[index]))  # whole: capture checked the example
     return axes
 
 

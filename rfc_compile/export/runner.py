@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..dims import linear_dim
+from ..dims import linear_dim, root_size
 from ..runtime import BranchFollower, RFCStats, branch_cache_name, call_timestep, follow_timestep
 from .errors import InputMismatchError
 from .graph import flatten_kwargs
@@ -311,16 +311,16 @@ class StatefulRunner:
                 if linear is None or linear[0] not in dims:
                     continue
                 root, scale, offset = linear  # a dim, or a multiple of one plus a constant ("2*grid_height")
-                value, rest = divmod(int(size) - offset, scale)
-                if rest or value < 1:
+                size_of_root = root_size(scale, offset, int(size))
+                if size_of_root is None or size_of_root < 1:
                     raise InputMismatchError(f"input {desc.name!r} has size {int(size)} where the graph takes {dim}, "
                                              f"for a whole {root} of 1 or more")
-                if root in seen and seen[root][1] != value:
+                if root in seen and seen[root][1] != size_of_root:
                     raise InputMismatchError(
                         f"inputs {seen[root][0]!r} and {desc.name!r} disagree on the size of {root!r} "
-                        f"({seen[root][1]} vs {value})")
-                seen[root] = (desc.name, value)
-                dims[root] = value
+                        f"({seen[root][1]} vs {size_of_root})")
+                seen[root] = (desc.name, size_of_root)
+                dims[root] = size_of_root
         return dims
 
     def _model_signature(self) -> inspect.Signature | None:

@@ -33,7 +33,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
-from ..dims import linear_dim
+from ..dims import linear_dim, root_size
 from ..errors import UnsupportedModelError
 from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, folded_batch_input_for, unbatched_inputs_for
 from .traceable import swapped_methods
@@ -128,8 +128,7 @@ class DerivedDim:
 
     def root_size(self, value: torch.Tensor) -> int | None:
         """The named dim's size where ``value`` is the input, or None if its size is not of this form."""
-        root, rest = divmod(int(value.shape[self.index]) - self.offset, self.scale)
-        return None if rest else root
+        return root_size(self.scale, self.offset, int(value.shape[self.index]))
 
 
 def derived_dim(input_name: str, index: int, name: str) -> DerivedDim:
