@@ -211,3 +211,26 @@ def test_config_rejects_wrong_types():
         RFCConfig(order=1.5)
     with pytest.raises(TypeError, match="mode"):
         RFCConfig(mode=3)
+
+
+def test_noop_squeeze_pass_drops_only_squeezes_that_do_nothing():
+    """passes/noop_squeeze.py: a squeeze of a dim that is not 1 (PixArt's ``squeeze(1)`` of its tokens)
+    is dropped, so the ONNX graph has no Squeeze that onnxruntime refuses at a dynamic size; a squeeze
+    that removes a dim of size 1 stays. The graph computes what the module does."""
+    from rfc_compile.passes.noop_squeeze import drop_noop_squeezes
+
+    class Squeezes(torch.nn.Module):
+        def forward(self, x):
+            return x.squeeze(1) * 2, x[:, :1].squeeze(1)
+
+    x = torch.randn(2, 5, 3)
+    tokens = torch.export.Dim("tokens", min=2)
+    gm = torch.export.export(Squeezes(), (x,), dynamic_shapes=({1: tokens},)).module()
+    squeezes = lambda: [n for n in gm.graph.nodes if n.target == torch.ops.aten.squeeze.dim]  # noqa: E731
+    assert len(squeezes()) == 2
+    drop_noop_squeezes(gm)
+    assert len(squeezes()) == 1 and squeezes()[0].meta["val"].dim() == 2
+    for size in (5, 7):
+        x = torch.randn(2, size, 3)
+        doubled, first = gm(x)
+        assert torch.equal(doubled, x * 2) and torch.equal(first, x[:, 0])

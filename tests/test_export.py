@@ -944,8 +944,8 @@ def test_dynamic_prompt_length_alone_flux(workdir):
         assert _max_diff(got, expected) < ATOL
 
 
-@pytest.mark.parametrize("name", ["sana", "cogview4", "wan", *(pytest.param(name, marks=pytest.mark.slow) for name in (
-    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace"))])
+@pytest.mark.parametrize("name", ["sana", "pixart", "sd3", "cogview4", "wan", *(pytest.param(name, marks=pytest.mark.slow) for name in (
+    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video"))])
 def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
     latent height and width as ``patch * grid_height`` / ``patch * grid_width`` (and Sana with a dynamic
@@ -968,8 +968,10 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     axes = (3, 4) if len(family.latent_shape) == 4 else (2, 3)  # videos: (B, C, frames, height, width)
     inputs = ("hidden_states", "control_hidden_states") if name == "wan_vace" else ("hidden_states",)
     assert dims == {i: dict(zip(axes, (grid, grid.replace("height", "width")))) for i in inputs}
-    bounded = name in ("wan", "skyreels_v2", "sana_video", "wan_vace")  # by their rotary table (rope_max_seq_len 32 here)
-    assert ranges == ({"grid_height": (1, 32), "grid_width": (1, 32)} if bounded else {})
+    # bounded by their rotary table (rope_max_seq_len 32 here), SD3 by its position table (pos_embed_max_size 8)
+    bound = {"wan": 32, "skyreels_v2": 32, "sana_video": 32, "wan_vace": 32, "sd3": 8}.get(name)
+    bounded = bound is not None
+    assert ranges == ({"grid_height": (1, bound), "grid_width": (1, bound)} if bounded else {})
     export = to_onnx(model, workdir / f"{name}_rfc_resolution.onnx", family.example(), config,
                      dynamic_batch=name == "sana", dynamic_dims=dims, dim_ranges=ranges)
     shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
@@ -1134,7 +1136,14 @@ def test_dynamic_dims_errors_are_clear():
         capture(make_tiny_dit(), dit_inputs(batch=1), dynamic_dims={"hidden_states": {0: "batch"}})
     with pytest.raises(ValueError, match="example batch of 2 or more"):
         capture(make_tiny_dit(), dit_inputs(batch=1), dynamic_batch=True)
-    with pytest.raises(UnsupportedModelError, match="fixes them"):  # DiT's patch embedding checks the size
+    # DiT reads its grid as int(tokens ** 0.5): torch.export traced the example's 4 with no error, and
+    # returned a graph whose output fits the example only; the trace's guards fail at another size
+    # (passes/fixed_dims.py), square or not
+    for dims in ({2: "2*grid_height", 3: "2*grid_width"}, {2: "2*grid", 3: "2*grid"}):
+        with pytest.raises(UnsupportedModelError, match=r"fixes them \(torch traced the guard Eq\(TruncToInt.*, "
+                                                          r"false at \{'grid"):
+            capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": dims})
+    with pytest.raises(UnsupportedModelError, match="fixes them"):  # torch.export's own refusal: odd heights
         capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "height", 3: "width"}})
 
 
@@ -1249,7 +1258,9 @@ def test_triton_model_of_a_dynamic_export_serves_each_shape(flux_tokens_export, 
 
 @pytest.mark.slow
 def test_pixart_export_loads_in_onnxruntime(workdir):
-    """PixArt's plain ONNX export does not load in onnxruntime (Squeeze of a non-1 dim); fixed here."""
+    """PixArt's plain ONNX export does not load in onnxruntime (Squeeze of a non-1 dim); fixed here:
+    capture drops the squeeze that squeezes nothing (passes/noop_squeeze.py), so the ONNX fix-up
+    (fix_squeeze) has nothing left to do."""
     from conftest import FAMILIES, flow_generation
 
     family = FAMILIES["pixart"]
@@ -1258,7 +1269,7 @@ def test_pixart_export_loads_in_onnxruntime(workdir):
     example = dict(hidden_states=torch.randn(2, *family.latent_shape), timestep=torch.full((2,), 999.0),
                    **family.conditions(2, gen))
     result = to_onnx(family.build(), workdir / "pixart_rfc.onnx", example, config)
-    assert any(f.startswith("squeeze_axes") for f in result.sidecar.raw["fixups"])
+    assert not any(f.startswith("squeeze_axes") for f in result.sidecar.raw["fixups"])
     eager = rfc_compile.optimize(family.build(), config)
     _, expected = flow_generation(eager, family, steps=10)
     runner = OnnxCachedModel(result.onnx_path)
@@ -1302,9 +1313,9 @@ def test_squeeze_fixup_reads_weight_shapes_not_their_data(monkeypatch):
 
 @pytest.mark.slow
 def test_export_past_two_gigabytes_loads_and_matches_eager(tmp_path):
-    """A 2.4 GB float32 PixArt (PixArt-Sigma is 2.4 GB in float32): external data, and the
-    Squeeze fix-up still applies (before, its shape inference failed on the size and the graph
-    did not load in onnxruntime); its Triton model is written and checked (before, onnx's
+    """A 2.4 GB float32 PixArt (PixArt-Sigma is 2.4 GB in float32): external data, and the graph
+    loads in onnxruntime (its no-op Squeeze is dropped at capture; before, the ONNX fix-up's shape
+    inference failed on the size); its Triton model is written and checked (before, onnx's
     in-memory checker refused it)."""
     from conftest import pixart_conditions
     from diffusers import PixArtTransformer2DModel
@@ -1321,7 +1332,6 @@ def test_export_past_two_gigabytes_loads_and_matches_eager(tmp_path):
                      triton=tmp_path / "triton")
     assert (tmp_path / "pixart.onnx.data").exists() and result.sidecar.raw["external_data"] == "pixart.onnx.data"
     assert (result.triton_model_dir / "1" / "model.onnx.data").stat().st_size > 2**31
-    assert any(f.startswith("squeeze_axes") for f in result.sidecar.raw["fixups"])
     moved = tmp_path / "moved"  # the graph copied without its weights file: said so, not "invalid graph"
     moved.mkdir()
     for name in ("pixart.onnx", "pixart.onnx.rfc.json"):
@@ -1875,8 +1885,8 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
         assert _max_diff(got, expected) < ATOL
     if name == "hunyuan_video":
         assert any(f.startswith("bool_where_as_logic") for f in export.sidecar.raw["fixups"])
-    if name == "ltx2":  # its modulation squeezes (B, 1, D) tensors at dim 2, inside the If: fix_squeeze
-        assert any(f.startswith("squeeze_axes") for f in export.sidecar.raw["fixups"])
+    if name == "ltx2":  # its modulation squeezes (B, 1, D) tensors at dim 2, inside the If: dropped at capture
+        assert not any(f.startswith("squeeze_axes") for f in export.sidecar.raw["fixups"])
     if name == "hunyuandit":  # its no-op float32 casts of the timestep embedding alias a branch input
         assert any(f.startswith("clone_aliasing_branch_outputs") for f in export.sidecar.raw["fixups"])
 

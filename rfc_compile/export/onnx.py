@@ -24,16 +24,18 @@ and the ``dims.<name>`` inputs that carry it are rebuilt inside the graph, fix-u
 ``dims_from_inputs``). The state's sizes are traced as torch.export finds they follow the named dims
 (a ladder's token count; a FLUX single block's image + text tokens; Sana's grid_height*grid_width),
 and the sidecar records those expressions; the runner sizes the cache for each call. A model whose
-code fixes a size asked to be dynamic (DiT's patch embedding compares the latent's height and width
-with its configured sample size) gets a clear error at capture and keeps a static resolution:
+code fixes a size asked to be dynamic (DiT reads its grid as the square root of its token count)
+gets a clear error at capture and keeps a static resolution:
 export once per serving resolution (the runners raise a clear error for any other shape).
 
 ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
 * ``dims_from_inputs``: the ``dims.<name>`` inputs of a graph with inputs sized as multiples of a
   named dim are computed from those inputs' shapes instead (dim_inputs.py).
 * ``squeeze_axes``: ``Squeeze`` nodes whose axes input names a dimension that is not 1 in the
-  inferred shape (PixArt's plain export: onnxruntime refuses to load it, "Squeeze: dimension
-  ... must be 1") are dropped when the axis is provably not squeezable, see :func:`fix_squeeze`.
+  inferred shape (onnxruntime refuses to load it, "Squeeze: dimension ... must be 1") are dropped
+  when the axis is provably not squeezable, see :func:`fix_squeeze`. The model's own no-op squeezes
+  (PixArt's, LTX-2's) are already gone at capture (passes/noop_squeeze.py); this catches any the
+  exporter's lowering adds.
 * ``empty_on_skip``: state outputs that the ``If``'s predict branch passes through unchanged
   (``Identity(state.<name>)``: ladders, ratios, last inputs) come back as an empty tensor from a
   skipped step instead of a copy of the cache; the sidecar's ``kept_on_skip`` lists them and the

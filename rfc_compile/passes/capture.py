@@ -35,6 +35,8 @@ from torch.utils import _pytree as pytree
 
 from ..dims import linear_dim, root_size
 from ..errors import UnsupportedModelError
+from .fixed_dims import guards_fixing_dims
+from .noop_squeeze import drop_noop_squeezes
 from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, folded_batch_input_for, unbatched_inputs_for
 from .traceable import swapped_methods
 
@@ -362,7 +364,15 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
                 f"trace it ({type(exc).__name__}: {first[:300]}). Hooks that change modules in forward (layerwise "
                 "casting, group offloading, diffusers' own caches) cannot be captured: optimize a model without them"
             ) from exc
-    gm = exported.module()
+    gm = drop_noop_squeezes(exported.module())
+    dim_symbols = _dim_symbols(gm, kwargs, dynamic_shapes)
+    fixed = guards_fixing_dims(gm, dim_symbols)
+    if fixed:
+        guard, sizes = fixed[0]
+        raise UnsupportedModelError(
+            f"{type(model).__name__} cannot be captured with these dynamic dims: the model's code fixes them "
+            f"(torch traced the guard {guard}, false at {sizes}; {len(fixed)} such guard(s)): the graph would serve "
+            "the example's sizes only. Export with fewer dynamic dims, or once per size")
     info = gm.graph._codegen.pytree_info
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     logger.info("captured %s: %d nodes in %.1fs", type(model).__name__, len(gm.graph.nodes),
@@ -371,5 +381,5 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     samples = int(kwargs[folded].shape[0]) if folded is not None and kwargs.get(folded) is not None else None
     derived = derived_dims(kwargs, dynamic_dims)
     return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples,
-                         _dim_symbols(gm, kwargs, dynamic_shapes), derived,
+                         dim_symbols, derived,
                          {d.root: d.root_size(kwargs[d.input]) for d in derived}, dict(dim_ranges or {}))

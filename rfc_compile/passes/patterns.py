@@ -14,7 +14,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Callable
 
-from .traceable import cogvideox_positional_embeddings, hidream_moe_infer, hunyuan_video_framepack_forward
+from .traceable import (cogvideox_positional_embeddings, hidream_moe_infer, hunyuan_video_framepack_forward,
+                        patch_embed_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,12 +282,15 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 #: patch size (an int, or a tuple ending in the height and width patches), and the config entry that
 #: bounds the grid per side, if any (Wan's rotary table). The sizes are given to torch.export as
 #: ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and the model's
-#: ``height // patch`` is exact. Others fix the resolution in their code (DiT's and PixArt's position
-#: table is compared with the configured sample size; SD3's and CogView3-Plus's table is cropped about
-#: its centre, HunyuanVideo's rotary code fixes it): export those once per resolution.
+#: ``height // patch`` is exact (PixArt and SD3: with PatchEmbed's traceable twin, TRACEABLE_METHODS).
+#: Others fix the resolution in their code (DiT takes square latents only, CogView3-Plus's cropped
+#: table guards the grid's size, Mochi's rotary positions fix the height; capture refuses them,
+#: fixed_dims.py): export those once per resolution.
 _LATENTS = ("hidden_states",)
 RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | None]] = {
     "SanaTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
+    "PixArtTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
+    "SD3Transformer2DModel": (_LATENTS, (2, 3), "patch_size", "pos_embed_max_size"),  # its table's crop
     "CogView4Transformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
     "HunyuanImageTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
     "AuraFlowTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
@@ -295,6 +299,7 @@ RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | No
     "SkyReelsV2Transformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
     "SanaVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
     "HeliosTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
+    "HunyuanVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
 }
 
 
@@ -355,6 +360,8 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     # FramePack: its attention mask written per sample with tensor values as slice bounds (batch > 1),
     # or the text cut to the mask's sum (batch 1): the mask built with tensor ops instead
     "HunyuanVideoFramepackTransformer3DModel": {"forward": hunyuan_video_framepack_forward},
+    # PixArt, SD3 at a dynamic resolution: their position table for the traced grid, with no size guard
+    "PatchEmbed": {"forward": patch_embed_forward},
 }
 
 

@@ -59,6 +59,40 @@ def cogvideox_positional_embeddings(self, sample_height: int, sample_width: int,
     return torch.cat([text, table]).unsqueeze(0)
 
 
+def patch_embed_forward(self, latent: torch.Tensor) -> torch.Tensor:
+    """``PatchEmbed.forward`` (diffusers' PixArt, SD3) traced at a symbolic latent size (a dynamic
+    resolution). PixArt: the sin-cos position table computed for the traced grid, as the original
+    does whenever the size differs from its config's; the original first compares the size with the
+    config's (``self.height != height``), a guard torch.export cannot decide for every size. SD3: the
+    table's centre crop taken with ``index_select`` of ``top + arange(height)`` rows (and columns), the
+    rows the original slices (``[top : top + height]``), whose bounds torch cannot prove in range for
+    every grid. At a fixed size this is the original."""
+    height, width = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
+    if self.pos_embed is None or not any(isinstance(size, torch.SymInt) for size in (height, width)):
+        return type(self).forward(self, latent)
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+    latent = self.proj(latent)
+    if self.flatten:
+        latent = latent.flatten(2).transpose(1, 2)  # BCHW -> BNC
+    if self.layer_norm:
+        latent = self.norm(latent)
+    if self.pos_embed_max_size:  # the grid is bounded by the table (the export's dim range, RESOLUTION_DIMS)
+        side = self.pos_embed_max_size
+        table = self.pos_embed.reshape(side, side, -1)
+        rows, cols = (torch.arange(size, device=latent.device) + (side - size) // 2 for size in (height, width))
+        crop = table.index_select(0, rows).index_select(1, cols)
+        return (latent + crop.reshape(1, -1, crop.shape[-1])).to(latent.dtype)
+    # get_2d_sincos_pos_embed's grid, kept flat: it reshapes the (2, height, width) grid to
+    # (2, 1, width, height), the same values in the same order, which at a symbolic size makes
+    # torch guard height == width. The table only reads the grid flattened.
+    positions = [torch.arange(size, device=latent.device, dtype=torch.float32) / (size / self.base_size)
+                 / self.interpolation_scale for size in (height, width)]
+    grid = torch.stack(torch.meshgrid(positions[1], positions[0], indexing="xy"), dim=0).reshape(2, 1, -1)
+    pos_embed = get_2d_sincos_pos_embed_from_grid(self.pos_embed.shape[-1], grid, output_type="pt")
+    return (latent + pos_embed.float().unsqueeze(0)).to(latent.dtype)
+
+
 def hunyuan_video_framepack_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                                     encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
                                     pooled_projections: torch.Tensor, image_embeds: torch.Tensor,
