@@ -945,7 +945,7 @@ def test_dynamic_prompt_length_alone_flux(workdir):
 
 
 @pytest.mark.parametrize("name", ["sana", "pixart", "sd3", "cogview4", "wan", *(pytest.param(name, marks=pytest.mark.slow) for name in (
-    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video"))])
+    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video", "cogview3plus"))])
 def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
     latent height and width as ``patch * grid_height`` / ``patch * grid_width`` (and Sana with a dynamic
@@ -968,8 +968,9 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     axes = (3, 4) if len(family.latent_shape) == 4 else (2, 3)  # videos: (B, C, frames, height, width)
     inputs = ("hidden_states", "control_hidden_states") if name == "wan_vace" else ("hidden_states",)
     assert dims == {i: dict(zip(axes, (grid, grid.replace("height", "width")))) for i in inputs}
-    # bounded by their rotary table (rope_max_seq_len 32 here), SD3 by its position table (pos_embed_max_size 8)
-    bound = {"wan": 32, "skyreels_v2": 32, "sana_video": 32, "wan_vace": 32, "sd3": 8}.get(name)
+    # bounded by their rotary table (rope_max_seq_len 32 here), SD3 and CogView3-Plus by their position
+    # table (pos_embed_max_size 8)
+    bound = {"wan": 32, "skyreels_v2": 32, "sana_video": 32, "wan_vace": 32, "sd3": 8, "cogview3plus": 8}.get(name)
     bounded = bound is not None
     assert ranges == ({"grid_height": (1, bound), "grid_width": (1, bound)} if bounded else {})
     export = to_onnx(model, workdir / f"{name}_rfc_resolution.onnx", family.example(), config,
@@ -1145,6 +1146,13 @@ def test_dynamic_dims_errors_are_clear():
             capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": dims})
     with pytest.raises(UnsupportedModelError, match="fixes them"):  # torch.export's own refusal: odd heights
         capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "height", 3: "width"}})
+    # HiDream-I1 makes its latents square: torch.export let 2*grid_width == 2*grid_height through
+    from conftest import FAMILIES
+
+    hidream = FAMILIES["hidream"]
+    with pytest.raises(UnsupportedModelError, match="grid_height traced as the same size as another dynamic dim"):
+        capture(hidream.build(), hidream.example(),
+                dynamic_dims={"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}})
 
 
 def test_dim_ranges_are_enforced_by_the_runner(flux_tokens_export, tmp_path):

@@ -169,6 +169,18 @@ def dim_spec(size: sympy.Expr | int, dims: Mapping[sympy.Symbol, torch.export.Di
     return torch.export.Dim.AUTO
 
 
+def _tied_dims(dynamic_shapes: dict[str, Any] | None, dim_symbols: dict[sympy.Symbol, torch.export.Dim]) -> list[str]:
+    """Named dims asked for that the trace made one symbol with another (HiDream-I1's latent width and
+    height: torch.export relates derived dims only at the end and let ``2*grid_width == 2*grid_height``
+    through), so they have no symbol of their own in ``dim_symbols``."""
+    if not dim_symbols:  # the placeholders could not be paired with the specs: nothing to compare
+        return []
+    asked = {getattr(dim, "root", dim).__name__ for dim in pytree.tree_leaves(dynamic_shapes or {})
+             if isinstance(dim, torch.export.Dim) or hasattr(dim, "root")}
+    found = {dim.__name__ for dim in dim_symbols.values()}
+    return sorted(asked - found)
+
+
 def _dim_symbols(gm: fx.GraphModule, kwargs: dict[str, Any],
                  dynamic_shapes: dict[str, Any] | None) -> dict[sympy.Symbol, torch.export.Dim]:
     """Each named dynamic dim's symbol in ``gm``'s sizes (its placeholders' traced shapes), read before
@@ -366,6 +378,12 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
             ) from exc
     gm = drop_noop_squeezes(exported.module())
     dim_symbols = _dim_symbols(gm, kwargs, dynamic_shapes)
+    tied = _tied_dims(dynamic_shapes, dim_symbols)
+    if tied:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} cannot be captured with these dynamic dims: the model's code fixes them "
+            f"({', '.join(tied)} traced as the same size as another dynamic dim, e.g. square latents only): "
+            "export with one name for those sizes, or once per size")
     fixed = guards_fixing_dims(gm, dim_symbols)
     if fixed:
         guard, sizes = fixed[0]

@@ -14,8 +14,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Callable
 
-from .traceable import (cogvideox_positional_embeddings, hidream_moe_infer, hunyuan_video_framepack_forward,
-                        patch_embed_forward)
+from .traceable import (cogvideox_positional_embeddings, cogview3plus_patch_embed_forward, hidream_moe_infer,
+                        hunyuan_video_framepack_forward, patch_embed_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,15 +282,16 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 #: patch size (an int, or a tuple ending in the height and width patches), and the config entry that
 #: bounds the grid per side, if any (Wan's rotary table). The sizes are given to torch.export as
 #: ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and the model's
-#: ``height // patch`` is exact (PixArt and SD3: with PatchEmbed's traceable twin, TRACEABLE_METHODS).
-#: Others fix the resolution in their code (DiT takes square latents only, CogView3-Plus's cropped
-#: table guards the grid's size, Mochi's rotary positions fix the height; capture refuses them,
-#: fixed_dims.py): export those once per resolution.
+#: ``height // patch`` is exact (PixArt, SD3 and CogView3-Plus: with their patch embedding's traceable
+#: twin, TRACEABLE_METHODS). Others fix the resolution in their code (DiT takes square latents only,
+#: Mochi's rotary positions fix the height; capture refuses them, fixed_dims.py): export those once per
+#: resolution.
 _LATENTS = ("hidden_states",)
 RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | None]] = {
     "SanaTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
     "PixArtTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
     "SD3Transformer2DModel": (_LATENTS, (2, 3), "patch_size", "pos_embed_max_size"),  # its table's crop
+    "CogView3PlusTransformer2DModel": (_LATENTS, (2, 3), "patch_size", "pos_embed_max_size"),
     "CogView4Transformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
     "HunyuanImageTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
     "AuraFlowTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
@@ -362,6 +363,7 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     "HunyuanVideoFramepackTransformer3DModel": {"forward": hunyuan_video_framepack_forward},
     # PixArt, SD3 at a dynamic resolution: their position table for the traced grid, with no size guard
     "PatchEmbed": {"forward": patch_embed_forward},
+    "CogView3PlusPatchEmbed": {"forward": cogview3plus_patch_embed_forward},  # likewise
 }
 
 

@@ -93,6 +93,28 @@ def patch_embed_forward(self, latent: torch.Tensor) -> torch.Tensor:
     return (latent + pos_embed.float().unsqueeze(0)).to(latent.dtype)
 
 
+def cogview3plus_patch_embed_forward(self, hidden_states: torch.Tensor,
+                                     encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """``CogView3PlusPatchEmbed.forward`` traced at a symbolic latent size: the position table's first
+    ``height`` rows and ``width`` columns taken with ``index_select`` (contiguous) instead of a slice,
+    whose reshape torch guards on the slice being contiguous, i.e. narrower than the table (the
+    step's export then refuses the table's full width). At a fixed size this is the original."""
+    batch_size, channel, height, width = hidden_states.shape
+    if not any(isinstance(size, torch.SymInt) for size in (height, width)):
+        return type(self).forward(self, hidden_states, encoder_hidden_states)
+    height, width, patch = height // self.patch_size, width // self.patch_size, self.patch_size
+    hidden_states = hidden_states.view(batch_size, channel, height, patch, width, patch)
+    hidden_states = hidden_states.permute(0, 2, 4, 1, 3, 5).contiguous()
+    hidden_states = self.proj(hidden_states.view(batch_size, height * width, channel * patch * patch))
+    encoder_hidden_states = self.text_proj(encoder_hidden_states)
+    hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    rows, cols = (torch.arange(size, device=hidden_states.device) for size in (height, width))
+    image_pos_embed = self.pos_embed.index_select(0, rows).index_select(1, cols).reshape(height * width, -1)
+    text_pos_embed = image_pos_embed.new_zeros(encoder_hidden_states.shape[1], self.hidden_size)
+    pos_embed = torch.cat([text_pos_embed, image_pos_embed], dim=0)[None, ...]
+    return (hidden_states + pos_embed).to(hidden_states.dtype)
+
+
 def hunyuan_video_framepack_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                                     encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
                                     pooled_projections: torch.Tensor, image_embeds: torch.Tensor,
