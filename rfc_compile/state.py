@@ -38,6 +38,10 @@ class StateEntry:
     #: the shape as the capture traced it, where the graph has dynamic dims: each size a sympy
     #: expression in their symbols (a ladder's token count; FLUX single blocks: image + text tokens)
     traced: tuple = dataclasses.field(default=(), compare=False, repr=False)
+    #: ``(axis, count)``: axes of the stored tensor that the step reads as one. A size that is a power
+    #: of a dynamic dim (DiT's ``grid**2`` tokens) is no size torch.export can be given for an input;
+    #: stored as ``grid x grid`` it is two named dims (rewrite.py's ``_unfold_powers``)
+    folded: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ def tiny_dit() -> DiTTransformer2DModel:
 
 
 def ddim_generation(transformer, steps: int = 20, batch: int = 1, cfg: bool = False, seed: int = 0,
-                    guidance: float = 1.5, on_step=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                    guidance: float = 1.5, on_step=None, size: int = 8) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """A hand-written DDIM loop (CFG doubles the batch as DiTPipeline does).
 
     Returns the final latents and the model output of every step. ``on_step(n)`` runs
@@ -37,7 +37,7 @@ def ddim_generation(transformer, steps: int = 20, batch: int = 1, cfg: bool = Fa
     scheduler = DDIMScheduler(num_train_timesteps=1000)
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(batch, 4, 8, 8, generator=gen)
+    latents = torch.randn(batch, 4, size, size, generator=gen)  # DiT takes square latents
     labels = torch.arange(batch) % NUM_CLASSES
     outputs = []
     for n, t in enumerate(scheduler.timesteps):

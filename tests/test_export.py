@@ -1084,6 +1084,38 @@ def test_dynamic_frames_serve_other_video_lengths(workdir, name):
         assert _max_diff(got, expected) < ATOL
 
 
+def test_dit_square_dynamic_resolution(workdir):
+    """DiT takes square latents: exported with one grid for both sides (``2*grid``), one graph serves
+    other square sizes like the eager cached model (the original forward at each size). The cache
+    holds ``grid**2`` tokens, which torch.export takes as no input size: it is stored as
+    ``grid x grid`` (StateEntry.folded) and read as one axis by the step. DiT's own forward reads the
+    grid as ``int(tokens ** 0.5)`` (traced as a constant); its traceable twin unpatchifies at the
+    input's grid."""
+    from rfc_compile.passes.patterns import resolution_dims_for
+
+    config = RFCConfig(mode="rfc", threshold=0.3, order=2)
+    model = make_tiny_dit()
+    assert resolution_dims_for(model) == ({"hidden_states": {2: "2*grid", 3: "2*grid"}}, {})
+    export = to_onnx(model, workdir / "dit_rfc_resolution.onnx", dit_inputs(), config,
+                     dynamic_dims=resolution_dims_for(model)[0])
+    shapes = {d.name: d.shape for d in export.sidecar.state}
+    assert shapes["transformer_blocks_0_attn1.ladder.0"] == (2, 3, "grid", "grid", 16)
+    assert export.sidecar.outputs[0].shape == (2, 4, "2*grid", "2*grid")
+    runner = OnnxCachedModel(export.onnx_path)
+    for size in (8, 12, 6):
+        eager = rfc_compile.optimize(make_tiny_dit(), config)
+        _, expected = ddim_generation(eager, steps=STEPS, cfg=True, size=size)
+        _, got = ddim_generation(runner, steps=STEPS, cfg=True, size=size)
+        assert runner.dims == {"grid": size // 2}
+        assert runner.state["transformer_blocks_0_attn1.ladder.0"].shape == (2, 3, size // 2, size // 2, 16)
+        assert runner.stats.full_steps == eager.stats.full_steps
+        assert 2 < runner.stats.nfc < STEPS
+        assert _max_diff(got, expected) < ATOL
+    with pytest.raises(InputMismatchError, match="grid"):  # not square: two sizes for one dim
+        runner(hidden_states=torch.randn(2, 4, 8, 12), timestep=torch.full((2,), 999),
+               class_labels=torch.tensor([1, NUM_CLASSES]))
+
+
 def test_resolution_dims_errors_are_clear():
     """dynamic_dims sizes: a name or a multiple of one plus a constant; the example must fit it."""
     from rfc_compile.dims import linear_dim
@@ -1121,7 +1153,7 @@ def test_dim_spec_gives_named_derived_or_auto_dims():
         assert dim_spec(size, dims) is torch.export.Dim.AUTO
 
 
-def test_dynamic_dims_errors_are_clear():
+def test_dynamic_dims_errors_are_clear(monkeypatch):
     from rfc_compile.errors import UnsupportedModelError
     from rfc_compile.dims import eval_dim
     from rfc_compile.passes.capture import capture
@@ -1139,11 +1171,18 @@ def test_dynamic_dims_errors_are_clear():
         capture(make_tiny_dit(), dit_inputs(batch=1), dynamic_batch=True)
     # DiT reads its grid as int(tokens ** 0.5): torch.export traced the example's 4 with no error, and
     # returned a graph whose output fits the example only; the trace's guards fail at another size
-    # (passes/fixed_dims.py), square or not
-    for dims in ({2: "2*grid_height", 3: "2*grid_width"}, {2: "2*grid", 3: "2*grid"}):
-        with pytest.raises(UnsupportedModelError, match=r"fixes them \(torch traced the guard Eq\(TruncToInt.*, "
-                                                          r"false at \{'grid"):
-            capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": dims})
+    # (passes/fixed_dims.py), square or not. Its traceable twin (the grid from the input) in place,
+    # only a grid that is not square is refused.
+    from rfc_compile.passes.patterns import TRACEABLE_METHODS
+
+    with monkeypatch.context() as patched:
+        patched.delitem(TRACEABLE_METHODS, "DiTTransformer2DModel")
+        for dims in ({2: "2*grid_height", 3: "2*grid_width"}, {2: "2*grid", 3: "2*grid"}):
+            with pytest.raises(UnsupportedModelError, match=r"fixes them \(torch traced the guard Eq\(TruncToInt.*, "
+                                                              r"false at \{'grid"):
+                capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": dims})
+    with pytest.raises(UnsupportedModelError, match=r"guard Eq\(grid_height, grid_width\), false at"):
+        capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}})
     with pytest.raises(UnsupportedModelError, match="fixes them"):  # torch.export's own refusal: odd heights
         capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "height", 3: "width"}})
     # HiDream-I1 makes its latents square: torch.export let 2*grid_width == 2*grid_height through
@@ -1543,8 +1582,8 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 
 def test_cli_dynamic_resolution(tmp_path, capsys):
     """``rfc-compile export --dynamic-resolution``: a Sana model directory exports with its latent grid
-    dynamic (patch size from its config) and the engine dims may name the grid; DiT is refused in one
-    line (its patch embedding fixes the resolution)."""
+    dynamic (patch size from its config) and the engine dims may name the grid; DiT with one grid for
+    both sides (square latents); FLUX, whose latents are tokens, is refused in one line."""
     from conftest import FAMILIES
 
     from rfc_compile.cli import main
@@ -1559,8 +1598,14 @@ def test_cli_dynamic_resolution(tmp_path, capsys):
     assert next(i for i in sidecar["inputs"] if i["name"] == "hidden_states")["shape"] == [
         "batch", 4, "2*grid_height", "2*grid_width"]
     capsys.readouterr()
-    assert main(["export", "tiny-dit", "-o", str(tmp_path / "x.onnx"), "--dynamic-resolution"]) == 2
-    assert "--dynamic-resolution: DiTTransformer2DModel's latent resolution is static" in capsys.readouterr().out
+    assert main(["export", "tiny-dit", "-o", str(tmp_path / "dit.onnx"), "--dynamic-resolution", "--no-triton"]) == 0
+    sidecar = json.loads((tmp_path / "dit.onnx.rfc.json").read_text())
+    assert next(i for i in sidecar["inputs"] if i["name"] == "hidden_states")["shape"][2:] == ["2*grid", "2*grid"]
+    FAMILIES["flux"].build().save_pretrained(tmp_path / "flux")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "flux"), "-o", str(tmp_path / "x.onnx"), "--dynamic-resolution"]) == 2
+    assert ("--dynamic-resolution: FluxTransformer2DModel's latent resolution is static in an export (known dynamic: "
+            in capsys.readouterr().out)
 
 
 def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypatch, capsys):

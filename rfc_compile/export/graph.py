@@ -37,6 +37,7 @@ from typing import Any
 
 import sympy
 from sympy.parsing.sympy_parser import parse_expr
+from sympy.printing.str import StrPrinter
 import torch
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
@@ -391,7 +392,7 @@ def _symbolic_shapes(gm: fx.GraphModule, inputs: list[Tensor], named: list[dict[
                 continue
             if not expr.free_symbols <= symbols.keys():
                 raise RuntimeError(f"a size of the rewritten graph ({expr}) depends on no named input dim")
-            out.append(str(expr.xreplace(symbols)))
+            out.append(_SizePrinter().doprint(_without_exact_division(expr.xreplace(symbols))))
         return tuple(out)
 
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -399,6 +400,32 @@ def _symbolic_shapes(gm: fx.GraphModule, inputs: list[Tensor], named: list[dict[
     results = [v for v in results if isinstance(v, Tensor)]
     return ([describe(v.shape) for v in results[: len(results) - n_state]],
             [describe(v.shape) for v in values[len(inputs):]])
+
+
+def _without_exact_division(expr: sympy.Expr) -> sympy.Expr:
+    """``expr`` with floor divisions that divide exactly removed (DiT's output width traces as
+    ``2*((grid**2)//grid)``: ``2*grid``), else as it is."""
+    from torch.utils._sympy.functions import FloorDiv
+
+    def exact(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr:
+        quotient = sympy.cancel(a / b)
+        whole = quotient.is_polynomial() and sympy.denom(quotient) == 1 and all(
+            c.is_integer for c in sympy.Poly(quotient, *quotient.free_symbols).coeffs()) if quotient.free_symbols \
+            else quotient.is_integer
+        return quotient if whole else FloorDiv(a, b)
+
+    return expr.replace(FloorDiv, exact) if expr.has(FloorDiv) else expr
+
+
+class _SizePrinter(StrPrinter):
+    """A size in the sidecar's grammar (dims.py: ``+ - * //``): a power of a dim as a product
+    (``grid**2`` -> ``grid*grid``: DiT's square latents)."""
+
+    def _print_Pow(self, expr: sympy.Pow) -> str:
+        base, power = expr.as_base_exp()
+        if isinstance(power, sympy.Integer) and power > 1:
+            return "(" + "*".join([self.parenthesize(base, 1000)] * int(power)) + ")"
+        return super()._print_Pow(expr)
 
 
 def _axis_examples(tensors: list[tuple[str, Tensor]], named: dict[str, dict[int, str]]) -> dict[str, int]:

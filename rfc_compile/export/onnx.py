@@ -24,8 +24,8 @@ and the ``dims.<name>`` inputs that carry it are rebuilt inside the graph, fix-u
 ``dims_from_inputs``). The state's sizes are traced as torch.export finds they follow the named dims
 (a ladder's token count; a FLUX single block's image + text tokens; Sana's grid_height*grid_width),
 and the sidecar records those expressions; the runner sizes the cache for each call. A model whose
-code fixes a size asked to be dynamic (DiT reads its grid as the square root of its token count)
-gets a clear error at capture and keeps a static resolution:
+code fixes a size asked to be dynamic (Mochi's rotary positions fix the latent height; DiT's latents
+must be square) gets a clear error at capture and keeps a static resolution:
 export once per serving resolution (the runners raise a clear error for any other shape).
 
 ONNX-level fix-ups (recorded in the sidecar's ``fixups``):

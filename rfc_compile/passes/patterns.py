@@ -14,8 +14,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Callable
 
-from .traceable import (cogvideox_positional_embeddings, cogview3plus_patch_embed_forward, hidream_moe_infer,
-                        hunyuan_video_framepack_forward, patch_embed_forward)
+from .traceable import (cogvideox_positional_embeddings, cogview3plus_patch_embed_forward, dit_forward,
+                        hidream_moe_infer, hunyuan_video_framepack_forward, patch_embed_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,13 +283,14 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 #: bounds the grid per side, if any (Wan's rotary table). The sizes are given to torch.export as
 #: ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and the model's
 #: ``height // patch`` is exact (PixArt, SD3 and CogView3-Plus: with their patch embedding's traceable
-#: twin, TRACEABLE_METHODS). Others fix the resolution in their code (DiT takes square latents only,
-#: Mochi's rotary positions fix the height; capture refuses them, fixed_dims.py): export those once per
-#: resolution.
+#: twin, TRACEABLE_METHODS; DiT with its forward's, square: SQUARE_LATENTS). Others fix the resolution
+#: in their code (Mochi's rotary positions fix the height; capture refuses them, fixed_dims.py): export
+#: those once per resolution.
 _LATENTS = ("hidden_states",)
 RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | None]] = {
     "SanaTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
     "PixArtTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
+    "DiTTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),  # square: one grid for both sides
     "SD3Transformer2DModel": (_LATENTS, (2, 3), "patch_size", "pos_embed_max_size"),  # its table's crop
     "CogView3PlusTransformer2DModel": (_LATENTS, (2, 3), "patch_size", "pos_embed_max_size"),
     "CogView4Transformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
@@ -304,6 +305,11 @@ RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | No
 }
 
 
+#: Models whose code takes square latents only (DiT unpatchifies at ``int(tokens ** 0.5)``): one grid
+#: dim for both sides, ``"2*grid"``.
+SQUARE_LATENTS = ("DiTTransformer2DModel",)
+
+
 def resolution_dims_for(model: Any) -> tuple[dict[str, dict[int, str]], dict[str, tuple[int, int]]] | None:
     """``(dynamic_dims, dim_ranges)`` for a model whose latent resolution may be dynamic (RESOLUTION_DIMS),
     else None: ``{"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}}`` for 2x2 patches, and the
@@ -314,11 +320,10 @@ def resolution_dims_for(model: Any) -> tuple[dict[str, dict[int, str]], dict[str
     names, axes, patch_key, bound_key = entry
     patch = getattr(model.config, patch_key)
     patches = tuple(patch[-2:]) if isinstance(patch, (tuple, list)) else (patch, patch)
-    grid = {axis: f"{p}*grid_{side}" if p != 1 else f"grid_{side}"
-            for axis, p, side in zip(axes, patches, ("height", "width"))}
+    sides = ("grid", "grid") if type(model).__name__ in SQUARE_LATENTS else ("grid_height", "grid_width")
+    grid = {axis: f"{p}*{side}" if p != 1 else side for axis, p, side in zip(axes, patches, sides)}
     dims = {name: dict(grid) for name in names}
-    ranges = {} if bound_key is None else {f"grid_{side}": (1, int(getattr(model.config, bound_key)))
-                                           for side in ("height", "width")}
+    ranges = {} if bound_key is None else {side: (1, int(getattr(model.config, bound_key))) for side in sides}
     return dims, ranges
 
 
@@ -364,6 +369,7 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     # PixArt, SD3 at a dynamic resolution: their position table for the traced grid, with no size guard
     "PatchEmbed": {"forward": patch_embed_forward},
     "CogView3PlusPatchEmbed": {"forward": cogview3plus_patch_embed_forward},  # likewise
+    "DiTTransformer2DModel": {"forward": dit_forward},  # its output at the input's grid, not int(tokens ** 0.5)
 }
 
 

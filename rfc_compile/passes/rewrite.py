@@ -134,6 +134,39 @@ def _ungroup(x: Tensor, groups: int) -> Tensor:
     return x.flatten(0, 1) if groups > 1 else x
 
 
+def _unfold_powers(shape: tuple[int, ...], traced: tuple) -> dict[str, Any]:
+    """A state tensor's stored layout: each size traced as a power of one dynamic dim (``grid**2``: DiT's
+    tokens, as its latents are square) as that many axes of the dim, which torch.export takes as
+    named dims where it takes no power (StateEntry.folded); other sizes as they are."""
+    stored, stored_traced, folded = [], [], []
+    for size, expr in zip(shape, traced or [None] * len(shape)):
+        base, power = expr.as_base_exp() if isinstance(expr, sympy.Pow) else (None, 1)
+        if isinstance(base, sympy.Symbol) and isinstance(power, sympy.Integer) and power > 1:
+            side = round(size ** (1 / int(power)))
+            if side ** int(power) == size:
+                folded.append((len(stored), int(power)))
+                stored += [side] * int(power)
+                stored_traced += [base] * int(power)
+                continue
+        stored.append(size)
+        stored_traced.append(expr)
+    return dict(shape=tuple(stored), traced=tuple(stored_traced) if traced else (), folded=tuple(folded))
+
+
+def _fold(x: Tensor, folded: tuple[tuple[int, int], ...]) -> Tensor:
+    """A stored state tensor as the step reads it (StateEntry.folded axes flattened into one)."""
+    for axis, count in reversed(folded):
+        x = x.flatten(axis, axis + count - 1).clone(memory_format=torch.contiguous_format)
+    return x
+
+
+def _unfold(x: Tensor, like: Tensor, folded: tuple[tuple[int, int], ...]) -> Tensor:
+    """The inverse of :func:`_fold`: ``x`` in the stored layout of ``like``."""
+    for axis, count in folded:
+        x = x.unflatten(axis, like.shape[axis : axis + count])
+    return x
+
+
 def _ladder_shape(shape: tuple[int, ...], order: int) -> tuple[int, ...]:
     """(B, m+1, *features): batch first, see rfc.py."""
     batch, *features = shape
@@ -221,7 +254,7 @@ def build_state_spec(plan: RegionPlan | None, config: RFCConfig, samples: int | 
         shape, traced = (_grouped_shape(node, groups[node], traced) for traced in (False, True))
         if ladder:
             shape, traced = _ladder_shape(shape, m), _ladder_shape(traced, m)
-        return StateEntry(name, shape, _meta(node).dtype, traced)
+        return StateEntry(name, dtype=_meta(node).dtype, **_unfold_powers(shape, traced))
 
     def per_sample(name: str, *rest: int) -> StateEntry:
         return StateEntry(name, (batch, *rest), torch.float32, (batch_traced, *rest))
@@ -590,6 +623,13 @@ class CachedStep(torch.nn.Module):
         for derived in self.captured.derived_dims if dims is not None else ():
             torch._check(kwargs[derived.input].size(derived.index)
                          == derived.scale * dims[derived.root].size(0) + derived.offset)
+        folded = {e.name: e.folded for e in self.state_spec.entries if e.folded}
+        for entry in self.state_spec.entries if dims is not None else ():  # as the inputs' sizes above
+            for axis, count in entry.folded:
+                for index in range(axis, axis + count):
+                    root = self.captured.dim_symbols[entry.traced[index]].__name__
+                    torch._check(state[entry.name].size(index) == dims[root].size(0))
+        stored, state = state, {n: _fold(x, folded[n]) if n in folded else x for n, x in state.items()}
         step, last_full, seen = (state[n] for n in _COUNTERS)
         env = self._bind_inputs(kwargs)
         if self.config.mode == "full" or self.plan is None:
@@ -641,7 +681,8 @@ class CachedStep(torch.nn.Module):
             # of full steps seen to 0: the next step is forced full and restarts every ladder.
             seen_after = torch.where(results[-1], seen_after, torch.zeros_like(seen_after))
         new_state["full_steps_seen"] = seen_after
-        return self._finish(env), {name: new_state[name] for name in self.state_spec.names()}
+        return self._finish(env), {name: _unfold(new_state[name], stored[name], folded[name]) if name in folded
+                                   else new_state[name] for name in self.state_spec.names()}
 
 
 def dim_carriers(sizes: dict[str, int], device: torch.device | str = "cpu") -> dict[str, Tensor]:

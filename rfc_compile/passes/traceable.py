@@ -115,6 +115,36 @@ def cogview3plus_patch_embed_forward(self, hidden_states: torch.Tensor,
     return (hidden_states + pos_embed).to(hidden_states.dtype)
 
 
+def dit_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, cross_attention_kwargs: dict | None = None,
+                return_dict: bool = True):
+    """``DiTTransformer2DModel.forward`` traced at a symbolic latent size: its output unpatchified at
+    the input's patch grid. The original reads the grid back as ``int(tokens ** 0.5)``, which torch
+    traces as the example's value (the graph would serve that size only, fixed_dims.py); DiT takes
+    square latents (the grid is checked square here, as that reshape requires). At a fixed size this
+    is the original."""
+    height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+    if not any(isinstance(size, torch.SymInt) for size in (height, width)):
+        return type(self).forward(self, hidden_states, timestep, class_labels, cross_attention_kwargs, return_dict)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    torch._check(height == width, lambda: "DiT takes square latents")
+    hidden_states = self.pos_embed(hidden_states)
+    for block in self.transformer_blocks:
+        hidden_states = block(hidden_states, attention_mask=None, encoder_hidden_states=None,
+                              encoder_attention_mask=None, timestep=timestep,
+                              cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)
+    conditioning = self.transformer_blocks[0].norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)
+    shift, scale = self.proj_out_1(torch.nn.functional.silu(conditioning)).chunk(2, dim=1)
+    hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+    hidden_states = self.proj_out_2(hidden_states)
+    patch = self.patch_size
+    hidden_states = hidden_states.reshape(shape=(-1, height, width, patch, patch, self.out_channels))
+    hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+    output = hidden_states.reshape(shape=(-1, self.out_channels, height * patch, width * patch))
+    return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
+
+
 def hunyuan_video_framepack_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                                     encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
                                     pooled_projections: torch.Tensor, image_embeds: torch.Tensor,
