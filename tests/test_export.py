@@ -1114,6 +1114,27 @@ def test_dit_square_dynamic_resolution(workdir):
     with pytest.raises(InputMismatchError, match="grid"):  # not square: two sizes for one dim
         runner(hidden_states=torch.randn(2, 4, 8, 12), timestep=torch.full((2,), 999),
                class_labels=torch.tensor([1, NUM_CLASSES]))
+    from rfc_compile.export.tensorrt import profile_shapes  # a TensorRT profile: every folded axis follows the grid
+
+    assert profile_shapes(export.sidecar, {"grid": (2, 4, 8)})["state.transformer_blocks_0_attn1.ladder.0"] == (
+        (2, 3, 2, 2, 16), (2, 3, 4, 4, 16), (2, 3, 8, 8, 16))
+
+
+def test_sidecar_sizes_are_in_the_size_grammar():
+    """graph.py writes traced sizes in dims.py's grammar: a power as a product, a floor division that
+    divides exactly as its quotient (DiT's output width ``2*((grid**2)//grid)`` is ``2*grid``), and
+    one that may not (``2*(h//2)`` is not h for an odd h) kept."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    from rfc_compile.dims import eval_dim
+    from rfc_compile.export.graph import _SizePrinter, _without_exact_division
+
+    grid, h = sympy.symbols("grid h", integer=True, positive=True)
+    written = lambda expr: _SizePrinter().doprint(_without_exact_division(expr))  # noqa: E731
+    assert written(2 * FloorDiv(grid**2, grid)) == "2*grid"
+    assert eval_dim(written(2 * FloorDiv(h, 2)), {"h": 7}) == 6
+    assert eval_dim(written(3 * grid**2 + h), {"grid": 5, "h": 2}) == 77
 
 
 def test_resolution_dims_errors_are_clear():
