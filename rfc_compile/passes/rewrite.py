@@ -154,7 +154,9 @@ def _unfold_powers(shape: tuple[int, ...], traced: tuple) -> dict[str, Any]:
 
 
 def _fold(x: Tensor, folded: tuple[tuple[int, int], ...]) -> Tensor:
-    """A stored state tensor as the step reads it (StateEntry.folded axes flattened into one)."""
+    """A stored state tensor as the step reads it (StateEntry.folded axes flattened into one), a copy:
+    the flattened view's symbolic strides (``Min(16, 16*grid)``) made torch.cond's merge of the two
+    branches' outputs fail (an ONNX graph has no strides: no copy there)."""
     for axis, count in reversed(folded):
         x = x.flatten(axis, axis + count - 1).clone(memory_format=torch.contiguous_format)
     return x

@@ -3,7 +3,11 @@
 Some diffusers models do what torch.export cannot trace in the middle of their forward:
 HiDream-I1's mixture-of-experts layer counts the tokens routed to each expert with
 ``.cpu().numpy()``; CogVideoX writes a new positional table through ``.data``; FramePack's
-forward sizes its attention mask and text by tensor values (its whole forward is twinned). Each twin here
+forward sizes its attention mask and text by tensor values (its whole forward is twinned). Others
+trace, but only at the example's size, when that size is symbolic (a dynamic resolution): PixArt's,
+SD3's and CogView3-Plus's position tables (compared with the configured size, or sliced with bounds
+torch cannot prove in range) and DiT's output (its grid read back as ``int(tokens ** 0.5)``); their
+twins take the original's code at a fixed size. Each twin here
 computes the same thing with torch ops (HiDream's counts stay tensors; slicing by them gives
 data-dependent sizes, which torch.export follows), and
 :func:`swapped_methods` puts it on the model's modules only for the duration of a capture, so
