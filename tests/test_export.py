@@ -945,7 +945,7 @@ def test_dynamic_prompt_length_alone_flux(workdir):
 
 
 @pytest.mark.parametrize("name", ["sana", "pixart", "sd3", "cogview4", "wan", *(pytest.param(name, marks=pytest.mark.slow) for name in (
-    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video", "cogview3plus"))])
+    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video", "cogview3plus", "mochi"))])
 def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
     latent height and width as ``patch * grid_height`` / ``patch * grid_width`` (and Sana with a dynamic

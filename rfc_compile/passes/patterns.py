@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 from .traceable import (cogvideox_positional_embeddings, cogview3plus_patch_embed_forward, dit_forward,
-                        hidream_moe_infer, hunyuan_video_framepack_forward, patch_embed_forward)
+                        hidream_moe_infer, hunyuan_video_framepack_forward, mochi_rope_centers, patch_embed_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,9 +283,10 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
 #: bounds the grid per side, if any (Wan's rotary table). The sizes are given to torch.export as
 #: ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and the model's
 #: ``height // patch`` is exact (PixArt, SD3 and CogView3-Plus: with their patch embedding's traceable
-#: twin, TRACEABLE_METHODS; DiT with its forward's, square: SQUARE_LATENTS). Others fix the resolution
-#: in their code (Mochi's rotary positions fix the height; capture refuses them, fixed_dims.py): export
-#: those once per resolution.
+#: twin, TRACEABLE_METHODS; Mochi with its rotary positions'; DiT with its forward's, square:
+#: SQUARE_LATENTS). Others fix the resolution in their code (HiDream-I1 takes square latents and caches
+#: text + grid**2 tokens; capture refuses a graph that would not serve other sizes, fixed_dims.py):
+#: export those once per resolution.
 _LATENTS = ("hidden_states",)
 RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | None]] = {
     "SanaTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
@@ -302,6 +303,7 @@ RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | No
     "SanaVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
     "HeliosTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
     "HunyuanVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
+    "MochiTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
 }
 
 
@@ -370,6 +372,7 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     "PatchEmbed": {"forward": patch_embed_forward},
     "CogView3PlusPatchEmbed": {"forward": cogview3plus_patch_embed_forward},  # likewise
     "DiTTransformer2DModel": {"forward": dit_forward},  # its output at the input's grid, not int(tokens ** 0.5)
+    "MochiRoPE": {"_centers": mochi_rope_centers},  # its positions from arange, not linspace's traced count
 }
 
 

@@ -149,6 +149,18 @@ def dit_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | None
     return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
 
 
+def mochi_rope_centers(self, start, stop, num, device, dtype) -> torch.Tensor:
+    """``MochiRoPE._centers`` at a symbolic count (a dynamic resolution): the centres of ``num`` equal
+    cells between ``start`` and ``stop``, ``start + (i + 1/2) * (stop - start) / num``, from ``arange``.
+    The original takes the midpoints of ``torch.linspace(start, stop, num + 1)``, whose count torch
+    traces as the example's. The same values up to rounding (linspace computes its points from both
+    ends). At a fixed count this is the original."""
+    if not isinstance(num, torch.SymInt):
+        return type(self)._centers(self, start, stop, num, device, dtype)
+    cells = torch.arange(num, device=device, dtype=torch.float32) + 0.5
+    return (start + cells * ((stop - start) / num)).to(dtype or torch.float32)
+
+
 def hunyuan_video_framepack_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                                     encoder_hidden_states: torch.Tensor, encoder_attention_mask: torch.Tensor,
                                     pooled_projections: torch.Tensor, image_embeds: torch.Tensor,
