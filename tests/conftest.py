@@ -944,7 +944,10 @@ _CHRONOEDIT_CONDITION = torch.randn(1, 8, 2, 4, 4, generator=torch.Generator().m
 
 def chronoedit_inputs(latents: torch.Tensor, t: torch.Tensor) -> dict:
     """ChronoEditPipeline's call: ``cat([latents, condition], dim=1)`` (4 mask + 4 image-latent channels)."""
-    condition = _CHRONOEDIT_CONDITION.expand(latents.shape[0], -1, -1, -1, -1)
+    condition = _CHRONOEDIT_CONDITION
+    if condition.shape[-2:] != latents.shape[-2:]:  # another resolution: a condition of that size
+        condition = torch.randn(1, 8, 2, *latents.shape[-2:], generator=torch.Generator().manual_seed(123))
+    condition = condition.expand(latents.shape[0], -1, -1, -1, -1)
     return dict(hidden_states=torch.cat([latents, condition], dim=1), timestep=t)
 
 

@@ -945,7 +945,7 @@ def test_dynamic_prompt_length_alone_flux(workdir):
 
 
 @pytest.mark.parametrize("name", ["sana", "pixart", "sd3", "cogview4", "wan", *(pytest.param(name, marks=pytest.mark.slow) for name in (
-    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video", "cogview3plus", "mochi"))])
+    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video", "cogview3plus", "mochi", "chronoedit"))])
 def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
     latent height and width as ``patch * grid_height`` / ``patch * grid_width`` (and Sana with a dynamic
@@ -970,7 +970,8 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     assert dims == {i: dict(zip(axes, (grid, grid.replace("height", "width")))) for i in inputs}
     # bounded by their rotary table (rope_max_seq_len 32 here), SD3 and CogView3-Plus by their position
     # table (pos_embed_max_size 8)
-    bound = {"wan": 32, "skyreels_v2": 32, "sana_video": 32, "wan_vace": 32, "sd3": 8, "cogview3plus": 8}.get(name)
+    bound = {"wan": 32, "skyreels_v2": 32, "sana_video": 32, "wan_vace": 32, "chronoedit": 32, "sd3": 8,
+             "cogview3plus": 8}.get(name)
     bounded = bound is not None
     assert ranges == ({"grid_height": (1, bound), "grid_width": (1, bound)} if bounded else {})
     export = to_onnx(model, workdir / f"{name}_rfc_resolution.onnx", family.example(), config,

@@ -302,6 +302,7 @@ RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | No
     "SkyReelsV2Transformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
     "SanaVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
     "HeliosTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
+    "ChronoEditTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
     "HunyuanVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
     "MochiTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
 }
