@@ -409,9 +409,10 @@ def _without_exact_division(expr: sympy.Expr) -> sympy.Expr:
 
     def exact(a: sympy.Expr, b: sympy.Expr) -> sympy.Expr:
         quotient = sympy.cancel(a / b)
-        whole = quotient.is_polynomial() and sympy.denom(quotient) == 1 and all(
-            c.is_integer for c in sympy.Poly(quotient, *quotient.free_symbols).coeffs()) if quotient.free_symbols \
-            else quotient.is_integer
+        if not quotient.free_symbols:
+            return quotient if quotient.is_integer else FloorDiv(a, b)
+        whole = quotient.is_polynomial() and all(  # integer coefficients: whole for every size
+            c.is_integer for c in sympy.Poly(quotient, *quotient.free_symbols).coeffs())
         return quotient if whole else FloorDiv(a, b)
 
     return expr.replace(FloorDiv, exact) if expr.has(FloorDiv) else expr

@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from ..dims import linear_dim, root_size
 from ..errors import UnsupportedModelError
-from .fixed_dims import guards_fixing_dims
+from .fixed_dims import guards_fixing_dims, tied_dims
 from .noop_squeeze import drop_noop_squeezes
 from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, folded_batch_input_for, unbatched_inputs_for
 from .traceable import swapped_methods
@@ -169,16 +169,10 @@ def dim_spec(size: sympy.Expr | int, dims: Mapping[sympy.Symbol, torch.export.Di
     return torch.export.Dim.AUTO
 
 
-def _tied_dims(dynamic_shapes: dict[str, Any] | None, dim_symbols: dict[sympy.Symbol, torch.export.Dim]) -> list[str]:
-    """Named dims asked for that the trace made one symbol with another (HiDream-I1's latent width and
-    height: torch.export relates derived dims only at the end and let ``2*grid_width == 2*grid_height``
-    through), so they have no symbol of their own in ``dim_symbols``."""
-    if not dim_symbols:  # the placeholders could not be paired with the specs: nothing to compare
-        return []
-    asked = {getattr(dim, "root", dim).__name__ for dim in pytree.tree_leaves(dynamic_shapes or {})
-             if isinstance(dim, torch.export.Dim) or hasattr(dim, "root")}
-    found = {dim.__name__ for dim in dim_symbols.values()}
-    return sorted(asked - found)
+def _fixed_by_model(model: torch.nn.Module, why: str, advice: str = "") -> UnsupportedModelError:
+    """The refusal of dynamic dims that the model's code fixes (``why``: what fixes them)."""
+    return UnsupportedModelError(f"{type(model).__name__} cannot be captured with these dynamic dims: the model's "
+                                 f"code fixes them ({why}){advice}")
 
 
 def _dim_symbols(gm: fx.GraphModule, kwargs: dict[str, Any],
@@ -339,9 +333,8 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
         raise UnsupportedModelError(f"{type(model).__name__} called with {', '.join(opaque)}: {_STATEFUL_CALLS}")
     per_sample = [name for name in PER_SAMPLE_CONSTANTS.get(type(model).__name__, ()) if kwargs.get(name) is not None]
     if dynamic_batch and per_sample:
-        raise UnsupportedModelError(f"{type(model).__name__} cannot be captured with these dynamic dims: the model's "
-                                    f"code fixes them ({', '.join(per_sample)}: one entry per sample, a constant in "
-                                    "the graph; export at the serving batch)")
+        raise _fixed_by_model(model, f"{', '.join(per_sample)}: one entry per sample, a constant in the graph; "
+                                     "export at the serving batch")
     kwargs = distinct_tensor_arguments(kwargs)
     unbatched = unbatched_inputs_for(type(model).__name__)
     dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched, dim_ranges)
@@ -352,8 +345,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
             if dynamic_shapes is None:
                 raise
             why = "\n".join(str(exc).splitlines()[:4])
-            raise UnsupportedModelError(f"{type(model).__name__} cannot be captured with these dynamic dims: "
-                                        f"the model's code fixes them ({why})") from exc
+            raise _fixed_by_model(model, why) from exc
         except Exception as exc:
             if "in output, which is not a known type" in str(exc):  # torch.export's words
                 returned = str(exc).split("Found ", 1)[-1].split(" in output", 1)[0]
@@ -378,19 +370,16 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
             ) from exc
     gm = drop_noop_squeezes(exported.module())
     dim_symbols = _dim_symbols(gm, kwargs, dynamic_shapes)
-    tied = _tied_dims(dynamic_shapes, dim_symbols)
+    tied = tied_dims(dynamic_shapes, dim_symbols)
     if tied:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} cannot be captured with these dynamic dims: the model's code fixes them "
-            f"({', '.join(tied)} traced as the same size as another dynamic dim, e.g. square latents only): "
-            "export with one name for those sizes, or once per size")
+        raise _fixed_by_model(model, f"{', '.join(tied)} traced as the same size as another dynamic dim, e.g. "
+                                     "square latents only", ": export with one name for those sizes, or once per size")
     fixed = guards_fixing_dims(gm, dim_symbols)
     if fixed:
         guard, sizes = fixed[0]
-        raise UnsupportedModelError(
-            f"{type(model).__name__} cannot be captured with these dynamic dims: the model's code fixes them "
-            f"(torch traced the guard {guard}, false at {sizes}; {len(fixed)} such guard(s)): the graph would serve "
-            "the example's sizes only. Export with fewer dynamic dims, or once per size")
+        raise _fixed_by_model(model, f"torch traced the guard {guard}, false at {sizes}; {len(fixed)} such guard(s)",
+                              ": the graph would serve the example's sizes only. Export with fewer dynamic dims, "
+                              "or once per size")
     info = gm.graph._codegen.pytree_info
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     logger.info("captured %s: %d nodes in %.1fs", type(model).__name__, len(gm.graph.nodes),

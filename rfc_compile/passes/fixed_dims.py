@@ -8,16 +8,19 @@ that only fits the example. So after capture every guard the trace recorded is e
 other sizes of the dynamic dims (each one size up, all of them one up, all of them doubled, within
 their ranges): a guard that fails there means the graph does not serve those sizes, and capture
 refuses with the guard written over the dims' names instead of returning a graph that gives wrong
-results at the next size.
+results at the next size. Likewise a named dim that the trace merged into another's symbol
+(:func:`tied_dims`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import sympy
 import torch
+from torch.utils import _pytree as pytree
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +68,15 @@ def guards_fixing_dims(gm: torch.fx.GraphModule, dim_symbols: Mapping[sympy.Symb
     if failing:
         logger.info("%d guard(s) fix the dynamic dims, e.g. %s", len(failing), failing[0][0])
     return failing
+
+
+def tied_dims(dynamic_shapes: Mapping[str, Any] | None, dim_symbols: Mapping[sympy.Symbol, torch.export.Dim]) -> list[str]:
+    """Named dims asked for that the trace made one symbol with another (HiDream-I1's latent width and
+    height: torch.export relates derived dims only at the end and let ``2*grid_width == 2*grid_height``
+    through), so they have no symbol of their own in ``dim_symbols``."""
+    if not dim_symbols:  # the placeholders could not be paired with the specs: nothing to compare
+        return []
+    asked = {getattr(dim, "root", dim).__name__ for dim in pytree.tree_leaves(dynamic_shapes or {})
+             if isinstance(dim, torch.export.Dim) or hasattr(dim, "root")}
+    found = {dim.__name__ for dim in dim_symbols.values()}
+    return sorted(asked - found)

@@ -63,6 +63,11 @@ def cogvideox_positional_embeddings(self, sample_height: int, sample_width: int,
     return torch.cat([text, table]).unsqueeze(0)
 
 
+def _symbolic(*sizes) -> bool:
+    """Whether a size is a symbol of the trace (a dynamic dim): where the twins below differ from the original."""
+    return any(isinstance(size, torch.SymInt) for size in sizes)
+
+
 def patch_embed_forward(self, latent: torch.Tensor) -> torch.Tensor:
     """``PatchEmbed.forward`` (diffusers' PixArt, SD3) traced at a symbolic latent size (a dynamic
     resolution). PixArt: the sin-cos position table computed for the traced grid, as the original
@@ -72,7 +77,7 @@ def patch_embed_forward(self, latent: torch.Tensor) -> torch.Tensor:
     rows the original slices (``[top : top + height]``), whose bounds torch cannot prove in range for
     every grid. At a fixed size this is the original."""
     height, width = latent.shape[-2] // self.patch_size, latent.shape[-1] // self.patch_size
-    if self.pos_embed is None or not any(isinstance(size, torch.SymInt) for size in (height, width)):
+    if self.pos_embed is None or not _symbolic(height, width):
         return type(self).forward(self, latent)
     from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
 
@@ -104,7 +109,7 @@ def cogview3plus_patch_embed_forward(self, hidden_states: torch.Tensor,
     whose reshape torch guards on the slice being contiguous, i.e. narrower than the table (the
     step's export then refuses the table's full width). At a fixed size this is the original."""
     batch_size, channel, height, width = hidden_states.shape
-    if not any(isinstance(size, torch.SymInt) for size in (height, width)):
+    if not _symbolic(height, width):
         return type(self).forward(self, hidden_states, encoder_hidden_states)
     height, width, patch = height // self.patch_size, width // self.patch_size, self.patch_size
     hidden_states = hidden_states.view(batch_size, channel, height, patch, width, patch)
@@ -128,7 +133,7 @@ def dit_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | None
     square latents (the grid is checked square here, as that reshape requires). At a fixed size this
     is the original."""
     height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
-    if not any(isinstance(size, torch.SymInt) for size in (height, width)):
+    if not _symbolic(height, width):
         return type(self).forward(self, hidden_states, timestep, class_labels, cross_attention_kwargs, return_dict)
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -155,7 +160,7 @@ def mochi_rope_centers(self, start, stop, num, device, dtype) -> torch.Tensor:
     The original takes the midpoints of ``torch.linspace(start, stop, num + 1)``, whose count torch
     traces as the example's. The same values up to rounding (linspace computes its points from both
     ends). At a fixed count this is the original."""
-    if not isinstance(num, torch.SymInt):
+    if not _symbolic(num):
         return type(self)._centers(self, start, stop, num, device, dtype)
     cells = torch.arange(num, device=device, dtype=torch.float32) + 0.5
     return (start + cells * ((stop - start) / num)).to(dtype or torch.float32)
