@@ -40,7 +40,6 @@ back as the next input.
 
 from __future__ import annotations
 
-import ast
 import logging
 import os
 import shutil
@@ -49,7 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ExportError
-from ..dims import fold_dim, linear_dim
+from ..dims import linear_dim
+from .onnx_sizes import SizeNodes
 from .sidecar import Sidecar
 from .proto import check_model, save_model
 from .skip_state import restore_skip_copies
@@ -114,7 +114,7 @@ def add_sequence_controls(model_proto, sidecar: Sidecar):
     ]
     from .sidecar import numpy_dtype
 
-    sizes = _DimSizes(sidecar, pre, inits)
+    sizes = _state_sizes(sidecar, pre, inits)
     for s in state:
         zero = f"rfc_triton/zero/{s.name}"
         inits.append(numpy_helper.from_array(np.zeros((), dtype=numpy_dtype(s.dtype)), zero))
@@ -126,7 +126,7 @@ def add_sequence_controls(model_proto, sidecar: Sidecar):
             pre.append(helper.make_node("Where", ["rfc_triton/start", zero, source], [reset_name[s.input]]))
         else:  # the state may arrive at another shape (initial_state): zeros at this request's sizes
             zeros = helper.make_graph(
-                [helper.make_node("ConstantOfShape", [sizes.shape(s.shape)], [f"{zero}/full"],
+                [helper.make_node("ConstantOfShape", [_shape(sizes, s.shape)], [f"{zero}/full"],
                                   value=numpy_helper.from_array(np.zeros((1,), dtype=numpy_dtype(s.dtype))))],
                 f"{zero}/then", [], [helper.make_tensor_value_info(f"{zero}/full", _onnx_type(s.dtype), None)])
             keep = helper.make_graph(
@@ -169,71 +169,22 @@ def _onnx_type(dtype: str) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(numpy_dtype(dtype)))
 
 
-class _DimSizes:
-    """ONNX nodes computing a state shape from the request's input sizes (sidecar dims: ints,
-    names of dynamic dims, expressions in them), appended to ``nodes``; one node per value."""
+def _state_sizes(sidecar: Sidecar, nodes: list, inits: list) -> SizeNodes:
+    """Size nodes over the request's inputs: each dynamic dim read off the first input that shows it."""
+    where: dict = {}
+    for desc in sidecar.inputs:
+        for axis, dim in enumerate(desc.shape):
+            linear = linear_dim(dim) if isinstance(dim, str) else None
+            if linear is not None:
+                where.setdefault(linear[0], (desc.name, axis, *linear[1:]))
+    return SizeNodes(where, nodes, inits, prefix="rfc_triton/")
 
-    _OPS = {ast.Add: "Add", ast.Sub: "Sub", ast.Mult: "Mul", ast.FloorDiv: "Div"}  # Div truncates: // for sizes >= 0
 
-    def __init__(self, sidecar: Sidecar, nodes: list, inits: list):
-        self.nodes, self.inits, self.cache = nodes, inits, {}
-        self.where = {}  # dim name -> (input name, axis, scale, offset): that axis is scale * dim + offset
-        for desc in sidecar.inputs:
-            for axis, dim in enumerate(desc.shape):
-                linear = linear_dim(dim) if isinstance(dim, str) else None
-                if linear is not None:
-                    self.where.setdefault(linear[0], (desc.name, axis, *linear[1:]))
-
-    def shape(self, shape) -> str:
-        """Name of an int64 (rank,) tensor holding ``shape`` at this request's sizes."""
-        from onnx import helper
-
-        sizes = [self.size(d) for d in shape]
-        return self._node(("shape", *sizes), lambda out: helper.make_node("Concat", sizes, [out], axis=0))
-
-    def size(self, dim) -> str:
-        """Name of an int64 (1,) tensor holding one size (sidecar.fold_dim's grammar)."""
-        if isinstance(dim, int):
-            return self._constant(dim)
-        try:
-            return fold_dim(dim, self._name, self._constant, self._binary)
-        except ValueError as exc:
-            raise ExportError(f"state size {dim!r}: cannot compute it in the Triton model ({exc})") from None
-
-    def _constant(self, value: int) -> str:
-        from onnx import numpy_helper
-
-        key = ("const", value)
-        if key not in self.cache:
-            self.cache[key] = f"rfc_triton/const/{value}"
-            self.inits.append(numpy_helper.from_array(np.array([value], dtype=np.int64), self.cache[key]))
-        return self.cache[key]
-
-    def _name(self, dim: str) -> str:
-        """The size of a named dim, read off an input that shows it (``Shape`` of one axis)."""
-        from onnx import helper
-
-        if dim not in self.where:
-            raise ValueError(f"no model input shows the dim {dim!r}")
-        source, axis, scale, offset = self.where[dim]
-        size = self._node(("shape", source, axis), lambda out: helper.make_node(
-            "Shape", [source], [out], start=axis, end=axis + 1))
-        if offset:
-            size = self._binary(ast.Sub, size, self._constant(offset))
-        return self._binary(ast.FloorDiv, size, self._constant(scale)) if scale != 1 else size
-
-    def _binary(self, op: type[ast.operator], left: str, right: str) -> str:
-        from onnx import helper
-
-        return self._node((op.__name__, left, right),
-                          lambda out: helper.make_node(self._OPS[op], [left, right], [out]))
-
-    def _node(self, key: tuple, make) -> str:
-        """One node per distinct value: ``make(output name)`` the first time ``key`` is asked for."""
-        if key not in self.cache:
-            self.cache[key] = f"rfc_triton/size/{len(self.cache)}"
-            self.nodes.append(make(self.cache[key]))
-        return self.cache[key]
+def _shape(sizes: SizeNodes, shape) -> str:
+    try:
+        return sizes.shape(shape)
+    except ValueError as exc:
+        raise ExportError(f"state shape {shape!r}: cannot compute it in the Triton model ({exc})") from None
 
 
 def config_pbtxt(sidecar: Sidecar, name: str, max_sequence_idle_microseconds: int = 60_000_000) -> str:
