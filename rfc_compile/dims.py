@@ -12,6 +12,8 @@ from typing import Callable, TypeVar
 
 T = TypeVar("T")
 Dim = int | str  # a size, or a dynamic dim's name or an expression in the names
+#: The largest size a named dynamic dim (``dynamic_dims``) may take.
+DIM_MAX = 65536
 _Linear = tuple[str | None, int, int]  # scale * name + offset (name None: a constant)
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}

@@ -871,21 +871,20 @@ def build_cosmos():
         concat_padding_mask=False, extra_pos_embed_type=None), seed=0)
 
 
-_COSMOS_CONDITION_LATENT = torch.randn(1, 4, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-
-
 def cosmos_frames(latents: torch.Tensor, t: torch.Tensor) -> dict:
-    """Cosmos2VideoToWorldPipeline's call: frame 0 is the conditioning frame, its latent fixed and its
-    timestep sigma_c / (sigma_c + 1) (sigma_c = 1e-4); the timestep is one per frame, (B, 1, T, 1, 1)."""
-    batch, _, frames = latents.shape[:3]
+    """Cosmos2VideoToWorldPipeline's call: frame 0 is the conditioning frame, its latent fixed (per
+    latent size) and its timestep sigma_c / (sigma_c + 1) (sigma_c = 1e-4); the timestep is one per
+    frame, (B, 1, T, 1, 1)."""
+    batch, channels, frames, height, width = latents.shape
+    condition = torch.randn(1, channels, 1, height, width, generator=torch.Generator().manual_seed(7))
     first = torch.zeros(1, 1, frames, 1, 1)
     first[:, :, 0] = 1
-    hidden = first * _COSMOS_CONDITION_LATENT.expand(batch, -1, frames, -1, -1) + (1 - first) * latents
+    hidden = first * condition.expand(batch, -1, frames, -1, -1) + (1 - first) * latents
     return dict(hidden_states=hidden, timestep=first * (1e-4 / 1.0001) + (1 - first) * t.view(batch, 1, 1, 1, 1))
 
 
-def cosmos_conditions(batch, gen, frames=2):
-    condition_mask = torch.zeros(batch, 1, frames, 8, 8)
+def cosmos_conditions(batch, gen, frames=2, height=8, width=8):
+    condition_mask = torch.zeros(batch, 1, frames, height, width)
     condition_mask[:, :, 0] = 1
     return dict(encoder_hidden_states=_text(batch, gen, 5, 16), condition_mask=condition_mask, fps=16)
 
@@ -901,9 +900,10 @@ def build_hunyuandit():
         use_style_cond_and_image_meta_size=True), seed=0)
 
 
-def hunyuandit_conditions(batch, gen):
+def hunyuandit_conditions(batch, gen, grid=(4, 4)):
     # CLIP and T5 states with their masks (text_len / text_len_t5 tokens), size / crop meta, style, and
-    # the 2D rotary table HunyuanDiTPipeline computes (4 x 4 patches, base size 32)
+    # the 2D rotary table HunyuanDiTPipeline computes (4 x 4 patches of the 8 x 8 latents, base size 32;
+    # one row per patch: ``grid`` for latents of another size)
     from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
     mask_t5 = torch.ones(batch, 5, dtype=torch.long)
@@ -912,7 +912,7 @@ def hunyuandit_conditions(batch, gen):
                 encoder_hidden_states_t5=_text(batch, gen, 5, 16), text_embedding_mask_t5=mask_t5,
                 image_meta_size=torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]] * batch),
                 style=torch.zeros(batch, dtype=torch.long),
-                image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (32, 32)), (4, 4), output_type="pt"))
+                image_rotary_emb=get_2d_rotary_pos_embed(8, ((0, 0), (32, 32)), grid, output_type="pt"))
 
 
 def build_sana_video():

@@ -213,6 +213,46 @@ def test_config_rejects_wrong_types():
         RFCConfig(mode=3)
 
 
+def test_size_reads_move_to_the_first_tensor_of_that_size():
+    """passes/early_sizes.py: a size torch.export first read off a later tensor (Hunyuan-DiT's token
+    count, first asked for in the first block's attention, then read by every block) is read off the
+    first tensor that has it, so no cached region outputs a size. The graph computes what the module
+    does, at other sizes too."""
+    from rfc_compile.passes.early_sizes import read_sizes_early
+
+    class Late(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patches = torch.nn.Conv2d(3, 4, 2, stride=2)  # its output's sizes come from the conv's meta
+            self.mix = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            tokens = self.patches(x).flatten(2).transpose(1, 2)  # (B, h*w, 4): the size first exists here
+            mixed = self.mix(torch.relu(tokens))
+            batch, count, channels = mixed.shape  # first asked for here
+            return mixed.reshape(batch * count, channels) + 1
+
+    def symbolic(node):
+        value = node.meta.get("val")
+        return [d.node.expr for d in value.shape if isinstance(d, torch.SymInt)] if isinstance(value, torch.Tensor) else []
+
+    h, w = torch.export.Dim("h", min=2, max=32), torch.export.Dim("w", min=2, max=32)
+    module = Late()
+    gm = torch.export.export(module, (torch.randn(2, 3, 8, 10),), dynamic_shapes=({2: 2 * h, 3: 2 * w},)).module()
+    reads = lambda: [n for n in gm.graph.nodes if n.target is torch.ops.aten.sym_size.int]  # noqa: E731
+    nodes = list(gm.graph.nodes)
+    late = [n for n in reads() if n.args[0].op != "placeholder"]
+    earliest = {n: next(m for m in nodes if n.meta["val"].node.expr in symbolic(m)) for n in late}
+    assert any(earliest[n] is not n.args[0] for n in late), "the example must read a size off a later tensor"
+    read_sizes_early(gm)
+    nodes = list(gm.graph.nodes)
+    for node in late:
+        assert node.args[0] is earliest[node] and nodes.index(node) > nodes.index(earliest[node])
+    for size in ((8, 10), (6, 4), (12, 14)):
+        x = torch.randn(2, 3, *size)
+        assert torch.equal(gm(x), module(x))
+
+
 def test_noop_squeeze_pass_drops_only_squeezes_that_do_nothing():
     """passes/noop_squeeze.py: a squeeze of a dim that is not 1 (PixArt's ``squeeze(1)`` of its tokens)
     is dropped, so the ONNX graph has no Squeeze that onnxruntime refuses at a dynamic size; a squeeze

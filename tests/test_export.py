@@ -945,7 +945,8 @@ def test_dynamic_prompt_length_alone_flux(workdir):
 
 
 @pytest.mark.parametrize("name", ["sana", "pixart", "sd3", "cogview4", "wan", *(pytest.param(name, marks=pytest.mark.slow) for name in (
-    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video", "cogview3plus", "mochi", "chronoedit"))])
+    "hunyuan_image", "auraflow", "skyreels_v2", "sana_video", "helios", "wan_vace", "hunyuan_video", "cogview3plus", "mochi", "chronoedit",
+    "hunyuandit", "kandinsky5", "cosmos"))])
 def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     """Models that cut the latents into patches (patterns.RESOLUTION_DIMS) exported once, with the
     latent height and width as ``patch * grid_height`` / ``patch * grid_width`` (and Sana with a dynamic
@@ -953,7 +954,9 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     with its full steps; the cache follows the grid (``grid_height*grid_width`` tokens). torch.cond failed
     on such graphs (a stride ``Max(1, (h//2)*(w//2))``): the trace sizes the latents by the grid now
     (CachedStep's ``dims``, rebuilt inside the ONNX graph: no extra input). A size that is not whole
-    patches is a clear error."""
+    patches is a clear error. Inputs that the pipeline sizes by the grid follow it (Hunyuan-DiT's
+    rotary table, ``grid_height*grid_width`` rows; Kandinsky 5's rotary positions, index ranges over the
+    grid, in a list input), and a call whose inputs disagree on the grid is refused."""
     import onnx
     from conftest import FAMILIES, flow_generation
 
@@ -962,36 +965,47 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
     family = FAMILIES[name]
     config = RFCConfig(mode="rfc", threshold=family.threshold, order=1)
     model = family.build()
-    dims, ranges = resolution_dims_for(model)
+    dims, ranges = resolution_dims_for(model, family.example())
     patch = 2 if name != "hunyuan_image" else 1
     grid = "grid_height" if patch == 1 else f"{patch}*grid_height"
-    axes = (3, 4) if len(family.latent_shape) == 4 else (2, 3)  # videos: (B, C, frames, height, width)
-    inputs = ("hidden_states", "control_hidden_states") if name == "wan_vace" else ("hidden_states",)
-    assert dims == {i: dict(zip(axes, (grid, grid.replace("height", "width")))) for i in inputs}
-    # bounded by their rotary table (rope_max_seq_len 32 here), SD3 and CogView3-Plus by their position
-    # table (pos_embed_max_size 8)
+    channels_last = name == "kandinsky5"  # (B, frames, height, width, C)
+    axes = (3, 4) if len(family.latent_shape) == 4 and not channels_last else (2, 3)  # videos: (B, C, F, H, W)
+    inputs = {"wan_vace": ("hidden_states", "control_hidden_states"),
+              "cosmos": ("hidden_states", "condition_mask")}.get(name, ("hidden_states",))
+    grid_sized = {"hunyuandit": {"image_rotary_emb": ({0: "grid_height*grid_width"},) * 2},
+                  "kandinsky5": {"visual_rope_pos": [None, {0: "grid_height"}, {0: "grid_width"}]}}.get(name, {})
+    assert dims == {**{i: dict(zip(axes, (grid, grid.replace("height", "width")))) for i in inputs}, **grid_sized}
+    # bounded by their rotary table (rope_max_seq_len 32 here; Cosmos' max_size 16 latents, 8 patches, from
+    # 2), SD3 and CogView3-Plus by their position table (pos_embed_max_size 8)
     bound = {"wan": 32, "skyreels_v2": 32, "sana_video": 32, "wan_vace": 32, "chronoedit": 32, "sd3": 8,
-             "cogview3plus": 8}.get(name)
+             "cogview3plus": 8, "cosmos": 8}.get(name)
     bounded = bound is not None
-    assert ranges == ({"grid_height": (1, bound), "grid_width": (1, bound)} if bounded else {})
+    low = 2 if name == "cosmos" else 1
+    assert ranges == ({"grid_height": (low, bound), "grid_width": (low, bound)} if bounded else {})
     export = to_onnx(model, workdir / f"{name}_rfc_resolution.onnx", family.example(), config,
                      dynamic_batch=name == "sana", dynamic_dims=dims, dim_ranges=ranges)
     shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
-    assert shapes["hidden_states"][-2:] == (grid, grid.replace("height", "width"))
+    assert tuple(shapes["hidden_states"][a] for a in axes) == (grid, grid.replace("height", "width"))
     assert export.sidecar.dim_ranges["grid_height"] == ranges.get("grid_height", (1, 65536))
     assert any("grid_height*grid_width" in str(shape) for shape in shapes.values())  # a ladder over the grid
     graph_inputs = [i.name for i in onnx.load(str(export.onnx_path), load_external_data=False).graph.input]
     assert not [i for i in graph_inputs if i.startswith("dims.")]
     runner = OnnxCachedModel(export.onnx_path)
-    *lead, height, width = family.latent_shape
+    *lead, height, width = family.latent_shape[:3] if channels_last else family.latent_shape
+    trail = family.latent_shape[3:] if channels_last else ()
     # other grids, not square (AuraFlow's position table, 4 x 4 patches in its tiny config, bounds its grid)
     larger = [(height // patch + 2, width // patch - 1, 2)] if name != "auraflow" else []
     for grid_h, grid_w, batch in [(height // patch, width // patch, 2), *larger,
                                   (max(height // patch - 1, 1), max(width // patch - 2, 1), 3 if name == "sana" else 2)]:
-        sized = dataclasses.replace(family, latent_shape=(*lead, grid_h * patch, grid_w * patch))
+        sized = dataclasses.replace(family, latent_shape=(*lead, grid_h * patch, grid_w * patch, *trail))
         if name == "wan_vace":  # its control video's latents are sized by the same grid
             sized = dataclasses.replace(sized, conditions=functools.partial(
                 _vace_conditions_at, family.conditions, (grid_h * patch, grid_w * patch)))
+        if name == "hunyuandit":  # its rotary table has one row per patch
+            sized = dataclasses.replace(sized, conditions=functools.partial(family.conditions, grid=(grid_h, grid_w)))
+        if name in ("kandinsky5", "cosmos"):  # rotary positions over the grid; a condition mask of the latents' size
+            sized = dataclasses.replace(sized, conditions=functools.partial(
+                family.conditions, height=grid_h * patch, width=grid_w * patch))
         eager = rfc_compile.optimize(family.build(), config)
         _, expected = flow_generation(eager, sized, steps=10, batch=batch)
         _, got = flow_generation(runner, sized, steps=10, batch=batch)
@@ -1001,12 +1015,22 @@ def test_dynamic_resolution_serves_other_latent_sizes(workdir, name):
         assert _max_diff(got, expected) < ATOL
     if patch > 1:
         odd = family.example()
-        odd["hidden_states"] = torch.randn(2, *lead, height + 1, width)
+        odd["hidden_states"] = torch.randn(2, *lead, height + 1, width, *trail)
         with pytest.raises(InputMismatchError, match="whole grid_height"):
             runner(**odd)
+    if name == "hunyuandit":  # a rotary table for another grid than the latents': refused with the sizes
+        mismatched = family.example()
+        mismatched["image_rotary_emb"] = family.conditions(2, torch.Generator(), grid=(3, 3))["image_rotary_emb"]
+        with pytest.raises(InputMismatchError, match=r"image_rotary_emb.0.*\[9, 8\].*grid_height\*grid_width"):
+            runner(**mismatched)
+    if name == "kandinsky5":  # positions for another grid than the latents'
+        mismatched = family.example()
+        mismatched["visual_rope_pos"] = family.conditions(2, torch.Generator(), height=6)["visual_rope_pos"]
+        with pytest.raises(InputMismatchError, match="disagree on the size of 'grid_height'"):
+            runner(**mismatched)
     if bounded:  # beyond its rotary table: refused by the runner, as the sidecar records the bound
         big = family.example()
-        big["hidden_states"] = torch.randn(2, *lead, 66, width)
+        big["hidden_states"] = torch.randn(2, *lead, 66, width, *trail)
         with pytest.raises(InputMismatchError, match="grid_height"):
             runner(**big)
     if name == "sana" and importlib.util.find_spec("tritonclient") is not None:
@@ -1139,7 +1163,8 @@ def test_sidecar_sizes_are_in_the_size_grammar():
 
 
 def test_resolution_dims_errors_are_clear():
-    """dynamic_dims sizes: a name or a multiple of one plus a constant; the example must fit it."""
+    """dynamic_dims sizes: a name, a multiple of one plus a constant, or an expression in dims named
+    elsewhere; the example must fit it."""
     from rfc_compile.dims import linear_dim
     from rfc_compile.passes.capture import input_dynamic_shapes
 
@@ -1152,8 +1177,10 @@ def test_resolution_dims_errors_are_clear():
     assert shapes["hidden_states"][2].__name__ == "2*grid_height"
     with pytest.raises(ValueError, match="not 3\\*grid_height for any whole grid_height"):
         input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "3*grid_height"}})
-    with pytest.raises(ValueError, match="a multiple of one plus a constant"):
+    with pytest.raises(ValueError, match=r"an expression may use only dims .*unknown: \['h', 'w'\]"):
         input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "h*w"}})
+    with pytest.raises(ValueError, match="a multiple of one plus a constant"):
+        input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "2 +"}})
     with pytest.raises(ValueError, match="example size of 2 or more for grid_height"):
         input_dynamic_shapes(kwargs, dynamic_dims={"hidden_states": {2: "8*grid_height"}})
 
@@ -1207,8 +1234,18 @@ def test_dynamic_dims_errors_are_clear(monkeypatch):
         capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}})
     with pytest.raises(UnsupportedModelError, match="fixes them"):  # torch.export's own refusal: odd heights
         capture(make_tiny_dit().eval(), example, dynamic_dims={"hidden_states": {2: "height", 3: "width"}})
-    # HiDream-I1 makes its latents square: torch.export let 2*grid_width == 2*grid_height through
+    # a tuple input takes one {dim: size} per element; a size may be an expression in dims named elsewhere
     from conftest import FAMILIES
+
+    hunyuandit = FAMILIES["hunyuandit"]
+    grid = {"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}}
+    for rotary, words in [(({0: "grid_height*grid_width"},), "has 2 elements, and 1 are named"),
+                          (({0: "grid_height*grid_w"},) * 2, "an expression may use only dims that an input's size"),
+                          (({0: "grid_height*grid_width + 1"},) * 2, "is 16 in the example, not grid_height"),
+                          ({0: "grid_height*grid_width"}, "not a tensor argument")]:
+        with pytest.raises(ValueError, match=words):
+            capture(hunyuandit.build(), hunyuandit.example(), dynamic_dims={**grid, "image_rotary_emb": rotary})
+    # HiDream-I1 makes its latents square: torch.export let 2*grid_width == 2*grid_height through
 
     hidream = FAMILIES["hidream"]
     with pytest.raises(UnsupportedModelError, match="grid_height traced as the same size as another dynamic dim"):
@@ -1605,7 +1642,8 @@ def test_a_model_torch_onnx_cannot_convert_fails_with_the_cause(tmp_path):
 def test_cli_dynamic_resolution(tmp_path, capsys):
     """``rfc-compile export --dynamic-resolution``: a Sana model directory exports with its latent grid
     dynamic (patch size from its config) and the engine dims may name the grid; DiT with one grid for
-    both sides (square latents); FLUX, whose latents are tokens, is refused in one line."""
+    both sides (square latents); Hunyuan-DiT with its rotary table sized by the grid; FLUX, whose
+    latents are tokens, is refused in one line."""
     from conftest import FAMILIES
 
     from rfc_compile.cli import main
@@ -1623,6 +1661,13 @@ def test_cli_dynamic_resolution(tmp_path, capsys):
     assert main(["export", "tiny-dit", "-o", str(tmp_path / "dit.onnx"), "--dynamic-resolution", "--no-triton"]) == 0
     sidecar = json.loads((tmp_path / "dit.onnx.rfc.json").read_text())
     assert next(i for i in sidecar["inputs"] if i["name"] == "hidden_states")["shape"][2:] == ["2*grid", "2*grid"]
+    # Hunyuan-DiT: its rotary table, a tuple input its pipeline sizes by the grid, follows the latents
+    FAMILIES["hunyuandit"].build().save_pretrained(tmp_path / "hunyuandit")
+    assert main(["export", str(tmp_path / "hunyuandit"), "-o", str(tmp_path / "hdit.onnx"), "--height", "8",
+                 "--width", "8", "--dynamic-resolution", "--no-triton", "--engine-dim", "grid_width=2:4:8"]) == 0
+    inputs = {i["name"]: i["shape"] for i in json.loads((tmp_path / "hdit.onnx.rfc.json").read_text())["inputs"]}
+    assert inputs["hidden_states"][2:] == ["2*grid_height", "2*grid_width"]
+    assert inputs["image_rotary_emb.0"] == inputs["image_rotary_emb.1"] == ["grid_height*grid_width", 8]
     FAMILIES["flux"].build().save_pretrained(tmp_path / "flux")
     capsys.readouterr()
     assert main(["export", str(tmp_path / "flux"), "-o", str(tmp_path / "x.onnx"), "--dynamic-resolution"]) == 2

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from ..config import MODES, RFCConfig
-from ..dims import linear_dim
+from ..passes.capture import named_dims
 from ..passes.patterns import RESOLUTION_DIMS, TOKEN_DIMS, merge_dynamic_dims, resolution_dims_for, token_dims_for
 
 DTYPES = ("bfloat16", "float16", "float32")  # torch dtype names
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                   f"an export (known dynamic: {sorted(TOKEN_DIMS)})")
             return 2
     if args.dynamic_resolution:
-        resolution = resolution_dims_for(model)
+        resolution = resolution_dims_for(model, inputs)
         if resolution is None:
             print(f"rfc-compile export: error: --dynamic-resolution: {type(model).__name__}'s latent resolution is "
                   f"static in an export (known dynamic: {sorted(RESOLUTION_DIMS)}; FLUX-like models: --dynamic-tokens)")
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     dynamic = args.dynamic_batch or dynamic_dims is not None
     engine_dims = dict(args.engine_dim)
     named = {BATCH_DIM} if args.dynamic_batch else set()
-    named |= {linear_dim(name)[0] for by_index in (dynamic_dims or {}).values() for name in by_index.values()}
+    named |= named_dims(dynamic_dims)
     if set(engine_dims) - named:  # before the export, which takes a while
         print(f"rfc-compile export: error: --engine-dim {sorted(set(engine_dims) - named)}: not a dynamic dim of this "
               f"export (dynamic: {sorted(named) or 'none; see --dynamic-batch / --dynamic-tokens / --dynamic-resolution'})")

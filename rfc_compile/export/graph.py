@@ -379,6 +379,8 @@ def _symbolic_shapes(gm: fx.GraphModule, inputs: list[Tensor], named: list[dict[
     for value, dims in zip(values, named):
         for index, name in dims.items():
             size = value.shape[index]
+            if linear_dim(name) is None:  # an expression in the dims (Dim.AUTO): no symbol of its own
+                continue
             if isinstance(size, torch.SymInt) and len(size.node.expr.free_symbols) == 1:
                 (symbol,) = size.node.expr.free_symbols  # the dim's, or its root's (2 * grid_height)
                 symbols[symbol] = sympy.Symbol(linear_dim(name)[0])
@@ -435,7 +437,10 @@ def _axis_examples(tensors: list[tuple[str, Tensor]], named: dict[str, dict[int,
     axes: dict[str, int] = {}
     for name, t in tensors:
         for index, dim in named.get(name, {}).items():
-            root, scale, offset = linear_dim(dim)
+            linear = linear_dim(dim)
+            if linear is None:  # an expression in dims that other sizes show
+                continue
+            root, scale, offset = linear
             axes[root] = root_size(scale, offset, int(t.shape[index]))  # whole: capture checked the example
     return axes
 
@@ -450,7 +455,9 @@ def _named_input_dims(captured: CapturedGraph, call: dict[str, Any]) -> dict[str
     if captured.dynamic_shapes is None:
         return {}
     specs = pytree.tree_leaves(captured.dynamic_shapes, is_leaf=_is_input_spec)
-    return {name: {index: dim.__name__ for index, dim in spec.items()}
+    expressions = captured.expression_dims  # given to torch.export as Dim.AUTO, which has no name
+    return {name: {index: expressions[name][index] if name in expressions and index in expressions[name]
+                   else dim.__name__ for index, dim in spec.items()}
             for (name, _), spec in zip(flatten_kwargs(call), specs, strict=True) if spec}
 
 

@@ -291,7 +291,8 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
             sizes of 2 or more, distinct from each other). The cache's sizes follow them as the
             model computes them (a FLUX single block's: image + text tokens). A size may be a
             multiple of a named dim plus a constant (``"2*grid_height"``, ``patterns.RESOLUTION_DIMS``:
-            the latent grid of a model with 2x2 patches). The Triton model's state is variable-size
+            the latent grid of a model with 2x2 patches), or an expression in dims named elsewhere
+            (``"grid_height*grid_width"``); a tuple input takes one dict per element. The Triton model's state is variable-size
             then (triton.py); a TensorRT engine serves the ranges given to ``build_engine(dims=...)``
             (tensorrt.py).
         dim_ranges: a named dim's ``(min, max)`` where the model bounds it (default 1 .. 65536;

@@ -10,11 +10,15 @@ number: every tensor input whose first dim equals the first input's is marked dy
 ``UNBATCHED_INPUTS`` lists (FLUX's ``img_ids``/``txt_ids``, even when a token count equals the
 batch). The exporters use it for graphs that serve any batch size.
 
-``dynamic_dims`` names further dims of top-level tensor inputs, e.g. FLUX's token counts
+``dynamic_dims`` names further dims of tensor inputs, e.g. FLUX's token counts
 (``{"hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"}, ...}``; patterns.py's
 ``TOKEN_DIMS`` holds them per model class): one name is one symbol wherever it appears. A size may
 be a multiple of a named dim plus a constant (``{"hidden_states": {2: "2*grid_height"}}``,
-``DerivedDim``; patterns.py's ``RESOLUTION_DIMS``): torch.export's derived dims.
+``DerivedDim``; patterns.py's ``RESOLUTION_DIMS``): torch.export's derived dims. An input that is a
+tuple or list of tensors takes one such dict (or None) per element. A size may also be any
+expression in dims named elsewhere (``"grid_height*grid_width"``: Hunyuan-DiT's rotary table has one
+row per image token): torch.export gets ``Dim.AUTO`` there and the trace relates it to the others
+(``fixed_dims.py`` then reads the relation from its guards; the runners check it per call).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numbers
 import os
 import time
 import traceback
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import sympy
 import torch
@@ -33,9 +37,10 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
-from ..dims import linear_dim, root_size
+from ..dims import DIM_MAX, eval_dim, fold_dim, linear_dim, root_size
 from ..errors import UnsupportedModelError
 from .fixed_dims import guards_fixing_dims, tied_dims
+from .early_sizes import read_sizes_early
 from .noop_squeeze import drop_noop_squeezes
 from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, folded_batch_input_for, unbatched_inputs_for
 from .traceable import swapped_methods
@@ -46,10 +51,10 @@ logger = logging.getLogger(__name__)
 #: model inputs and the cache state of the rewritten step, so both get one symbol).
 BATCH_MAX = 65536
 BATCH = torch.export.Dim("batch", min=1, max=BATCH_MAX)
-#: The largest size a named dynamic dim (``dynamic_dims``) may take.
-DIM_MAX = 65536
 
-DynamicDims = Mapping[str, Mapping[int, str]]  # input name -> {dim index: dim name}
+DimNames = Mapping[int, str]  # {dim index: dim name or size expression}
+#: input name -> its dims' names; a tuple/list input: one DimNames (or None) per element
+DynamicDims = Mapping[str, "DimNames | Sequence[DimNames | None]"]
 DimRanges = Mapping[str, tuple[int, int]]  # dim name -> (min, max) it may take (default 1 .. DIM_MAX)
 
 
@@ -71,6 +76,8 @@ class CapturedGraph:
     derived_dims: tuple["DerivedDim", ...] = ()
     root_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
     dim_ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # as capture was given them
+    #: sizes given as expressions in other dims (Dim.AUTO to torch.export): {dotted input: {index: expr}}
+    expression_dims: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
 
     def flatten_inputs(self, kwargs: dict[str, Any]) -> list[Any]:
         flat, spec = pytree.tree_flatten(((), kwargs))
@@ -141,11 +148,62 @@ def derived_dim(input_name: str, index: int, name: str) -> DerivedDim:
     return DerivedDim(input_name, index, *linear)
 
 
+def input_leaf(kwargs: Mapping[str, Any], name: str) -> Any:
+    """The argument at a dotted input name (``"image_rotary_emb.0"``: an element of a tuple input)."""
+    value: Any = kwargs
+    for part in name.split("."):
+        value = value[int(part)] if isinstance(value, (list, tuple)) else value[part]
+    return value
+
+
+def named_leaves(kwargs: Mapping[str, Any], dynamic_dims: DynamicDims | None) -> list[tuple[str, torch.Tensor, DimNames]]:
+    """(dotted input name, tensor, its dims' names) for each tensor ``dynamic_dims`` names: a tensor input,
+    or an element of a tuple/list input; ValueError where it names something else."""
+    leaves = []
+    for input_name, named in (dynamic_dims or {}).items():
+        value = kwargs.get(input_name)
+        if isinstance(value, (list, tuple)) and isinstance(named, (list, tuple)):
+            if len(named) != len(value):
+                raise ValueError(f"dynamic_dims: {input_name!r} has {len(value)} elements, and {len(named)} are named")
+            pairs = [(f"{input_name}.{i}", v, n) for i, (v, n) in enumerate(zip(value, named)) if n is not None]
+        else:
+            pairs = [(input_name, value, named)]
+        for leaf_name, leaf, names in pairs:
+            if not isinstance(leaf, torch.Tensor) or not isinstance(names, Mapping):
+                raise ValueError(
+                    f"dynamic_dims names input {leaf_name!r}, which is not a tensor argument of the call (tensor "
+                    f"arguments: {sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))}; a tuple or "
+                    "list of tensors takes one {dim: name} per element)")
+            for index in names:
+                if not -leaf.dim() <= index < leaf.dim():
+                    raise ValueError(f"dynamic_dims: {leaf_name!r} has {leaf.dim()} dims, no dim {index}")
+            leaves.append((leaf_name, leaf, {index % leaf.dim(): name for index, name in names.items()}))
+    return leaves
+
+
+def named_dims(dynamic_dims: DynamicDims | None) -> set[str]:
+    """The dims ``dynamic_dims`` names (``"2*grid_height"`` names grid_height; an expression in several
+    dims names none of its own)."""
+    per_tensor = [names for named in (dynamic_dims or {}).values()
+                  for names in (named if isinstance(named, (list, tuple)) else [named]) if names]
+    return {linear[0] for names in per_tensor for name in names.values() if (linear := linear_dim(name))}
+
+
 def derived_dims(kwargs: dict[str, Any], dynamic_dims: DynamicDims | None) -> tuple[DerivedDim, ...]:
     """The ``dynamic_dims`` given as a multiple of a named dim plus a constant (not plain names)."""
-    found = (derived_dim(input_name, index % kwargs[input_name].dim(), name)
-             for input_name, named in (dynamic_dims or {}).items() for index, name in named.items())
+    found = (derived_dim(leaf_name, index, name) for leaf_name, _, named in named_leaves(kwargs, dynamic_dims)
+             for index, name in named.items() if linear_dim(name) is not None)
     return tuple(d for d in found if not d.plain)
+
+
+def expression_dims(kwargs: dict[str, Any], dynamic_dims: DynamicDims | None) -> dict[str, dict[int, str]]:
+    """The ``dynamic_dims`` given as an expression in several dims (``"grid_height*grid_width"``)."""
+    found: dict[str, dict[int, str]] = {}
+    for leaf_name, _, named in named_leaves(kwargs, dynamic_dims):
+        for index, name in named.items():
+            if linear_dim(name) is None:
+                found.setdefault(leaf_name, {})[index] = name
+    return found
 
 
 def dim_spec(size: sympy.Expr | int, dims: Mapping[sympy.Symbol, torch.export.Dim]) -> Any:
@@ -200,7 +258,8 @@ def _dim_symbols(gm: fx.GraphModule, kwargs: dict[str, Any],
             continue
         for index, dim in spec.items():
             size = value.shape[index]
-            if dim is None or not isinstance(size, torch.SymInt) or len(size.node.expr.free_symbols) != 1:
+            named = isinstance(dim, torch.export.Dim) or hasattr(dim, "root")  # not None, not Dim.AUTO
+            if not named or not isinstance(size, torch.SymInt) or len(size.node.expr.free_symbols) != 1:
                 continue
             (symbol,) = size.node.expr.free_symbols  # a named dim's, or the root's of a derived one (2 * dim)
             symbols[symbol] = getattr(dim, "root", dim)
@@ -219,28 +278,64 @@ def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
     shapes = (batch_dynamic_shapes(kwargs, unbatched) if dynamic_batch
               else pytree.tree_map(lambda _: None, kwargs))
     dims: dict[str, torch.export.Dim] = {}
-    for input_name, named in (dynamic_dims or {}).items():
-        value = kwargs.get(input_name)
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"dynamic_dims names input {input_name!r}, which is not a tensor argument of the call "
-                             f"(tensor arguments: {sorted(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))})")
-        spec = dict(shapes[input_name] or {})
+    examples: dict[str, int] = {}
+    specs: dict[str, dict] = {}
+    for leaf_name, value, named in named_leaves(kwargs, dynamic_dims):
+        spec = dict(_spec_at(shapes, leaf_name) or {})
         for index, name in named.items():
-            if not -value.dim() <= index < value.dim():
-                raise ValueError(f"dynamic_dims: {input_name!r} has {value.dim()} dims, no dim {index}")
-            derived = derived_dim(input_name, index % value.dim(), name)
+            if linear_dim(name) is None:  # an expression in several dims: the trace relates it (checked below)
+                spec[index] = torch.export.Dim.AUTO
+                continue
+            derived = derived_dim(leaf_name, index, name)
             root_size = derived.root_size(value)
             if root_size is None:
-                raise ValueError(f"dynamic_dims: {input_name!r} dim {index} is {value.shape[index]} in the example, "
+                raise ValueError(f"dynamic_dims: {leaf_name!r} dim {index} is {value.shape[index]} in the example, "
                                  f"not {name} for any whole {derived.root}")
             if root_size < 2:
-                raise ValueError(f"dynamic_dims: {input_name!r} dim {index} ({name!r}) is {value.shape[index]} in the "
+                raise ValueError(f"dynamic_dims: {leaf_name!r} dim {index} ({name!r}) is {value.shape[index]} in the "
                                  f"example; give an example size of 2 or more for {derived.root} (torch.export "
                                  "specializes 0 and 1)")
             dim = dims.setdefault(derived.root, named_dim(derived.root, dim_ranges))
-            spec[index % value.dim()] = dim if derived.plain else derived.scale * dim + derived.offset
-        shapes[input_name] = spec
+            examples.setdefault(derived.root, root_size)
+            spec[index] = dim if derived.plain else derived.scale * dim + derived.offset
+        specs[leaf_name] = spec
+    for leaf_name, named in expression_dims(kwargs, dynamic_dims).items():
+        for index, name in named.items():
+            where = f"dynamic_dims: {leaf_name!r} dim {index} is {name!r}"
+            try:
+                used = fold_dim(name, lambda n: {n}, lambda _: set(), lambda _, a, b: a | b)
+            except ValueError as exc:
+                raise ValueError(f"{where}: give a name, a multiple of one plus a constant (\"2*grid_height\"), or "
+                                 f"an expression in dims named elsewhere ({exc})") from None
+            if used - examples.keys():
+                raise ValueError(f"{where}: an expression may use only dims that an input's size is given as "
+                                 f"(unknown: {sorted(used - examples.keys())}; named: {sorted(examples)})")
+            size = eval_dim(name, examples)
+            actual = int(input_leaf(kwargs, leaf_name).shape[index])
+            if size != actual:
+                raise ValueError(f"dynamic_dims: {leaf_name!r} dim {index} is {actual} in the example, not {name} "
+                                 f"({size} at {examples})")
+    for leaf_name, spec in specs.items():
+        shapes = _with_spec(shapes, leaf_name, spec)
     return shapes
+
+
+def _spec_at(shapes: dict[str, Any], leaf_name: str) -> Any:
+    """The dynamic_shapes entry of a dotted input name."""
+    spec: Any = shapes
+    for part in leaf_name.split("."):
+        spec = spec[int(part)] if isinstance(spec, (list, tuple)) else spec[part]
+    return spec
+
+
+def _with_spec(shapes: dict[str, Any], leaf_name: str, spec: dict) -> dict[str, Any]:
+    """``shapes`` with the entry of a dotted input name (top level, or a tuple/list element) replaced."""
+    top, _, element = leaf_name.partition(".")
+    if not element:
+        return {**shapes, top: spec}
+    entries = list(shapes[top])
+    entries[int(element)] = spec
+    return {**shapes, top: type(shapes[top])(entries)}
 
 
 def diffusers_hooks(model: torch.nn.Module) -> list[str]:
@@ -368,7 +463,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
                 f"trace it ({type(exc).__name__}: {first[:300]}). Hooks that change modules in forward (layerwise "
                 "casting, group offloading, diffusers' own caches) cannot be captured: optimize a model without them"
             ) from exc
-    gm = drop_noop_squeezes(exported.module())
+    gm = read_sizes_early(drop_noop_squeezes(exported.module()))
     dim_symbols = _dim_symbols(gm, kwargs, dynamic_shapes)
     tied = tied_dims(dynamic_shapes, dim_symbols)
     if tied:
@@ -389,4 +484,5 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     derived = derived_dims(kwargs, dynamic_dims)
     return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples,
                          dim_symbols, derived,
-                         {d.root: d.root_size(kwargs[d.input]) for d in derived}, dict(dim_ranges or {}))
+                         {d.root: d.root_size(input_leaf(kwargs, d.input)) for d in derived}, dict(dim_ranges or {}),
+                         expression_dims(kwargs, dynamic_dims))

@@ -8,8 +8,9 @@ that only fits the example. So after capture every guard the trace recorded is e
 other sizes of the dynamic dims (each one size up, all of them one up, all of them doubled, within
 their ranges): a guard that fails there means the graph does not serve those sizes, and capture
 refuses with the guard written over the dims' names instead of returning a graph that gives wrong
-results at the next size. Likewise a named dim that the trace merged into another's symbol
-(:func:`tied_dims`).
+results at the next size. A size given as an expression in the dims (torch.export's ``Dim.AUTO``)
+follows them through the guard that equates it to them. Likewise a named dim that the trace merged
+into another's symbol (:func:`tied_dims`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ def _trial_sizes(hints: Mapping[sympy.Symbol, int],
             yield point
 
 
+def _related_sizes(guards: list[sympy.Expr], dims: Any) -> dict[sympy.Symbol, sympy.Expr]:
+    """Symbols the trace equated to an expression in the dynamic dims (``Eq(s64, gh*gw)``: an input
+    whose size was given as ``"grid_height*grid_width"``, Dim.AUTO), each with that expression: such a
+    size follows the dims at every trial size rather than staying at the example's."""
+    related = {}
+    for guard in guards:
+        if not isinstance(guard, sympy.Eq):
+            continue
+        for side, other in ((guard.lhs, guard.rhs), (guard.rhs, guard.lhs)):
+            if (isinstance(side, sympy.Symbol) and side not in dims and other.free_symbols
+                    and other.free_symbols <= set(dims)):
+                related.setdefault(side, other)
+    return related
+
+
 def guards_fixing_dims(gm: torch.fx.GraphModule, dim_symbols: Mapping[sympy.Symbol, torch.export.Dim]
                        ) -> list[tuple[sympy.Expr, dict[str, int]]]:
     """The guards of ``gm``'s trace that fail at another size of its dynamic dims, each with the first
@@ -51,10 +67,13 @@ def guards_fixing_dims(gm: torch.fx.GraphModule, dim_symbols: Mapping[sympy.Symb
     hints = {s: int(shape_env.backed_var_to_val[s]) for s in dim_symbols if s in shape_env.backed_var_to_val}
     ranges = {s: (max(int(d.min), 1), int(d.max)) for s, d in dim_symbols.items()}
     names = {s: sympy.Symbol(d.__name__, integer=True, positive=True) for s, d in dim_symbols.items()}
-    others = {s: int(v) for s, v in shape_env.backed_var_to_val.items() if s not in hints}  # symbols not asked to be dynamic
+    guards = [shape_env.replace(guard.expr) for guard in shape_env.guards]  # in the root symbols (2 * grid -> grid)
+    related = _related_sizes(guards, hints.keys())
+    others = {s: int(v) for s, v in shape_env.backed_var_to_val.items()
+              if s not in hints and s not in related}  # symbols not asked to be dynamic: the example's sizes
     failing = []
-    for guard in shape_env.guards:
-        expr = shape_env.replace(guard.expr)  # in the root symbols (an input sized 2 * grid -> grid)
+    for guard in guards:
+        expr = guard.xreplace(related)
         if not expr.free_symbols & hints.keys():
             continue
         for point in _trial_sizes(hints, ranges):

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Callable
 
+from ..dims import DIM_MAX
 from .traceable import (cogvideox_positional_embeddings, cogview3plus_patch_embed_forward, dit_forward,
                         hidream_moe_infer, hunyuan_video_framepack_forward, mochi_rope_centers, patch_embed_forward)
 
@@ -277,65 +278,100 @@ def token_dims_for(class_name: str) -> dict[str, dict[int, str]] | None:
     return TOKEN_DIMS.get(class_name)
 
 
-#: Latent grids that may change between calls of one exported graph, per model class: the inputs
-#: holding latents as an image (or video; Wan VACE's control video too), their height and width axes, the config entry with the
-#: patch size (an int, or a tuple ending in the height and width patches), and the config entry that
-#: bounds the grid per side, if any (Wan's rotary table). The sizes are given to torch.export as
-#: ``patch * grid_height`` (capture.DerivedDim), so the patch grid is the symbol and the model's
-#: ``height // patch`` is exact (PixArt, SD3 and CogView3-Plus: with their patch embedding's traceable
-#: twin, TRACEABLE_METHODS; Mochi with its rotary positions'; DiT with its forward's, square:
-#: SQUARE_LATENTS). Others fix the resolution in their code (HiDream-I1 takes square latents and caches
-#: text + grid**2 tokens; capture refuses a graph that would not serve other sizes, fixed_dims.py):
-#: export those once per resolution.
-_LATENTS = ("hidden_states",)
-RESOLUTION_DIMS: dict[str, tuple[tuple[str, ...], tuple[int, int], str, str | None]] = {
-    "SanaTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
-    "PixArtTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
-    "DiTTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),  # square: one grid for both sides
-    "SD3Transformer2DModel": (_LATENTS, (2, 3), "patch_size", "pos_embed_max_size"),  # its table's crop
-    "CogView3PlusTransformer2DModel": (_LATENTS, (2, 3), "patch_size", "pos_embed_max_size"),
-    "CogView4Transformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
-    "HunyuanImageTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
-    "AuraFlowTransformer2DModel": (_LATENTS, (2, 3), "patch_size", None),
-    "WanTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
-    "WanVACETransformer3DModel": (("hidden_states", "control_hidden_states"), (3, 4), "patch_size", "rope_max_seq_len"),
-    "SkyReelsV2Transformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
-    "SanaVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
-    "HeliosTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
-    "ChronoEditTransformer3DModel": (_LATENTS, (3, 4), "patch_size", "rope_max_seq_len"),
-    "HunyuanVideoTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
-    "MochiTransformer3DModel": (_LATENTS, (3, 4), "patch_size", None),
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """How a model's latent grid may change between calls of one exported graph (RESOLUTION_DIMS)."""
+
+    latents: tuple[str, ...] = ("hidden_states",)  # inputs holding latents as an image or video
+    axes: tuple[int, int] = (2, 3)  # their height and width axes
+    patch_key: str = "patch_size"  # config entry: an int, or a tuple ending in the height and width patches
+    bound_key: str | None = None  # config entry bounding the grid per side, in patches (Wan's rotary table)
+    #: the bound is given per latent axis, in latents, the last two for height and width (Cosmos' max_size)
+    bound_in_latents: bool = False
+    min_grid: int = 1  # the smallest grid side the model's code takes
+    square: bool = False  # the model takes square latents only: one dim, "grid", for both sides
+    #: other inputs sized by the grid, in ``grid_height`` / ``grid_width``: ``{input: {dim: size}}``, or one
+    #: such dict per element of a tuple input (Hunyuan-DiT's rotary table, one row per image token)
+    grid_sized: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+#: Latent grids that may change between calls of one exported graph, per model class. The sizes
+#: are given to torch.export as ``patch * grid_height`` (capture.DerivedDim), so the patch grid is
+#: the symbol and the model's ``height // patch`` is exact (PixArt, SD3 and CogView3-Plus: with their
+#: patch embedding's traceable twin, TRACEABLE_METHODS; Mochi with its rotary positions'; DiT with its
+#: forward's, square). Others fix the resolution in their code (HiDream-I1 takes square latents and
+#: caches text + grid**2 tokens; capture refuses a graph that would not serve other sizes,
+#: fixed_dims.py): export those once per resolution.
+_VIDEO = (3, 4)
+_IMAGE_TOKENS = {0: "grid_height*grid_width"}
+RESOLUTION_DIMS: dict[str, Resolution] = {
+    "SanaTransformer2DModel": Resolution(),
+    "PixArtTransformer2DModel": Resolution(),
+    "DiTTransformer2DModel": Resolution(square=True),  # unpatchifies at int(tokens ** 0.5)
+    "SD3Transformer2DModel": Resolution(bound_key="pos_embed_max_size"),  # its table's crop
+    "CogView3PlusTransformer2DModel": Resolution(bound_key="pos_embed_max_size"),
+    "CogView4Transformer2DModel": Resolution(),
+    "HunyuanImageTransformer2DModel": Resolution(),
+    "AuraFlowTransformer2DModel": Resolution(),
+    "HunyuanDiT2DModel": Resolution(grid_sized={"image_rotary_emb": (_IMAGE_TOKENS, _IMAGE_TOKENS)}),
+    # channels-last video latents (B, F, H, W, C); rotary positions: index ranges over frames and the grid
+    "Kandinsky5Transformer3DModel": Resolution(grid_sized={
+        "visual_rope_pos": [None, {0: "grid_height"}, {0: "grid_width"}]}),
+    "WanTransformer3DModel": Resolution(axes=_VIDEO, bound_key="rope_max_seq_len"),
+    "WanVACETransformer3DModel": Resolution(("hidden_states", "control_hidden_states"), _VIDEO,
+                                            bound_key="rope_max_seq_len"),
+    "SkyReelsV2Transformer3DModel": Resolution(axes=_VIDEO, bound_key="rope_max_seq_len"),
+    "SanaVideoTransformer3DModel": Resolution(axes=_VIDEO, bound_key="rope_max_seq_len"),
+    "HeliosTransformer3DModel": Resolution(axes=_VIDEO),
+    # the condition mask (video-to-world) at the latents' size; bounded by its rotary table, 2 patches or more
+    "CosmosTransformer3DModel": Resolution(("hidden_states", "condition_mask"), _VIDEO, bound_key="max_size",
+                                           bound_in_latents=True, min_grid=2),
+    "ChronoEditTransformer3DModel": Resolution(axes=_VIDEO, bound_key="rope_max_seq_len"),
+    "HunyuanVideoTransformer3DModel": Resolution(axes=_VIDEO),
+    "MochiTransformer3DModel": Resolution(axes=_VIDEO),
 }
 
 
-#: Models whose code takes square latents only (DiT unpatchifies at ``int(tokens ** 0.5)``): one grid
-#: dim for both sides, ``"2*grid"``.
-SQUARE_LATENTS = ("DiTTransformer2DModel",)
-
-
-def resolution_dims_for(model: Any) -> tuple[dict[str, dict[int, str]], dict[str, tuple[int, int]]] | None:
+def resolution_dims_for(model: Any, inputs: Iterable[str] | None = None
+                        ) -> tuple[dict[str, Any], dict[str, tuple[int, int]]] | None:
     """``(dynamic_dims, dim_ranges)`` for a model whose latent resolution may be dynamic (RESOLUTION_DIMS),
     else None: ``{"hidden_states": {2: "2*grid_height", 3: "2*grid_width"}}`` for 2x2 patches, and the
-    grid's bound where the model has one (``{"grid_height": (1, 1024), ...}``)."""
+    grid's range where the model bounds it (``{"grid_height": (1, 1024), ...}``). ``inputs``: the call's
+    argument names, where only some of the table's inputs are passed (Cosmos' condition mask)."""
     entry = RESOLUTION_DIMS.get(type(model).__name__)
     if entry is None:
         return None
-    names, axes, patch_key, bound_key = entry
-    patch = getattr(model.config, patch_key)
+    patch = getattr(model.config, entry.patch_key)
     patches = tuple(patch[-2:]) if isinstance(patch, (tuple, list)) else (patch, patch)
-    sides = ("grid", "grid") if type(model).__name__ in SQUARE_LATENTS else ("grid_height", "grid_width")
-    grid = {axis: f"{p}*{side}" if p != 1 else side for axis, p, side in zip(axes, patches, sides)}
-    dims = {name: dict(grid) for name in names}
-    ranges = {} if bound_key is None else {side: (1, int(getattr(model.config, bound_key))) for side in sides}
+    sides = ("grid", "grid") if entry.square else ("grid_height", "grid_width")
+    grid = {axis: f"{p}*{side}" if p != 1 else side for axis, p, side in zip(entry.axes, patches, sides)}
+    dims: dict[str, Any] = {name: dict(grid) for name in entry.latents}
+    dims.update(entry.grid_sized)
+    if inputs is not None:
+        dims = {name: spec for name, spec in dims.items() if name in set(inputs)}
+    if entry.bound_key is None:
+        bounds = (None, None)
+    elif entry.bound_in_latents:
+        bounds = tuple(size // p for size, p in zip(getattr(model.config, entry.bound_key)[-2:], patches))
+    else:
+        bounds = (int(getattr(model.config, entry.bound_key)),) * 2
+    ranges = {side: (entry.min_grid, bound) for side, bound in zip(sides, bounds)
+              if bound is not None or entry.min_grid > 1}
+    ranges = {side: (low, high if high is not None else DIM_MAX) for side, (low, high) in ranges.items()}
     return dims, ranges
 
 
-def merge_dynamic_dims(*dims: dict[str, dict[int, str]] | None) -> dict[str, dict[int, str]] | None:
-    """One ``dynamic_dims`` from several (token and resolution dims of one model), None if all are."""
-    merged: dict[str, dict[int, str]] = {}
+def merge_dynamic_dims(*dims: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One ``dynamic_dims`` from several (token and resolution dims of one model), None if all are; a
+    tuple input's per-element dicts are merged element by element."""
+    merged: dict[str, Any] = {}
     for each in dims:
         for name, by_index in (each or {}).items():
-            merged.setdefault(name, {}).update(by_index)
+            if isinstance(by_index, (list, tuple)):
+                before = merged.get(name) or [None] * len(by_index)
+                merged[name] = type(by_index)({**(a or {}), **(b or {})} or None for a, b in zip(before, by_index))
+            else:
+                merged.setdefault(name, {}).update(by_index)
     return merged or None
 
 
