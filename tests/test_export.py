@@ -1245,6 +1245,18 @@ def test_dynamic_dims_errors_are_clear(monkeypatch):
                           ({0: "grid_height*grid_width"}, "not a tensor argument")]:
         with pytest.raises(ValueError, match=words):
             capture(hunyuandit.build(), hunyuandit.example(), dynamic_dims={**grid, "image_rotary_emb": rotary})
+    # a size given as an expression is Dim.AUTO to torch.export, which fixes it silently where the model's
+    # code does: refused, naming the input
+
+    class FixedTable(torch.nn.Module):
+        def forward(self, hidden_states, table):
+            return hidden_states * 2, table * 3 if table.shape[0] == 16 else table  # a branch on the size: fixed
+
+    table_dims = {"hidden_states": {2: "grid_height", 3: "grid_width"}, "table": {0: "grid_height*grid_width"}}
+    with pytest.raises(UnsupportedModelError, match=r"'table' dim 0, given as 'grid_height\*grid_width', traced as "
+                                                    r"the example's 16"):
+        capture(FixedTable(), {"hidden_states": torch.randn(2, 3, 4, 4), "table": torch.randn(16, 8)},
+                dynamic_dims=table_dims)
     # HiDream-I1 makes its latents square: torch.export let 2*grid_width == 2*grid_height through
 
     hidream = FAMILIES["hidream"]

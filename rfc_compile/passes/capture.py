@@ -149,7 +149,8 @@ def derived_dim(input_name: str, index: int, name: str) -> DerivedDim:
 
 
 def input_leaf(kwargs: Mapping[str, Any], name: str) -> Any:
-    """The argument at a dotted input name (``"image_rotary_emb.0"``: an element of a tuple input)."""
+    """The argument at a dotted input name (``"image_rotary_emb.0"``: an element of a tuple input); or,
+    given torch.export ``dynamic_shapes``, that argument's entry."""
     value: Any = kwargs
     for part in name.split("."):
         value = value[int(part)] if isinstance(value, (list, tuple)) else value[part]
@@ -239,21 +240,12 @@ def _dim_symbols(gm: fx.GraphModule, kwargs: dict[str, Any],
     anything compares those sizes (a comparison can make torch specialize a symbol)."""
     if dynamic_shapes is None:
         return {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    paths = [path for path, _ in pytree.tree_flatten_with_path(((), kwargs))[0]]
     symbols: dict[sympy.Symbol, torch.export.Dim] = {}
-    if len(paths) != len(placeholders):  # not the flat order assumed here: left to the trace (Dim.AUTO)
-        return symbols
-    for node, path in zip(placeholders, paths):
-        spec: Any = dynamic_shapes
-        for key in path[1:]:  # past the empty args tuple
-            if isinstance(spec, dict):
-                spec = spec.get(key.key) if isinstance(key, pytree.MappingKey) else None
-            elif isinstance(spec, (list, tuple)) and isinstance(key, pytree.SequenceKey) and key.idx < len(spec):
-                spec = spec[key.idx]
-            else:
-                spec = None
-        value = node.meta.get("val")
+    for leaf_name, value in _traced_inputs(gm, kwargs).items():  # {} if not in the flat order: left to the trace
+        try:
+            spec = input_leaf(dynamic_shapes, leaf_name)
+        except (KeyError, IndexError, TypeError):  # an input with no spec of its own (None for a whole tuple)
+            continue
         if not isinstance(value, torch.Tensor) or not isinstance(spec, dict):
             continue
         for index, dim in spec.items():
@@ -264,6 +256,16 @@ def _dim_symbols(gm: fx.GraphModule, kwargs: dict[str, Any],
             (symbol,) = size.node.expr.free_symbols  # a named dim's, or the root's of a derived one (2 * dim)
             symbols[symbol] = getattr(dim, "root", dim)
     return symbols
+
+
+def _traced_inputs(gm: fx.GraphModule, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Each input's traced value (its placeholder's ``val``) by dotted input name."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    paths = [path for path, _ in pytree.tree_flatten_with_path(((), kwargs))[0]]
+    if len(paths) != len(placeholders):  # not the flat order assumed here
+        return {}
+    return {".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path[1:]): node.meta.get("val")
+            for node, path in zip(placeholders, paths)}
 
 
 def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
@@ -281,7 +283,7 @@ def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
     examples: dict[str, int] = {}
     specs: dict[str, dict] = {}
     for leaf_name, value, named in named_leaves(kwargs, dynamic_dims):
-        spec = dict(_spec_at(shapes, leaf_name) or {})
+        spec = dict(input_leaf(shapes, leaf_name) or {})
         for index, name in named.items():
             if linear_dim(name) is None:  # an expression in several dims: the trace relates it (checked below)
                 spec[index] = torch.export.Dim.AUTO
@@ -318,14 +320,6 @@ def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
     for leaf_name, spec in specs.items():
         shapes = _with_spec(shapes, leaf_name, spec)
     return shapes
-
-
-def _spec_at(shapes: dict[str, Any], leaf_name: str) -> Any:
-    """The dynamic_shapes entry of a dotted input name."""
-    spec: Any = shapes
-    for part in leaf_name.split("."):
-        spec = spec[int(part)] if isinstance(spec, (list, tuple)) else spec[part]
-    return spec
 
 
 def _with_spec(shapes: dict[str, Any], leaf_name: str, spec: dict) -> dict[str, Any]:
@@ -469,6 +463,14 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     if tied:
         raise _fixed_by_model(model, f"{', '.join(tied)} traced as the same size as another dynamic dim, e.g. "
                                      "square latents only", ": export with one name for those sizes, or once per size")
+    traced = _traced_inputs(gm, kwargs)
+    for leaf_name, named in expression_dims(kwargs, dynamic_dims).items():
+        value = traced.get(leaf_name)
+        static = [index for index in named if isinstance(value, torch.Tensor) and (
+            not isinstance(value.shape[index], torch.SymInt) or value.shape[index].node.expr.is_number)]
+        if static:
+            raise _fixed_by_model(model, f"{leaf_name!r} dim {static[0]}, given as {named[static[0]]!r}, traced as the "
+                                         f"example's {value.shape[static[0]]}", ": export with that size static")
     fixed = guards_fixing_dims(gm, dim_symbols)
     if fixed:
         guard, sizes = fixed[0]

@@ -35,7 +35,7 @@ from .. import rfc
 from ..config import RFCConfig
 from ..errors import UnsupportedModelError
 from ..state import StateEntry, StateSpec
-from .capture import CapturedGraph, dim_spec, distinct_tensor_arguments, named_dim
+from .capture import CapturedGraph, dim_spec, distinct_tensor_arguments, input_leaf, named_dim
 from .regions import Region, RegionPlan
 
 logger = logging.getLogger(__name__)
@@ -623,7 +623,7 @@ class CachedStep(torch.nn.Module):
         every size that follows it is a product of dims, which torch.cond merges (with the input's own
         symbol it is ``Max(1, (h//2)*(w//2))`` in a stride, which torch 2.13's cond rejects)."""
         for derived in self.captured.derived_dims if dims is not None else ():
-            torch._check(kwargs[derived.input].size(derived.index)
+            torch._check(input_leaf(kwargs, derived.input).size(derived.index)
                          == derived.scale * dims[derived.root].size(0) + derived.offset)
         folded = {e.name: e.folded for e in self.state_spec.entries if e.folded}
         for entry in self.state_spec.entries if dims is not None else ():  # as the inputs' sizes above
