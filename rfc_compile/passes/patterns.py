@@ -349,16 +349,15 @@ def resolution_dims_for(model: Any, inputs: Iterable[str] | None = None
     dims.update(entry.grid_sized)
     if inputs is not None:
         dims = {name: spec for name, spec in dims.items() if name in set(inputs)}
+    if entry.bound_key is None and entry.min_grid == 1:  # the default range
+        return dims, {}
     if entry.bound_key is None:
-        bounds = (None, None)
+        bounds = (DIM_MAX, DIM_MAX)
     elif entry.bound_in_latents:
         bounds = tuple(size // p for size, p in zip(getattr(model.config, entry.bound_key)[-2:], patches))
     else:
         bounds = (int(getattr(model.config, entry.bound_key)),) * 2
-    ranges = {side: (entry.min_grid, bound) for side, bound in zip(sides, bounds)
-              if bound is not None or entry.min_grid > 1}
-    ranges = {side: (low, high if high is not None else DIM_MAX) for side, (low, high) in ranges.items()}
-    return dims, ranges
+    return dims, {side: (entry.min_grid, bound) for side, bound in zip(sides, bounds)}
 
 
 def merge_dynamic_dims(*dims: dict[str, Any] | None) -> dict[str, Any] | None:
