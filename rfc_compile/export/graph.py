@@ -378,12 +378,12 @@ def _symbolic_shapes(gm: fx.GraphModule, inputs: list[Tensor], named: list[dict[
     symbols = {}
     for value, dims in zip(values, named):
         for index, name in dims.items():
-            size = value.shape[index]
-            if linear_dim(name) is None:  # an expression in the dims (Dim.AUTO): no symbol of its own
+            size, linear = value.shape[index], linear_dim(name)
+            if linear is None:  # an expression in the dims (Dim.AUTO): no symbol of its own
                 continue
             if isinstance(size, torch.SymInt) and len(size.node.expr.free_symbols) == 1:
                 (symbol,) = size.node.expr.free_symbols  # the dim's, or its root's (2 * grid_height)
-                symbols[symbol] = sympy.Symbol(linear_dim(name)[0])
+                symbols[symbol] = sympy.Symbol(linear[0])
 
     def describe(shape) -> tuple[int | str, ...]:
         out: list[int | str] = []
@@ -456,8 +456,7 @@ def _named_input_dims(captured: CapturedGraph, call: dict[str, Any]) -> dict[str
         return {}
     specs = pytree.tree_leaves(captured.dynamic_shapes, is_leaf=_is_input_spec)
     expressions = captured.expression_dims  # given to torch.export as Dim.AUTO, which has no name
-    return {name: {index: expressions[name][index] if name in expressions and index in expressions[name]
-                   else dim.__name__ for index, dim in spec.items()}
+    return {name: {index: expressions.get(name, {}).get(index) or dim.__name__ for index, dim in spec.items()}
             for (name, _), spec in zip(flatten_kwargs(call), specs, strict=True) if spec}
 
 

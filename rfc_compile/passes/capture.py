@@ -463,8 +463,8 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     if tied:
         raise _fixed_by_model(model, f"{', '.join(tied)} traced as the same size as another dynamic dim, e.g. "
                                      "square latents only", ": export with one name for those sizes, or once per size")
-    traced = _traced_inputs(gm, kwargs)
-    for leaf_name, named in expression_dims(kwargs, dynamic_dims).items():
+    traced, expressions = _traced_inputs(gm, kwargs), expression_dims(kwargs, dynamic_dims)
+    for leaf_name, named in expressions.items():
         value = traced.get(leaf_name)
         static = [index for index in named if isinstance(value, torch.Tensor) and (
             not isinstance(value.shape[index], torch.SymInt) or value.shape[index].node.expr.is_number)]
@@ -487,4 +487,4 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples,
                          dim_symbols, derived,
                          {d.root: d.root_size(input_leaf(kwargs, d.input)) for d in derived}, dict(dim_ranges or {}),
-                         expression_dims(kwargs, dynamic_dims))
+                         expressions)

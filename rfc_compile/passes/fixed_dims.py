@@ -41,7 +41,7 @@ def _trial_sizes(hints: Mapping[sympy.Symbol, int],
             yield point
 
 
-def _related_sizes(guards: list[sympy.Expr], dims: Any) -> dict[sympy.Symbol, sympy.Expr]:
+def _related_sizes(guards: list[sympy.Expr], dims: set[sympy.Symbol]) -> dict[sympy.Symbol, sympy.Expr]:
     """Symbols the trace equated to an expression in the dynamic dims (``Eq(s64, gh*gw)``: an input
     whose size was given as ``"grid_height*grid_width"``, Dim.AUTO), each with that expression: such a
     size follows the dims at every trial size rather than staying at the example's."""
@@ -51,7 +51,7 @@ def _related_sizes(guards: list[sympy.Expr], dims: Any) -> dict[sympy.Symbol, sy
             continue
         for side, other in ((guard.lhs, guard.rhs), (guard.rhs, guard.lhs)):
             if (isinstance(side, sympy.Symbol) and side not in dims and other.free_symbols
-                    and other.free_symbols <= set(dims)):
+                    and other.free_symbols <= dims):
                 related.setdefault(side, other)
     return related
 
@@ -68,7 +68,7 @@ def guards_fixing_dims(gm: torch.fx.GraphModule, dim_symbols: Mapping[sympy.Symb
     ranges = {s: (max(int(d.min), 1), int(d.max)) for s, d in dim_symbols.items()}
     names = {s: sympy.Symbol(d.__name__, integer=True, positive=True) for s, d in dim_symbols.items()}
     guards = [shape_env.replace(guard.expr) for guard in shape_env.guards]  # in the root symbols (2 * grid -> grid)
-    related = _related_sizes(guards, hints.keys())
+    related = _related_sizes(guards, set(hints))
     others = {s: int(v) for s, v in shape_env.backed_var_to_val.items()
               if s not in hints and s not in related}  # symbols not asked to be dynamic: the example's sizes
     failing = []
