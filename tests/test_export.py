@@ -1970,6 +1970,47 @@ def test_bool_where_fixup_keeps_the_function():
     assert [n.op_type for n in model.graph.node].count("Where") == 1  # the float one
 
 
+def test_einsum_fixup_casts_operands_to_torchs_type():
+    """An Einsum of float32 and float64 operands (main graph and inside an If branch; onnxruntime
+    refuses the graph) gets its float32 operand cast to float64, the type torch.einsum computes in:
+    loads, equals torch.einsum of the same operands; a one-type Einsum is left alone."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from rfc_compile.export.einsum_types import common_type, einsum_common_type
+
+    def branch(name):
+        return helper.make_graph(
+            [helper.make_node("Einsum", ["pos", "omega"], [name + "_out"], name=name, equation="bn,d->bnd")],
+            name, [], [helper.make_tensor_value_info(name + "_out", TensorProto.DOUBLE, [2, 3, 4])])
+
+    nodes = [helper.make_node("Einsum", ["pos", "omega"], ["mixed"], name="top", equation="bn,d->bnd"),
+             helper.make_node("Einsum", ["pos", "pos"], ["plain"], name="one_type", equation="bn,bn->b"),
+             helper.make_node("If", ["flag"], ["branch_mixed"], then_branch=branch("then"), else_branch=branch("else"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("pos", TensorProto.FLOAT, [2, 3]),
+                                           helper.make_tensor_value_info("omega", TensorProto.DOUBLE, [4]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("mixed", TensorProto.DOUBLE, [2, 3, 4]),
+                               helper.make_tensor_value_info("plain", TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info("branch_mixed", TensorProto.DOUBLE, [2, 3, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    with pytest.raises(Exception, match="Einsum"):
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    assert einsum_common_type(model) == 3  # the top one and one per branch
+    onnx.checker.check_model(model, full_check=True)
+    pos, omega = torch.randn(2, 3), torch.randn(4, dtype=torch.float64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    mixed, plain, branch_mixed = session.run(None, {"pos": pos.numpy(), "omega": omega.numpy(), "flag": np.array(True)})
+    expected = torch.einsum("bn,d->bnd", pos, omega)
+    assert mixed.dtype == np.float64 and np.allclose(mixed, expected.numpy(), rtol=1e-12)
+    assert np.array_equal(branch_mixed, mixed) and plain.dtype == np.float32
+    assert [n.op_type for n in model.graph.node].count("Cast") == 1
+    assert common_type([TensorProto.FLOAT16, TensorProto.BFLOAT16]) == TensorProto.FLOAT  # as torch promotes
+
+
 @pytest.mark.parametrize("name", ["qwenimage", "zimage"])
 def test_complex_rotary_families_full_mode_onnx_equals_the_original(workdir, name):
     """Caching off, the ONNX graph of a model with complex rotary tables (carried as real pairs:
@@ -1999,13 +2040,17 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
     model's full steps and outputs. HunyuanVideo's graph needed bool_where_as_logic to load at
     all; Hunyuan-DiT's failed to export ("cond_true might be aliasing the input or the output")
     until clone_aliasing_branch_outputs; Sana's gave NaN until its attention's epsilon was kept
-    (test_exported_epsilons_are_kept). Kandinsky 5 with a dynamic batch, at batch 2 and 3: its
-    unbatched list of rotary positions needs a None per element in torch.export's dynamic_shapes."""
+    (test_exported_epsilons_are_kept). With a dynamic batch, at batch 2 and 3: Kandinsky 5 (its
+    unbatched list of rotary positions needs a None per element in torch.export's dynamic_shapes),
+    Chroma (its guidance zeros came from a Python list of the batch's length: traceable.py's twin),
+    HiDream-I1 (its Llama states hold the batch at dim 1, patterns.BATCH_AXES; its output was
+    unpatchified in a loop over the samples; its rotary einsum mixes float32 and float64 operands,
+    which onnxruntime refused until einsum_common_type)."""
     from conftest import FAMILIES, flow_generation
 
     family = FAMILIES[name]
     config = RFCConfig(mode="rfc", threshold=family.threshold, order=2)
-    dynamic_batch = name == "kandinsky5"
+    dynamic_batch = name in ("kandinsky5", "chroma", "hidream")
     export = to_onnx(family.build(), workdir / f"{name}_rfc.onnx", family.example(), config, dynamic_batch=dynamic_batch)
     runner = OnnxCachedModel(export.onnx_path)
     for batch in (2, 3) if dynamic_batch else (2,):
@@ -2021,6 +2066,9 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
         assert not any(f.startswith("squeeze_axes") for f in export.sidecar.raw["fixups"])
     if name == "hunyuandit":  # its no-op float32 casts of the timestep embedding alias a branch input
         assert any(f.startswith("clone_aliasing_branch_outputs") for f in export.sidecar.raw["fixups"])
+    if name == "hidream":
+        assert any(f.startswith("einsum_common_type") for f in export.sidecar.raw["fixups"])
+        assert {d.name: d.shape for d in export.sidecar.inputs}["encoder_hidden_states_llama3"] == (3, "batch", 4, 16)
 
 
 def test_one_tensor_in_two_arguments_exports_as_two_inputs(tmp_path):

@@ -372,12 +372,12 @@ def test_attention_processors_swapped_by_pag_pipelines_are_captured():
     assert len(cached._programs) == 2
 
 
-#: families whose own code fixes the batch size (Chroma: ``torch.tensor([0] * batch_size)``;
-#: Mochi: a Python loop over the samples of its text mask; Z-Image: a Python list of samples;
-#: Qwen-Image: ``img_shapes``, one latent grid per sample, patterns.PER_SAMPLE_CONSTANTS; HiDream-I1:
-#: unpatchify loops over one image size per sample):
-#: capture with dynamic_batch refuses them with UnsupportedModelError
-BATCH_FIXED_BY_MODEL = ("chroma", "mochi", "zimage", "qwenimage", "hidream")
+#: families whose own code fixes the batch size (Mochi: a Python loop over the samples of its text
+#: mask; Z-Image: a Python list of samples; Qwen-Image: ``img_shapes``, one latent grid per sample,
+#: patterns.PER_SAMPLE_CONSTANTS): capture with dynamic_batch refuses them with UnsupportedModelError.
+#: Chroma and HiDream-I1 were here until their traceable twins (traceable.py) and HiDream's batch axis
+#: (patterns.BATCH_AXES).
+BATCH_FIXED_BY_MODEL = ("mochi", "zimage", "qwenimage")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -398,6 +398,23 @@ def test_dynamic_batch_capture_finds_the_same_regions(family):
     plan = find_regions(capture(spec.build(), kwargs, dynamic_batch=True).graph_module)
     found = {r.name.replace(".", "_"): (len(r.feature_inputs), len(r.outputs)) for r in plan.regions}
     assert found == EXPECTED_REGIONS[family]
+
+
+def test_dynamic_batch_refuses_per_sample_arguments_and_misplaced_batch_axes():
+    """HiDream-I1 with its own ``img_sizes`` (one patch grid per sample, a constant in the graph) is
+    refused with a dynamic batch, naming it; an input the model table says holds the batch at dim 1
+    (its stacked Llama states) whose dim 1 is not the batch is refused with its shape."""
+    from rfc_compile.passes import capture
+
+    spec = FAMILIES["hidream"]
+    kwargs = spec.example()
+    with pytest.raises(UnsupportedModelError, match="img_sizes: one entry per sample"):
+        capture(spec.build(), {**kwargs, "img_sizes": [(4, 4)] * 2}, dynamic_batch=True)
+    llama = kwargs["encoder_hidden_states_llama3"]
+    with pytest.raises(ValueError, match=r"'encoder_hidden_states_llama3' holds the batch at dim 1, but its shape is "
+                                         r"\(3, 3, 4, 16\) for a batch of 2"):
+        capture(spec.build(), {**kwargs, "encoder_hidden_states_llama3": torch.cat([llama, llama[:, :1]], 1)},
+                dynamic_batch=True)
 
 
 def test_rewrite_is_independent_of_earlier_rewrites():

@@ -12,30 +12,11 @@ from __future__ import annotations
 
 import logging
 
-from .proto import all_graphs, infer_shapes, replace_nodes
+from .proto import all_graphs, element_types, infer_shapes, replace_nodes
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "rfc_bool_where/"
-
-
-def element_types(model_proto) -> dict[str, int]:
-    """Every typed value's ONNX element type (``TensorProto.<TYPE>``), subgraphs included: graph
-    inputs/outputs, value_info, initializers and ``Constant`` outputs; one dict for the whole model,
-    as the exporter names every value uniquely, branches included."""
-    types: dict[str, int] = {}
-    for graph in all_graphs(model_proto.graph):
-        for info in (*graph.input, *graph.output, *graph.value_info):
-            if info.type.HasField("tensor_type"):
-                types[info.name] = info.type.tensor_type.elem_type
-        for init in graph.initializer:
-            types[init.name] = init.data_type
-        for node in graph.node:
-            if node.op_type == "Constant":
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                if value is not None:
-                    types[node.output[0]] = value.data_type
-    return types
 
 
 def bool_where_as_logic(model_proto) -> int:

@@ -49,6 +49,9 @@ ONNX-level fix-ups (recorded in the sidecar's ``fixups``):
   HunyuanVideo's attention mask) becomes ``Or(And(c, x), And(Not(c), y))``, the same function,
   because onnxruntime's CPU provider has no bool ``Where`` kernel and refuses to load the graph
   (bool_where.py).
+* ``einsum_common_type``: an ``Einsum`` over operands of different float types (HiDream-I1's
+  float32 positions times its float64 rotary frequencies, in the graph at a dynamic batch) gets
+  its operands cast to the type torch computes in, as onnxruntime takes one type (einsum_types.py).
 * ``branch_cse``: common-subexpression elimination inside the ``If`` branches, which the
   exporter's optimizer does not enter: every region recomputed the same Taylor coefficients
   (cse.py; DiT-S TaylorSeer predict branch 806 -> 302 nodes, RFE 1376 -> 872).
@@ -78,6 +81,7 @@ from ..config import RFCConfig
 from ..passes.capture import BATCH_MAX, DIM_MAX, DimRanges, DynamicDims
 from ..passes.patterns import model_timestep_rises
 from .bool_where import bool_where_as_logic
+from .einsum_types import einsum_common_type
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .dim_inputs import dims_from_inputs
@@ -284,7 +288,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         dynamic_batch: the graph takes any batch size (the ``"batch"`` dim of the batched
             inputs, the output and the state); other dims stay the example's. Give an example
             batch of 2 or more (torch.export specializes a batch of 1) that no other input's first
-            dim equals (capture.py: such a tensor is batched, except patterns.UNBATCHED_INPUTS).
+            dim equals (capture.py: such a tensor is batched, except patterns.batch_axes_for).
             OnnxCachedModel allocates the cache at each call's batch size.
         dynamic_dims: more dynamic dims, by name: ``{input: {dim index: name}}``, one name per
             size that varies together (e.g. FLUX's token counts, ``patterns.TOKEN_DIMS``; example
@@ -344,6 +348,9 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
     n_bool_where = bool_where_as_logic(proto)
     if n_bool_where:
         fixups.append(f"bool_where_as_logic({n_bool_where})")
+    n_einsum = einsum_common_type(proto)
+    if n_einsum:
+        fixups.append(f"einsum_common_type({n_einsum})")
     n_l2 = reduce_l2_as_sum_of_squares(proto)
     if n_l2:
         fixups.append(f"reduce_l2_as_sum_of_squares({n_l2})")

@@ -32,6 +32,25 @@ def all_graphs(graph) -> Iterator:
             yield from all_graphs(sub)
 
 
+def element_types(model_proto) -> dict[str, int]:
+    """Every typed value's ONNX element type (``TensorProto.<TYPE>``), subgraphs included: graph
+    inputs/outputs, value_info, initializers and ``Constant`` outputs; one dict for the whole model,
+    as the exporter names every value uniquely, branches included."""
+    types: dict[str, int] = {}
+    for graph in all_graphs(model_proto.graph):
+        for info in (*graph.input, *graph.output, *graph.value_info):
+            if info.type.HasField("tensor_type"):
+                types[info.name] = info.type.tensor_type.elem_type
+        for init in graph.initializer:
+            types[init.name] = init.data_type
+        for node in graph.node:
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    types[node.output[0]] = value.data_type
+    return types
+
+
 def replace_nodes(model_proto, matches, replacement) -> int:
     """Replace every node for which ``matches(node)`` holds, in the main graph and in every
     subgraph, by the list of nodes ``replacement(node)`` returns; returns how many were replaced."""

@@ -8,7 +8,7 @@ With ``dynamic_batch=True`` the batch size is a symbol (``BATCH``) instead of th
 number: every tensor input whose first dim equals the first input's is marked dynamic there
 (DiT's ``hidden_states``/``timestep``/``class_labels``), except the inputs patterns.py's
 ``UNBATCHED_INPUTS`` lists (FLUX's ``img_ids``/``txt_ids``, even when a token count equals the
-batch). The exporters use it for graphs that serve any batch size.
+batch) and those whose batch is another axis (``BATCH_AXES``: HiDream-I1's stacked Llama states). The exporters use it for graphs that serve any batch size.
 
 ``dynamic_dims`` names further dims of tensor inputs, e.g. FLUX's token counts
 (``{"hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"}, ...}``; patterns.py's
@@ -42,7 +42,7 @@ from ..errors import UnsupportedModelError
 from .fixed_dims import guards_fixing_dims, tied_dims
 from .early_sizes import read_sizes_early
 from .noop_squeeze import drop_noop_squeezes
-from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, folded_batch_input_for, unbatched_inputs_for
+from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, batch_axes_for, folded_batch_input_for
 from .traceable import swapped_methods
 
 logger = logging.getLogger(__name__)
@@ -99,15 +99,29 @@ def example_batch(kwargs: dict[str, Any]) -> int:
     return int(tensors[0].shape[0])
 
 
-def batch_dynamic_shapes(kwargs: dict[str, Any], unbatched: tuple[str, ...] = ()) -> dict[str, Any]:
+def batch_dynamic_shapes(kwargs: dict[str, Any], batch_axes: Mapping[str, int | None] | None = None
+                         ) -> dict[str, Any]:
     """torch.export ``dynamic_shapes`` marking dim 0 as ``BATCH`` on every batched tensor input
-    (``unbatched``: top-level inputs that have no batch dim, whatever their first size)."""
+    (``batch_axes``: top-level inputs whose batch is at another axis, or None: no batch dim, whatever
+    their first size; patterns.batch_axes_for)."""
     batch = example_batch(kwargs)
-    shapes = pytree.tree_map(lambda leaf: {0: BATCH} if is_batched(leaf, batch) else None, kwargs)
-    # an unbatched list input (Kandinsky 5's rotary positions) gets a None per element: torch.export
-    # refuses a plain None for a list
-    return {name: pytree.tree_map(lambda _: None, kwargs[name]) if name in unbatched else spec
-            for name, spec in shapes.items()}
+    batch_axes = batch_axes or {}
+    shapes = {name: pytree.tree_map(lambda leaf: {0: BATCH} if is_batched(leaf, batch) else None, value)
+              for name, value in kwargs.items() if name not in batch_axes}
+    for name, axis in batch_axes.items():
+        if name not in kwargs:
+            continue
+        value = kwargs[name]
+        if axis is None or not isinstance(value, torch.Tensor):
+            # an unbatched list input (Kandinsky 5's rotary positions) gets a None per element: torch.export
+            # refuses a plain None for a list
+            shapes[name] = pytree.tree_map(lambda _: None, value)
+        elif value.dim() <= axis or value.shape[axis] != batch:
+            raise ValueError(f"dynamic_batch: input {name!r} holds the batch at dim {axis}, but its shape is "
+                             f"{tuple(value.shape)} for a batch of {batch}")
+        else:
+            shapes[name] = {axis: BATCH}
+    return {name: shapes[name] for name in kwargs}
 
 
 def named_dim(name: str, ranges: DimRanges | None = None) -> torch.export.Dim:
@@ -270,14 +284,15 @@ def _traced_inputs(gm: fx.GraphModule, kwargs: dict[str, Any]) -> dict[str, Any]
 
 def input_dynamic_shapes(kwargs: dict[str, Any], dynamic_batch: bool = False,
                          dynamic_dims: DynamicDims | None = None,
-                         unbatched: tuple[str, ...] = (), dim_ranges: DimRanges | None = None) -> dict[str, Any] | None:
+                         batch_axes: Mapping[str, int | None] | None = None,
+                         dim_ranges: DimRanges | None = None) -> dict[str, Any] | None:
     """torch.export ``dynamic_shapes`` for ``kwargs``: the batch rule, then the named dims (None: static)."""
     if not dynamic_batch and not dynamic_dims:
         return None
     if dynamic_batch and example_batch(kwargs) < 2:
         raise ValueError(f"dynamic_batch: the example batch is {example_batch(kwargs)}; give an example batch of 2 or "
                          "more (torch.export specializes sizes 0 and 1)")
-    shapes = (batch_dynamic_shapes(kwargs, unbatched) if dynamic_batch
+    shapes = (batch_dynamic_shapes(kwargs, batch_axes) if dynamic_batch
               else pytree.tree_map(lambda _: None, kwargs))
     dims: dict[str, torch.export.Dim] = {}
     examples: dict[str, int] = {}
@@ -425,8 +440,8 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
         raise _fixed_by_model(model, f"{', '.join(per_sample)}: one entry per sample, a constant in the graph; "
                                      "export at the serving batch")
     kwargs = distinct_tensor_arguments(kwargs)
-    unbatched = unbatched_inputs_for(type(model).__name__)
-    dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, unbatched, dim_ranges)
+    dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, batch_axes_for(type(model).__name__),
+                                          dim_ranges)
     with torch.no_grad(), swapped_methods(model, TRACEABLE_METHODS):
         try:
             exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)

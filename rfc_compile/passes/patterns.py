@@ -15,8 +15,9 @@ from collections.abc import Iterable
 from typing import Any, Callable
 
 from ..dims import DIM_MAX
-from .traceable import (cogvideox_positional_embeddings, cogview3plus_patch_embed_forward, dit_forward,
-                        hidream_moe_infer, hunyuan_video_framepack_forward, mochi_rope_centers, patch_embed_forward)
+from .traceable import (chroma_timestep_embeddings, cogvideox_positional_embeddings, cogview3plus_patch_embed_forward,
+                        dit_forward, hidream_moe_infer, hidream_patchify, hidream_unpatchify, hunyuan_video_framepack_forward,
+                        mochi_rope_centers, patch_embed_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,14 +392,25 @@ UNBATCHED_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def unbatched_inputs_for(class_name: str) -> tuple[str, ...]:
-    return UNBATCHED_INPUTS.get(class_name, ())
+#: Tensor inputs whose batch is not their first dim, per model class: input -> the batch's axis.
+#: HiDream-I1 takes its Llama hidden states stacked layers first, (layers, batch, tokens, channels).
+BATCH_AXES: dict[str, dict[str, int]] = {
+    "HiDreamImageTransformer2DModel": {"encoder_hidden_states_llama3": 1},
+}
+
+
+def batch_axes_for(class_name: str) -> dict[str, int | None]:
+    """Where ``dynamic_batch`` finds the batch in a model's inputs, beyond its rule (first dim, when it
+    equals the batch): input -> the batch's axis, or None for an input with no batch dim."""
+    return {**{name: None for name in UNBATCHED_INPUTS.get(class_name, ())}, **BATCH_AXES.get(class_name, {})}
 
 
 #: Methods that compute on the host (torch.export cannot trace them), per module class: the
 #: traceable twin capture puts in their place while it traces (traceable.py).
 TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     "MOEFeedForwardSwiGLU": {"moe_infer": hidream_moe_infer},  # HiDream-I1: .cpu().numpy() of token counts
+    # HiDream-I1 at a dynamic batch: its output unpatchified in a Python loop over the samples
+    "HiDreamImageTransformer2DModel": {"patchify": hidream_patchify, "unpatchify": hidream_unpatchify},
     # CogVideoX (sin-cos positions) away from its config's size: a new table written through .data
     "CogVideoXPatchEmbed": {"_get_positional_embeddings": cogvideox_positional_embeddings},
     # FramePack: its attention mask written per sample with tensor values as slice bounds (batch > 1),
@@ -408,7 +420,9 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     "PatchEmbed": {"forward": patch_embed_forward},
     "CogView3PlusPatchEmbed": {"forward": cogview3plus_patch_embed_forward},  # likewise
     "DiTTransformer2DModel": {"forward": dit_forward},  # its output at the input's grid, not int(tokens ** 0.5)
-    "MochiRoPE": {"_centers": mochi_rope_centers},  # its positions from arange, not linspace's traced count
+    "MochiRoPE": {"_centers": mochi_rope_centers},
+    # Chroma at a dynamic batch: its guidance input built from a Python list of the batch's length
+    "ChromaCombinedTimestepTextProjEmbeddings": {"forward": chroma_timestep_embeddings},  # its positions from arange, not linspace's traced count
 }
 
 
@@ -431,4 +445,5 @@ def folded_batch_input_for(class_name: str) -> str | None:
 #: them (Qwen-Image's latent grid per image, ``img_shapes``, which its rotary code reads).
 PER_SAMPLE_CONSTANTS: dict[str, tuple[str, ...]] = {
     "QwenImageTransformer2DModel": ("img_shapes",),
+    "HiDreamImageTransformer2DModel": ("img_sizes",),  # the patch grid per sample (its forward makes them)
 }

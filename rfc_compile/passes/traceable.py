@@ -46,6 +46,33 @@ def hidream_moe_infer(self, x: torch.Tensor, flat_expert_indices: torch.Tensor,
     return expert_cache
 
 
+def hidream_patchify(self, hidden_states: torch.Tensor):
+    """``HiDreamImageTransformer2DModel.patchify``, its per-sample sizes tagged with the latents' patch
+    grid as sizes of the trace (``img_sizes.patch_grid``) for :func:`hidream_unpatchify`: the original
+    stores the grid only as tensor values, which its unpatchify reads back as sizes of their own, so
+    at a dynamic batch the output's size would follow no input. The same outputs as the original."""
+    grid = tuple(size // self.config.patch_size for size in hidden_states.shape[-2:])
+    hidden_states, masks, img_sizes, img_ids = type(self).patchify(self, hidden_states)
+    img_sizes.patch_grid = grid
+    return hidden_states, masks, img_sizes, img_ids
+
+
+def hidream_unpatchify(self, x: torch.Tensor, img_sizes: torch.Tensor | list, is_training: bool) -> torch.Tensor:
+    """``HiDreamImageTransformer2DModel.unpatchify`` (inference) at a symbolic batch (a dynamic batch):
+    every sample unpatchified at once at the latents' patch grid. The original loops over ``img_sizes``'
+    rows, one per sample, which torch traces at the example's batch. Patchify gives every sample the
+    latents' grid (:func:`hidream_patchify` tags its sizes with it; a caller's own ``img_sizes`` is
+    refused with a dynamic batch: patterns.PER_SAMPLE_CONSTANTS). At a fixed batch, in training, or
+    with sizes that patchify did not make, this is the original."""
+    grid = getattr(img_sizes, "patch_grid", None)
+    if not _symbolic(x.shape[0]) or grid is None or (is_training and not self.config.force_inference_output):
+        return type(self).unpatchify(self, x, img_sizes, is_training)
+    (patch_h, patch_w), patch, batch = grid, self.config.patch_size, x.shape[0]
+    channels = x.shape[-1] // (patch * patch)
+    x = x[:, : patch_h * patch_w].reshape(batch, patch_h, patch_w, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, patch_h * patch, patch_w * patch)
+
+
 def cogvideox_positional_embeddings(self, sample_height: int, sample_width: int, sample_frames: int,
                                     device: torch.device | None = None) -> torch.Tensor:
     """``CogVideoXPatchEmbed._get_positional_embeddings`` (diffusers' CogVideoX with sin-cos
@@ -152,6 +179,23 @@ def dit_forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor | None
     hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
     output = hidden_states.reshape(shape=(-1, self.out_channels, height * patch, width * patch))
     return (output,) if not return_dict else Transformer2DModelOutput(sample=output)
+
+
+def chroma_timestep_embeddings(self, timestep: torch.Tensor) -> torch.Tensor:
+    """``ChromaCombinedTimestepTextProjEmbeddings.forward`` (diffusers' Chroma) at a symbolic batch (a
+    dynamic batch): the guidance projection of one zero per sample from ``new_zeros(batch)``. The original
+    builds the zeros as ``torch.tensor([0] * batch_size)``, a Python list of the batch's length, which
+    torch traces at the example's batch. The same values (integer zeros, then the same projections).
+    At a fixed batch this is the original."""
+    batch_size = timestep.shape[0]
+    if not _symbolic(batch_size):
+        return type(self).forward(self, timestep)
+    mod_index_length = self.mod_proj.shape[0]
+    timesteps_proj = self.time_proj(timestep).to(dtype=timestep.dtype)
+    guidance_proj = self.guidance_proj(timestep.new_zeros(batch_size, dtype=torch.int64)).to(dtype=timestep.dtype)
+    mod_proj = self.mod_proj.to(dtype=timesteps_proj.dtype, device=timesteps_proj.device).repeat(batch_size, 1, 1)
+    timestep_guidance = torch.cat([timesteps_proj, guidance_proj], dim=1).unsqueeze(1).repeat(1, mod_index_length, 1)
+    return torch.cat([timestep_guidance, mod_proj], dim=-1).to(timestep.dtype)
 
 
 def mochi_rope_centers(self, start, stop, num, device, dtype) -> torch.Tensor:
