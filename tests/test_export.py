@@ -2045,12 +2045,14 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
     Chroma (its guidance zeros came from a Python list of the batch's length: traceable.py's twin),
     HiDream-I1 (its Llama states hold the batch at dim 1, patterns.BATCH_AXES; its output was
     unpatchified in a loop over the samples; its rotary einsum mixes float32 and float64 operands,
-    which onnxruntime refused until einsum_common_type)."""
+    which onnxruntime refused until einsum_common_type), Qwen-Image (its ``img_shapes``, one latent grid
+    per sample, reads the first: the sidecar holds that entry and the runner takes a copy per sample,
+    refusing any other value)."""
     from conftest import FAMILIES, flow_generation
 
     family = FAMILIES[name]
     config = RFCConfig(mode="rfc", threshold=family.threshold, order=2)
-    dynamic_batch = name in ("kandinsky5", "chroma", "hidream")
+    dynamic_batch = name in ("kandinsky5", "chroma", "hidream", "qwenimage")
     export = to_onnx(family.build(), workdir / f"{name}_rfc.onnx", family.example(), config, dynamic_batch=dynamic_batch)
     runner = OnnxCachedModel(export.onnx_path)
     for batch in (2, 3) if dynamic_batch else (2,):
@@ -2066,6 +2068,15 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
         assert not any(f.startswith("squeeze_axes") for f in export.sidecar.raw["fixups"])
     if name == "hunyuandit":  # its no-op float32 casts of the timestep embedding alias a branch input
         assert any(f.startswith("clone_aliasing_branch_outputs") for f in export.sidecar.raw["fixups"])
+    if name == "qwenimage":
+        assert export.sidecar.per_sample_constants == {"img_shapes": [[1, 4, 4]]}
+        assert not any(k.startswith("img_shapes") for k in export.sidecar.constants)
+        call = {**family.call_inputs(torch.randn(3, *family.latent_shape), torch.ones(3)),
+                **family.conditions(3, torch.Generator().manual_seed(0))}
+        for img_shapes in ([[(1, 4, 4)]] * 2, [[(1, 4, 4)], [(1, 4, 4)], [(1, 2, 8)]]):
+            with pytest.raises(InputMismatchError, match=r"'img_shapes' must hold one entry per sample \(3\), each "
+                                                         r"\[\[1, 4, 4\]\]"):
+                runner(**{**call, "img_shapes": img_shapes})
     if name == "hidream":
         assert any(f.startswith("einsum_common_type") for f in export.sidecar.raw["fixups"])
         assert {d.name: d.shape for d in export.sidecar.inputs}["encoder_hidden_states_llama3"] == (3, "batch", 4, 16)

@@ -373,11 +373,11 @@ def test_attention_processors_swapped_by_pag_pipelines_are_captured():
 
 
 #: families whose own code fixes the batch size (Mochi: a Python loop over the samples of its text
-#: mask; Z-Image: a Python list of samples; Qwen-Image: ``img_shapes``, one latent grid per sample,
-#: patterns.PER_SAMPLE_CONSTANTS): capture with dynamic_batch refuses them with UnsupportedModelError.
-#: Chroma and HiDream-I1 were here until their traceable twins (traceable.py) and HiDream's batch axis
-#: (patterns.BATCH_AXES).
-BATCH_FIXED_BY_MODEL = ("mochi", "zimage", "qwenimage")
+#: mask; Z-Image: a Python list of samples): capture with dynamic_batch refuses them with
+#: UnsupportedModelError. Chroma and HiDream-I1 were here until their traceable twins (traceable.py)
+#: and HiDream's batch axis (patterns.BATCH_AXES); Qwen-Image until its ``img_shapes`` were known to
+#: be read at the first sample only (patterns.PER_SAMPLE_CONSTANTS).
+BATCH_FIXED_BY_MODEL = ("mochi", "zimage")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -401,10 +401,24 @@ def test_dynamic_batch_capture_finds_the_same_regions(family):
 
 
 def test_dynamic_batch_refuses_per_sample_arguments_and_misplaced_batch_axes():
-    """HiDream-I1 with its own ``img_sizes`` (one patch grid per sample, a constant in the graph) is
-    refused with a dynamic batch, naming it; an input the model table says holds the batch at dim 1
-    (its stacked Llama states) whose dim 1 is not the batch is refused with its shape."""
+    """HiDream-I1 with its own ``img_sizes`` (one patch grid per sample, a constant in the graph) and a
+    Qwen-Image edit model (``zero_cond_t``: its modulation index reads every sample's ``img_shapes``)
+    are refused with a dynamic batch, naming the argument; a plain Qwen-Image (reads the first sample's
+    grid only) is refused for ``img_shapes`` that are not one equal entry per sample; an input the model
+    table says holds the batch at dim 1 (HiDream's stacked Llama states) whose dim 1 is not the batch
+    is refused with its shape."""
+    from diffusers import QwenImageTransformer2DModel
+
     from rfc_compile.passes import capture
+
+    qwen = FAMILIES["qwenimage"]
+    config = {k: v for k, v in qwen.build().config.items() if not k.startswith("_")}  # _use_default_values too
+    edit = QwenImageTransformer2DModel.from_config({**config, "zero_cond_t": True})
+    assert edit.zero_cond_t
+    with pytest.raises(UnsupportedModelError, match="img_shapes: one entry per sample"):
+        capture(edit, qwen.example(), dynamic_batch=True)
+    with pytest.raises(ValueError, match=r"img_shapes=\[\[\(1, 4, 4\)\], \[\(1, 2, 8\)\]\] is not one equal entry"):
+        capture(qwen.build(), {**qwen.example(), "img_shapes": [[(1, 4, 4)], [(1, 2, 8)]]}, dynamic_batch=True)
 
     spec = FAMILIES["hidream"]
     kwargs = spec.example()

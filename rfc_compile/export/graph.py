@@ -119,6 +119,13 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def _nested_jsonable(value: Any) -> Any:
+    """``value`` with its tuples as lists and its leaves JSON-able (a per-sample entry, ``[(1, 4, 4)]``)."""
+    if isinstance(value, (list, tuple)):
+        return [_nested_jsonable(item) for item in value]
+    return _jsonable(value)
+
+
 # --- graph fix-up -------------------------------------------------------------------------
 
 def _is_view(node: fx.Node) -> bool:
@@ -239,6 +246,9 @@ class FunctionalProgram:
     #: inputs sized as a multiple of a named dim (capture.DerivedDim; CachedStep's ``dims``)
     derived_dims: tuple[DerivedDim, ...] = ()
     dim_ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # capture's (min, max)
+    #: non-tensor arguments with one entry per sample that a dynamic-batch graph serves any number of
+    #: copies of (capture's ``per_sample_arguments``): argument -> that entry (tuples as lists)
+    per_sample_constants: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def carried_dims(self) -> list[str]:
@@ -321,7 +331,9 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
 
     leaves = flatten_kwargs(call)
     tensors = [(name, leaf) for name, leaf in leaves if isinstance(leaf, Tensor)]
-    constants = {name: _jsonable(leaf) for name, leaf in leaves if not isinstance(leaf, Tensor)}
+    per_sample = {name: _nested_jsonable(call[name][0]) for name in captured.per_sample_arguments}
+    constants = {name: _jsonable(leaf) for name, leaf in leaves
+                 if not isinstance(leaf, Tensor) and name.split(".")[0] not in per_sample}
     tensor_names = [name for name, _ in tensors]
     spec = step.state_spec
     carried = dim_carriers(captured.root_sizes, _device_of(tensors))
@@ -361,6 +373,7 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
         state_shapes=state_shapes,
         derived_dims=captured.derived_dims,
         dim_ranges=captured.dim_ranges,
+        per_sample_constants=per_sample,
     )
 
 

@@ -370,9 +370,11 @@ class StatefulRunner:
                     f"input {name!r} has fractional values but the graph takes {desc.dtype} (the cast would "
                     "truncate them): export with a float example (flow-matching pipelines pass float timesteps)")
             feeds[name] = value
-        constants = self.sidecar.constants
+        constants, per_sample = self.sidecar.constants, self.sidecar.per_sample_constants
+        for argument, entry in per_sample.items():
+            self._check_per_sample(argument, entry, leaves)
         for name, value in leaves.items():
-            if name in self._inputs or name == "return_dict":
+            if name in self._inputs or name == "return_dict" or _argument(name) in per_sample:
                 continue
             if isinstance(value, (torch.Tensor, np.ndarray)):
                 if name in constants:
@@ -395,6 +397,15 @@ class StatefulRunner:
             raise InputMismatchError(f"arguments {missing} were {[constants[n] for n in missing]} at export and are "
                                      "baked into the graph; pass them (or export again without them)")
         return feeds
+
+    def _check_per_sample(self, argument: str, entry: Any, leaves: dict[str, Any]) -> None:
+        """A per-sample argument (sidecar's ``per_sample_constants``) is one copy of the exported entry
+        per sample of the call."""
+        batch = self.dims.get(BATCH_DIM) or 0
+        given = {name: _jsonable(value) for name, value in leaves.items() if _argument(name) == argument}
+        if given != dict(flatten_kwargs({argument: [entry] * batch})):
+            raise InputMismatchError(f"argument {argument!r} must hold one entry per sample ({batch}), each {entry!r} "
+                                     "as at export (the model reads the first sample's entry; the graph holds it)")
 
     def _is_default(self, name: str, value: Any) -> bool:
         """None, or a top-level argument at the model's forward default: what leaving it out gives."""

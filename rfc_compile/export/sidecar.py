@@ -16,6 +16,7 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
       "output_structure": "tuple",                    # return_dict=False output, one tensor per entry
       "output_tree": [0],                             # optional: its nesting, outputs by index
       "constants": {"return_dict": false, ...},       # non-tensor kwargs baked into the graph
+      "per_sample_constants": {},                     # optional: see below
       "state": [{"name": "last_full", "input": "state.last_full",
                  "output": "state_out.last_full", "shape": [], "dtype": "int64"}, ...],
       "naming": {"state_input_prefix": "state.", "state_output_prefix": "state_out.",
@@ -40,6 +41,12 @@ returned bare (Kandinsky 5). Inner lists come back as lists, the outer one as a 
 back *empty* (zero rows) from a step that left them unchanged (skip_state.py): the runner then
 keeps its previous buffer instead of adopting the output. Exactly those state outputs have an
 unknown first dimension in the graph; :meth:`Sidecar.check_io` holds the two to each other.
+
+``per_sample_constants`` (optional, default ``{}``): non-tensor arguments with one entry per sample
+that a dynamic-batch graph serves any batch of, because the model reads the first sample's entry only
+(Qwen-Image's ``img_shapes``, patterns.PER_SAMPLE_CONSTANTS): each argument's entry, tuples as lists
+(``{"img_shapes": [[1, 4, 4]]}``). A call passes one copy of it per sample; the runner refuses any
+other value.
 
 Dynamic dims: a graph exported with ``dynamic_batch=True`` has the dim ``"batch"`` (``BATCH_DIM``)
 where a shape holds the batch size (dim 0 of the batch-first inputs, outputs and state tensors);
@@ -153,6 +160,7 @@ class Sidecar:
     decision_output: str
     kept_on_skip: list[str] = dataclasses.field(default_factory=list)
     output_tree: list | int | None = None
+    per_sample_constants: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def nest(self, outputs: list) -> Any:
         """The graph's outputs (in ``outputs`` order) as the model returns them (``return_dict=False``):
@@ -243,6 +251,7 @@ class Sidecar:
                 decision_output=str(naming["decision_output"]),
                 kept_on_skip=[str(n) for n in raw.get("kept_on_skip", [])],
                 output_tree=raw.get("output_tree"),
+                per_sample_constants=dict(raw.get("per_sample_constants", {})),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None

@@ -78,6 +78,9 @@ class CapturedGraph:
     dim_ranges: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # as capture was given them
     #: sizes given as expressions in other dims (Dim.AUTO to torch.export): {dotted input: {index: expr}}
     expression_dims: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
+    #: non-tensor arguments with one entry per sample of which the model reads the first (a dynamic
+    #: batch; patterns.PER_SAMPLE_CONSTANTS): the graph serves any number of copies of that entry
+    per_sample_arguments: tuple[str, ...] = ()
 
     def flatten_inputs(self, kwargs: dict[str, Any]) -> list[Any]:
         flat, spec = pytree.tree_flatten(((), kwargs))
@@ -416,6 +419,25 @@ def accelerate_hooks(model: torch.nn.Module) -> dict[str, Any]:
             if getattr(module, "_hf_hook", None) is not None}
 
 
+def _per_sample_arguments(model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:
+    """The per-sample arguments (patterns.PER_SAMPLE_CONSTANTS) a dynamic-batch graph of ``model`` serves
+    any batch of: those the model reads the first entry of, given one equal entry per sample. Refuses
+    the others (the graph would hold every sample's entry)."""
+    given = [arg for arg in PER_SAMPLE_CONSTANTS.get(type(model).__name__, ()) if kwargs.get(arg.name) is not None]
+    every = [arg.name for arg in given if not arg.first_only(model)]
+    if every:
+        raise _fixed_by_model(model, f"{', '.join(every)}: one entry per sample, a constant in the graph; "
+                                     "export at the serving batch")
+    batch = example_batch(kwargs)
+    for arg in given:
+        entries = list(kwargs[arg.name])
+        if len(entries) != batch or any(entry != entries[0] for entry in entries):
+            raise ValueError(f"dynamic_batch: {arg.name}={entries!r} is not one equal entry per sample (batch "
+                             f"{batch}); {type(model).__name__} reads the first sample's only, so a graph for any "
+                             "batch takes copies of one entry")
+    return tuple(arg.name for arg in given)
+
+
 def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool = False,
             dynamic_dims: DynamicDims | None = None, dim_ranges: DimRanges | None = None) -> CapturedGraph:
     """Export ``model(**kwargs)`` and return its graph with module-path metadata."""
@@ -435,10 +457,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     opaque = _opaque_arguments(kwargs)
     if opaque:
         raise UnsupportedModelError(f"{type(model).__name__} called with {', '.join(opaque)}: {_STATEFUL_CALLS}")
-    per_sample = [name for name in PER_SAMPLE_CONSTANTS.get(type(model).__name__, ()) if kwargs.get(name) is not None]
-    if dynamic_batch and per_sample:
-        raise _fixed_by_model(model, f"{', '.join(per_sample)}: one entry per sample, a constant in the graph; "
-                                     "export at the serving batch")
+    per_sample = _per_sample_arguments(model, kwargs) if dynamic_batch else ()
     kwargs = distinct_tensor_arguments(kwargs)
     dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, batch_axes_for(type(model).__name__),
                                           dim_ranges)
@@ -502,4 +521,4 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     return CapturedGraph(gm, info.in_spec, info.out_spec, names, dynamic_shapes, samples,
                          dim_symbols, derived,
                          {d.root: d.root_size(input_leaf(kwargs, d.input)) for d in derived}, dict(dim_ranges or {}),
-                         expressions)
+                         expressions, per_sample)

@@ -440,10 +440,21 @@ def folded_batch_input_for(class_name: str) -> str | None:
     return FOLDED_BATCH_INPUTS.get(class_name)
 
 
-#: Non-tensor arguments holding one entry per sample, per model class. They are baked into a graph
-#: as constants, so the graph serves only the example's batch: ``dynamic_batch`` is refused for
-#: them (Qwen-Image's latent grid per image, ``img_shapes``, which its rotary code reads).
-PER_SAMPLE_CONSTANTS: dict[str, tuple[str, ...]] = {
-    "QwenImageTransformer2DModel": ("img_shapes",),
-    "HiDreamImageTransformer2DModel": ("img_sizes",),  # the patch grid per sample (its forward makes them)
+@dataclasses.dataclass(frozen=True)
+class PerSampleArgument:
+    """A non-tensor argument holding one entry per sample, baked into a graph as a constant."""
+
+    name: str
+    #: whether the model reads the first sample's entry only (a function of the model: its config may
+    #: decide): then a dynamic-batch graph serves any batch whose entries all equal the export's one,
+    #: which the runner checks; otherwise the graph holds every entry and ``dynamic_batch`` is refused
+    first_only: Callable[[Any], bool] = lambda model: False
+
+
+#: Per model class. Qwen-Image's latent grid per image, ``img_shapes``: its rotary code reads the first
+#: image's (a batch shares one size), and an edit model's ``zero_cond_t`` modulation index every
+#: image's. HiDream-I1's patch grid per sample, ``img_sizes`` (its forward makes them unless given).
+PER_SAMPLE_CONSTANTS: dict[str, tuple[PerSampleArgument, ...]] = {
+    "QwenImageTransformer2DModel": (PerSampleArgument("img_shapes", lambda model: not model.zero_cond_t),),
+    "HiDreamImageTransformer2DModel": (PerSampleArgument("img_sizes"),),
 }
