@@ -2082,6 +2082,35 @@ def test_other_families_ort_generation_matches_eager(workdir, name):
         assert {d.name: d.shape for d in export.sidecar.inputs}["encoder_hidden_states_llama3"] == (3, "batch", 4, 16)
 
 
+def test_dynamic_batch_mochi_attends_over_each_samples_valid_prompt_tokens(workdir):
+    """Mochi's attention loops over the samples, each attending over its valid prompt tokens
+    (``nonzero`` of its mask), which fixes the batch; at a symbolic batch capture uses a batched twin
+    (traceable.mochi_attention_forward: valid tokens first, padding masked out of the keys, zero rows
+    past them). One graph exported at batch 2 with no padding runs batch 3 with padded prompts, one
+    of them padded in the middle (the original moves its valid tokens first), like the eager model."""
+    import dataclasses
+
+    from conftest import FAMILIES, flow_generation
+
+    mochi = FAMILIES["mochi"]
+
+    def padded(batch, gen):
+        masks = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 0, 1]], dtype=torch.float32)
+        return {**mochi.conditions(batch, gen), "encoder_attention_mask": masks[:batch]}
+
+    family = dataclasses.replace(mochi, conditions=padded)
+    config = RFCConfig(mode="rfc", threshold=mochi.threshold, order=2)
+    export = to_onnx(mochi.build(), workdir / "mochi_rfc_dynamic.onnx", mochi.example(), config, dynamic_batch=True)
+    runner = OnnxCachedModel(export.onnx_path)
+    eager = rfc_compile.optimize(mochi.build(), config)
+    _, expected = flow_generation(eager, family, steps=10, batch=3)
+    _, got = flow_generation(runner, family, steps=10, batch=3)
+    _, unpadded = flow_generation(rfc_compile.optimize(mochi.build(), config), mochi, steps=10, batch=3)
+    assert runner.stats.full_steps == eager.stats.full_steps
+    assert _max_diff(got, expected) < ATOL
+    assert _max_diff(unpadded, expected) > 1e-3  # the padding matters
+
+
 def test_one_tensor_in_two_arguments_exports_as_two_inputs(tmp_path):
     """An example that passes one tensor in two arguments (LTX2Pipeline's timestep and sigma) exports
     two graph inputs, each read: the runner serves calls where they differ (before, the graph read

@@ -372,12 +372,12 @@ def test_attention_processors_swapped_by_pag_pipelines_are_captured():
     assert len(cached._programs) == 2
 
 
-#: families whose own code fixes the batch size (Mochi: a Python loop over the samples of its text
-#: mask; Z-Image: a Python list of samples): capture with dynamic_batch refuses them with
-#: UnsupportedModelError. Chroma and HiDream-I1 were here until their traceable twins (traceable.py)
-#: and HiDream's batch axis (patterns.BATCH_AXES); Qwen-Image until its ``img_shapes`` were known to
-#: be read at the first sample only (patterns.PER_SAMPLE_CONSTANTS).
-BATCH_FIXED_BY_MODEL = ("mochi", "zimage")
+#: families whose own code fixes the batch size (Z-Image: its inputs are Python lists with one tensor
+#: per sample): capture with dynamic_batch refuses them with UnsupportedModelError. Chroma, Mochi and
+#: HiDream-I1 were here until their traceable twins (traceable.py) and HiDream's batch axis
+#: (patterns.BATCH_AXES); Qwen-Image until its ``img_shapes`` were known to be read at the first
+#: sample only (patterns.PER_SAMPLE_CONSTANTS).
+BATCH_FIXED_BY_MODEL = ("zimage",)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

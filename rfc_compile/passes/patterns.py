@@ -17,7 +17,7 @@ from typing import Any, Callable
 from ..dims import DIM_MAX
 from .traceable import (chroma_timestep_embeddings, cogvideox_positional_embeddings, cogview3plus_patch_embed_forward,
                         dit_forward, hidream_moe_infer, hidream_patchify, hidream_unpatchify, hunyuan_video_framepack_forward,
-                        mochi_rope_centers, patch_embed_forward)
+                        mochi_attention_forward, mochi_rope_centers, patch_embed_forward)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,6 +421,8 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     "CogView3PlusPatchEmbed": {"forward": cogview3plus_patch_embed_forward},  # likewise
     "DiTTransformer2DModel": {"forward": dit_forward},  # its output at the input's grid, not int(tokens ** 0.5)
     "MochiRoPE": {"_centers": mochi_rope_centers},
+    # Mochi at a dynamic batch: its attention loops over the samples (each one's valid prompt tokens)
+    "MochiAttention": {"forward": mochi_attention_forward},
     # Chroma at a dynamic batch: its guidance input built from a Python list of the batch's length
     "ChromaCombinedTimestepTextProjEmbeddings": {"forward": chroma_timestep_embeddings},  # its positions from arange, not linspace's traced count
 }

@@ -198,6 +198,65 @@ def chroma_timestep_embeddings(self, timestep: torch.Tensor) -> torch.Tensor:
     return torch.cat([timestep_guidance, mod_proj], dim=-1).to(timestep.dtype)
 
 
+def mochi_attention_forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                            attention_mask: torch.Tensor | None = None, **kwargs):
+    """``MochiAttention.forward`` with diffusers' ``MochiAttnProcessor2_0`` at a symbolic batch (a dynamic
+    batch): every sample's attention at once. The original loops over the samples, each attending over
+    its image tokens and its valid prompt tokens (``nonzero`` of its mask), which torch traces at the
+    example's batch. Here each sample's prompt tokens are put valid ones first, in order (the order in
+    which the original concatenates them; a sort on unique keys, as ONNX has no stable sort), the padding is masked out of
+    the keys, and the rows past a sample's valid tokens are zero, as the original pads them: the same
+    function (up to rounding: a masked key gets weight 0). Other processors, or a fixed batch: the
+    original."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+    if not _symbolic(hidden_states.shape[0]) or type(self.processor) is not MochiAttnProcessor2_0:
+        return type(self).forward(self, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+    image_rotary_emb = kwargs.get("image_rotary_emb")
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(2, (self.heads, -1))
+
+    query, key, value = heads(self.to_q(hidden_states)), heads(self.to_k(hidden_states)), heads(self.to_v(hidden_states))
+    query, key = self.norm_q(query), self.norm_k(key)
+    encoder_query = self.norm_added_q(heads(self.add_q_proj(encoder_hidden_states)))
+    encoder_key = self.norm_added_k(heads(self.add_k_proj(encoder_hidden_states)))
+    encoder_value = heads(self.add_v_proj(encoder_hidden_states))
+    if image_rotary_emb is not None:
+        def rotate(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+            x_even, x_odd = x[..., 0::2].float(), x[..., 1::2].float()
+            cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+            sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+            return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+        query, key = rotate(query, *image_rotary_emb), rotate(key, *image_rotary_emb)
+
+    valid = attention_mask != 0  # (B, prompt tokens)
+    tokens = torch.arange(valid.shape[1], device=valid.device)
+    order = torch.argsort((~valid) * valid.shape[1] + tokens, dim=1)  # valid tokens first, in order (keys unique)
+    valid = valid.gather(1, order)
+
+    def prompt_first(x: torch.Tensor) -> torch.Tensor:  # (B, T, heads, dim): the tokens in ``order``
+        return x.gather(1, order[:, :, None, None].expand_as(x))
+
+    encoder_query, encoder_key, encoder_value = map(prompt_first, (encoder_query, encoder_key, encoder_value))
+    sequence_length, encoder_sequence_length = query.shape[1], encoder_query.shape[1]
+    query, key, value = (torch.cat([x, e], dim=1).transpose(1, 2) for x, e in
+                         ((query, encoder_query), (key, encoder_key), (value, encoder_value)))
+    keys_kept = torch.cat([valid.new_ones(valid.shape[0], sequence_length), valid], dim=1)  # (B, total)
+    attn_output = F.scaled_dot_product_attention(query, key, value, attn_mask=keys_kept[:, None, None, :],
+                                                 dropout_p=0.0, is_causal=False)
+    attn_output = attn_output * keys_kept[:, None, :, None]  # rows past the valid tokens: zero (the original's pad)
+    hidden_states = attn_output.transpose(1, 2).flatten(2, 3)
+    hidden_states, encoder_hidden_states = hidden_states.split_with_sizes(
+        (sequence_length, encoder_sequence_length), dim=1)
+    hidden_states = self.to_out[1](self.to_out[0](hidden_states))
+    if hasattr(self, "to_add_out"):
+        encoder_hidden_states = self.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 def mochi_rope_centers(self, start, stop, num, device, dtype) -> torch.Tensor:
     """``MochiRoPE._centers`` at a symbolic count (a dynamic resolution): the centres of ``num`` equal
     cells between ``start`` and ``stop``, ``start + (i + 1/2) * (stop - start) / num``, from ``arange``.
