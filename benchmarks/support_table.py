@@ -187,7 +187,8 @@ def export_row(name: str, workdir: pathlib.Path) -> dict:
         try:
             export = to_onnx(fam.build(), path, example, config, dynamic_batch=True)
         except UnsupportedModelError as exc:
-            refused = str(exc).split(": ", 1)[-1].split(" (")[0]  # "the model's code fixes them"
+            # "... the model's code fixes them (x, cap_feats: one entry per sample (a list), ...)": the reason
+            refused = str(exc).split("fixes them (", 1)[-1].rsplit(")", 1)[0].splitlines()[0]
             export = to_onnx(fam.build(), path, example, config)
     except ExportError as exc:  # the model itself does not export (the cause is the last link of the chain)
         return dict(family=name, failed=str(exc).split(" <- ")[-1])
@@ -291,7 +292,7 @@ def render(families: list[dict], pipelines: list[dict], pipeline_note: str, expo
             if "failed" in r:
                 lines.append(f"| {r['family']} | - | not exported: {r['failed'].replace('|', '/')} | - | - |")
                 continue
-            batch3 = cell(r["runs"][3]) if 3 in r["runs"] else f"static batch ({r['refused']})"
+            batch3 = cell(r["runs"][3]) if 3 in r["runs"] else f"static batch: {r['refused']}"
             lines.append(f"| {r['family']} | {r['mb']:.1f} | {cell(r['runs'][2])} | {batch3} "
                          f"| {', '.join(r['fixups']) or '-'} |")
         lines.append("")

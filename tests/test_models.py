@@ -373,10 +373,11 @@ def test_attention_processors_swapped_by_pag_pipelines_are_captured():
 
 
 #: families whose own code fixes the batch size (Z-Image: its inputs are Python lists with one tensor
-#: per sample): capture with dynamic_batch refuses them with UnsupportedModelError. Chroma, Mochi and
+#: per sample, patterns.PER_SAMPLE_ARGUMENTS): capture with dynamic_batch refuses them with
+#: UnsupportedModelError. Chroma, Mochi and
 #: HiDream-I1 were here until their traceable twins (traceable.py) and HiDream's batch axis
 #: (patterns.BATCH_AXES); Qwen-Image until its ``img_shapes`` were known to be read at the first
-#: sample only (patterns.PER_SAMPLE_CONSTANTS).
+#: sample only (patterns.PER_SAMPLE_ARGUMENTS).
 BATCH_FIXED_BY_MODEL = ("zimage",)
 
 
@@ -392,7 +393,7 @@ def test_dynamic_batch_capture_finds_the_same_regions(family):
     spec = FAMILIES[family]
     kwargs = spec.example()
     if family in BATCH_FIXED_BY_MODEL:
-        with pytest.raises(UnsupportedModelError, match="dynamic dims"):
+        with pytest.raises(UnsupportedModelError, match="x, cap_feats: one entry per sample"):
             capture(spec.build(), kwargs, dynamic_batch=True)
         return
     plan = find_regions(capture(spec.build(), kwargs, dynamic_batch=True).graph_module)

@@ -44,7 +44,7 @@ unknown first dimension in the graph; :meth:`Sidecar.check_io` holds the two to 
 
 ``per_sample_constants`` (optional, default ``{}``): non-tensor arguments with one entry per sample
 that a dynamic-batch graph serves any batch of, because the model reads the first sample's entry only
-(Qwen-Image's ``img_shapes``, patterns.PER_SAMPLE_CONSTANTS): each argument's entry, tuples as lists
+(Qwen-Image's ``img_shapes``, patterns.PER_SAMPLE_ARGUMENTS): each argument's entry, tuples as lists
 (``{"img_shapes": [[1, 4, 4]]}``). A call passes one copy of it per sample; the runner refuses any
 other value.
 

@@ -42,7 +42,7 @@ from ..errors import UnsupportedModelError
 from .fixed_dims import guards_fixing_dims, tied_dims
 from .early_sizes import read_sizes_early
 from .noop_squeeze import drop_noop_squeezes
-from .patterns import PER_SAMPLE_CONSTANTS, TRACEABLE_METHODS, batch_axes_for, folded_batch_input_for
+from .patterns import PER_SAMPLE_ARGUMENTS, TRACEABLE_METHODS, batch_axes_for, folded_batch_input_for
 from .traceable import swapped_methods
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class CapturedGraph:
     #: sizes given as expressions in other dims (Dim.AUTO to torch.export): {dotted input: {index: expr}}
     expression_dims: dict[str, dict[int, str]] = dataclasses.field(default_factory=dict)
     #: non-tensor arguments with one entry per sample of which the model reads the first (a dynamic
-    #: batch; patterns.PER_SAMPLE_CONSTANTS): the graph serves any number of copies of that entry
+    #: batch; patterns.PER_SAMPLE_ARGUMENTS): the graph serves any number of copies of that entry
     per_sample_arguments: tuple[str, ...] = ()
 
     def flatten_inputs(self, kwargs: dict[str, Any]) -> list[Any]:
@@ -420,14 +420,14 @@ def accelerate_hooks(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def _per_sample_arguments(model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[str, ...]:
-    """The per-sample arguments (patterns.PER_SAMPLE_CONSTANTS) a dynamic-batch graph of ``model`` serves
+    """The per-sample arguments (patterns.PER_SAMPLE_ARGUMENTS) a dynamic-batch graph of ``model`` serves
     any batch of: those the model reads the first entry of, given one equal entry per sample. Refuses
     the others (the graph would hold every sample's entry)."""
-    given = [arg for arg in PER_SAMPLE_CONSTANTS.get(type(model).__name__, ()) if kwargs.get(arg.name) is not None]
+    given = [arg for arg in PER_SAMPLE_ARGUMENTS.get(type(model).__name__, ()) if kwargs.get(arg.name) is not None]
     every = [arg.name for arg in given if not arg.first_only(model)]
     if every:
-        raise _fixed_by_model(model, f"{', '.join(every)}: one entry per sample, a constant in the graph; "
-                                     "export at the serving batch")
+        raise _fixed_by_model(model, f"{', '.join(every)}: one entry per sample (a list), each one fixed in the "
+                                     "graph; export at the serving batch")
     batch = example_batch(kwargs)
     for arg in given:
         entries = list(kwargs[arg.name])

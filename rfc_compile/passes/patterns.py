@@ -444,19 +444,22 @@ def folded_batch_input_for(class_name: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class PerSampleArgument:
-    """A non-tensor argument holding one entry per sample, baked into a graph as a constant."""
+    """An argument holding one entry per sample, a Python list: a graph holds a fixed number of entries
+    (tensors as that many inputs, other values as constants)."""
 
     name: str
     #: whether the model reads the first sample's entry only (a function of the model: its config may
     #: decide): then a dynamic-batch graph serves any batch whose entries all equal the export's one,
-    #: which the runner checks; otherwise the graph holds every entry and ``dynamic_batch`` is refused
+    #: which the runner checks; otherwise ``dynamic_batch`` is refused
     first_only: Callable[[Any], bool] = lambda model: False
 
 
 #: Per model class. Qwen-Image's latent grid per image, ``img_shapes``: its rotary code reads the first
 #: image's (a batch shares one size), and an edit model's ``zero_cond_t`` modulation index every
 #: image's. HiDream-I1's patch grid per sample, ``img_sizes`` (its forward makes them unless given).
-PER_SAMPLE_CONSTANTS: dict[str, tuple[PerSampleArgument, ...]] = {
+#: Z-Image takes its latents and prompts as lists of per-sample tensors.
+PER_SAMPLE_ARGUMENTS: dict[str, tuple[PerSampleArgument, ...]] = {
     "QwenImageTransformer2DModel": (PerSampleArgument("img_shapes", lambda model: not model.zero_cond_t),),
     "HiDreamImageTransformer2DModel": (PerSampleArgument("img_sizes"),),
+    "ZImageTransformer2DModel": (PerSampleArgument("x"), PerSampleArgument("cap_feats")),
 }

@@ -62,7 +62,7 @@ def hidream_unpatchify(self, x: torch.Tensor, img_sizes: torch.Tensor | list, is
     every sample unpatchified at once at the latents' patch grid. The original loops over ``img_sizes``'
     rows, one per sample, which torch traces at the example's batch. Patchify gives every sample the
     latents' grid (:func:`hidream_patchify` tags its sizes with it; a caller's own ``img_sizes`` is
-    refused with a dynamic batch: patterns.PER_SAMPLE_CONSTANTS). At a fixed batch, in training, or
+    refused with a dynamic batch: patterns.PER_SAMPLE_ARGUMENTS). At a fixed batch, in training, or
     with sizes that patchify did not make, this is the original."""
     grid = getattr(img_sizes, "patch_grid", None)
     if not _symbolic(x.shape[0]) or grid is None or (is_training and not self.config.force_inference_output):
