@@ -878,14 +878,16 @@ def test_dynamic_tokens_serve_other_resolutions_and_prompt_lengths(workdir, name
         assert _max_diff(got, expected) < ATOL
 
 
-@pytest.mark.parametrize("name", ["sd3", "pixart", "cogview4", "cogview3plus"])
+@pytest.mark.parametrize("name", ["sd3", "pixart", "cogview4", "cogview3plus", "qwenimage"])
 def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
-    """SD3, PixArt, CogView4 and CogView3-Plus (TOKEN_DIMS: prompt length only) exported once at one prompt
-    length and batch run generations at another of each, equal to the eager cached model; SD3's context
-    ladders follow the prompt length, CogView3-Plus's ff ladder text + 16 image tokens (torch.export
-    refused that as Dim.AUTO; capture.dim_spec gives it as a derived dim). (PixArt with a dynamic batch
-    failed to load before: a Squeeze of a batched tensor that fix_squeeze left alone because the shape
-    was not fully static.)"""
+    """SD3, PixArt, CogView4, CogView3-Plus and Qwen-Image (TOKEN_DIMS: prompt length only) exported once
+    at one prompt length and batch run generations at another of each, equal to the eager cached model;
+    SD3's context ladders follow the prompt length, CogView3-Plus's ff ladder text + 16 image tokens
+    (torch.export refused that as Dim.AUTO; capture.dim_spec gives it as a derived dim). (PixArt with a
+    dynamic batch failed to load before: a Squeeze of a batched tensor that fix_squeeze left alone
+    because the shape was not fully static.) Qwen-Image's code fixed the length twice (its rotary code
+    reads it with int(), its mask code makes it a tensor: traceable.py's twins), and its branches read
+    it off a stride, which torch.onnx has no function for (export/translations.py)."""
     from conftest import FAMILIES, flow_generation, with_text
 
     from rfc_compile.passes.patterns import TOKEN_DIMS

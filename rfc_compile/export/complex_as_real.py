@@ -48,7 +48,7 @@ _DIM_ARGS = {
     aten.slice.Tensor: (1,), aten.select.int: (1,), aten.cat.default: (1,), aten.stack.default: (1,),
     aten.split_with_sizes.default: (2,), aten.split.Tensor: (2,), aten.unsqueeze.default: (1,),
     aten.squeeze.dim: (1,), aten.transpose.int: (1, 2), aten.unbind.int: (1,), aten.narrow.default: (1,),
-    aten.chunk.default: (2,), aten.flatten.using_ints: (1, 2),
+    aten.chunk.default: (2,), aten.flatten.using_ints: (1, 2), aten.index_select.default: (1,),
 }
 #: Ops with a size argument (args[1]): the real pair's size is the size + (2,).
 _SIZE_ARG = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}

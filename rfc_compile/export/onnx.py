@@ -82,6 +82,7 @@ from ..passes.capture import BATCH_MAX, DIM_MAX, DimRanges, DynamicDims
 from ..passes.patterns import model_timestep_rises
 from .bool_where import bool_where_as_logic
 from .einsum_types import einsum_common_type
+from .translations import custom_translations
 from .cse import branch_cse
 from .errors import ExportError, ModelFileError
 from .dim_inputs import dims_from_inputs
@@ -331,7 +332,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
                 onnx_program = torch.onnx.export(
                     program.module, program.example_args, None, dynamo=True, input_names=program.input_names,
                     output_names=program.output_names, opset_version=opset, optimize=True, verbose=False,
-                    dynamic_shapes=program.dynamic_shapes())
+                    dynamic_shapes=program.dynamic_shapes(), custom_translation_table=custom_translations())
         except Exception as exc:
             raise ExportError(f"torch.onnx.export of the cached {type(model).__name__} failed: "
                               f"{_cause_chain(exc, handled)[:2000]}") from exc

@@ -42,8 +42,9 @@ from ..errors import UnsupportedModelError
 from .fixed_dims import guards_fixing_dims, tied_dims
 from .early_sizes import read_sizes_early
 from .noop_squeeze import drop_noop_squeezes
-from .patterns import PER_SAMPLE_ARGUMENTS, TRACEABLE_METHODS, batch_axes_for, folded_batch_input_for
-from .traceable import swapped_methods
+from .patterns import (PER_SAMPLE_ARGUMENTS, TRACEABLE_FUNCTIONS, TRACEABLE_METHODS, batch_axes_for,
+                       folded_batch_input_for)
+from .traceable import swapped_functions, swapped_methods
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +462,7 @@ def capture(model: torch.nn.Module, kwargs: dict[str, Any], dynamic_batch: bool 
     kwargs = distinct_tensor_arguments(kwargs)
     dynamic_shapes = input_dynamic_shapes(kwargs, dynamic_batch, dynamic_dims, batch_axes_for(type(model).__name__),
                                           dim_ranges)
-    with torch.no_grad(), swapped_methods(model, TRACEABLE_METHODS):
+    with torch.no_grad(), swapped_methods(model, TRACEABLE_METHODS), swapped_functions(TRACEABLE_FUNCTIONS):
         try:
             exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except torch._dynamo.exc.UserError as exc:  # the model fixes a dim that was asked to be dynamic

@@ -17,7 +17,8 @@ from typing import Any, Callable
 from ..dims import DIM_MAX
 from .traceable import (chroma_timestep_embeddings, cogvideox_positional_embeddings, cogview3plus_patch_embed_forward,
                         dit_forward, hidream_moe_infer, hidream_patchify, hidream_unpatchify, hunyuan_video_framepack_forward,
-                        mochi_attention_forward, mochi_rope_centers, patch_embed_forward)
+                        mochi_attention_forward, mochi_rope_centers, patch_embed_forward, qwen_rope_forward,
+                        qwen_text_seq_len_from_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,6 +270,9 @@ TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
     # caches one ff over text + image tokens, ``text_tokens + <image tokens>`` (capture.dim_spec)
     "CogView4Transformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
     "CogView3PlusTransformer2DModel": {"encoder_hidden_states": {1: "text_tokens"}},
+    # Qwen-Image: its pipeline passes each batch's prompts at the longest one's token count
+    "QwenImageTransformer2DModel": {"encoder_hidden_states": {1: "text_tokens"},
+                                    "encoder_hidden_states_mask": {1: "text_tokens"}},
     # video DiTs whose code takes any latent frame count (one patch per frame): the video's length
     "MochiTransformer3DModel": {"hidden_states": {2: "frames"}},
     "HunyuanVideoTransformer3DModel": {"hidden_states": {2: "frames"}},
@@ -420,11 +424,21 @@ TRACEABLE_METHODS: dict[str, dict[str, Callable]] = {
     "PatchEmbed": {"forward": patch_embed_forward},
     "CogView3PlusPatchEmbed": {"forward": cogview3plus_patch_embed_forward},  # likewise
     "DiTTransformer2DModel": {"forward": dit_forward},  # its output at the input's grid, not int(tokens ** 0.5)
-    "MochiRoPE": {"_centers": mochi_rope_centers},
+    "MochiRoPE": {"_centers": mochi_rope_centers},  # its positions from arange, not linspace's traced count
     # Mochi at a dynamic batch: its attention loops over the samples (each one's valid prompt tokens)
     "MochiAttention": {"forward": mochi_attention_forward},
     # Chroma at a dynamic batch: its guidance input built from a Python list of the batch's length
-    "ChromaCombinedTimestepTextProjEmbeddings": {"forward": chroma_timestep_embeddings},  # its positions from arange, not linspace's traced count
+    "ChromaCombinedTimestepTextProjEmbeddings": {"forward": chroma_timestep_embeddings},
+    "QwenEmbedRope": {"forward": qwen_rope_forward},  # Qwen-Image at a dynamic prompt length: int() of it
+}
+
+
+#: Module-level functions a model's forward calls, by (module, name), with the same need: their twin
+#: takes the original as its first argument (traceable.swapped_functions).
+TRACEABLE_FUNCTIONS: dict[tuple[str, str], Callable] = {
+    # Qwen-Image at a dynamic prompt length: the length made a tensor with torch.as_tensor
+    ("diffusers.models.transformers.transformer_qwenimage", "compute_text_seq_len_from_mask"):
+        qwen_text_seq_len_from_mask,
 }
 
 

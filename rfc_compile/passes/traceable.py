@@ -18,6 +18,8 @@ method of which module class gets which twin.
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 import types
 from collections.abc import Callable, Iterator, Mapping
 
@@ -257,6 +259,45 @@ def mochi_attention_forward(self, hidden_states: torch.Tensor, encoder_hidden_st
     return hidden_states, encoder_hidden_states
 
 
+def qwen_text_seq_len_from_mask(original: Callable, encoder_hidden_states: torch.Tensor,
+                                encoder_hidden_states_mask: torch.Tensor | None):
+    """diffusers' Qwen-Image ``compute_text_seq_len_from_mask`` (a module-level function; ``original``)
+    at a symbolic prompt length: a sample with no active token gets the prompt length as
+    ``position_ids[-1] + 1``. The original makes it ``torch.as_tensor(text_seq_len)``, a tensor of the
+    size, which torch traces at the example's. The same values."""
+    batch_size, text_seq_len = encoder_hidden_states.shape[:2]
+    if encoder_hidden_states_mask is None or not _symbolic(text_seq_len):
+        return original(encoder_hidden_states, encoder_hidden_states_mask)
+    torch._check(encoder_hidden_states_mask.shape[0] == batch_size)
+    torch._check(encoder_hidden_states_mask.shape[1] == text_seq_len)
+    mask = encoder_hidden_states_mask.to(torch.bool)
+    position_ids = torch.arange(text_seq_len, device=encoder_hidden_states.device, dtype=torch.long)
+    active_positions = torch.where(mask, position_ids, position_ids.new_zeros(()))
+    per_sample_len = torch.where(mask.any(dim=1), active_positions.max(dim=1).values + 1, position_ids[-1] + 1)
+    return text_seq_len, per_sample_len, mask
+
+
+def qwen_rope_forward(self, video_fhw, device: torch.device | None = None, max_txt_seq_len=None):
+    """``QwenEmbedRope.forward`` (diffusers' Qwen-Image) at a symbolic prompt length: the text rows of
+    the rotary table taken with ``index_select`` of ``start + arange(length)``. The original reads the
+    length with ``int()`` (which fixes it at the example's) and slices the table. The same values; the
+    video part is the original's (the first sample's grid). At a fixed length this is the original."""
+    if not _symbolic(max_txt_seq_len):
+        return type(self).forward(self, video_fhw, device, max_txt_seq_len)
+    if isinstance(video_fhw, list):
+        video_fhw = video_fhw[0]
+    if not isinstance(video_fhw, list):
+        video_fhw = [video_fhw]
+    vid_freqs, max_vid_index = [], 0
+    for idx, (frame, height, width) in enumerate(video_fhw):
+        vid_freqs.append(self._compute_video_freqs(frame, height, width, idx, device))
+        max_vid_index = max(height // 2, width // 2, max_vid_index) if self.scale_rope else max(height, width,
+                                                                                                 max_vid_index)
+    pos_freqs, _ = self._get_device_freqs(device)
+    rows = max_vid_index + torch.arange(max_txt_seq_len, device=pos_freqs.device)
+    return torch.cat(vid_freqs, dim=0), pos_freqs.index_select(0, rows)
+
+
 def mochi_rope_centers(self, start, stop, num, device, dtype) -> torch.Tensor:
     """``MochiRoPE._centers`` at a symbolic count (a dynamic resolution): the centres of ``num`` equal
     cells between ``start`` and ``stop``, ``start + (i + 1/2) * (stop - start) / num``, from ``arange``.
@@ -364,6 +405,26 @@ def hunyuan_video_framepack_forward(self, hidden_states: torch.Tensor, timestep:
     if not return_dict:
         return (hidden_states,)
     return Transformer2DModelOutput(sample=hidden_states)
+
+
+@contextlib.contextmanager
+def swapped_functions(functions: Mapping[tuple[str, str], Callable]) -> Iterator[int]:
+    """Within the block, each module-level function ``(module path, name)`` of an imported module is
+    replaced by its twin, called with the original first; yields how many changed. A module not
+    imported yet is left alone (no model of it can be in use)."""
+    swapped: list[tuple[types.ModuleType, str, Callable]] = []
+    try:
+        for (module_name, name), twin in functions.items():
+            module = sys.modules.get(module_name)
+            original = getattr(module, name, None)
+            if original is None:
+                continue
+            setattr(module, name, functools.partial(twin, original))
+            swapped.append((module, name, original))
+        yield len(swapped)
+    finally:
+        for module, name, original in swapped:
+            setattr(module, name, original)
 
 
 @contextlib.contextmanager
