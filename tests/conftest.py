@@ -601,11 +601,12 @@ def build_chroma():
         approximator_layers=1), seed=0)
 
 
-def chroma_conditions(batch, gen):
-    cond = flux_conditions(batch, gen)
+def chroma_conditions(batch, gen, height=4, width=4, text=3):
+    """FLUX's, less the pooled projections, and ChromaPipeline's mask over text then image tokens."""
+    cond = flux_conditions(batch, gen, height=height, width=width, text=text)
     del cond["pooled_projections"]
-    mask = torch.ones(batch, 3 + 16)
-    mask[:, 2] = 0  # a padded text token
+    mask = torch.ones(batch, text + height * width)
+    mask[:, text - 1] = 0  # a padded text token
     return dict(cond, attention_mask=mask)
 
 

@@ -844,13 +844,14 @@ def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(flux_to
 
 
 @pytest.mark.parametrize("name, single", [
-    ("flux2", "attn"), ("flux3", "attn"), ("ovis_image", "mlp_attn"),
+    ("flux2", "attn"), ("flux3", "attn"), ("ovis_image", "mlp_attn"), ("chroma", "mlp_attn"),
     pytest.param("longcat_image", "mlp_attn", marks=pytest.mark.slow), pytest.param("bria", "mlp_attn", marks=pytest.mark.slow)])
 def test_dynamic_tokens_serve_other_resolutions_and_prompt_lengths(workdir, name, single):
     """FLUX.2 (TOKEN_DIMS: its position ids are batched, tokens in dim 1), FLUX.3 and FLUX's other
-    descendants (ids without a batch dim, as FLUX's) exported once run generations at another
-    latent grid, prompt length and batch, equal to the eager cached model; the joint single
-    block's cache holds image and text tokens."""
+    descendants (ids without a batch dim, as FLUX's; Chroma's attention mask has text + image tokens,
+    an expression in both dims) exported once run generations at another latent grid, prompt length
+    and batch, equal to the eager cached model; the joint single block's cache holds image and text
+    tokens."""
     import dataclasses
     import functools
 
