@@ -843,15 +843,18 @@ def test_dynamic_tokens_flux_serves_other_resolutions_and_prompt_lengths(flux_to
         runner(**call)
 
 
-@pytest.mark.parametrize("name, single", [
-    ("flux2", "attn"), ("flux3", "attn"), ("ovis_image", "mlp_attn"), ("chroma", "mlp_attn"),
-    pytest.param("longcat_image", "mlp_attn", marks=pytest.mark.slow), pytest.param("bria", "mlp_attn", marks=pytest.mark.slow)])
-def test_dynamic_tokens_serve_other_resolutions_and_prompt_lengths(workdir, name, single):
+@pytest.mark.parametrize("name, joint", [
+    ("flux2", "single_transformer_blocks_0_attn"), ("flux3", "single_transformer_blocks_0_attn"),
+    ("ovis_image", "single_transformer_blocks_0_mlp_attn"), ("chroma", "single_transformer_blocks_0_mlp_attn"),
+    ("krea2", "transformer_blocks_0_attn"),
+    pytest.param("longcat_image", "single_transformer_blocks_0_mlp_attn", marks=pytest.mark.slow),
+    pytest.param("bria", "single_transformer_blocks_0_mlp_attn", marks=pytest.mark.slow)])
+def test_dynamic_tokens_serve_other_resolutions_and_prompt_lengths(workdir, name, joint):
     """FLUX.2 (TOKEN_DIMS: its position ids are batched, tokens in dim 1), FLUX.3 and FLUX's other
     descendants (ids without a batch dim, as FLUX's; Chroma's attention mask has text + image tokens,
-    an expression in both dims) exported once run generations at another latent grid, prompt length
-    and batch, equal to the eager cached model; the joint single block's cache holds image and text
-    tokens."""
+    an expression in both dims; Krea 2's position ids likewise) exported once run generations at another
+    latent grid, prompt length and batch, equal to the eager cached model; a joint block's cache (a
+    single block's; Krea 2's every block's) holds image and text tokens."""
     import dataclasses
     import functools
 
@@ -865,8 +868,10 @@ def test_dynamic_tokens_serve_other_resolutions_and_prompt_lengths(workdir, name
     export = to_onnx(model, workdir / f"{name}_rfc_tokens.onnx", family.example(), config, dynamic_batch=True,
                      dynamic_dims=TOKEN_DIMS[type(model).__name__])
     shapes = {d.name: d.shape for d in [*export.sidecar.inputs, *export.sidecar.state]}
-    assert shapes["img_ids"] == (("batch", "image_tokens", 4) if name == "flux2" else ("image_tokens", family.example()["img_ids"].shape[1]))
-    assert shapes[f"single_transformer_blocks_0_{single}.ladder.0"] == ("batch", 2, "image_tokens + text_tokens", 16)
+    if name != "krea2":  # its text and image ids are one input, position_ids
+        assert shapes["img_ids"] == (("batch", "image_tokens", 4) if name == "flux2"
+                                     else ("image_tokens", family.example()["img_ids"].shape[1]))
+    assert shapes[f"{joint}.ladder.0"] == ("batch", 2, "image_tokens + text_tokens", 16)
     runner = OnnxCachedModel(export.onnx_path)
     for height, width, text, batch in ((4, 4, 3, 2), (4, 5, 7, 3)):
         at = dataclasses.replace(family, latent_shape=(height * width, 4),

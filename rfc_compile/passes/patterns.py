@@ -261,6 +261,9 @@ TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
     **{name: _FLUX_TOKENS for name in _FLUX_LIKE},
     # Chroma: FLUX's, and its pipeline's attention mask over the text then the image tokens
     "ChromaTransformer2DModel": {**_FLUX_TOKENS, "attention_mask": {1: "text_tokens + image_tokens"}},
+    # Krea 2: the text's then the image's position ids in one input
+    "Krea2Transformer2DModel": {"hidden_states": {1: "image_tokens"}, "encoder_hidden_states": {1: "text_tokens"},
+                                "position_ids": {0: "text_tokens + image_tokens"}},
     # FLUX.2's pipeline passes batched 4-axis position ids: (B, tokens, 4)
     "Flux2Transformer2DModel": {
         "hidden_states": {1: "image_tokens"}, "img_ids": {1: "image_tokens"},
