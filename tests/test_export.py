@@ -1695,6 +1695,32 @@ def test_cli_dynamic_resolution(tmp_path, capsys):
             in capsys.readouterr().out)
 
 
+def test_cli_dynamic_batch_and_prompt_length_qwenimage(tmp_path):
+    """``rfc-compile export --dynamic-batch --dynamic-tokens`` of a Qwen-Image model directory: the
+    example inputs (export/models.py) pass ``img_shapes`` once per sample, which the sidecar keeps as
+    one per-sample entry; the graph serves another batch and prompt length (a first step, computed in
+    full, equal to the eager cached model's)."""
+    from conftest import FAMILIES
+
+    from rfc_compile.cli import main
+
+    FAMILIES["qwenimage"].build().save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "qwen.onnx"
+    assert main(["export", str(tmp_path / "qwen"), "-o", str(out), "--height", "8", "--width", "8", "--text-len", "4",
+                 "--dynamic-batch", "--dynamic-tokens", "--no-triton"]) == 0
+    runner = OnnxCachedModel(out)
+    assert runner.sidecar.per_sample_constants == {"img_shapes": [[1, 4, 4]]}
+    assert set(runner.sidecar.raw["dynamic_axes"]) == {"batch", "text_tokens"}
+    gen = torch.Generator().manual_seed(0)
+    call = dict(hidden_states=torch.randn(3, 16, 16, generator=gen), timestep=torch.ones(3),
+                encoder_hidden_states=torch.randn(3, 6, 16, generator=gen),
+                encoder_hidden_states_mask=torch.ones(3, 6, dtype=torch.long), img_shapes=[[(1, 4, 4)]] * 3)
+    eager = rfc_compile.optimize(FAMILIES["qwenimage"].build(), RFCConfig(**runner.sidecar.rfc_config))
+    expected = eager(**call, return_dict=False)[0]
+    assert _max_diff([runner(**call, return_dict=False)[0]], [expected]) < ATOL
+    assert runner.dims == {"batch": 3, "text_tokens": 6}
+
+
 def test_cli_reports_a_model_that_fails_to_export_in_one_line(tmp_path, monkeypatch, capsys):
     """A model whose code torch.export or torch.onnx cannot follow fails with their exception (not a
     ValueError): the CLI printed a traceback; now one line naming the model and the cause, and exit
