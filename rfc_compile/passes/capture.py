@@ -8,7 +8,8 @@ With ``dynamic_batch=True`` the batch size is a symbol (``BATCH``) instead of th
 number: every tensor input whose first dim equals the first input's is marked dynamic there
 (DiT's ``hidden_states``/``timestep``/``class_labels``), except the inputs patterns.py's
 ``UNBATCHED_INPUTS`` lists (FLUX's ``img_ids``/``txt_ids``, even when a token count equals the
-batch) and those whose batch is another axis (``BATCH_AXES``: HiDream-I1's stacked Llama states). The exporters use it for graphs that serve any batch size.
+batch) and those whose batch is another axis (``BATCH_AXES``: HiDream-I1's stacked Llama states).
+The exporters use it for graphs that serve any batch size.
 
 ``dynamic_dims`` names further dims of tensor inputs, e.g. FLUX's token counts
 (``{"hidden_states": {1: "image_tokens"}, "img_ids": {0: "image_tokens"}, ...}``; patterns.py's

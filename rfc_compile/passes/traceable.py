@@ -206,10 +206,10 @@ def mochi_attention_forward(self, hidden_states: torch.Tensor, encoder_hidden_st
     batch): every sample's attention at once. The original loops over the samples, each attending over
     its image tokens and its valid prompt tokens (``nonzero`` of its mask), which torch traces at the
     example's batch. Here each sample's prompt tokens are put valid ones first, in order (the order in
-    which the original concatenates them; a sort on unique keys, as ONNX has no stable sort), the padding is masked out of
-    the keys, and the rows past a sample's valid tokens are zero, as the original pads them: the same
-    function (up to rounding: a masked key gets weight 0). Other processors, or a fixed batch: the
-    original."""
+    which the original concatenates them; a sort on unique keys, as ONNX has no stable sort), the
+    padding is masked out of the keys, and the rows past a sample's valid tokens are zero, as the
+    original pads them: the same function (up to rounding: a masked key gets weight 0). Other
+    processors, or a fixed batch: the original."""
     import torch.nn.functional as F
     from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
@@ -220,7 +220,7 @@ def mochi_attention_forward(self, hidden_states: torch.Tensor, encoder_hidden_st
     def heads(x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(2, (self.heads, -1))
 
-    query, key, value = heads(self.to_q(hidden_states)), heads(self.to_k(hidden_states)), heads(self.to_v(hidden_states))
+    query, key, value = (heads(project(hidden_states)) for project in (self.to_q, self.to_k, self.to_v))
     query, key = self.norm_q(query), self.norm_k(key)
     encoder_query = self.norm_added_q(heads(self.add_q_proj(encoder_hidden_states)))
     encoder_key = self.norm_added_k(heads(self.add_k_proj(encoder_hidden_states)))
