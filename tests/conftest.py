@@ -1063,6 +1063,29 @@ def ltx2_conditions(batch, gen):
                 isolate_modalities=False, use_cross_timestep=True)
 
 
+def ltx2_at(frames: int, height: int, width: int, audio: int, text: int) -> Family:
+    """The tiny LTX-2 family at another latent grid, audio length and prompt length, with the rotary
+    coordinates its pipeline makes for them (and the grid and frame rate, which the model then ignores)."""
+    video = frames * height * width
+
+    def inputs(latents: torch.Tensor, t: torch.Tensor) -> dict:
+        return dict(hidden_states=latents[:, :video], audio_hidden_states=latents[:, video:], timestep=t, sigma=t)
+
+    def conditions(batch, gen):
+        rope = build_ltx2(layers=1)
+        mask = torch.ones(batch, text)
+        mask[:, -1] = 0  # a padded token
+        return dict(encoder_hidden_states=_text(batch, gen, text, 16), audio_encoder_hidden_states=_text(batch, gen, text, 16),
+                    encoder_attention_mask=mask, audio_encoder_attention_mask=mask, num_frames=frames, height=height,
+                    width=width, fps=24.0, audio_num_frames=audio,
+                    video_coords=rope.rope.prepare_video_coords(batch, frames, height, width, torch.device("cpu"), fps=24.0),
+                    audio_coords=rope.audio_rope.prepare_audio_coords(batch, audio, torch.device("cpu")),
+                    isolate_modalities=False, use_cross_timestep=True)
+
+    return dataclasses.replace(FAMILIES["ltx2"], latent_shape=(video + audio, 4), call_inputs=inputs,
+                               conditions=conditions)
+
+
 def _video_and_audio(output: tuple) -> torch.Tensor:
     return torch.cat([output[0], output[1]], dim=1)
 

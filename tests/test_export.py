@@ -924,6 +924,34 @@ def test_dynamic_text_tokens_serve_other_prompt_lengths(workdir, name):
         assert _max_diff(got, expected) < ATOL
 
 
+def test_dynamic_tokens_ltx2_given_its_rotary_coordinates(workdir):
+    """LTX-2 given its rotary coordinates (as LTX2Pipeline passes them) reads neither its latent grid nor
+    its frame rate: one export (TOKEN_DIMS: video, audio and prompt tokens) runs another grid, audio
+    length, prompt length and batch, equal to the eager cached model; the sidecar lists the grid and
+    frame rate as ignored arguments, which the runner takes at any value. (The example's video and audio
+    latents are views of one tensor: traced as views, their strides put size guards on the trace.)"""
+    from conftest import FAMILIES, flow_generation, ltx2_at
+
+    from rfc_compile.passes.patterns import TOKEN_DIMS
+
+    family = FAMILIES["ltx2"]
+    config = RFCConfig(mode="rfc", threshold=family.threshold, order=2)
+    export = to_onnx(family.build(), workdir / "ltx2_rfc_tokens.onnx", family.example(), config, dynamic_batch=True,
+                     dynamic_dims=TOKEN_DIMS["LTX2VideoTransformer3DModel"])
+    assert export.sidecar.ignored_arguments == ("num_frames", "height", "width", "fps", "audio_num_frames")
+    assert not {"num_frames", "height", "width"} & set(export.sidecar.constants)
+    runner = OnnxCachedModel(export.onnx_path)
+    for (frames, height, width, audio, text), batch in (((2, 4, 4, 8, 3), 2), ((3, 2, 4, 5, 5), 3)):
+        at = ltx2_at(frames, height, width, audio, text)
+        eager = rfc_compile.optimize(family.build(), config)
+        _, expected = flow_generation(eager, at, steps=10, batch=batch)
+        _, got = flow_generation(runner, at, steps=10, batch=batch)
+        assert runner.dims == {"batch": batch, "video_tokens": frames * height * width, "audio_tokens": audio,
+                               "text_tokens": text, "audio_text_tokens": text}
+        assert runner.stats.full_steps == eager.stats.full_steps and 2 < runner.stats.nfc < 10
+        assert _max_diff(got, expected) < ATOL
+
+
 def test_dynamic_prompt_length_alone_flux(workdir):
     """FLUX exported with only the prompt length dynamic (a fixed resolution, as most services run it):
     its single blocks cache text + 16 image tokens, a size torch.export refused as Dim.AUTO ("must

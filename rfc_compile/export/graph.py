@@ -47,6 +47,7 @@ from ..dims import linear_dim, root_size
 from ..passes import capture, find_regions, rewrite
 from ..passes.capture import (CapturedGraph, DerivedDim, DimRanges, DynamicDims, dim_spec, distinct_tensor_arguments,
                               named_dim)
+from ..passes.patterns import ignored_arguments
 from ..passes.rewrite import dim_carriers
 from ..state import StateSpec
 from .complex_as_real import complex_as_real
@@ -249,6 +250,8 @@ class FunctionalProgram:
     #: non-tensor arguments with one entry per sample that a dynamic-batch graph serves any number of
     #: copies of (capture's ``per_sample_arguments``): argument -> that entry (tuples as lists)
     per_sample_constants: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: arguments the model does not read, as another input replaces them (patterns.ARGUMENTS_REPLACED_BY)
+    ignored_arguments: tuple[str, ...] = ()
 
     @property
     def carried_dims(self) -> list[str]:
@@ -306,7 +309,10 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     ``dynamic_batch``: the batch size is a symbol in the graph (capture.py's rule says which
     inputs are batched); ``dynamic_dims`` names more (capture.py). The program's input shapes
     hold those names ("batch", ...)."""
-    call = distinct_tensor_arguments(normalize_kwargs(model, example_inputs))  # the ONNX graph's inputs too
+    # the ONNX graph's inputs too: contiguous, as an ONNX tensor is (a view's strides put guards on its sizes)
+    call = pytree.tree_map(lambda leaf: leaf.contiguous() if isinstance(leaf, Tensor) else leaf,
+                           normalize_kwargs(model, example_inputs))
+    call = distinct_tensor_arguments(call)
     was_training = model.training
     model.eval()
     try:
@@ -332,8 +338,9 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
     leaves = flatten_kwargs(call)
     tensors = [(name, leaf) for name, leaf in leaves if isinstance(leaf, Tensor)]
     per_sample = {name: _nested_jsonable(call[name][0]) for name in captured.per_sample_arguments}
+    ignored = ignored_arguments(model, call)
     constants = {name: _jsonable(leaf) for name, leaf in leaves
-                 if not isinstance(leaf, Tensor) and name.split(".")[0] not in per_sample}
+                 if not isinstance(leaf, Tensor) and name.split(".")[0] not in (*per_sample, *ignored)}
     tensor_names = [name for name, _ in tensors]
     spec = step.state_spec
     carried = dim_carriers(captured.root_sizes, _device_of(tensors))
@@ -374,6 +381,7 @@ def build_functional(model: torch.nn.Module, example_inputs: dict[str, Any], con
         derived_dims=captured.derived_dims,
         dim_ranges=captured.dim_ranges,
         per_sample_constants=per_sample,
+        ignored_arguments=ignored,
     )
 
 

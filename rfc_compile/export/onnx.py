@@ -397,6 +397,7 @@ def to_onnx(model: torch.nn.Module, path: str | os.PathLike, example_inputs: dic
         "output_tree": program.output_tree,
         "constants": program.constants,
         "per_sample_constants": program.per_sample_constants,
+        "ignored_arguments": list(program.ignored_arguments),
         "state": state_json,
         "naming": {"state_input_prefix": STATE_IN_PREFIX, "state_output_prefix": STATE_OUT_PREFIX,
                    "decision_output": STATE_OUT_PREFIX + DECISION_STATE,

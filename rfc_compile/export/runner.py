@@ -374,7 +374,8 @@ class StatefulRunner:
         for argument, entry in per_sample.items():
             self._check_per_sample(argument, entry, leaves)
         for name, value in leaves.items():
-            if name in self._inputs or name == "return_dict" or _argument(name) in per_sample:
+            if (name in self._inputs or name == "return_dict" or _argument(name) in per_sample
+                    or _argument(name) in self.sidecar.ignored_arguments):
                 continue
             if isinstance(value, (torch.Tensor, np.ndarray)):
                 if name in constants:

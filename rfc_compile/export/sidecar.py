@@ -17,6 +17,7 @@ TensorRT engine as ``<engine>.rfc.json``). Layout (version 1)::
       "output_tree": [0],                             # optional: its nesting, outputs by index
       "constants": {"return_dict": false, ...},       # non-tensor kwargs baked into the graph
       "per_sample_constants": {},                     # optional: see below
+      "ignored_arguments": [],                        # optional: arguments the graph does not read
       "state": [{"name": "last_full", "input": "state.last_full",
                  "output": "state_out.last_full", "shape": [], "dtype": "int64"}, ...],
       "naming": {"state_input_prefix": "state.", "state_output_prefix": "state_out.",
@@ -47,6 +48,10 @@ that a dynamic-batch graph serves any batch of, because the model reads the firs
 (Qwen-Image's ``img_shapes``, patterns.PER_SAMPLE_ARGUMENTS): each argument's entry, tuples as lists
 (``{"img_shapes": [[1, 4, 4]]}``). A call passes one copy of it per sample; the runner refuses any
 other value.
+
+``ignored_arguments`` (optional, default ``[]``): arguments the model does not read because another
+input of the export replaces them (LTX-2's latent grid and frame rate, given its rotary coordinates;
+patterns.ARGUMENTS_REPLACED_BY): a runner takes any value of them.
 
 Dynamic dims: a graph exported with ``dynamic_batch=True`` has the dim ``"batch"`` (``BATCH_DIM``)
 where a shape holds the batch size (dim 0 of the batch-first inputs, outputs and state tensors);
@@ -161,6 +166,7 @@ class Sidecar:
     kept_on_skip: list[str] = dataclasses.field(default_factory=list)
     output_tree: list | int | None = None
     per_sample_constants: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ignored_arguments: tuple[str, ...] = ()
 
     def nest(self, outputs: list) -> Any:
         """The graph's outputs (in ``outputs`` order) as the model returns them (``return_dict=False``):
@@ -252,6 +258,7 @@ class Sidecar:
                 kept_on_skip=[str(n) for n in raw.get("kept_on_skip", [])],
                 output_tree=raw.get("output_tree"),
                 per_sample_constants=dict(raw.get("per_sample_constants", {})),
+                ignored_arguments=tuple(str(n) for n in raw.get("ignored_arguments", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"{where} is malformed ({type(exc).__name__}: {exc}); re-export the model") from None

@@ -264,6 +264,14 @@ TOKEN_DIMS: dict[str, dict[str, dict[int, str]]] = {
     # Krea 2: the text's then the image's position ids in one input
     "Krea2Transformer2DModel": {"hidden_states": {1: "image_tokens"}, "encoder_hidden_states": {1: "text_tokens"},
                                 "position_ids": {0: "text_tokens + image_tokens"}},
+    # LTX-2 given its rotary coordinates (LTX2Pipeline passes them; ARGUMENTS_REPLACED_BY): video and audio
+    # tokens, and each prompt's length
+    "LTX2VideoTransformer3DModel": {
+        "hidden_states": {1: "video_tokens"}, "video_coords": {2: "video_tokens"},
+        "audio_hidden_states": {1: "audio_tokens"}, "audio_coords": {2: "audio_tokens"},
+        "encoder_hidden_states": {1: "text_tokens"}, "encoder_attention_mask": {1: "text_tokens"},
+        "audio_encoder_hidden_states": {1: "audio_text_tokens"}, "audio_encoder_attention_mask": {1: "audio_text_tokens"},
+    },
     # FLUX.2's pipeline passes batched 4-axis position ids: (B, tokens, 4)
     "Flux2Transformer2DModel": {
         "hidden_states": {1: "image_tokens"}, "img_ids": {1: "image_tokens"},
@@ -471,6 +479,23 @@ class PerSampleArgument:
     #: decide): then a dynamic-batch graph serves any batch whose entries all equal the export's one,
     #: which the runner checks; otherwise ``dynamic_batch`` is refused
     first_only: Callable[[Any], bool] = lambda model: False
+
+
+#: Arguments a model does not read when a tensor input is given instead, per model class: tensor input ->
+#: those arguments. LTX-2 computes its rotary coordinates from the latent grid and frame rate unless its
+#: pipeline passes them (it does): an export given the coordinates serves any grid, and its runner takes
+#: any value of those arguments (the sidecar's ``ignored_arguments``).
+ARGUMENTS_REPLACED_BY: dict[str, dict[str, tuple[str, ...]]] = {
+    "LTX2VideoTransformer3DModel": {"video_coords": ("num_frames", "height", "width", "fps"),
+                                    "audio_coords": ("audio_num_frames",)},
+}
+
+
+def ignored_arguments(model: Any, call: dict[str, Any]) -> tuple[str, ...]:
+    """The arguments of ``call`` that ``model`` does not read, as another input of the call replaces them."""
+    replaced = ARGUMENTS_REPLACED_BY.get(type(model).__name__, {})
+    return tuple(arg for tensor, args in replaced.items() if call.get(tensor) is not None for arg in args
+                 if arg in call)
 
 
 #: Per model class. Qwen-Image's latent grid per image, ``img_shapes``: its rotary code reads the first
