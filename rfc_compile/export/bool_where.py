@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from .proto import all_graphs, element_types, infer_shapes, replace_nodes
+from .proto import operand_types, replace_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +25,7 @@ def bool_where_as_logic(model_proto) -> int:
     Types come from the exporter's value_info; where it has none, from onnx's shape inference."""
     import onnx
 
-    types = element_types(model_proto)
-    if _untyped_wheres(model_proto, types):
-        try:
-            inferred = infer_shapes(model_proto, strict_mode=False)
-            types = {**element_types(inferred), **types}
-        except Exception as exc:  # best effort: an untyped Where is left as it is
-            logger.warning("shape inference failed (%s); Where nodes without types left alone", exc)
+    types = operand_types(model_proto, "Where", slice(1, None))  # the selected values' types
 
     def replacement(node) -> list:
         tag = f"{PREFIX}{node.name or node.output[0]}"
@@ -55,8 +49,3 @@ def _is_bool_where(node, types: dict[str, int]) -> bool:
 
     return (node.op_type == "Where" and node.domain in ("", "ai.onnx") and len(node.input) == 3
             and types.get(node.input[1]) == TensorProto.BOOL and types.get(node.input[2]) == TensorProto.BOOL)
-
-
-def _untyped_wheres(model_proto, types: dict[str, int]) -> bool:
-    return any(node.op_type == "Where" and any(name not in types for name in node.input[1:])
-               for graph in all_graphs(model_proto.graph) for node in graph.node)

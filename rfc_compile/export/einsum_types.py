@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 
-from .proto import all_graphs, element_types, infer_shapes, replace_nodes
+from .proto import operand_types, replace_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,7 @@ def einsum_common_type(model_proto) -> int:
     to their common type; returns how many nodes changed."""
     import onnx
 
-    types = element_types(model_proto)
-    if _untyped_einsums(model_proto, types):
-        try:
-            types = {**element_types(infer_shapes(model_proto, strict_mode=False)), **types}
-        except Exception as exc:  # best effort: an untyped Einsum is left as it is
-            logger.warning("shape inference failed (%s); Einsum nodes without types left alone", exc)
+    types = operand_types(model_proto, "Einsum")
 
     def mixed(node) -> bool:
         if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx"):
@@ -77,8 +72,3 @@ def einsum_common_type(model_proto) -> int:
     if changed:
         logger.info("einsum_common_type: %d Einsum nodes had operands cast to one type", changed)
     return changed
-
-
-def _untyped_einsums(model_proto, types: dict[str, int]) -> bool:
-    return any(node.op_type == "Einsum" and any(name not in types for name in node.input)
-               for graph in all_graphs(model_proto.graph) for node in graph.node)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 #: Past this many bytes a model does not fit one protobuf message (2 GB cap, with margin): it is
 #: saved with its weights in a ``<file>.data`` next to it, and onnx's checker needs its path.
@@ -48,6 +51,19 @@ def element_types(model_proto) -> dict[str, int]:
                 value = next((a.t for a in node.attribute if a.name == "value"), None)
                 if value is not None:
                     types[node.output[0]] = value.data_type
+    return types
+
+
+def operand_types(model_proto, op_type: str, operands: slice = slice(None)) -> dict[str, int]:
+    """:func:`element_types`, completed by onnx's shape inference (best effort) when the ``operands`` of an
+    ``op_type`` node have no type in the exporter's value_info; a fix-up leaves an untyped node alone."""
+    types = element_types(model_proto)
+    if any(node.op_type == op_type and any(name not in types for name in node.input[operands])
+           for graph in all_graphs(model_proto.graph) for node in graph.node):
+        try:
+            types = {**element_types(infer_shapes(model_proto, strict_mode=False)), **types}
+        except Exception as exc:
+            logger.warning("shape inference failed (%s); %s nodes without types left alone", exc, op_type)
     return types
 
 

@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 from ..dims import DIM_MAX
 from .traceable import (chroma_timestep_embeddings, cogvideox_positional_embeddings, cogview3plus_patch_embed_forward,
-                        dit_forward, hidream_moe_infer, hidream_patchify, hidream_unpatchify, hunyuan_video_framepack_forward,
-                        mochi_attention_forward, mochi_rope_centers, patch_embed_forward, qwen_rope_forward,
-                        qwen_text_seq_len_from_mask)
+                        dit_forward, hidream_moe_infer, hidream_patchify, hidream_unpatchify,
+                        hunyuan_video_framepack_forward, mochi_attention_forward, mochi_rope_centers,
+                        patch_embed_forward, qwen_rope_forward, qwen_text_seq_len_from_mask)
 
 
 @dataclasses.dataclass(frozen=True)
